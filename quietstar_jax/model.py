@@ -1,0 +1,439 @@
+"""The Llama-family causal decoder (Llama, Mistral, Qwen2) as pure functions.
+
+Params are a plain pytree of arrays (see `init_params` and `param_logical_axes`).
+Layers are stacked on a leading `layers` axis so they can be scanned.
+
+Attention is written for Quiet-STaR's needs: besides ordinary causal
+self-attention, a forward can attend to
+
+* a *context* block of cached keys/values shared by all queries of a row
+  (`[batch, ctx, kv_heads, head_dim]`, e.g. the base sequence's cache), with a
+  mask `[batch, q, ctx]`, and
+* an *own* block of keys/values private to each query position
+  (`[batch, q, slots, kv_heads, head_dim]`, e.g. that position's earlier thought
+  tokens), with a mask `[batch, q, slots]`; the query's own new key is always
+  appended to it.
+
+Both blocks enter one softmax. This module knows nothing of thoughts or losses.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+Params = dict[str, Any]
+
+MODEL_TYPES = ("llama", "mistral", "qwen2")
+_NEG_INF = -1e30
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Architecture and numerics of a Llama-family decoder.
+
+    `dtype` is the compute dtype; `param_dtype` the storage dtype of params.
+    `sliding_window=None` means full causal attention.
+    """
+
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int | None = None
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    max_position_embeddings: int = 4096
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False  # q/k/v bias (Qwen2)
+    sliding_window: int | None = None  # Mistral
+    model_type: str = "llama"
+    dtype: str = "float32"
+    param_dtype: str = "float32"
+    scan_layers: bool = True
+    remat: str = "none"  # none | full | dots (save matmul outputs)
+    initializer_range: float = 0.02
+    bos_token_id: int | None = 1
+    eos_token_id: int | None = 2
+
+    def __post_init__(self) -> None:
+        if self.model_type not in MODEL_TYPES:
+            raise ValueError(
+                f"unsupported model_type {self.model_type!r}; expected one of {MODEL_TYPES}"
+            )
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers",
+                     "num_heads", "num_kv_heads"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"ModelConfig.{name} must be >= 1, got {getattr(self, name)}")
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(
+                f"ModelConfig.num_heads={self.num_heads} is not a multiple of "
+                f"num_kv_heads={self.num_kv_heads}"
+            )
+        if self.head_dim is None and self.hidden_size % self.num_heads:
+            raise ValueError(
+                f"ModelConfig.hidden_size={self.hidden_size} is not divisible by "
+                f"num_heads={self.num_heads}; set head_dim explicitly"
+            )
+        if self.remat not in ("none", "full", "dots"):
+            raise ValueError(f"ModelConfig.remat must be none|full|dots, got {self.remat!r}")
+        for name in ("dtype", "param_dtype"):
+            if getattr(self, name) not in ("float32", "bfloat16", "float16"):
+                raise ValueError(
+                    f"ModelConfig.{name} must be float32|bfloat16|float16, got {getattr(self, name)!r}"
+                )
+        if self.sliding_window is not None and self.sliding_window < 1:
+            raise ValueError(f"ModelConfig.sliding_window must be >= 1, got {self.sliding_window}")
+
+    @property
+    def dim_per_head(self) -> int:
+        return self.head_dim if self.head_dim is not None else self.hidden_size // self.num_heads
+
+    @property
+    def compute_dtype(self) -> jnp.dtype:
+        return jnp.dtype(self.dtype)
+
+    def replace(self, **kw: Any) -> ModelConfig:
+        return dataclasses.replace(self, **kw)
+
+
+class KV(NamedTuple):
+    """Per-layer keys and values: each `[layers, batch, seq, kv_heads, head_dim]`."""
+
+    k: jax.Array
+    v: jax.Array
+
+
+# --------------------------------------------------------------------------- params
+
+
+def param_logical_axes(cfg: ModelConfig) -> Params:
+    """Logical axis names of every parameter, a pytree shaped like `init_params`."""
+    layer = {
+        "attn_norm": ("layers", "norm"),
+        "q": ("layers", "embed", "heads", "head_dim"),
+        "k": ("layers", "embed", "kv_heads", "head_dim"),
+        "v": ("layers", "embed", "kv_heads", "head_dim"),
+        "o": ("layers", "heads", "head_dim", "embed"),
+        "mlp_norm": ("layers", "norm"),
+        "gate": ("layers", "embed", "mlp"),
+        "up": ("layers", "embed", "mlp"),
+        "down": ("layers", "mlp", "embed"),
+    }
+    if cfg.attention_bias:
+        layer |= {
+            "q_bias": ("layers", "heads", "head_dim"),
+            "k_bias": ("layers", "kv_heads", "head_dim"),
+            "v_bias": ("layers", "kv_heads", "head_dim"),
+        }
+    axes: Params = {"embed": ("vocab", "embed"), "layers": layer, "final_norm": ("norm",)}
+    if not cfg.tie_word_embeddings:
+        axes["lm_head"] = ("embed", "vocab")
+    return axes
+
+
+def param_shapes(cfg: ModelConfig) -> Params:
+    """Shape of every parameter, a pytree shaped like `init_params`."""
+    n, h, d = cfg.num_layers, cfg.hidden_size, cfg.dim_per_head
+    nh, nkv, m = cfg.num_heads, cfg.num_kv_heads, cfg.intermediate_size
+    layer = {
+        "attn_norm": (n, h),
+        "q": (n, h, nh, d),
+        "k": (n, h, nkv, d),
+        "v": (n, h, nkv, d),
+        "o": (n, nh, d, h),
+        "mlp_norm": (n, h),
+        "gate": (n, h, m),
+        "up": (n, h, m),
+        "down": (n, m, h),
+    }
+    if cfg.attention_bias:
+        layer |= {"q_bias": (n, nh, d), "k_bias": (n, nkv, d), "v_bias": (n, nkv, d)}
+    shapes: Params = {"embed": (cfg.vocab_size, h), "layers": layer, "final_norm": (h,)}
+    if not cfg.tie_word_embeddings:
+        shapes["lm_head"] = (h, cfg.vocab_size)
+    return shapes
+
+
+def init_params(cfg: ModelConfig, rng: jax.Array) -> Params:
+    """Random params: normal(0, initializer_range) matrices, ones for norms, zero biases."""
+    shapes = param_shapes(cfg)
+    leaves, treedef = jax.tree.flatten(shapes, is_leaf=lambda x: isinstance(x, tuple))
+    paths = [jax.tree_util.keystr(p) for p, _ in
+             jax.tree_util.tree_flatten_with_path(shapes, is_leaf=lambda x: isinstance(x, tuple))[0]]
+    keys = jax.random.split(rng, len(leaves))
+    dtype = jnp.dtype(cfg.param_dtype)
+    out = []
+    for path, shape, key in zip(paths, leaves, keys, strict=True):
+        if "norm" in path:
+            out.append(jnp.ones(shape, dtype))
+        elif "bias" in path:
+            out.append(jnp.zeros(shape, dtype))
+        else:
+            out.append((cfg.initializer_range * jax.random.normal(key, shape)).astype(dtype))
+    return jax.tree.unflatten(treedef, out)
+
+
+def output_matrix(params: Params, cfg: ModelConfig) -> jax.Array:
+    """The `[hidden, vocab]` output projection (the embedding table when tied)."""
+    return params["embed"].T if cfg.tie_word_embeddings else params["lm_head"]
+
+
+# --------------------------------------------------------------------------- pieces
+
+
+def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
+    """RMSNorm in float32, returned in x's dtype (HF Llama semantics)."""
+    xf = x.astype(jnp.float32)
+    xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
+    return (weight.astype(jnp.float32) * xf).astype(x.dtype)
+
+
+def rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
+    """Rotary embedding, Hugging Face rotate-half layout.
+
+    x: `[..., heads, head_dim]`; positions: x's leading dims (`[...]`), int.
+    """
+    d = x.shape[-1]
+    inv_freq = 1.0 / (theta ** (jnp.arange(0, d, 2, dtype=jnp.float32) / d))
+    ang = positions.astype(jnp.float32)[..., None] * inv_freq  # [..., d/2]
+    ang = jnp.concatenate([ang, ang], axis=-1)[..., None, :]  # [..., 1, d]
+    cos, sin = jnp.cos(ang), jnp.sin(ang)
+    xf = x.astype(jnp.float32)
+    x1, x2 = xf[..., : d // 2], xf[..., d // 2 :]
+    rotated = jnp.concatenate([-x2, x1], axis=-1)
+    return (xf * cos + rotated * sin).astype(x.dtype)
+
+
+def causal_mask(
+    positions: jax.Array, key_valid: jax.Array, sliding_window: int | None
+) -> jax.Array:
+    """Self-attention mask of a sequence: `[batch, seq, seq]` bool.
+
+    Query t sees key j iff j <= t (by index), key j is valid, and, with a sliding
+    window W, positions[t] - positions[j] < W.
+    """
+    n = positions.shape[-1]
+    idx = jnp.arange(n)
+    mask = (idx[None, :] <= idx[:, None])[None] & key_valid[:, None, :]
+    if sliding_window is not None:
+        dist = positions[:, :, None] - positions[:, None, :]
+        mask = mask & (dist < sliding_window)
+    return mask
+
+
+def attend(
+    q: jax.Array,
+    ctx: tuple[jax.Array, jax.Array, jax.Array] | None,
+    own: tuple[jax.Array, jax.Array, jax.Array] | None,
+) -> jax.Array:
+    """Softmax attention over a shared context block and a per-query own block.
+
+    q: `[batch, q, heads, head_dim]` (already rotated, unscaled).
+    ctx: (k, v `[batch, ctx, kv_heads, head_dim]`, mask `[batch, q, ctx]`) or None.
+    own: (k, v `[batch, q, slots, kv_heads, head_dim]`, mask `[batch, q, slots]`) or None.
+    Returns `[batch, q, heads, head_dim]` in q's dtype. Scores and softmax in float32.
+    """
+    b, t, nh, d = q.shape
+    ref = ctx[0] if ctx is not None else own[0]
+    nkv = ref.shape[-2]
+    qg = q.reshape(b, t, nkv, nh // nkv, d) * jnp.asarray(1.0 / math.sqrt(d), q.dtype)
+    scores, masks = [], []
+    if ctx is not None:
+        k, _, m = ctx
+        scores.append(jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32))
+        masks.append(m)
+    if own is not None:
+        k, _, m = own
+        scores.append(jnp.einsum("btkgd,btskd->bkgts", qg, k, preferred_element_type=jnp.float32))
+        masks.append(m)
+    s = jnp.concatenate(scores, axis=-1) if len(scores) > 1 else scores[0]
+    m = jnp.concatenate(masks, axis=-1) if len(masks) > 1 else masks[0]
+    s = jnp.where(m[:, None, None], s, _NEG_INF)
+    p = jax.nn.softmax(s, axis=-1)
+    # A query with no visible key at all (cannot happen for real tokens) gets zeros.
+    p = jnp.where(m[:, None, None], p, 0.0).astype(q.dtype)
+    out = jnp.zeros((b, nkv, nh // nkv, t, d), jnp.float32)
+    start = 0
+    if ctx is not None:
+        _, v, _ = ctx
+        n = v.shape[1]
+        out = out + jnp.einsum("bkgts,bskd->bkgtd", p[..., start : start + n], v,
+                               preferred_element_type=jnp.float32)
+        start += n
+    if own is not None:
+        _, v, _ = own
+        n = v.shape[2]
+        out = out + jnp.einsum("bkgts,btskd->bkgtd", p[..., start : start + n], v,
+                               preferred_element_type=jnp.float32)
+    return out.transpose(0, 3, 1, 2, 4).reshape(b, t, nh, d).astype(q.dtype)
+
+
+# --------------------------------------------------------------------------- decoder
+
+
+def _layer(
+    lp: Params,
+    cfg: ModelConfig,
+    h: jax.Array,
+    positions: jax.Array,
+    self_mask: jax.Array | None,
+    ctx: tuple[jax.Array, jax.Array, jax.Array] | None,
+    own: tuple[jax.Array, jax.Array, jax.Array] | None,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """One decoder layer. h: `[batch, t, hidden]`.
+
+    With `ctx is None` and `own is None`: causal self-attention under `self_mask`.
+    Otherwise the queries attend to `ctx`, to `own` and to their own new key.
+    Returns (h_out, k_new, v_new), k/v `[batch, t, kv_heads, head_dim]`.
+    """
+    dt = cfg.compute_dtype
+    x = rms_norm(h, lp["attn_norm"], cfg.rms_norm_eps)
+    q = jnp.einsum("bth,hnd->btnd", x, lp["q"].astype(dt))
+    k = jnp.einsum("bth,hnd->btnd", x, lp["k"].astype(dt))
+    v = jnp.einsum("bth,hnd->btnd", x, lp["v"].astype(dt))
+    if cfg.attention_bias:
+        q = q + lp["q_bias"].astype(dt)
+        k = k + lp["k_bias"].astype(dt)
+        v = v + lp["v_bias"].astype(dt)
+    q = rope(q, positions, cfg.rope_theta)
+    k = rope(k, positions, cfg.rope_theta)
+    if ctx is None and own is None:
+        a = attend(q, (k, v, self_mask), None)
+    else:
+        diag = jnp.ones(h.shape[:2] + (1,), bool)
+        if own is None:
+            own_full = (k[:, :, None], v[:, :, None], diag)
+        else:
+            ok, ov, om = own
+            own_full = (
+                jnp.concatenate([ok.astype(dt), k[:, :, None]], axis=2),
+                jnp.concatenate([ov.astype(dt), v[:, :, None]], axis=2),
+                jnp.concatenate([om, diag], axis=2),
+            )
+        if ctx is not None:
+            ctx = (ctx[0].astype(dt), ctx[1].astype(dt), ctx[2])
+        a = attend(q, ctx, own_full)
+    h = h + jnp.einsum("btnd,ndh->bth", a, lp["o"].astype(dt))
+    x = rms_norm(h, lp["mlp_norm"], cfg.rms_norm_eps)
+    g = jnp.einsum("bth,hm->btm", x, lp["gate"].astype(dt))
+    u = jnp.einsum("bth,hm->btm", x, lp["up"].astype(dt))
+    h = h + jnp.einsum("btm,mh->bth", jax.nn.silu(g) * u, lp["down"].astype(dt))
+    return h, k, v
+
+
+def _remat(fn: Any, cfg: ModelConfig) -> Any:
+    if cfg.remat == "full":
+        return jax.checkpoint(fn)
+    if cfg.remat == "dots":
+        return jax.checkpoint(fn, policy=jax.checkpoint_policies.dots_with_no_batch_dims_saveable)
+    return fn
+
+
+def decoder(
+    params: Params,
+    cfg: ModelConfig,
+    h: jax.Array,
+    positions: jax.Array,
+    *,
+    self_mask: jax.Array | None = None,
+    ctx: tuple[KV, jax.Array] | None = None,
+    own: tuple[KV, jax.Array] | None = None,
+) -> tuple[jax.Array, KV]:
+    """Run all layers and the final norm.
+
+    h: input embeddings `[batch, t, hidden]`; positions `[batch, t]` int.
+    self_mask: `[batch, t, t]` for plain causal self-attention (when ctx/own are None).
+    ctx: (KV with arrays `[layers, batch, ctx, kv_heads, head_dim]`, mask `[batch, t, ctx]`).
+    own: (KV with arrays `[layers, batch, t, slots, kv_heads, head_dim]`, mask `[batch, t, slots]`).
+    Returns (final hidden `[batch, t, hidden]` after the final norm, the new tokens'
+    KV `[layers, batch, t, kv_heads, head_dim]`).
+    """
+    h = h.astype(cfg.compute_dtype)
+    ctx_mask = ctx[1] if ctx is not None else None
+    own_mask = own[1] if own is not None else None
+
+    def body(h, xs):
+        lp, ck, cv, ok, ov = xs
+        c = (ck, cv, ctx_mask) if ck is not None else None
+        o = (ok, ov, own_mask) if ok is not None else None
+        h, k, v = _layer(lp, cfg, h, positions, self_mask, c, o)
+        return h, (k, v)
+
+    body = _remat(body, cfg)
+    xs = (
+        params["layers"],
+        ctx[0].k if ctx is not None else None,
+        ctx[0].v if ctx is not None else None,
+        own[0].k if own is not None else None,
+        own[0].v if own is not None else None,
+    )
+    if cfg.scan_layers:
+        h, (ks, vs) = jax.lax.scan(body, h, xs)
+    else:
+        ks, vs = [], []
+        for i in range(cfg.num_layers):
+            h, (k, v) = body(h, jax.tree.map(lambda a, i=i: a[i], xs))
+            ks.append(k)
+            vs.append(v)
+        ks, vs = jnp.stack(ks), jnp.stack(vs)
+    h = rms_norm(h, params["final_norm"], cfg.rms_norm_eps)
+    return h, KV(ks, vs)
+
+
+def embed_tokens(params: Params, cfg: ModelConfig, ids: jax.Array) -> jax.Array:
+    """Token embeddings by table lookup: ids `[...]` -> `[..., hidden]` in compute dtype."""
+    return jnp.take(params["embed"], ids, axis=0).astype(cfg.compute_dtype)
+
+
+def logits_from_hidden(params: Params, cfg: ModelConfig, h: jax.Array) -> jax.Array:
+    """`[..., hidden]` -> float32 logits `[..., vocab]`."""
+    w = output_matrix(params, cfg).astype(cfg.compute_dtype)
+    return jnp.einsum("...h,hv->...v", h.astype(cfg.compute_dtype), w,
+                      preferred_element_type=jnp.float32)
+
+
+def default_positions(attention_mask: jax.Array) -> jax.Array:
+    """Position ids `[batch, seq]`: `arange(seq)` shifted so that the first real token
+    is position 0 (plain arange for right padding; left padding is skipped)."""
+    first = jnp.argmax(attention_mask.astype(bool), axis=-1)
+    return jnp.maximum(jnp.arange(attention_mask.shape[-1])[None, :] - first[:, None], 0)
+
+
+def forward(
+    params: Params,
+    cfg: ModelConfig,
+    input_ids: jax.Array,
+    attention_mask: jax.Array | None = None,
+    positions: jax.Array | None = None,
+) -> tuple[jax.Array, KV]:
+    """Causal forward over `input_ids` `[batch, seq]`.
+
+    Returns (final hidden `[batch, seq, hidden]`, KV `[layers, batch, seq, kv_heads, head_dim]`).
+    Padded keys (attention_mask 0) are masked.
+    """
+    if attention_mask is None:
+        attention_mask = jnp.ones(input_ids.shape, jnp.int32)
+    valid = attention_mask.astype(bool)
+    if positions is None:
+        positions = default_positions(attention_mask)
+    mask = causal_mask(positions, valid, cfg.sliding_window)
+    h = embed_tokens(params, cfg, input_ids)
+    return decoder(params, cfg, h, positions, self_mask=mask)
+
+
+def lm_logits(
+    params: Params,
+    cfg: ModelConfig,
+    input_ids: jax.Array,
+    attention_mask: jax.Array | None = None,
+) -> jax.Array:
+    """Float32 logits `[batch, seq, vocab]` of the plain LM (no thoughts)."""
+    h, _ = forward(params, cfg, input_ids, attention_mask)
+    return logits_from_hidden(params, cfg, h)
