@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -86,7 +87,8 @@ class ModelConfig:
         for name in ("dtype", "param_dtype"):
             if getattr(self, name) not in ("float32", "bfloat16", "float16"):
                 raise ValueError(
-                    f"ModelConfig.{name} must be float32|bfloat16|float16, got {getattr(self, name)!r}"
+                    f"ModelConfig.{name} must be float32|bfloat16|float16, "
+                    f"got {getattr(self, name)!r}"
                 )
         if self.sliding_window is not None and self.sliding_window < 1:
             raise ValueError(f"ModelConfig.sliding_window must be >= 1, got {self.sliding_window}")
@@ -164,9 +166,10 @@ def param_shapes(cfg: ModelConfig) -> Params:
 def init_params(cfg: ModelConfig, rng: jax.Array) -> Params:
     """Random params: normal(0, initializer_range) matrices, ones for norms, zero biases."""
     shapes = param_shapes(cfg)
-    leaves, treedef = jax.tree.flatten(shapes, is_leaf=lambda x: isinstance(x, tuple))
-    paths = [jax.tree_util.keystr(p) for p, _ in
-             jax.tree_util.tree_flatten_with_path(shapes, is_leaf=lambda x: isinstance(x, tuple))[0]]
+    is_shape = lambda x: isinstance(x, tuple)
+    leaves, treedef = jax.tree.flatten(shapes, is_leaf=is_shape)
+    with_path = jax.tree_util.tree_flatten_with_path(shapes, is_leaf=is_shape)[0]
+    paths = [jax.tree_util.keystr(p) for p, _ in with_path]
     keys = jax.random.split(rng, len(leaves))
     dtype = jnp.dtype(cfg.param_dtype)
     out = []
@@ -231,18 +234,20 @@ def causal_mask(
 def attend(
     q: jax.Array,
     ctx: tuple[jax.Array, jax.Array, jax.Array] | None,
-    own: tuple[jax.Array, jax.Array, jax.Array] | None,
+    own: tuple[Sequence[jax.Array], Sequence[jax.Array], jax.Array] | None,
 ) -> jax.Array:
     """Softmax attention over a shared context block and a per-query own block.
 
     q: `[batch, q, heads, head_dim]` (already rotated, unscaled).
     ctx: (k, v `[batch, ctx, kv_heads, head_dim]`, mask `[batch, q, ctx]`) or None.
-    own: (k, v `[batch, q, slots, kv_heads, head_dim]`, mask `[batch, q, slots]`) or None.
+    own: (ks, vs: sequences of `slots` arrays `[batch, q, kv_heads, head_dim]`, one key
+      per query per slot, mask `[batch, q, slots]`) or None. Keeping the slots as
+      separate arrays (not one stacked array) means a rollout that appends a slot per
+      step never copies, nor saves for the backward pass, the earlier slots again.
     Returns `[batch, q, heads, head_dim]` in q's dtype. Scores and softmax in float32.
     """
     b, t, nh, d = q.shape
-    ref = ctx[0] if ctx is not None else own[0]
-    nkv = ref.shape[-2]
+    nkv = ctx[0].shape[-2] if ctx is not None else own[0][0].shape[-2]
     qg = q.reshape(b, t, nkv, nh // nkv, d) * jnp.asarray(1.0 / math.sqrt(d), q.dtype)
     scores, masks = [], []
     if ctx is not None:
@@ -250,28 +255,30 @@ def attend(
         scores.append(jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32))
         masks.append(m)
     if own is not None:
-        k, _, m = own
-        scores.append(jnp.einsum("btkgd,btskd->bkgts", qg, k, preferred_element_type=jnp.float32))
+        ks, _, m = own
+        scores.append(jnp.stack(
+            [jnp.einsum("btkgd,btkd->bkgt", qg, k, preferred_element_type=jnp.float32)
+             for k in ks], axis=-1))
         masks.append(m)
     s = jnp.concatenate(scores, axis=-1) if len(scores) > 1 else scores[0]
     m = jnp.concatenate(masks, axis=-1) if len(masks) > 1 else masks[0]
     s = jnp.where(m[:, None, None], s, _NEG_INF)
     p = jax.nn.softmax(s, axis=-1)
-    # A query with no visible key at all (cannot happen for real tokens) gets zeros.
+    # A query with no visible key at all (a fully padded row) gets zeros, not NaN.
     p = jnp.where(m[:, None, None], p, 0.0).astype(q.dtype)
     out = jnp.zeros((b, nkv, nh // nkv, t, d), jnp.float32)
     start = 0
     if ctx is not None:
         _, v, _ = ctx
         n = v.shape[1]
-        out = out + jnp.einsum("bkgts,bskd->bkgtd", p[..., start : start + n], v,
+        out = out + jnp.einsum("bkgts,bskd->bkgtd", p[..., :n], v,
                                preferred_element_type=jnp.float32)
-        start += n
+        start = n
     if own is not None:
-        _, v, _ = own
-        n = v.shape[2]
-        out = out + jnp.einsum("bkgts,btskd->bkgtd", p[..., start : start + n], v,
-                               preferred_element_type=jnp.float32)
+        _, vs, _ = own
+        for j, v in enumerate(vs):
+            out = out + jnp.einsum("bkgt,btkd->bkgtd", p[..., start + j], v,
+                                   preferred_element_type=jnp.float32)
     return out.transpose(0, 3, 1, 2, 4).reshape(b, t, nh, d).astype(q.dtype)
 
 
@@ -285,12 +292,13 @@ def _layer(
     positions: jax.Array,
     self_mask: jax.Array | None,
     ctx: tuple[jax.Array, jax.Array, jax.Array] | None,
-    own: tuple[jax.Array, jax.Array, jax.Array] | None,
+    own: tuple[Sequence[jax.Array], Sequence[jax.Array], jax.Array] | None,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """One decoder layer. h: `[batch, t, hidden]`.
 
     With `ctx is None` and `own is None`: causal self-attention under `self_mask`.
-    Otherwise the queries attend to `ctx`, to `own` and to their own new key.
+    Otherwise the queries attend to `ctx`, to the `own` slots and to their own new
+    key, which is appended as the last own slot (its mask is own's last column).
     Returns (h_out, k_new, v_new), k/v `[batch, t, kv_heads, head_dim]`.
     """
     dt = cfg.compute_dtype
@@ -307,19 +315,11 @@ def _layer(
     if ctx is None and own is None:
         a = attend(q, (k, v, self_mask), None)
     else:
-        diag = jnp.ones(h.shape[:2] + (1,), bool)
-        if own is None:
-            own_full = (k[:, :, None], v[:, :, None], diag)
-        else:
-            ok, ov, om = own
-            own_full = (
-                jnp.concatenate([ok.astype(dt), k[:, :, None]], axis=2),
-                jnp.concatenate([ov.astype(dt), v[:, :, None]], axis=2),
-                jnp.concatenate([om, diag], axis=2),
-            )
         if ctx is not None:
             ctx = (ctx[0].astype(dt), ctx[1].astype(dt), ctx[2])
-        a = attend(q, ctx, own_full)
+        ks, vs, om = own
+        own = ([*(x.astype(dt) for x in ks), k], [*(x.astype(dt) for x in vs), v], om)
+        a = attend(q, ctx, own)
     h = h + jnp.einsum("btnd,ndh->bth", a, lp["o"].astype(dt))
     x = rms_norm(h, lp["mlp_norm"], cfg.rms_norm_eps)
     g = jnp.einsum("bth,hm->btm", x, lp["gate"].astype(dt))
@@ -344,25 +344,31 @@ def decoder(
     *,
     self_mask: jax.Array | None = None,
     ctx: tuple[KV, jax.Array] | None = None,
-    own: tuple[KV, jax.Array] | None = None,
+    own: tuple[Sequence[KV], jax.Array] | None = None,
 ) -> tuple[jax.Array, KV]:
     """Run all layers and the final norm.
 
     h: input embeddings `[batch, t, hidden]`; positions `[batch, t]` int.
-    self_mask: `[batch, t, t]` for plain causal self-attention (when ctx/own are None).
-    ctx: (KV with arrays `[layers, batch, ctx, kv_heads, head_dim]`, mask `[batch, t, ctx]`).
-    own: (KV with arrays `[layers, batch, t, slots, kv_heads, head_dim]`, mask `[batch, t, slots]`).
+    self_mask: `[batch, t, t]` for plain causal self-attention (ctx and own None).
+    ctx: (KV `[layers, batch, ctx, kv_heads, head_dim]`, mask `[batch, t, ctx]`): cached
+      keys/values every query of a row may see (e.g. the base sequence).
+    own: (a sequence of `slots` KVs `[layers, batch, t, kv_heads, head_dim]`, mask
+      `[batch, t, slots + 1]`): keys private to each query position (its earlier thought
+      tokens); the last mask column is the query's own new key. With ctx given and own
+      None, each query sees the context and itself.
     Returns (final hidden `[batch, t, hidden]` after the final norm, the new tokens'
     KV `[layers, batch, t, kv_heads, head_dim]`).
     """
     h = h.astype(cfg.compute_dtype)
     ctx_mask = ctx[1] if ctx is not None else None
+    if ctx is not None and own is None:
+        own = ((), jnp.ones(h.shape[:2] + (1,), bool))
     own_mask = own[1] if own is not None else None
 
     def body(h, xs):
-        lp, ck, cv, ok, ov = xs
-        c = (ck, cv, ctx_mask) if ck is not None else None
-        o = (ok, ov, own_mask) if ok is not None else None
+        lp, ck, cv, oks, ovs = xs
+        c = (ck, cv, ctx_mask) if ctx is not None else None
+        o = (oks, ovs, own_mask) if own is not None else None
         h, k, v = _layer(lp, cfg, h, positions, self_mask, c, o)
         return h, (k, v)
 
@@ -371,8 +377,8 @@ def decoder(
         params["layers"],
         ctx[0].k if ctx is not None else None,
         ctx[0].v if ctx is not None else None,
-        own[0].k if own is not None else None,
-        own[0].v if own is not None else None,
+        [kv.k for kv in own[0]] if own is not None else None,
+        [kv.v for kv in own[0]] if own is not None else None,
     )
     if cfg.scan_layers:
         h, (ks, vs) = jax.lax.scan(body, h, xs)

@@ -2,13 +2,99 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 
-from quietstar_jax.model import ModelConfig, Params
+from quietstar_jax import model
+from quietstar_jax.model import KV, ModelConfig, Params
+
+SAMPLING_MODES = ("sample", "greedy")
+THOUGHT_LOGIT_MASK = -1e10
+
+
+@dataclasses.dataclass(frozen=True)
+class ThoughtConfig:
+    """Every setting of Quiet-STaR; defaults are the authors' released code's.
+
+    n_ahead: the base step plus the thought (start, `n_ahead - 3` sampled tokens, end).
+    n_ahead_talk: how many true future tokens each thought is scored on.
+    n_passes: independent thoughts per sequence (rows repeated consecutively).
+    sampling: "sample" (softmax at `thought_temperature`) or "greedy" (argmax).
+    use_baseline: subtract the mean reward over passes (the authors' trice_mode).
+    remove_negative_rewards: clamp rewards at 0 after the baseline.
+    """
+
+    n_ahead: int = 12
+    n_ahead_talk: int = 4
+    n_passes: int = 2
+    thought_temperature: float = 1.0
+    reinforce_temperature: float = 3.0
+    embedding_scale: float = 100.0
+    original_loss_weight: float = 0.5
+    base_loss_beta: float = 1.0
+    policy_loss_beta: float = 1e6
+    remove_negative_rewards: bool = True
+    use_baseline: bool = True
+    sampling: str = "sample"
+    start_token_id: int | None = None
+    end_token_id: int | None = None
+    pad_token_id: int | None = None
+    init_token: str = "---"
+
+    def __post_init__(self) -> None:
+        if self.n_ahead < 3:
+            raise ValueError(
+                f"ThoughtConfig.n_ahead={self.n_ahead}: must be >= 3 (the base step, the "
+                "start-of-thought and the end-of-thought tokens)"
+            )
+        if self.n_ahead_talk < 1:
+            raise ValueError(f"ThoughtConfig.n_ahead_talk={self.n_ahead_talk}: must be >= 1")
+        if self.n_passes < 1:
+            raise ValueError(f"ThoughtConfig.n_passes={self.n_passes}: must be >= 1")
+        for name in ("thought_temperature", "reinforce_temperature", "embedding_scale"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"ThoughtConfig.{name}={getattr(self, name)}: must be > 0")
+        if not 0.0 <= self.original_loss_weight <= 1.0:
+            raise ValueError(
+                f"ThoughtConfig.original_loss_weight={self.original_loss_weight}: must be in [0, 1]"
+            )
+        if self.sampling not in SAMPLING_MODES:
+            raise ValueError(
+                f"ThoughtConfig.sampling={self.sampling!r}: must be one of {SAMPLING_MODES}"
+            )
+
+    @property
+    def num_steps(self) -> int:
+        """Thought/talk steps after the base step: `n_ahead + n_ahead_talk - 2`."""
+        return self.n_ahead + self.n_ahead_talk - 2
+
+    @property
+    def num_sampled(self) -> int:
+        """Sampled thought tokens per thought: `n_ahead - 3`."""
+        return self.n_ahead - 3
+
+    def replace(self, **kw: Any) -> ThoughtConfig:
+        return dataclasses.replace(self, **kw)
+
+    def check_token_ids(self, vocab_size: int) -> None:
+        """Raise unless start/end/pad ids are set and inside the vocabulary."""
+        for name in ("start_token_id", "end_token_id", "pad_token_id"):
+            v = getattr(self, name)
+            if v is None:
+                raise ValueError(
+                    f"ThoughtConfig.{name} is not set: take it from a tokenizer with the thought "
+                    "tokens added (hf.thought_token_ids) or set it for your checkpoint"
+                )
+            if not 0 <= v < vocab_size:
+                raise ValueError(
+                    f"ThoughtConfig.{name}={v} is outside the vocabulary [0, {vocab_size})"
+                )
+        if self.start_token_id == self.end_token_id:
+            raise ValueError("ThoughtConfig.start_token_id and end_token_id must differ")
 
 
 def thought_param_shapes(cfg: ModelConfig) -> Params:
@@ -75,4 +161,157 @@ def mixing_weight(mix: Params, base_h: jax.Array, thought_h: jax.Array) -> jax.A
     return (x @ mix["w2"].astype(jnp.float32))[..., 0]
 
 
-_ = Any
+
+def mask_thought_logits(logits: jax.Array, tc: ThoughtConfig) -> jax.Array:
+    """Give the two thought ids logit -1e10 (they are never sampled). `[..., vocab]`."""
+    return logits.at[..., tc.start_token_id].set(THOUGHT_LOGIT_MASK).at[
+        ..., tc.end_token_id].set(THOUGHT_LOGIT_MASK)
+
+
+def thought_embedding(params: Params, tc: ThoughtConfig, which: str) -> jax.Array:
+    """The used (scaled) start or end embedding `[hidden]`, float32."""
+    return params["thought"][which].astype(jnp.float32) * tc.embedding_scale
+
+
+class Rollout(NamedTuple):
+    """Everything the losses, generation and analysis read from one rollout.
+
+    rows = batch * n_passes (or the batch given); S = tc.num_steps; T = tc.num_sampled.
+    base_hidden: `[rows, seq, hidden]` final hidden of the base step (h0).
+    base_kv: the base step's KV `[layers, rows, seq, kv_heads, head_dim]`.
+    step_hidden: `[S, rows, seq, hidden]`, h_s for s = 1..S (index s - 1).
+    thought_tokens: `[T, rows, seq]` int, the tokens fed on steps 2..n_ahead-2.
+    thought_logp: `[T, rows, seq]` float32, log softmax(r / reinforce_temperature) of
+      each fed thought token under the logits it was drawn from (with gradient).
+    fed_tokens: `[S, rows, seq]` int, the token id fed on every step (start/end ids
+      for the learned embeddings), for analysis.
+    """
+
+    base_hidden: jax.Array
+    base_kv: KV
+    step_hidden: jax.Array
+    thought_tokens: jax.Array
+    thought_logp: jax.Array
+    fed_tokens: jax.Array
+
+
+def teacher_forced_tokens(input_ids: jax.Array, shift: int, pad_id: int) -> jax.Array:
+    """`x[i + shift]`, or `pad_id` past the end. `[rows, seq]` -> `[rows, seq]`."""
+    if shift == 0:
+        return input_ids
+    pad = jnp.full(input_ids.shape[:-1] + (shift,), pad_id, input_ids.dtype)
+    return jnp.concatenate([input_ids[..., shift:], pad], axis=-1)[..., : input_ids.shape[-1]]
+
+
+def rollout(
+    params: Params,
+    cfg: ModelConfig,
+    tc: ThoughtConfig,
+    input_ids: jax.Array,
+    attention_mask: jax.Array,
+    rng: jax.Array | None,
+    thought_tokens: jax.Array | None = None,
+    *,
+    num_steps: int | None = None,
+) -> Rollout:
+    """The parallel thought rollout: all positions think at once.
+
+    input_ids, attention_mask: `[rows, seq]` (already repeated over passes).
+    thought_tokens: optional int `[n_ahead - 3, rows, seq]` to feed instead of sampling.
+    num_steps: how many thought/talk steps to run (default tc.num_steps).
+
+    Step 0 is one causal forward over the sequence. On step s every position i is fed
+    one token (start, a sampled token, end, or the true token `x[i + s - n_ahead + 1]`)
+    at position id `pos[i] + s`; its query sees the base keys j <= i (causal mask,
+    padding, sliding window) and position i's own keys from steps 1..s.
+    """
+    num_steps = tc.num_steps if num_steps is None else num_steps
+    rows, seq = input_ids.shape
+    valid = attention_mask.astype(bool)
+    positions = model.default_positions(attention_mask)
+    h0, kv0 = model.forward(params, cfg, input_ids, attention_mask, positions)
+
+    idx = jnp.arange(seq)
+    base_ctx = (idx[None, :] <= idx[:, None])[None] & valid[:, None, :]  # [rows, q, k]
+    dist0 = positions[:, :, None] - positions[:, None, :]  # [rows, q, k]
+
+    own: list[KV] = []
+    step_hidden, thought_toks, thought_logp, fed = [], [], [], []
+    prev_h = None
+    dt = cfg.compute_dtype
+    hidden_shape = (rows, seq, cfg.hidden_size)
+    for s in range(1, num_steps + 1):
+        if s == 1:
+            emb = jnp.broadcast_to(thought_embedding(params, tc, "start_emb"), hidden_shape)
+            tok = jnp.full((rows, seq), tc.start_token_id, jnp.int32)
+        elif s <= tc.n_ahead - 2:
+            r = mask_thought_logits(model.logits_from_hidden(params, cfg, prev_h), tc)
+            t = s - 2
+            if thought_tokens is not None:
+                tok = thought_tokens[t].astype(jnp.int32)
+            elif tc.sampling == "greedy":
+                tok = jnp.argmax(r, axis=-1).astype(jnp.int32)
+            else:
+                key = jax.random.fold_in(rng, s)
+                tok = jax.random.categorical(key, r / tc.thought_temperature).astype(jnp.int32)
+            logp = jax.nn.log_softmax(r / tc.reinforce_temperature, axis=-1)
+            thought_logp.append(jnp.take_along_axis(logp, tok[..., None], axis=-1)[..., 0])
+            thought_toks.append(tok)
+            emb = model.embed_tokens(params, cfg, tok)
+        elif s == tc.n_ahead - 1:
+            emb = jnp.broadcast_to(thought_embedding(params, tc, "end_emb"), hidden_shape)
+            tok = jnp.full((rows, seq), tc.end_token_id, jnp.int32)
+        else:
+            tok = teacher_forced_tokens(input_ids, s - tc.n_ahead + 1, tc.pad_token_id)
+            emb = model.embed_tokens(params, cfg, tok)
+        fed.append(tok)
+
+        ctx_mask = base_ctx
+        # Own keys: steps 1..s-1, then the step's own new key; masked for padding queries.
+        own_mask = jnp.broadcast_to(valid[:, :, None], (rows, seq, s))
+        if cfg.sliding_window is not None:
+            ctx_mask = ctx_mask & (dist0 + s < cfg.sliding_window)
+            own_dist = s - jnp.arange(1, s + 1)
+            own_mask = own_mask & (own_dist < cfg.sliding_window)[None, None, :]
+        h, kv = model.decoder(
+            params, cfg, emb.astype(dt), positions + s,
+            ctx=(kv0, ctx_mask), own=(tuple(own), own_mask),
+        )
+        own.append(kv)
+        step_hidden.append(h)
+        prev_h = h
+
+    empty = jnp.zeros((0, rows, seq), jnp.int32)
+    return Rollout(
+        base_hidden=h0,
+        base_kv=kv0,
+        step_hidden=jnp.stack(step_hidden),
+        thought_tokens=jnp.stack(thought_toks) if thought_toks else empty,
+        thought_logp=jnp.stack(thought_logp) if thought_logp else empty.astype(jnp.float32),
+        fed_tokens=jnp.stack(fed),
+    )
+
+
+def shift_left(x: jax.Array, k: int, axis: int = 1) -> jax.Array:
+    """`x[i + k]` along `axis`, zeros past the end (same shape)."""
+    if k == 0:
+        return x
+    x = jnp.moveaxis(x, axis, 0)
+    out = jnp.concatenate([x[k:], jnp.zeros_like(x[:k])], axis=0)
+    return jnp.moveaxis(out, 0, axis)
+
+
+def mixed_hidden(
+    params: Params, tc: ThoughtConfig, base_hidden: jax.Array, step_hidden: jax.Array, step: int
+) -> tuple[jax.Array, jax.Array]:
+    """Mix step `step`'s hidden with the base hidden that predicts the same target.
+
+    base_hidden, step_hidden: `[rows, seq, hidden]`. With k = max(0, step - (n_ahead - 1)),
+    b = h0[i + k]; w = mixing_head([b, h_s]); returns ((1 - w) b + w h_s `[rows, seq,
+    hidden]`, w `[rows, seq]` float32). Positions with i + k past the end get b = 0.
+    """
+    k = max(0, step - (tc.n_ahead - 1))
+    b = shift_left(base_hidden, k)
+    w = mixing_weight(params["thought"]["mix"], b, step_hidden)
+    wd = w[..., None].astype(step_hidden.dtype)
+    return (1 - wd) * b + wd * step_hidden, w

@@ -1,0 +1,206 @@
+"""The Quiet-STaR objective: NLL of the base and talk steps, rewards, REINFORCE.
+
+See ALGORITHM.md section 3. Rows are the batch repeated `n_passes` times
+consecutively; a label equal to `pad_id` (or masked out) is ignored everywhere.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from quietstar_jax import model
+from quietstar_jax.model import ModelConfig, Params
+from quietstar_jax.thoughts import Rollout, ThoughtConfig, mixed_hidden, rollout, shift_left
+
+LOSS_COMPONENTS = ("nll_base", "nll_thought", "policy_loss")
+
+
+def token_nll(logits: jax.Array, targets: jax.Array) -> jax.Array:
+    """Per-token cross-entropy: logits `[..., vocab]` float32, targets `[...]` -> `[...]`."""
+    logz = jax.nn.logsumexp(logits, axis=-1)
+    picked = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+    return logz - picked
+
+
+def masked_mean(x: jax.Array, mask: jax.Array) -> jax.Array:
+    """Mean of x over `mask` (0 when the mask is empty)."""
+    m = mask.astype(x.dtype)
+    return jnp.sum(x * m) / jnp.maximum(jnp.sum(m), 1.0)
+
+
+def validate_inputs(
+    cfg: ModelConfig,
+    tc: ThoughtConfig,
+    input_ids: jax.Array,
+    attention_mask: jax.Array | None,
+    thought_tokens: jax.Array | None,
+) -> None:
+    """Reject shapes and settings that cannot work, naming the field (runs at trace time)."""
+    tc.check_token_ids(cfg.vocab_size)
+    if input_ids.ndim != 2:
+        raise ValueError(f"input_ids must be [batch, seq], got shape {tuple(input_ids.shape)}")
+    seq = input_ids.shape[1]
+    if seq < tc.n_ahead_talk + 2:
+        raise ValueError(
+            f"sequence length {seq} is shorter than n_ahead_talk + 2 = {tc.n_ahead_talk + 2}: "
+            "no position would carry a reward"
+        )
+    if attention_mask is not None and attention_mask.shape != input_ids.shape:
+        raise ValueError(
+            f"attention_mask shape {tuple(attention_mask.shape)} != input_ids shape "
+            f"{tuple(input_ids.shape)}"
+        )
+    if thought_tokens is not None:
+        want = (tc.num_sampled, input_ids.shape[0] * tc.n_passes, seq)
+        if tuple(thought_tokens.shape) != want:
+            raise ValueError(
+                f"thought_tokens shape {tuple(thought_tokens.shape)} != (n_ahead - 3, "
+                f"batch * n_passes, seq) = {want}"
+            )
+
+
+def _objective(
+    params: Params,
+    cfg: ModelConfig,
+    tc: ThoughtConfig,
+    input_ids: jax.Array,
+    attention_mask: jax.Array | None,
+    rng: jax.Array | None,
+    thought_tokens: jax.Array | None,
+) -> tuple[jax.Array, dict[str, jax.Array], dict[str, Any]]:
+    validate_inputs(cfg, tc, input_ids, attention_mask, thought_tokens)
+    if attention_mask is None:
+        attention_mask = jnp.ones_like(input_ids)
+    if rng is None:
+        if tc.sampling == "sample" and thought_tokens is None and tc.num_sampled > 0:
+            raise ValueError("quietstar_loss needs an rng to sample thoughts (sampling='sample')")
+        rng = jax.random.key(0)
+    x = jnp.repeat(input_ids, tc.n_passes, axis=0)
+    mask = jnp.repeat(attention_mask, tc.n_passes, axis=0)
+    rows, seq = x.shape
+    pad = tc.pad_token_id
+    ro: Rollout = rollout(params, cfg, tc, x, mask, rng, thought_tokens)
+
+    def targets(k: int) -> tuple[jax.Array, jax.Array]:
+        """Targets x[i + k] and whether each counts (not padding, not past the end)."""
+        t = shift_left(x, k)
+        ok = shift_left(mask.astype(bool), k) & (t != pad)
+        return jnp.where(ok, t, 0), ok
+
+    # Base step: z0[i] predicts x[i + 1].
+    t1, ok1 = targets(1)
+    base_tok = token_nll(model.logits_from_hidden(params, cfg, ro.base_hidden), t1)
+    base_tok = jnp.where(ok1, base_tok, 0.0)
+    nll_base = masked_mean(base_tok, ok1)
+
+    n_reward = seq - 1 - tc.n_ahead_talk  # positions i < L - 1 - n_ahead_talk carry a reward
+    reward = jnp.zeros((rows, n_reward), jnp.float32)
+    nll_talk, w_means = [], []
+    for k in range(tc.n_ahead_talk):
+        s = tc.n_ahead - 1 + k
+        mixed, w = mixed_hidden(params, tc, ro.base_hidden, ro.step_hidden[s - 1], s)
+        tk, okk = targets(k + 1)
+        nll_k = jnp.where(okk, token_nll(model.logits_from_hidden(params, cfg, mixed), tk), 0.0)
+        nll_talk.append(masked_mean(nll_k, okk))
+        w_means.append(masked_mean(w, okk))
+        gain = shift_left(base_tok, k) - nll_k  # both 0 where the target is ignored
+        reward = reward + jax.lax.stop_gradient(gain[:, :n_reward])
+    nll_talk = jnp.stack(nll_talk)
+    nll_thought = jnp.mean(nll_talk)
+    nll_loss = tc.original_loss_weight * nll_base + (1 - tc.original_loss_weight) * nll_thought
+
+    train_reward = reward
+    if tc.use_baseline and tc.n_passes > 1:
+        r = reward.reshape(-1, tc.n_passes, n_reward)
+        train_reward = (r - r.mean(axis=1, keepdims=True)).reshape(rows, n_reward)
+    if tc.remove_negative_rewards:
+        train_reward = jnp.maximum(train_reward, 0.0)
+    if tc.num_sampled > 0:
+        logp = ro.thought_logp[:, :, :n_reward]  # [T, rows, n_reward]
+        policy_per_token = jnp.mean(-train_reward[None] * logp, axis=(1, 2))
+        policy_loss = jnp.mean(policy_per_token)
+    else:
+        logp = ro.thought_logp
+        policy_per_token = jnp.zeros((0,), jnp.float32)
+        policy_loss = jnp.zeros((), jnp.float32)
+
+    loss = tc.base_loss_beta * nll_loss + tc.policy_loss_beta * policy_loss
+    metrics = {
+        "loss": loss,
+        "nll_loss": nll_loss,
+        "nll_base": nll_base,
+        "nll_thought": nll_thought,
+        "nll_talk": nll_talk,
+        "policy_loss": policy_loss,
+        "policy_loss_per_token": policy_per_token,
+        "reward_mean": jnp.mean(reward),
+        "reward_std": jnp.std(reward),
+        "reward_positive_frac": jnp.mean((train_reward > 0).astype(jnp.float32)),
+        "mixing_weight_mean": jnp.mean(jnp.stack(w_means)),
+        "thought_logp_mean": jnp.mean(logp) if tc.num_sampled > 0 else jnp.zeros(()),
+    }
+    details = {"reward": reward, "train_reward": train_reward, "rollout": ro, "input_ids": x}
+    return loss, metrics, details
+
+
+def quietstar_loss(
+    params: Params,
+    config: ModelConfig,
+    thought_config: ThoughtConfig,
+    input_ids: jax.Array,
+    attention_mask: jax.Array | None,
+    rng: jax.Array | None,
+    thought_tokens: jax.Array | None = None,
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """The Quiet-STaR training loss (ALGORITHM.md sections 2-3).
+
+    input_ids, attention_mask: `[batch, seq]`, right-padded with `pad_token_id`.
+    rng: key for thought sampling (the same key gives the same thoughts).
+    thought_tokens: optional int `[n_ahead - 3, batch * n_passes, seq]` fed instead of
+      sampled tokens (rows in the passes-repeated order).
+    Returns (total loss, metrics) with metrics `nll_base`, `nll_thought` (mean over
+    talk steps), `nll_talk` `[n_ahead_talk]`, `policy_loss`, `reward_mean` (before the
+    baseline and clamp), `mixing_weight_mean`, ... (all float32 scalars unless noted).
+    """
+    loss, metrics, _ = _objective(
+        params, config, thought_config, input_ids, attention_mask, rng, thought_tokens
+    )
+    return loss, metrics
+
+
+def quietstar_details(
+    params: Params,
+    config: ModelConfig,
+    thought_config: ThoughtConfig,
+    input_ids: jax.Array,
+    attention_mask: jax.Array | None,
+    rng: jax.Array | None,
+    thought_tokens: jax.Array | None = None,
+) -> dict[str, Any]:
+    """Per-position results for analysis and the reward page.
+
+    Returns `reward` `[rows, seq - 1 - n_ahead_talk]` (before baseline/clamp),
+    `train_reward` (after), `rollout` (a `Rollout`), `input_ids` `[rows, seq]`, `metrics`.
+    """
+    _, metrics, details = _objective(
+        params, config, thought_config, input_ids, attention_mask, rng, thought_tokens
+    )
+    return details | {"metrics": metrics}
+
+
+def check_finite(metrics: dict[str, Any], step: int) -> None:
+    """Raise FloatingPointError naming the step and the first non-finite loss component."""
+    for name in (*LOSS_COMPONENTS, "nll_talk", "loss"):
+        if name not in metrics:
+            continue
+        vals = jnp.atleast_1d(jnp.asarray(metrics[name]))
+        bad = [i for i, v in enumerate(vals.tolist()) if not math.isfinite(v)]
+        if bad:
+            where = f"{name}[{bad[0]}]" if vals.size > 1 else name
+            raise FloatingPointError(
+                f"non-finite loss at step {step}: component {where} = {vals[bad[0]]}"
+            )
