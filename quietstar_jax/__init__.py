@@ -1,0 +1,45 @@
+"""quietstar-jax: Quiet-STaR (language models that think before each token) in JAX/Flax.
+
+The notebook API. Heavier entry points (Hugging Face I/O, generation,
+evaluation) are imported lazily on first use.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from quietstar_jax.loss import quietstar_details, quietstar_loss
+from quietstar_jax.model import ModelConfig, init_params, lm_logits
+from quietstar_jax.thoughts import ThoughtConfig, init_thought_params, rollout
+
+_LAZY = {
+    "load_pretrained": "quietstar_jax.hf",
+    "save_pretrained": "quietstar_jax.hf",
+    "export_pretrained": "quietstar_jax.hf",
+    "load_tokenizer": "quietstar_jax.hf",
+    "thought_token_ids": "quietstar_jax.hf",
+    "generate": "quietstar_jax.generate",
+    "evaluate_gsm8k": "quietstar_jax.evaluate",
+    "evaluate_csqa": "quietstar_jax.evaluate",
+    "evaluate_perplexity": "quietstar_jax.evaluate",
+    "evaluate_cot": "quietstar_jax.evaluate",
+}
+
+__all__ = [
+    "ModelConfig",
+    "ThoughtConfig",
+    "init_params",
+    "init_thought_params",
+    "lm_logits",
+    "quietstar_details",
+    "quietstar_loss",
+    "rollout",
+    *_LAZY,
+]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'quietstar_jax' has no attribute {name!r}")
