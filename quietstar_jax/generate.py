@@ -1,0 +1,563 @@
+"""Generation with thoughts (ALGORITHM.md section 6): cached, and the recompute reference.
+
+For each new token the model thinks at the last position (start-of-thought,
+`n_ahead - 3` sampled thought tokens, end-of-thought), mixes the end step's hidden
+state with the last base hidden state (the mixing head), samples the next real token
+from the mixed logits with the two thought ids masked out, appends it and discards
+the thought. A thought never changes any real token's keys/values, so the real
+tokens live in a key/value cache:
+
+* prefill: one causal `model.forward` over the left-padded prompts `[B, P]`, whose
+  KV fill slots `0..P-1` of a fixed buffer `[layers, B, P + N, kv_heads, head_dim]`
+  (with a validity mask `[B, P + N]` and the position id of every slot);
+* per new token t: `n_ahead - 1` one-query `model.decoder` calls that see the cache as
+  the shared context block and the thought's earlier tokens as own keys, then one
+  call for the sampled real token (context = cache, own = itself), whose KV is written
+  into slot `P + t`. The loop is a `jax.lax.while_loop` under `jax.jit`.
+
+`generate_recompute` is the reference the authors' code implements: for every new
+token it runs the whole parallel rollout (`thoughts.rollout`, every position thinks)
+over the whole current sequence and reads the last position's mixed logits.
+
+Random keys: the key of new token t is `fold_in(rng, t)`; thought token s (the token
+fed on thought step s, 2 <= s <= n_ahead - 2) is drawn with `fold_in(key_t, s)` from
+`[B, vocab]` logits, and the real token with `fold_in(key_t, 0)`. Both generators
+consume keys this way, so with the same rng they draw the same tokens.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Sequence
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from quietstar_jax import model
+from quietstar_jax.model import KV, ModelConfig, Params
+from quietstar_jax.thoughts import (
+    ThoughtConfig,
+    mask_thought_logits,
+    mixed_hidden,
+    rollout,
+    thought_embedding,
+)
+
+_NEG_INF = -1e30
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingConfig:
+    """How the real (non-thought) tokens are drawn.
+
+    greedy: argmax (temperature and top_p are then ignored).
+    temperature: logits are divided by it (> 0).
+    top_p: nucleus sampling; keep the smallest set of most likely tokens whose
+      probability reaches top_p (1.0 keeps all).
+    """
+
+    greedy: bool = False
+    temperature: float = 1.0
+    top_p: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not self.temperature > 0:
+            raise ValueError(f"temperature={self.temperature}: must be > 0 (use greedy=True)")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p={self.top_p}: must be in (0, 1]")
+
+
+class Generation(NamedTuple):
+    """Output of `generate` / `generate_recompute` for B prompts and N new tokens.
+
+    tokens: int32 `[B, N]`, the new tokens; after a row's first eos (kept) every
+      token is `pad_id`.
+    lengths: int32 `[B]`, new tokens up to and including the first eos.
+    thoughts: int32 `[B, N, n_ahead - 3]`, the sampled thought tokens before each new
+      token (None without thinking or unless asked for).
+    mixing_weights: float32 `[B, N]`, the mixing head's weight w of each new token
+      (None without thinking or unless asked for).
+    """
+
+    tokens: jax.Array
+    lengths: jax.Array
+    thoughts: jax.Array | None
+    mixing_weights: jax.Array | None
+
+
+# --------------------------------------------------------------------------- sampling
+
+
+def top_p_filter(logits: jax.Array, top_p: float) -> jax.Array:
+    """Keep the most likely tokens whose cumulative probability first reaches top_p.
+
+    logits: `[..., vocab]` float32; the other entries become -1e30. The most likely
+    token is always kept; ties at the threshold are kept.
+    """
+    if top_p >= 1.0:
+        return logits
+    desc = jnp.flip(jnp.sort(logits, axis=-1), axis=-1)
+    probs = jax.nn.softmax(desc, axis=-1)
+    before = jnp.cumsum(probs, axis=-1) - probs  # mass strictly above each sorted token
+    keep = before < top_p
+    threshold = jnp.min(jnp.where(keep, desc, jnp.inf), axis=-1, keepdims=True)
+    return jnp.where(logits >= threshold, logits, _NEG_INF)
+
+
+def sample_token(key: jax.Array, logits: jax.Array, sc: SamplingConfig) -> jax.Array:
+    """One token per row: logits `[B, vocab]` float32 -> int32 `[B]`."""
+    if sc.greedy:
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    z = top_p_filter(logits / sc.temperature, sc.top_p)
+    return jax.random.categorical(key, z, axis=-1).astype(jnp.int32)
+
+
+def sample_thought_token(
+    params: Params, cfg: ModelConfig, tc: ThoughtConfig, key: jax.Array, h: jax.Array
+) -> jax.Array:
+    """The next thought token from the previous step's hidden `[B, hidden]` -> `[B]`:
+    plain LM logits with the thought ids masked, argmax (tc.sampling == "greedy") or a
+    sample at tc.thought_temperature."""
+    r = mask_thought_logits(model.logits_from_hidden(params, cfg, h), tc)
+    if tc.sampling == "greedy":
+        return jnp.argmax(r, axis=-1).astype(jnp.int32)
+    return jax.random.categorical(key, r / tc.thought_temperature, axis=-1).astype(jnp.int32)
+
+
+def _token_key(rng: jax.Array, t: jax.Array | int) -> jax.Array:
+    return jax.random.fold_in(rng, t)
+
+
+def _mask_real_logits(logits: jax.Array, tc: ThoughtConfig | None) -> jax.Array:
+    return logits if tc is None else mask_thought_logits(logits, tc)
+
+
+# --------------------------------------------------------------------------- inputs
+
+
+def left_pad(
+    prompts: Sequence[Sequence[int]], pad_id: int, multiple: int = 1
+) -> tuple[np.ndarray, np.ndarray]:
+    """Left-pad token-id lists to one length (rounded up to `multiple`).
+
+    Returns (ids int32 `[B, P]`, mask int32 `[B, P]`, 1 on real tokens).
+    """
+    if len(prompts) == 0:
+        raise ValueError("no prompts given")
+    lens = [len(p) for p in prompts]
+    if min(lens) == 0:
+        raise ValueError(f"prompt {lens.index(0)} is empty: every prompt needs at least one token")
+    width = -(-max(lens) // multiple) * multiple
+    ids = np.full((len(prompts), width), pad_id, np.int32)
+    mask = np.zeros((len(prompts), width), np.int32)
+    for b, p in enumerate(prompts):
+        ids[b, width - len(p):] = np.asarray(p, np.int32)
+        mask[b, width - len(p):] = 1
+    return ids, mask
+
+
+def _check_args(
+    cfg: ModelConfig,
+    tc: ThoughtConfig | None,
+    think: bool,
+    ids: np.ndarray,
+    max_new_tokens: int,
+) -> None:
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens={max_new_tokens}: must be >= 1")
+    if ids.min() < 0 or ids.max() >= cfg.vocab_size:
+        raise ValueError(f"prompt token ids must be in [0, {cfg.vocab_size}), got "
+                         f"[{int(ids.min())}, {int(ids.max())}]")
+    if think:
+        if tc is None:
+            raise ValueError("thinking generation needs a ThoughtConfig (or think=False)")
+        tc.check_token_ids(cfg.vocab_size)
+
+
+def _finish(
+    toks: jax.Array, eos_id: int | None, pad_id: int
+) -> tuple[jax.Array, jax.Array]:
+    """Replace everything after a row's first eos by pad; lengths up to that eos."""
+    n = toks.shape[1]
+    if eos_id is None:
+        return toks, jnp.full((toks.shape[0],), n, jnp.int32)
+    is_eos = toks == eos_id
+    after = (jnp.cumsum(is_eos, axis=1) - is_eos) > 0  # strictly after the first eos
+    lengths = jnp.where(is_eos.any(axis=1), jnp.argmax(is_eos, axis=1) + 1, n)
+    return jnp.where(after, pad_id, toks), lengths.astype(jnp.int32)
+
+
+# --------------------------------------------------------------------------- cached
+
+
+def _window_ok(q_pos: jax.Array, k_pos: jax.Array, cfg: ModelConfig) -> jax.Array:
+    """Sliding-window visibility of keys at k_pos from queries at q_pos (broadcast)."""
+    if cfg.sliding_window is None:
+        return jnp.ones(jnp.broadcast_shapes(q_pos.shape, k_pos.shape), bool)
+    return (q_pos - k_pos) < cfg.sliding_window
+
+
+def think_at_last(
+    params: Params,
+    cfg: ModelConfig,
+    tc: ThoughtConfig,
+    cache: KV,
+    cache_valid: jax.Array,
+    cache_pos: jax.Array,
+    h_last: jax.Array,
+    pos_last: jax.Array,
+    key: jax.Array,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Think at each row's last real token and return the mixed prediction.
+
+    cache: KV `[layers, B, M, kv_heads, head_dim]` of the real tokens; cache_valid
+    `[B, M]` bool; cache_pos `[B, M]` their position ids; h_last `[B, hidden]` the last
+    real token's base hidden; pos_last `[B]` its position id; key: this token's key.
+    Returns (mixed logits `[B, vocab]` float32, thought tokens `[B, n_ahead - 3]`,
+    mixing weight `[B]`).
+    """
+    b = h_last.shape[0]
+    dt = cfg.compute_dtype
+    own: list[KV] = []
+    toks = []
+    prev = None
+    for s in range(1, tc.n_ahead):
+        if s == 1:
+            emb = jnp.broadcast_to(thought_embedding(params, tc, "start_emb"), (b, cfg.hidden_size))
+        elif s <= tc.n_ahead - 2:
+            tok = sample_thought_token(params, cfg, tc, jax.random.fold_in(key, s), prev)
+            toks.append(tok)
+            emb = model.embed_tokens(params, cfg, tok)
+        else:
+            emb = jnp.broadcast_to(thought_embedding(params, tc, "end_emb"), (b, cfg.hidden_size))
+        q_pos = pos_last + s  # [B]
+        ctx_mask = cache_valid & _window_ok(q_pos[:, None], cache_pos, cfg)
+        own_mask = _window_ok(jnp.asarray(s), jnp.arange(1, s + 1), cfg)
+        own_mask = jnp.broadcast_to(own_mask[None, None, :], (b, 1, s))
+        h, kv = model.decoder(
+            params, cfg, emb[:, None, :].astype(dt), q_pos[:, None],
+            ctx=(cache, ctx_mask[:, None, :]), own=(tuple(own), own_mask),
+        )
+        own.append(kv)
+        prev = h[:, 0]
+    mixed, w = mixed_hidden(params, tc, h_last[:, None, :], prev[:, None, :], tc.n_ahead - 1)
+    logits = model.logits_from_hidden(params, cfg, mixed[:, 0])
+    thoughts = jnp.stack(toks, axis=1) if toks else jnp.zeros((b, 0), jnp.int32)
+    return logits, thoughts, w[:, 0]
+
+
+def _append_token(
+    params: Params,
+    cfg: ModelConfig,
+    cache: KV,
+    cache_valid: jax.Array,
+    cache_pos: jax.Array,
+    tok: jax.Array,
+    pos: jax.Array,
+    slot: jax.Array,
+) -> tuple[jax.Array, KV, jax.Array, jax.Array]:
+    """Run real token `tok` `[B]` at position `pos` `[B]` against the cache and write its
+    KV into `slot`. Returns (its hidden `[B, hidden]`, cache, cache_valid, cache_pos)."""
+    ctx_mask = cache_valid & _window_ok(pos[:, None], cache_pos, cfg)
+    emb = model.embed_tokens(params, cfg, tok[:, None])
+    h, kv = model.decoder(params, cfg, emb, pos[:, None], ctx=(cache, ctx_mask[:, None, :]))
+    zero = jnp.zeros((), jnp.int32)
+    start = (zero, zero, slot, zero, zero)
+    cache = KV(
+        jax.lax.dynamic_update_slice(cache.k, kv.k.astype(cache.k.dtype), start),
+        jax.lax.dynamic_update_slice(cache.v, kv.v.astype(cache.v.dtype), start),
+    )
+    cache_valid = jax.lax.dynamic_update_slice(
+        cache_valid, jnp.ones((tok.shape[0], 1), bool), (zero, slot))
+    cache_pos = jax.lax.dynamic_update_slice(cache_pos, pos[:, None], (zero, slot))
+    return h[:, 0], cache, cache_valid, cache_pos
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "tc", "sc", "max_new_tokens", "think",
+                                             "eos_id", "pad_id"))
+def _generate_cached(
+    params: Params,
+    ids: jax.Array,
+    mask: jax.Array,
+    rng: jax.Array,
+    *,
+    cfg: ModelConfig,
+    tc: ThoughtConfig | None,
+    sc: SamplingConfig,
+    max_new_tokens: int,
+    think: bool,
+    eos_id: int | None,
+    pad_id: int,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    b, p = ids.shape
+    n = max_new_tokens
+    n_thought = tc.num_sampled if think else 0
+    positions = model.default_positions(mask)
+    h, kv = model.forward(params, cfg, ids, mask, positions)
+    pad_kv = [(0, 0), (0, 0), (0, n), (0, 0), (0, 0)]
+    cache = KV(jnp.pad(kv.k, pad_kv), jnp.pad(kv.v, pad_kv))
+    cache_valid = jnp.concatenate([mask.astype(bool), jnp.zeros((b, n), bool)], axis=1)
+    cache_pos = jnp.concatenate([positions, jnp.zeros((b, n), positions.dtype)], axis=1)
+    out_tok = jnp.full((b, n), pad_id, jnp.int32)
+    out_thought = jnp.zeros((b, n, n_thought), jnp.int32)
+    out_w = jnp.zeros((b, n), jnp.float32)
+    done = jnp.zeros((b,), bool)
+
+    def cond(state):
+        t, *_, done = state
+        return (t < n) & ~jnp.all(done)
+
+    def body(state):
+        t, cache, valid, cpos, h_last, pos_last, out_tok, out_thought, out_w, done = state
+        key = _token_key(rng, t)
+        if think:
+            logits, thought, w = think_at_last(
+                params, cfg, tc, cache, valid, cpos, h_last, pos_last, key)
+            out_thought = out_thought.at[:, t].set(thought)
+            out_w = out_w.at[:, t].set(w)
+        else:
+            logits = model.logits_from_hidden(params, cfg, h_last)
+        tok = sample_token(jax.random.fold_in(key, 0), _mask_real_logits(logits, tc), sc)
+        out_tok = out_tok.at[:, t].set(tok)
+        if eos_id is not None:
+            done = done | (tok == eos_id)
+        pos_new = pos_last + 1
+        h_new, cache, valid, cpos = _append_token(
+            params, cfg, cache, valid, cpos, tok, pos_new, p + t)
+        return t + 1, cache, valid, cpos, h_new, pos_new, out_tok, out_thought, out_w, done
+
+    state = (jnp.zeros((), jnp.int32), cache, cache_valid, cache_pos, h[:, -1], positions[:, -1],
+             out_tok, out_thought, out_w, done)
+    state = jax.lax.while_loop(cond, body, state)
+    return state[6], state[7], state[8]
+
+
+def generate(
+    params: Params,
+    cfg: ModelConfig,
+    tc: ThoughtConfig | None,
+    prompts: Sequence[Sequence[int]],
+    *,
+    max_new_tokens: int,
+    rng: jax.Array | None = None,
+    think: bool = True,
+    greedy: bool = False,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    eos_token_id: int | None = -1,
+    pad_token_id: int | None = None,
+    return_thoughts: bool = False,
+    pad_to_multiple: int = 16,
+) -> Generation:
+    """Cached generation, with thoughts (`think=True`) or as the plain base LM.
+
+    prompts: B token-id lists of any lengths >= 1 (left-padded here to a multiple of
+      `pad_to_multiple`, so that nearby lengths share one compiled program).
+    rng: key of all sampling (thoughts and real tokens); required unless everything is
+      greedy (`greedy=True` and, when thinking, `tc.sampling == "greedy"`).
+    greedy / temperature / top_p: how real tokens are drawn (see `SamplingConfig`);
+      thought tokens follow `tc.sampling` and `tc.thought_temperature`.
+    eos_token_id: stop a row after it (default -1: cfg.eos_token_id; None: never stop).
+    pad_token_id: fills the prompt padding and the tokens after eos (default
+      tc.pad_token_id, else eos, else 0).
+    Returns a `Generation` (thoughts and mixing weights only with return_thoughts).
+    """
+    sc = SamplingConfig(greedy=greedy, temperature=temperature, top_p=top_p)
+    eos_id = cfg.eos_token_id if eos_token_id == -1 else eos_token_id
+    pad_id = _pad_id(tc, eos_id, pad_token_id)
+    ids, mask = left_pad(prompts, pad_id, pad_to_multiple)
+    _check_args(cfg, tc, think, ids, max_new_tokens)
+    rng = _need_rng(rng, sc, tc, think)
+    toks, thoughts, w = _generate_cached(
+        params, jnp.asarray(ids), jnp.asarray(mask), rng, cfg=cfg,
+        tc=tc if (think or tc is None) else _mask_only(tc), sc=sc,
+        max_new_tokens=max_new_tokens, think=think, eos_id=eos_id, pad_id=pad_id)
+    toks, lengths = _finish(toks, eos_id, pad_id)
+    keep = think and return_thoughts
+    return Generation(toks, lengths, thoughts if keep else None, w if keep else None)
+
+
+def _pad_id(tc: ThoughtConfig | None, eos_id: int | None, pad_token_id: int | None) -> int:
+    if pad_token_id is not None:
+        return pad_token_id
+    if tc is not None and tc.pad_token_id is not None:
+        return tc.pad_token_id
+    return eos_id if eos_id is not None else 0
+
+
+def _mask_only(tc: ThoughtConfig) -> ThoughtConfig | None:
+    """Without thinking only the thought ids matter (to mask them); None if unset."""
+    if tc.start_token_id is None or tc.end_token_id is None:
+        return None
+    return tc
+
+
+def _need_rng(
+    rng: jax.Array | None, sc: SamplingConfig, tc: ThoughtConfig | None, think: bool
+) -> jax.Array:
+    deterministic = sc.greedy and (not think or tc.sampling == "greedy" or tc.num_sampled == 0)
+    if rng is None:
+        if not deterministic:
+            raise ValueError("sampling needs an rng (pass rng=jax.random.key(seed), or use "
+                             "greedy=True and ThoughtConfig(sampling='greedy'))")
+        rng = jax.random.key(0)
+    return rng
+
+
+# --------------------------------------------------------------------------- reference
+
+
+def _last_mixed_logits(
+    params: Params, cfg: ModelConfig, tc: ThoughtConfig, ro: Any, last: jax.Array
+) -> tuple[jax.Array, jax.Array]:
+    """Mixed logits `[B, vocab]` and weight `[B]` at index `last` after the end step."""
+    base = jax.lax.dynamic_index_in_dim(ro.base_hidden, last, axis=1, keepdims=True)
+    end = jax.lax.dynamic_index_in_dim(ro.step_hidden[-1], last, axis=1, keepdims=True)
+    mixed, w = mixed_hidden(params, tc, base, end, tc.n_ahead - 1)
+    return model.logits_from_hidden(params, cfg, mixed[:, 0]), w[:, 0]
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "tc", "sc", "max_new_tokens", "think",
+                                             "exact_rng"))
+def _generate_recompute(
+    params: Params,
+    ids: jax.Array,
+    mask: jax.Array,
+    rng: jax.Array,
+    *,
+    cfg: ModelConfig,
+    tc: ThoughtConfig | None,
+    sc: SamplingConfig,
+    max_new_tokens: int,
+    think: bool,
+    exact_rng: bool,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    b, p = ids.shape
+    n = max_new_tokens
+    n_thought = tc.num_sampled if think else 0
+    buf = jnp.concatenate([ids, jnp.zeros((b, n), ids.dtype)], axis=1)
+    bmask = jnp.concatenate([mask, jnp.zeros((b, n), mask.dtype)], axis=1)
+    out_thought = jnp.zeros((b, n, n_thought), jnp.int32)
+    out_w = jnp.zeros((b, n), jnp.float32)
+
+    def body(t, state):
+        buf, bmask, out_thought, out_w = state
+        key = _token_key(rng, t)
+        last = p + t - 1  # index of the newest real token; later slots are masked out
+        if not think:
+            h, _ = model.forward(params, cfg, buf, bmask)
+            hl = jax.lax.dynamic_index_in_dim(h, last, axis=1, keepdims=False)
+            logits = model.logits_from_hidden(params, cfg, hl)
+        elif not exact_rng:
+            # The authors' way: one rollout in which every position thinks.
+            ro = rollout(params, cfg, tc, buf, bmask, jax.random.fold_in(key, 1),
+                         num_steps=tc.n_ahead - 1)
+            logits, w = _last_mixed_logits(params, cfg, tc, ro, last)
+            thought = jax.lax.dynamic_index_in_dim(ro.thought_tokens, last, axis=2,
+                                                   keepdims=False).T
+            out_thought = out_thought.at[:, t].set(thought)
+            out_w = out_w.at[:, t].set(w)
+        else:
+            # Same computation, but each thought token is drawn from the last position's
+            # [B, vocab] logits with the cached generator's key: one rollout per step.
+            fed = jnp.zeros((tc.num_sampled,) + buf.shape, jnp.int32)
+            for s in range(2, tc.n_ahead - 1):
+                ro = rollout(params, cfg, tc, buf, bmask, None, fed, num_steps=s - 1)
+                h = jax.lax.dynamic_index_in_dim(ro.step_hidden[-1], last, axis=1,
+                                                 keepdims=False)
+                tok = sample_thought_token(params, cfg, tc, jax.random.fold_in(key, s), h)
+                fed = jax.lax.dynamic_update_slice(
+                    fed, tok[None, :, None], (s - 2, 0, last))
+            ro = rollout(params, cfg, tc, buf, bmask, None, fed, num_steps=tc.n_ahead - 1)
+            logits, w = _last_mixed_logits(params, cfg, tc, ro, last)
+            thought = jax.lax.dynamic_index_in_dim(fed, last, axis=2, keepdims=False).T
+            out_thought = out_thought.at[:, t].set(thought)
+            out_w = out_w.at[:, t].set(w)
+        tok = sample_token(jax.random.fold_in(key, 0), _mask_real_logits(logits, tc), sc)
+        buf = jax.lax.dynamic_update_slice(buf, tok[:, None].astype(buf.dtype), (0, p + t))
+        bmask = jax.lax.dynamic_update_slice(bmask, jnp.ones((b, 1), bmask.dtype), (0, p + t))
+        return buf, bmask, out_thought, out_w
+
+    buf, _, out_thought, out_w = jax.lax.fori_loop(0, n, body, (buf, bmask, out_thought, out_w))
+    return buf[:, p:].astype(jnp.int32), out_thought, out_w
+
+
+def generate_recompute(
+    params: Params,
+    cfg: ModelConfig,
+    tc: ThoughtConfig | None,
+    prompts: Sequence[Sequence[int]],
+    *,
+    max_new_tokens: int,
+    rng: jax.Array | None = None,
+    think: bool = True,
+    greedy: bool = False,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    eos_token_id: int | None = -1,
+    pad_token_id: int | None = None,
+    exact_rng: bool = True,
+    pad_to_multiple: int = 16,
+) -> Generation:
+    """Reference generator that recomputes the whole sequence for every new token.
+
+    Arguments as `generate`. Each new token runs `thoughts.rollout` over the full
+    buffer `[B, P + max_new_tokens]` (slots not generated yet are masked out, so they
+    change nothing) and samples from the last real position's mixed logits.
+    exact_rng=False: one rollout per token, thoughts sampled by the rollout itself at
+      every position (the authors' approach); equals `generate` token for token only
+      when thought sampling is greedy.
+    exact_rng=True: thought tokens are drawn one step at a time from the last
+      position's logits with `generate`'s keys (n_ahead - 2 rollouts per token), so the
+      same rng gives the same tokens as `generate` in sample mode too.
+    Thoughts and mixing weights are always returned when thinking.
+    """
+    sc = SamplingConfig(greedy=greedy, temperature=temperature, top_p=top_p)
+    eos_id = cfg.eos_token_id if eos_token_id == -1 else eos_token_id
+    pad_id = _pad_id(tc, eos_id, pad_token_id)
+    ids, mask = left_pad(prompts, pad_id, pad_to_multiple)
+    _check_args(cfg, tc, think, ids, max_new_tokens)
+    rng = _need_rng(rng, sc, tc, think)
+    toks, thoughts, w = _generate_recompute(
+        params, jnp.asarray(ids), jnp.asarray(mask), rng, cfg=cfg,
+        tc=tc if (think or tc is None) else _mask_only(tc), sc=sc,
+        max_new_tokens=max_new_tokens, think=think, exact_rng=exact_rng)
+    toks, lengths = _finish(toks, eos_id, pad_id)
+    return Generation(toks, lengths, thoughts if think else None, w if think else None)
+
+
+# --------------------------------------------------------------------------- text
+
+
+def generate_text(
+    params: Params,
+    cfg: ModelConfig,
+    tc: ThoughtConfig | None,
+    tokenizer: Any,
+    texts: Sequence[str],
+    **kwargs: Any,
+) -> list[dict[str, Any]]:
+    """`generate` on strings: each text is encoded with the tokenizer's special tokens
+    (BOS); returns per text {"prompt", "completion", "tokens", and with
+    return_thoughts=True "thoughts": one decoded thought string per new token,
+    "mixing_weights"}."""
+    if isinstance(texts, str):
+        raise TypeError("texts must be a list of strings, not one string")
+    prompts = [tokenizer(t)["input_ids"] for t in texts]
+    gen = generate(params, cfg, tc, prompts, **kwargs)
+    toks = np.asarray(gen.tokens)
+    lengths = np.asarray(gen.lengths)
+    out = []
+    for i, text in enumerate(texts):
+        new = toks[i, : lengths[i]].tolist()
+        item: dict[str, Any] = {"prompt": text, "tokens": new,
+                                "completion": tokenizer.decode(new, skip_special_tokens=True)}
+        if gen.thoughts is not None:
+            th = np.asarray(gen.thoughts)[i, : lengths[i]]
+            item["thoughts"] = [tokenizer.decode(row.tolist()) for row in th]
+            item["mixing_weights"] = np.asarray(gen.mixing_weights)[i, : lengths[i]].tolist()
+        out.append(item)
+    return out
