@@ -77,7 +77,9 @@ _DEFAULT_ROPE_THETA = 10000.0
 
 PathLike = str | os.PathLike
 Sharding = jax.sharding.Sharding
-ShardingSpec = Any  # a pytree of Sharding shaped like params, or Callable[[path, shape], Sharding]
+# One Sharding for all params, a pytree of them shaped like params, or
+# Callable[[path: tuple[str, ...], shape: tuple[int, ...]], Sharding].
+ShardingSpec = Any
 
 
 # --------------------------------------------------------------------------- config
@@ -511,18 +513,20 @@ def _grow_rows(arr: np.ndarray, n_old: int, axis: int) -> None:
     """Fill entries `n_old:` of `arr` along `axis` with the mean of the first `n_old`."""
     if arr.shape[axis] == n_old:
         return
-    old = np.take(arr, np.arange(n_old), axis=axis)
-    mean = old.astype(np.float32).mean(axis=axis, keepdims=True).astype(arr.dtype)
-    index = [slice(None)] * arr.ndim
-    index[axis] = slice(n_old, None)
-    arr[tuple(index)] = mean
+    old = [slice(None)] * arr.ndim
+    old[axis] = slice(0, n_old)  # a view: no copy of the table
+    mean = arr[tuple(old)].mean(axis=axis, keepdims=True, dtype=np.float32)
+    new = [slice(None)] * arr.ndim
+    new[axis] = slice(n_old, None)
+    arr[tuple(new)] = mean.astype(arr.dtype)
 
 
 def _resolve_sharding(sharding: ShardingSpec, path: tuple[str, ...],
                       shape: tuple[int, ...]) -> Sharding | None:
-    """The Sharding of one param: looked up in a pytree, or asked of a callable."""
-    if sharding is None:
-        return None
+    """The Sharding of one param: one for all, looked up in a pytree, or asked of a
+    callable `(path, shape) -> Sharding`."""
+    if sharding is None or isinstance(sharding, jax.sharding.Sharding):
+        return sharding
     if callable(sharding) and not isinstance(sharding, Mapping):
         return sharding(path, shape)
     node: Any = sharding
@@ -540,10 +544,43 @@ def _place(arr: np.ndarray, sharding: Sharding | None) -> jax.Array:
     return jax.make_array_from_callback(arr.shape, sharding, lambda idx: arr[idx])
 
 
+def _has_thought_tensors(ckpt: _Checkpoint) -> bool:
+    """Whether the checkpoint holds the authors' thought tensors (all or none)."""
+    found = [k for k in AUTHORS_THOUGHT_KEYS if k in ckpt.key_file]
+    if found and len(found) != len(AUTHORS_THOUGHT_KEYS):
+        missing = [k for k in AUTHORS_THOUGHT_KEYS if k not in ckpt.key_file]
+        raise KeyError(f"{ckpt.source}: incomplete Quiet-STaR thought tensors: has {found} but "
+                       f"lacks {missing}")
+    return bool(found)
+
+
+def _slot(spec: TensorSpec, file_vocab: int) -> tuple[Any, ...]:
+    """Where a converted tensor goes in its param's host array."""
+    if spec.dest == ("embed",):
+        return (slice(0, file_vocab),)
+    if spec.dest == ("lm_head",):
+        return (slice(None), slice(0, file_vocab))
+    return (...,) if spec.layer is None else (spec.layer,)
+
+
+def _build_param(ckpt: _Checkpoint, group: list[TensorSpec], shape: tuple[int, ...],
+                 dtype: np.dtype, file_vocab: int) -> np.ndarray:
+    """One param on the host: its tensors read one at a time, converted to our layout
+    and written into a preallocated array; grown vocab rows set to the mean row."""
+    arr = np.empty(shape, dtype)
+    for s in group:
+        arr[_slot(s, file_vocab)] = s.to_ours(ckpt.get(s.key))
+    if group[0].dest == ("embed",):
+        _grow_rows(arr, file_vocab, axis=0)
+    elif group[0].dest == ("lm_head",):
+        _grow_rows(arr, file_vocab, axis=1)
+    return arr
+
+
 def has_authors_thought_params(path: PathLike) -> bool:
     """Whether the checkpoint at `path` holds the authors' thought tensors."""
     with contextlib.ExitStack() as stack:
-        return "start_embedding" in _Checkpoint(Path(path), stack).key_file
+        return _has_thought_tensors(_Checkpoint(Path(path), stack))
 
 
 def load_params(
@@ -559,9 +596,10 @@ def load_params(
     Reads `model.safetensors` or the shards of `model.safetensors.index.json`, one
     tensor at a time, into one preallocated host array per param (layers stacked on
     axis 0), cast to `dtype` (default `cfg.param_dtype`). Each finished array goes to
-    the device(s) before the next is built: with `sharding` (a pytree of
-    `jax.sharding.Sharding` shaped like the params, or a callable
-    `(path: tuple[str, ...], shape) -> Sharding`) by `jax.make_array_from_callback`.
+    the device(s) before the next is built: with `sharding` (one
+    `jax.sharding.Sharding` for all, a pytree of them shaped like the params, or a
+    callable `(path: tuple[str, ...], shape) -> Sharding`, path e.g. `("layers", "q")`)
+    by `jax.make_array_from_callback`, so each device receives only its slice.
 
     When the file holds the authors' thought tensors, they are loaded too, into
     `params["thought"]`. With `vocab_size` larger than `cfg.vocab_size`, `embed` and
@@ -578,14 +616,8 @@ def load_params(
                          f"{cfg.vocab_size}; shrinking is not supported")
     with contextlib.ExitStack() as stack:
         ckpt = _Checkpoint(path, stack)
-        present = set(ckpt.key_file)
-        thought_keys = [k for k in AUTHORS_THOUGHT_KEYS if k in present]
-        if thought_keys and len(thought_keys) != len(AUTHORS_THOUGHT_KEYS):
-            missing = [k for k in AUTHORS_THOUGHT_KEYS if k not in present]
-            raise KeyError(f"{ckpt.source}: incomplete Quiet-STaR thought tensors: has "
-                           f"{thought_keys} but lacks {missing}")
-        thought = bool(thought_keys)
-        specs = tensor_specs(cfg, thought=thought, prefix=_checkpoint_prefix(present))
+        thought = _has_thought_tensors(ckpt)
+        specs = tensor_specs(cfg, thought=thought, prefix=_checkpoint_prefix(set(ckpt.key_file)))
         _check_keys(ckpt, specs, cfg)
         shapes = _dest_shapes(cfg.replace(vocab_size=new_vocab), thought)
         by_dest: dict[tuple[str, ...], list[TensorSpec]] = {}
@@ -593,21 +625,7 @@ def load_params(
             by_dest.setdefault(s.dest, []).append(s)
         params: Params = {}
         for dest, group in by_dest.items():
-            arr = np.empty(shapes[dest], np_dtype)
-            for s in group:
-                value = s.to_ours(ckpt.get(s.key))
-                if dest in (("embed",), ("lm_head",)):
-                    index = (slice(0, cfg.vocab_size),) if dest == ("embed",) else (
-                        slice(None), slice(0, cfg.vocab_size))
-                    arr[index] = value
-                elif s.layer is None:
-                    arr[...] = value
-                else:
-                    arr[s.layer] = value
-            if dest == ("embed",):
-                _grow_rows(arr, cfg.vocab_size, axis=0)
-            elif dest == ("lm_head",):
-                _grow_rows(arr, cfg.vocab_size, axis=1)
+            arr = _build_param(ckpt, group, shapes[dest], np_dtype, cfg.vocab_size)
             _set(params, dest, _place(arr, _resolve_sharding(sharding, dest, arr.shape)))
             del arr
     return params
@@ -753,6 +771,7 @@ def load_pretrained(
     add_thought_tokens: bool = True,
     rng: jax.Array | None = None,
     init_token_id: int | None = None,
+    embedding_scale: float = 100.0,
     **overrides: Any,
 ) -> tuple[ModelConfig, Params, Any | None]:
     """(config, params, tokenizer) of a Hugging Face checkpoint directory.
@@ -762,9 +781,10 @@ def load_pretrained(
     (None when the directory has none) gets the two thought tokens and the vocab
     grows to fit them (new rows = mean row). `params["thought"]` is loaded from the
     authors' layout when the file has it, else (with `add_thought_tokens`)
-    initialised by `init_thought_params` from the first token of "---", or from
-    `init_token_id` when there is no tokenizer. With `add_thought_tokens=False` the
-    tokenizer and vocab are left alone and no thought params are created.
+    initialised by `init_thought_params` from the row of the first token of "---"
+    (or of `init_token_id` when there is no tokenizer), divided by `embedding_scale`.
+    With `add_thought_tokens=False` the tokenizer and vocab are left alone and no
+    thought params are created.
     `sharding`: see `load_params` (it addresses the final, grown params).
     """
     path = Path(path)
@@ -793,7 +813,7 @@ def load_pretrained(
             raise ValueError(f"init_token_id={init_token_id} is outside the vocab "
                              f"[0, {cfg.vocab_size})")
         rng = jax.random.PRNGKey(0) if rng is None else rng
-        thought = init_thought_params(params, cfg, rng, init_token_id)
+        thought = init_thought_params(params, cfg, rng, init_token_id, embedding_scale)
         params["thought"] = {}
         for p, leaf in _flatten(thought):
             dest = ("thought",) + p

@@ -1,0 +1,83 @@
+"""Shared test helpers: the `../shared` data folder and tiny Hugging Face checkpoints."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+# Data and fixtures live next to the repository, never inside it.
+SHARED = REPO_ROOT.parent / "shared"
+
+
+def shared_path(*parts: str) -> Path:
+    """A path under `../shared`; skips the calling test when it is absent."""
+    path = SHARED.joinpath(*parts)
+    if not path.exists():
+        pytest.skip(f"shared data {path} is not available (expected the project's shared/ "
+                    f"folder next to the repository, at {SHARED})")
+    return path
+
+
+@pytest.fixture
+def shared() -> Callable[..., Path]:
+    """`shared("data", "stories260K-hf")` -> path, or skip when absent."""
+    return shared_path
+
+
+TINY_HF = dict(
+    vocab_size=97,
+    hidden_size=32,
+    intermediate_size=48,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=128,
+    rms_norm_eps=1e-5,
+)
+
+
+def tiny_hf_model(model_type: str, seed: int = 0, **overrides: Any) -> Any:
+    """A tiny random float32 transformers `*ForCausalLM` (eager attention) whose
+    weights are scaled up so logits differ clearly between tokens: matrices
+    N(0, 0.15), norms 1 + N(0, 0.1), biases N(0, 0.1)."""
+    torch = pytest.importorskip("torch")
+    import transformers
+
+    classes = {
+        "llama": transformers.LlamaConfig,
+        "mistral": transformers.MistralConfig,
+        "qwen2": transformers.Qwen2Config,
+    }
+    config = classes[model_type](**{**TINY_HF, **overrides})
+    config._attn_implementation = "eager"
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager")
+    model = model.float().eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.copy_(1.0 + 0.1 * torch.randn_like(p))
+            elif name.endswith("bias"):
+                p.copy_(0.1 * torch.randn_like(p))
+            else:
+                p.copy_(0.15 * torch.randn_like(p))
+    return model
+
+
+@pytest.fixture
+def make_hf_checkpoint(tmp_path: Path) -> Callable[..., tuple[Any, Path]]:
+    """Factory: `make_hf_checkpoint("llama", name="ckpt", **config)` -> (torch model,
+    directory it was saved to with transformers' `save_pretrained`)."""
+
+    def make(model_type: str, name: str = "ckpt", seed: int = 0,
+             save_kwargs: dict[str, Any] | None = None, **overrides: Any) -> tuple[Any, Path]:
+        model = tiny_hf_model(model_type, seed=seed, **overrides)
+        path = tmp_path / name
+        model.save_pretrained(str(path), **(save_kwargs or {}))
+        return model, path
+
+    return make
