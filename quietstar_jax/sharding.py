@@ -1,31 +1,52 @@
-"""Device mesh and logical-axis sharding rules.
+"""Device mesh, logical-axis sharding rules, and activation constraints.
 
 The mesh has three named axes: `data` (pure data parallelism), `fsdp` (data
 parallelism with parameters and optimiser state sharded) and `tensor`
 (Megatron-style tensor parallelism: attention heads and the MLP hidden split).
 Every parameter carries logical axis names (`model.param_logical_axes`,
-`thoughts.thought_logical_axes`); `DEFAULT_RULES` maps them onto mesh axes.
+`thoughts.thought_logical_axes`); a rules table (`DEFAULT_RULES`) maps them onto
+mesh axes. The batch is split over `data` and `fsdp`.
+
+Activations are pinned with `constrain(x, logical_axes)`, which the model code can
+call unconditionally: it is a no-op unless a mesh is active (`use_mesh(mesh)`
+around tracing/calling the jitted step), so single-device code is unaffected.
+
+Typical use::
+
+    mesh = make_mesh(config.mesh)                       # e.g. (1, -1, 1): all FSDP
+    check_parallelism(mesh, cfg, global_batch)          # clear errors before compiling
+    axes = params_logical_axes(cfg)
+    params = sharded_init(lambda k: init(k), mesh, axes, rng)   # never whole on one device
+    p_sh = param_shardings(mesh, params, axes)
+    o_sh = state_shardings(mesh, jax.eval_shape(opt.init, params), axes)
+    with use_mesh(mesh):
+        step = jax.jit(update, in_shardings=(p_sh, o_sh, batch_sharding(mesh), ...), ...)
+        params, opt_state, metrics = step(params, opt_state, batch, ...)
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
-from collections.abc import Mapping, Sequence
-from typing import Any
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
-from quietstar_jax.model import ModelConfig, param_logical_axes
-from quietstar_jax.thoughts import thought_logical_axes
+if TYPE_CHECKING:  # model.py calls `constrain`, so this module must not import it eagerly
+    from quietstar_jax.model import ModelConfig
 
 MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
 
-# logical axis -> mesh axis (or None: replicated)
+Rules = Mapping[str, str | tuple[str, ...] | None]
+
+# logical axis -> mesh axis, tuple of mesh axes, or None (replicated)
 DEFAULT_RULES: dict[str, str | tuple[str, ...] | None] = {
-    "batch": BATCH_AXES,
+    # parameters
     "vocab": "tensor",
     "embed": "fsdp",
     "heads": "tensor",
@@ -36,11 +57,36 @@ DEFAULT_RULES: dict[str, str | tuple[str, ...] | None] = {
     "norm": None,
     "mix_in": None,
     "mix_out": None,
+    # activations
+    "batch": BATCH_AXES,
+    "seq": None,
+    "act_embed": None,  # the residual stream: replicated over `tensor` (Megatron)
+    "steps": None,  # the thought-step axis of stacked rollout outputs
+    "slots": None,
 }
 
+_RULES: contextvars.ContextVar[Rules] = contextvars.ContextVar(
+    "quietstar_sharding_rules", default=DEFAULT_RULES
+)
 
-def resolve_mesh_shape(shape: Sequence[int], num_devices: int) -> tuple[int, ...]:
-    """Replace one -1 in a (data, fsdp, tensor) shape by what the devices leave."""
+
+# --------------------------------------------------------------------------- the mesh
+
+
+def resolve_mesh_shape(shape: Sequence[int] | Mapping[str, int], num_devices: int) -> tuple[
+        int, int, int]:
+    """Replace one -1 in a (data, fsdp, tensor) shape by what the devices leave.
+
+    `shape` is a sequence in `MESH_AXES` order or a mapping axis -> size (missing
+    axes are 1). Raises ValueError, naming the numbers, when the product is not
+    `num_devices`.
+    """
+    if isinstance(shape, Mapping):
+        unknown = set(shape) - set(MESH_AXES)
+        if unknown:
+            raise ValueError(f"mesh shape {dict(shape)}: unknown axes {sorted(unknown)}; "
+                             f"the axes are {MESH_AXES}")
+        shape = tuple(shape.get(a, 1) for a in MESH_AXES)
     shape = tuple(int(s) for s in shape)
     if len(shape) != len(MESH_AXES):
         raise ValueError(f"mesh shape {shape} must have {len(MESH_AXES)} entries {MESH_AXES}")
@@ -60,34 +106,77 @@ def resolve_mesh_shape(shape: Sequence[int], num_devices: int) -> tuple[int, ...
             f"mesh shape {dict(zip(MESH_AXES, shape, strict=True))} has "
             f"{math.prod(shape)} devices but JAX sees {num_devices}"
         )
-    return shape
+    return shape  # type: ignore[return-value]
 
 
-def make_mesh(shape: Sequence[int] = (1, -1, 1), devices: Sequence[Any] | None = None) -> Mesh:
-    """A (data, fsdp, tensor) mesh over `devices` (default: all devices JAX sees)."""
+def _device_array(shape: tuple[int, ...], devices: list[Any]) -> np.ndarray:
+    """Devices arranged as `shape`, topology-aware where JAX knows the topology.
+
+    Several TPU slices (devices with distinct `slice_index`) put the slow
+    inter-slice network on `data`. Otherwise `mesh_utils.create_device_mesh`
+    orders a TPU/GPU host's devices for fast collectives; on CPUs (no physical
+    topology) devices stay in `jax.devices()` order, process-major, so each
+    process owns a contiguous block of the batch.
+    """
+    from jax.experimental import mesh_utils
+
+    slices = {getattr(d, "slice_index", 0) for d in devices}
+    if len(slices) > 1:
+        n = len(slices)
+        if shape[0] % n:
+            raise ValueError(
+                f"mesh shape {shape}: the data axis {shape[0]} must be a multiple of the "
+                f"number of TPU slices {n} (the slices are joined over data)"
+            )
+        return mesh_utils.create_hybrid_device_mesh(
+            (shape[0] // n, *shape[1:]), (n, 1, 1), devices
+        )
+    if devices[0].platform == "cpu":
+        return np.asarray(devices, dtype=object).reshape(shape)
+    try:
+        return mesh_utils.create_device_mesh(shape, devices)
+    except (ValueError, NotImplementedError, AssertionError):
+        return np.asarray(devices, dtype=object).reshape(shape)
+
+
+def make_mesh(
+    shape: Sequence[int] | Mapping[str, int] = (1, -1, 1),
+    devices: Sequence[Any] | None = None,
+) -> Mesh:
+    """A (data, fsdp, tensor) mesh over `devices` (default: every device of every process).
+
+    `shape` may hold one -1 ("the rest"). Axis types are Auto: shardings are given
+    by `in_shardings`/`out_shardings` and `constrain`, and XLA propagates the rest.
+    """
     devices = list(jax.devices() if devices is None else devices)
     shape = resolve_mesh_shape(shape, len(devices))
-    try:
-        dev_array = jax.experimental.mesh_utils.create_device_mesh(shape, devices)
-    except Exception:  # noqa: BLE001 - e.g. CPU devices without a physical topology
-        dev_array = np.asarray(devices).reshape(shape)
-    return Mesh(dev_array, MESH_AXES)
+    return Mesh(_device_array(shape, devices), MESH_AXES,
+                axis_types=(AxisType.Auto,) * len(MESH_AXES))
+
+
+# --------------------------------------------------------------------------- rules
 
 
 def logical_to_spec(
     logical: Sequence[str | None],
     shape: Sequence[int],
-    mesh: Mesh,
-    rules: Mapping[str, Any] = DEFAULT_RULES,
+    mesh: Mesh | jax.sharding.AbstractMesh,
+    rules: Rules | None = None,
 ) -> PartitionSpec:
-    """PartitionSpec of an array with these logical axes.
+    """PartitionSpec of an array of `shape` with these logical axes.
 
-    A dimension whose size the mesh axis does not divide stays replicated, and a
-    mesh axis is used at most once per array.
+    A dimension whose size its mesh axes do not divide stays replicated (e.g. a
+    vocabulary of 32002 on tensor=4), mesh axes of size 1 are dropped, and a mesh
+    axis is used at most once per array (first come, first served).
     """
+    rules = current_rules() if rules is None else rules
+    if len(logical) != len(shape):
+        raise ValueError(f"logical axes {tuple(logical)} do not match shape {tuple(shape)}")
     used: set[str] = set()
-    spec = []
+    spec: list[Any] = []
     for name, dim in zip(logical, shape, strict=True):
+        if name is not None and name not in rules:
+            raise ValueError(f"logical axis {name!r} has no sharding rule; known: {sorted(rules)}")
         target = rules.get(name) if name is not None else None
         names = (target,) if isinstance(target, str) else tuple(target or ())
         names = tuple(n for n in names if n not in used and mesh.shape[n] > 1)
@@ -97,11 +186,21 @@ def logical_to_spec(
             continue
         used.update(names)
         spec.append(names[0] if len(names) == 1 else names)
+    while spec and spec[-1] is None:
+        spec.pop()
     return PartitionSpec(*spec)
+
+
+def current_rules() -> Rules:
+    """The rules `constrain` and `logical_to_spec` use (set by `use_mesh`)."""
+    return _RULES.get()
 
 
 def params_logical_axes(cfg: ModelConfig, with_thought: bool = True) -> dict[str, Any]:
     """Logical axes of the full params pytree (model, and `thought` when present)."""
+    from quietstar_jax.model import param_logical_axes
+    from quietstar_jax.thoughts import thought_logical_axes
+
     axes = param_logical_axes(cfg)
     if with_thought:
         axes["thought"] = thought_logical_axes()
@@ -116,7 +215,7 @@ def param_shardings(
     mesh: Mesh,
     params: Any,
     logical_axes: Any,
-    rules: Mapping[str, Any] = DEFAULT_RULES,
+    rules: Rules | None = None,
 ) -> Any:
     """NamedShardings for `params` (arrays or ShapeDtypeStructs) from their logical axes."""
     return jax.tree.map(
@@ -127,19 +226,83 @@ def param_shardings(
     )
 
 
-def batch_sharding(mesh: Mesh) -> NamedSharding:
-    """Sharding of `[batch, seq]` arrays: batch split over data and fsdp."""
-    return NamedSharding(mesh, PartitionSpec(BATCH_AXES, None))
+def state_shardings(
+    mesh: Mesh,
+    abstract_state: Any,
+    logical_axes: Any,
+    rules: Rules | None = None,
+) -> Any:
+    """Shardings of an optimiser state (e.g. `jax.eval_shape(opt.init, abstract_params)`).
+
+    `logical_axes` is the params' logical-axes pytree (`params_logical_axes`). Every
+    subtree of the state shaped like the params (Adam's `mu` and `nu`, ...) is
+    sharded like the params, leaf by leaf where the leaf has the param's rank (a
+    factored statistic of another rank is replicated); every other leaf (step
+    counts, scalars) is replicated.
+    """
+    axes_leaves, axes_def = jax.tree.flatten(logical_axes, is_leaf=_is_axes)
+    rep = NamedSharding(mesh, PartitionSpec())
+
+    def like_params(node: Any) -> bool:
+        return len(axes_leaves) > 1 and jax.tree.structure(node) == axes_def
+
+    def shard(node: Any) -> Any:
+        if not like_params(node):
+            return rep
+        out = []
+        for leaf, axes in zip(jax.tree.leaves(node), axes_leaves, strict=True):
+            shape = tuple(leaf.shape)
+            ok = len(shape) == len(axes)
+            spec = logical_to_spec(axes, shape, mesh, rules) if ok else PartitionSpec()
+            out.append(NamedSharding(mesh, spec))
+        return jax.tree.unflatten(axes_def, out)
+
+    return jax.tree.map(shard, abstract_state, is_leaf=like_params)
+
+
+def sharded_init(
+    init_fn: Callable[..., Any],
+    mesh: Mesh,
+    logical_axes: Any,
+    *args: Any,
+    rules: Rules | None = None,
+) -> Any:
+    """Run `init_fn(*args)` under jit with its outputs sharded by `logical_axes`.
+
+    Each device computes and holds only its shard: the full pytree never exists on
+    one device or host. (Random init is sharding-independent with JAX's default
+    partitionable threefry, so any mesh gives the same values.)
+    """
+    abstract = jax.eval_shape(init_fn, *args)
+    out = param_shardings(mesh, abstract, logical_axes, rules)
+    with use_mesh(mesh, rules):
+        return jax.jit(init_fn, out_shardings=out)(*args)
+
+
+def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
+    """Sharding of `[batch, ...]` arrays (token ids, masks): batch split over data and fsdp."""
+    return NamedSharding(mesh, PartitionSpec(BATCH_AXES, *([None] * (ndim - 1))))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
+    """A fully replicated sharding on `mesh` (scalars, rng keys, metrics)."""
     return NamedSharding(mesh, PartitionSpec())
 
 
+def data_parallel_size(mesh: Mesh) -> int:
+    """How many ways the batch is split: data x fsdp."""
+    return int(mesh.shape["data"] * mesh.shape["fsdp"])
+
+
 def check_parallelism(mesh: Mesh, cfg: ModelConfig, global_batch: int) -> None:
-    """Raise, naming the numbers, if the batch or the heads cannot be split on `mesh`."""
-    dp = mesh.shape["data"] * mesh.shape["fsdp"]
-    if global_batch % dp:
+    """Raise, naming the numbers, if the batch or the heads cannot be split on `mesh`.
+
+    Call before compiling: a global batch not divisible by data x fsdp, or head
+    counts / MLP width not divisible by the tensor axis, would otherwise fail deep
+    inside XLA or silently replicate.
+    """
+    dp = data_parallel_size(mesh)
+    if global_batch < 1 or global_batch % dp:
         raise ValueError(
             f"global batch {global_batch} is not divisible by the data-parallel size "
             f"{dp} (data={mesh.shape['data']} x fsdp={mesh.shape['fsdp']})"
@@ -149,3 +312,54 @@ def check_parallelism(mesh: Mesh, cfg: ModelConfig, global_batch: int) -> None:
                     ("intermediate_size", cfg.intermediate_size)):
         if n % tp:
             raise ValueError(f"model {name}={n} is not divisible by the tensor axis size {tp}")
+
+
+def process_rows(sharding: jax.sharding.Sharding, global_batch: int) -> slice:
+    """The contiguous rows of a `[global_batch, ...]` array this process must supply.
+
+    Each process reads only these rows of every global batch and passes them to
+    `jax.make_array_from_process_local_data` (see `distributed.global_batch`).
+    """
+    idx = sharding.addressable_devices_indices_map((global_batch,))
+    rows = sorted({r for s in idx.values() for r in range(*s[0].indices(global_batch))})
+    if rows != list(range(rows[0], rows[-1] + 1)):
+        raise ValueError(
+            f"this process's batch rows {rows[0]}..{rows[-1]} are not contiguous on the mesh; "
+            "order the devices process-major (make_mesh does)"
+        )
+    return slice(rows[0], rows[-1] + 1)
+
+
+# --------------------------------------------------------------------------- activations
+
+
+@contextlib.contextmanager
+def use_mesh(mesh: Mesh, rules: Rules | None = None) -> Iterator[Mesh]:
+    """Make `mesh` (and `rules`) current, so `constrain` pins activations.
+
+    Trace, lower and call the jitted step inside this context; jit caches per mesh.
+    """
+    token = _RULES.set(DEFAULT_RULES if rules is None else rules)
+    try:
+        with jax.set_mesh(mesh):
+            yield mesh
+    finally:
+        _RULES.reset(token)
+
+
+def constrain(x: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:
+    """Pin `x`'s sharding by logical axis names; a no-op when no mesh is active.
+
+    E.g. hidden states `[batch, seq, hidden]` -> `("batch", "seq", "act_embed")`,
+    logits `[batch, seq, vocab]` -> `("batch", "seq", "vocab")`, keys
+    `[layers, batch, seq, kv_heads, head_dim]` -> `("layers", "batch", "seq",
+    "kv_heads", "head_dim")`. Safe inside jit, scan and grad.
+    """
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or not set(MESH_AXES) <= set(mesh.axis_names):
+        return x
+    if len(logical_axes) != x.ndim:
+        raise ValueError(f"constrain: logical axes {tuple(logical_axes)} do not match the "
+                         f"shape {tuple(x.shape)} of the array")
+    spec = logical_to_spec(logical_axes, x.shape, mesh)
+    return jax.lax.with_sharding_constraint(x, spec)
