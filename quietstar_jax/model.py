@@ -27,10 +27,15 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from quietstar_jax.sharding import constrain
+
 Params = dict[str, Any]
 
 MODEL_TYPES = ("llama", "mistral", "qwen2")
 _NEG_INF = -1e30
+# Logical axes of activations (see sharding.constrain; no-ops without an active mesh).
+HIDDEN_AXES = ("batch", "seq", "act_embed")
+KV_AXES = ("batch", "seq", "kv_heads", "head_dim")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -310,8 +315,9 @@ def _layer(
         q = q + lp["q_bias"].astype(dt)
         k = k + lp["k_bias"].astype(dt)
         v = v + lp["v_bias"].astype(dt)
-    q = rope(q, positions, cfg.rope_theta)
-    k = rope(k, positions, cfg.rope_theta)
+    q = constrain(rope(q, positions, cfg.rope_theta), ("batch", "seq", "heads", "head_dim"))
+    k = constrain(rope(k, positions, cfg.rope_theta), KV_AXES)
+    v = constrain(v, KV_AXES)
     if ctx is None and own is None:
         a = attend(q, (k, v, self_mask), None)
     else:
@@ -324,6 +330,7 @@ def _layer(
     x = rms_norm(h, lp["mlp_norm"], cfg.rms_norm_eps)
     g = jnp.einsum("bth,hm->btm", x, lp["gate"].astype(dt))
     u = jnp.einsum("bth,hm->btm", x, lp["up"].astype(dt))
+    g, u = constrain(g, ("batch", "seq", "mlp")), constrain(u, ("batch", "seq", "mlp"))
     h = h + jnp.einsum("btm,mh->bth", jax.nn.silu(g) * u, lp["down"].astype(dt))
     return h, k, v
 
@@ -359,7 +366,7 @@ def decoder(
     Returns (final hidden `[batch, t, hidden]` after the final norm, the new tokens'
     KV `[layers, batch, t, kv_heads, head_dim]`).
     """
-    h = h.astype(cfg.compute_dtype)
+    h = constrain(h.astype(cfg.compute_dtype), HIDDEN_AXES)
     ctx_mask = ctx[1] if ctx is not None else None
     if ctx is not None and own is None:
         own = ((), jnp.ones(h.shape[:2] + (1,), bool))
@@ -370,7 +377,7 @@ def decoder(
         c = (ck, cv, ctx_mask) if ctx is not None else None
         o = (oks, ovs, own_mask) if own is not None else None
         h, k, v = _layer(lp, cfg, h, positions, self_mask, c, o)
-        return h, (k, v)
+        return constrain(h, HIDDEN_AXES), (k, v)
 
     body = _remat(body, cfg)
     xs = (
@@ -395,14 +402,16 @@ def decoder(
 
 def embed_tokens(params: Params, cfg: ModelConfig, ids: jax.Array) -> jax.Array:
     """Token embeddings by table lookup: ids `[...]` -> `[..., hidden]` in compute dtype."""
-    return jnp.take(params["embed"], ids, axis=0).astype(cfg.compute_dtype)
+    h = jnp.take(params["embed"], ids, axis=0).astype(cfg.compute_dtype)
+    return constrain(h, HIDDEN_AXES) if ids.ndim == 2 else h
 
 
 def logits_from_hidden(params: Params, cfg: ModelConfig, h: jax.Array) -> jax.Array:
     """`[..., hidden]` -> float32 logits `[..., vocab]`."""
     w = output_matrix(params, cfg).astype(cfg.compute_dtype)
-    return jnp.einsum("...h,hv->...v", h.astype(cfg.compute_dtype), w,
-                      preferred_element_type=jnp.float32)
+    logits = jnp.einsum("...h,hv->...v", h.astype(cfg.compute_dtype), w,
+                        preferred_element_type=jnp.float32)
+    return constrain(logits, ("batch", "seq", "vocab")) if logits.ndim == 3 else logits
 
 
 def default_positions(attention_mask: jax.Array) -> jax.Array:
