@@ -63,15 +63,43 @@ def validate_inputs(
             )
 
 
-def _objective(
+def training_reward(reward: jax.Array, tc: ThoughtConfig) -> jax.Array:
+    """Baseline (mean over the passes of a sequence) then clamp at 0, as configured.
+
+    reward: `[rows, positions]`, rows in passes-repeated order -> same shape.
+    """
+    if tc.use_baseline and tc.n_passes > 1:
+        r = reward.reshape(-1, tc.n_passes, reward.shape[-1])
+        reward = (r - r.mean(axis=1, keepdims=True)).reshape(reward.shape)
+    if tc.remove_negative_rewards:
+        reward = jnp.maximum(reward, 0.0)
+    return reward
+
+
+def reinforce_loss(train_reward: jax.Array, thought_logp: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """REINFORCE: mean over token steps of mean over rows and rewarded positions of -R logp.
+
+    train_reward: `[rows, positions]` (detached); thought_logp: `[T, rows, seq]`.
+    Returns (policy loss scalar, per-token-step losses `[T]`); zeros when T == 0.
+    """
+    if thought_logp.shape[0] == 0:
+        return jnp.zeros((), jnp.float32), jnp.zeros((0,), jnp.float32)
+    logp = thought_logp[:, :, : train_reward.shape[-1]]
+    per_token = jnp.mean(-jax.lax.stop_gradient(train_reward)[None] * logp, axis=(1, 2))
+    return jnp.mean(per_token), per_token
+
+
+def quietstar_objective(
     params: Params,
     cfg: ModelConfig,
     tc: ThoughtConfig,
     input_ids: jax.Array,
     attention_mask: jax.Array | None,
     rng: jax.Array | None,
-    thought_tokens: jax.Array | None,
+    thought_tokens: jax.Array | None = None,
 ) -> tuple[jax.Array, dict[str, jax.Array], dict[str, Any]]:
+    """(loss, metrics, details): `quietstar_loss` plus the per-position details of
+    `quietstar_details`, from one computation (differentiate with has_aux)."""
     validate_inputs(cfg, tc, input_ids, attention_mask, thought_tokens)
     if attention_mask is None:
         attention_mask = jnp.ones_like(input_ids)
@@ -99,13 +127,14 @@ def _objective(
 
     n_reward = seq - 1 - tc.n_ahead_talk  # positions i < L - 1 - n_ahead_talk carry a reward
     reward = jnp.zeros((rows, n_reward), jnp.float32)
-    nll_talk, w_means = [], []
+    nll_talk, w_means, nll_talk_tok = [], [], []
     for k in range(tc.n_ahead_talk):
         s = tc.n_ahead - 1 + k
         mixed, w = mixed_hidden(params, tc, ro.base_hidden, ro.step_hidden[s - 1], s)
         tk, okk = targets(k + 1)
         nll_k = jnp.where(okk, token_nll(model.logits_from_hidden(params, cfg, mixed), tk), 0.0)
         nll_talk.append(masked_mean(nll_k, okk))
+        nll_talk_tok.append(nll_k)
         w_means.append(masked_mean(w, okk))
         gain = shift_left(base_tok, k) - nll_k  # both 0 where the target is ignored
         reward = reward + jax.lax.stop_gradient(gain[:, :n_reward])
@@ -113,20 +142,9 @@ def _objective(
     nll_thought = jnp.mean(nll_talk)
     nll_loss = tc.original_loss_weight * nll_base + (1 - tc.original_loss_weight) * nll_thought
 
-    train_reward = reward
-    if tc.use_baseline and tc.n_passes > 1:
-        r = reward.reshape(-1, tc.n_passes, n_reward)
-        train_reward = (r - r.mean(axis=1, keepdims=True)).reshape(rows, n_reward)
-    if tc.remove_negative_rewards:
-        train_reward = jnp.maximum(train_reward, 0.0)
-    if tc.num_sampled > 0:
-        logp = ro.thought_logp[:, :, :n_reward]  # [T, rows, n_reward]
-        policy_per_token = jnp.mean(-train_reward[None] * logp, axis=(1, 2))
-        policy_loss = jnp.mean(policy_per_token)
-    else:
-        logp = ro.thought_logp
-        policy_per_token = jnp.zeros((0,), jnp.float32)
-        policy_loss = jnp.zeros((), jnp.float32)
+    train_reward = training_reward(reward, tc)
+    policy_loss, policy_per_token = reinforce_loss(train_reward, ro.thought_logp)
+    logp = ro.thought_logp[:, :, :n_reward]
 
     loss = tc.base_loss_beta * nll_loss + tc.policy_loss_beta * policy_loss
     metrics = {
@@ -143,7 +161,14 @@ def _objective(
         "mixing_weight_mean": jnp.mean(jnp.stack(w_means)),
         "thought_logp_mean": jnp.mean(logp) if tc.num_sampled > 0 else jnp.zeros(()),
     }
-    details = {"reward": reward, "train_reward": train_reward, "rollout": ro, "input_ids": x}
+    details = {
+        "reward": reward,
+        "train_reward": train_reward,
+        "nll_base_tok": base_tok,
+        "nll_talk_tok": jnp.stack(nll_talk_tok),
+        "rollout": ro,
+        "input_ids": x,
+    }
     return loss, metrics, details
 
 
@@ -166,7 +191,7 @@ def quietstar_loss(
     talk steps), `nll_talk` `[n_ahead_talk]`, `policy_loss`, `reward_mean` (before the
     baseline and clamp), `mixing_weight_mean`, ... (all float32 scalars unless noted).
     """
-    loss, metrics, _ = _objective(
+    loss, metrics, _ = quietstar_objective(
         params, config, thought_config, input_ids, attention_mask, rng, thought_tokens
     )
     return loss, metrics
@@ -184,9 +209,12 @@ def quietstar_details(
     """Per-position results for analysis and the reward page.
 
     Returns `reward` `[rows, seq - 1 - n_ahead_talk]` (before baseline/clamp),
-    `train_reward` (after), `rollout` (a `Rollout`), `input_ids` `[rows, seq]`, `metrics`.
+    `train_reward` (after), per-token NLLs `nll_base_tok` `[rows, seq]` (position i
+    predicts x[i + 1]) and `nll_talk_tok` `[n_ahead_talk, rows, seq]` (talk step k at
+    position i predicts x[i + k + 1]), both 0 where ignored, `rollout` (a `Rollout`),
+    `input_ids` `[rows, seq]` (passes-repeated), and `metrics`.
     """
-    _, metrics, details = _objective(
+    _, metrics, details = quietstar_objective(
         params, config, thought_config, input_ids, attention_mask, rng, thought_tokens
     )
     return details | {"metrics": metrics}
