@@ -1,0 +1,192 @@
+"""Per-device memory of the compiled update step as the FSDP mesh grows.
+
+    python benchmarks/memory_scaling.py [--devices 1 2 4 8] [--tensor 1] [--preset medium]
+
+For each device count N it starts a subprocess with N simulated CPU devices,
+builds the mesh (data=1, fsdp=N/tensor, tensor), lowers and compiles (never runs)
+the jitted Quiet-STaR update step (quietstar_loss + AdamW, params and optimiser
+state sharded by the logical-axis rules) on abstract inputs, and reads XLA's
+`compiled.memory_analysis()`. It prints per-device argument bytes (parameters +
+optimiser state + batch), the parameter + optimiser bytes the shardings ask for
+(computed independently from the shard shapes), temporaries, and the largest
+all-gather in the compiled HLO; it checks that no all-gather produces a full
+`[batch * n_passes, seq, vocab]` logits array. `--json PATH` writes the rows.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+
+PRESETS = {
+    # ~21M parameters: big enough that parameters dominate the arguments.
+    "medium": dict(vocab_size=8192, hidden_size=512, intermediate_size=1536, num_layers=4,
+                   num_heads=8, num_kv_heads=4),
+    "tiny": dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_layers=2,
+                 num_heads=4, num_kv_heads=2),
+    # Mistral-7B's shapes (+2 thought tokens); compile-only, slow on CPU.
+    "mistral7b": dict(vocab_size=32002, hidden_size=4096, intermediate_size=14336,
+                      num_layers=32, num_heads=32, num_kv_heads=8, sliding_window=4096,
+                      model_type="mistral"),
+}
+
+_ALL_GATHER = re.compile(r"=\s*(\w+)\[([\d,]*)\][^=]*?\ball-gather(?:-start)?\(")
+
+
+def all_gather_shapes(hlo: str) -> list[tuple[str, tuple[int, ...]]]:
+    """(dtype, shape) of every all-gather result in an HLO module's text."""
+    out = []
+    for m in _ALL_GATHER.finditer(hlo):
+        dims = tuple(int(d) for d in m.group(2).split(",") if d)
+        out.append((m.group(1), dims))
+    return out
+
+
+def worker(args: argparse.Namespace) -> dict:
+    """Compile the step on this process's devices; return one table row."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    import optax
+
+    from quietstar_jax import sharding
+    from quietstar_jax.loss import quietstar_loss
+    from quietstar_jax.model import ModelConfig, init_params
+    from quietstar_jax.thoughts import ThoughtConfig, init_thought_params
+
+    n = jax.device_count()
+    cfg = ModelConfig(**PRESETS[args.preset], dtype=args.dtype, param_dtype=args.dtype)
+    v = cfg.vocab_size
+    tc = ThoughtConfig(n_ahead=args.n_ahead, n_ahead_talk=args.n_ahead_talk, n_passes=2,
+                       start_token_id=v - 2, end_token_id=v - 1, pad_token_id=0)
+    mesh = sharding.make_mesh((1, -1, args.tensor))
+    sharding.check_parallelism(mesh, cfg, args.batch)
+    axes = sharding.params_logical_axes(cfg)
+    opt = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(1e-6, weight_decay=1e-3))
+
+    def init():
+        p = init_params(cfg, jax.random.key(0))
+        return {**p, "thought": init_thought_params(p, cfg, jax.random.key(1), 5)}
+
+    abstract_params = jax.eval_shape(init)
+    p_sh = sharding.param_shardings(mesh, abstract_params, axes)
+    abstract_opt = jax.eval_shape(opt.init, abstract_params)
+    o_sh = sharding.state_shardings(mesh, abstract_opt, axes)
+    b_sh = sharding.batch_sharding(mesh)
+    rep = sharding.replicated(mesh)
+
+    def update(params, opt_state, ids, mask, step):
+        rng = jax.random.fold_in(jax.random.key(0), step)
+        (_, metrics), grads = jax.value_and_grad(quietstar_loss, has_aux=True)(
+            params, cfg, tc, ids, mask, rng)
+        updates, opt_state = opt.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, metrics["loss"]
+
+    with_sh = lambda t, s: jax.tree.map(
+        lambda x, y: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=y), t, s)
+    batch = jax.ShapeDtypeStruct((args.batch, args.seq), jnp.int32, sharding=b_sh)
+    step = jax.ShapeDtypeStruct((), jnp.int32, sharding=rep)
+    with sharding.use_mesh(mesh):
+        fn = jax.jit(update, in_shardings=(p_sh, o_sh, b_sh, b_sh, rep),
+                     out_shardings=(p_sh, o_sh, rep), donate_argnums=(0, 1))
+        compiled = fn.lower(with_sh(abstract_params, p_sh), with_sh(abstract_opt, o_sh),
+                            batch, batch, step).compile()
+    mem = compiled.memory_analysis()
+
+    def shard_bytes(tree, shardings):
+        total = 0
+        for x, s in zip(jax.tree.leaves(tree), jax.tree.leaves(shardings), strict=True):
+            total += math.prod(s.shard_shape(x.shape)) * np.dtype(x.dtype).itemsize
+        return total
+
+    state_bytes = shard_bytes(abstract_params, p_sh) + shard_bytes(abstract_opt, o_sh)
+    full_state = sum(math.prod(x.shape) * np.dtype(x.dtype).itemsize
+                     for x in jax.tree.leaves((abstract_params, abstract_opt)))
+    rows = args.batch * tc.n_passes
+    gathers = all_gather_shapes(compiled.as_text())
+    logits_full = [s for _, s in gathers
+                   if math.prod(s) >= rows * args.seq * v and v in s]
+    biggest = max(gathers, key=lambda g: math.prod(g[1]), default=None)
+    return {
+        "devices": n,
+        "mesh": dict(mesh.shape),
+        "argument_bytes": int(mem.argument_size_in_bytes),
+        "state_bytes_from_shardings": int(state_bytes),
+        "full_state_bytes": int(full_state),
+        "temp_bytes": int(mem.temp_size_in_bytes),
+        "output_bytes": int(mem.output_size_in_bytes),
+        "alias_bytes": int(mem.alias_size_in_bytes),
+        "num_all_gathers": len(gathers),
+        "largest_all_gather": f"{biggest[0]}{list(biggest[1])}" if biggest else "-",
+        "full_logits_all_gathers": [list(s) for s in logits_full],
+        "logits_shape": [rows, args.seq, v],
+    }
+
+
+def _mib(b: int) -> str:
+    return f"{b / 2**20:.2f}"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--devices", type=int, nargs="+", default=[1, 2, 4, 8])
+    ap.add_argument("--tensor", type=int, default=1, help="tensor axis size")
+    ap.add_argument("--preset", choices=sorted(PRESETS), default="medium")
+    ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--seq", type=int, default=64)
+    ap.add_argument("--n_ahead", type=int, default=4)
+    ap.add_argument("--n_ahead_talk", type=int, default=2)
+    ap.add_argument("--json", default=None, help="write the rows to this file")
+    ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+
+    if args.worker:
+        print("ROW " + json.dumps(worker(args)), flush=True)
+        return
+
+    rows = []
+    for n in args.devices:
+        env = dict(os.environ, JAX_PLATFORMS="cpu",
+                   XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} "
+                             f"--xla_force_host_platform_device_count={n}")
+        cmd = [sys.executable, __file__, "--worker", *sys.argv[1:]]
+        res = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
+        line = [x for x in res.stdout.splitlines() if x.startswith("ROW ")]
+        if res.returncode or not line:
+            sys.exit(f"worker with {n} devices failed:\n{res.stderr[-3000:]}")
+        rows.append(json.loads(line[-1][4:]))
+
+    base = rows[0]
+    print(f"preset={args.preset} dtype={args.dtype} batch={args.batch} seq={args.seq} "
+          f"n_ahead={args.n_ahead} n_ahead_talk={args.n_ahead_talk} tensor={args.tensor}; "
+          f"params+Adam state, unsharded: {_mib(base['full_state_bytes'])} MiB")
+    print("| devices | mesh (data, fsdp, tensor) | argument MiB / device | x of 1 device "
+          "| params+opt MiB / device (shardings) | temp MiB / device | all-gathers "
+          "| largest all-gather | full-logits all-gathers |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        m = r["mesh"]
+        print(f"| {r['devices']} | ({m['data']}, {m['fsdp']}, {m['tensor']}) "
+              f"| {_mib(r['argument_bytes'])} "
+              f"| {r['argument_bytes'] / base['argument_bytes']:.3f} "
+              f"(1/N = {base['devices'] / r['devices']:.3f}) "
+              f"| {_mib(r['state_bytes_from_shardings'])} | {_mib(r['temp_bytes'])} "
+              f"| {r['num_all_gathers']} | {r['largest_all_gather']} "
+              f"| {len(r['full_logits_all_gathers'])} |")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=1)
+    bad = [r for r in rows if r["full_logits_all_gathers"]]
+    if bad:
+        sys.exit(f"FAIL: all-gathers of full logits {bad[0]['logits_shape']}: "
+                 f"{[r['full_logits_all_gathers'] for r in bad]}")
+
+
+if __name__ == "__main__":
+    main()

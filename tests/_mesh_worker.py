@@ -1,0 +1,198 @@
+"""Subprocess worker for the mesh and multi-process tests (not a test module).
+
+Runs a few Quiet-STaR update steps of a tiny model on a (data, fsdp, tensor) mesh
+of simulated CPU devices and writes what the tests compare:
+
+    python tests/_mesh_worker.py '<json spec>'
+
+The spec (JSON) holds `devices` (simulated CPU devices of this process), `out`
+(a directory), `runs` (a list of {"name", "mesh", "steps"}, optionally "devices": how many of
+this process's devices the run uses, default all; "save_ckpt" / "restore_ckpt": an
+orbax checkpoint directory written after the steps / restored before them, the
+steps then counting on from the restored step), and optionally `distributed`
+({"port", "num_processes", "process_id"}).
+
+Each run writes `<out>/<name>.json` (per-step metrics, parameter specs) and
+`<out>/<name>.npz` (initial and final parameters, gathered), on process 0 only.
+XLA_FLAGS must be set before jax is imported, hence a process per device count.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+
+def _setup(spec: dict) -> None:
+    # Cheaper CPU code generation: these tests check sharding, not XLA's CPU backend.
+    os.environ["XLA_FLAGS"] = (
+        os.environ.get("XLA_FLAGS", "")
+        + f" --xla_force_host_platform_device_count={spec['devices']}"
+        + " --xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
+    )
+    os.environ["JAX_PLATFORMS"] = "cpu"
+
+
+def tiny_setup():
+    """The tiny model, thought settings, optimiser and data used by every run."""
+    import optax
+
+    from quietstar_jax.model import ModelConfig
+    from quietstar_jax.thoughts import ThoughtConfig
+
+    cfg = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=2,
+                      num_heads=4, num_kv_heads=2, max_position_embeddings=64,
+                      initializer_range=0.1)
+    tc = ThoughtConfig(n_ahead=4, n_ahead_talk=2, n_passes=2, start_token_id=62,
+                       end_token_id=63, pad_token_id=0)
+    opt = optax.chain(optax.clip_by_global_norm(1.0),
+                      optax.adamw(1e-3, weight_decay=1e-3))
+    return cfg, tc, opt
+
+
+GLOBAL_BATCH, SEQ = 8, 12
+
+
+def global_batch_numpy(step: int):
+    """The whole global batch of step `step` (every process can compute it)."""
+    import numpy as np
+
+    rng = np.random.default_rng(1000 + step)
+    ids = rng.integers(1, 62, size=(GLOBAL_BATCH, SEQ)).astype(np.int32)
+    mask = np.ones_like(ids)
+    lengths = rng.integers(SEQ - 4, SEQ + 1, size=GLOBAL_BATCH)
+    for r, n in enumerate(lengths):  # right padding with pad id 0
+        ids[r, n:] = 0
+        mask[r, n:] = 0
+    return ids, mask
+
+
+def init_fn(cfg):
+    import jax
+
+    from quietstar_jax.model import init_params
+    from quietstar_jax.thoughts import init_thought_params
+
+    def init():
+        k1, k2 = jax.random.split(jax.random.key(0))
+        p = init_params(cfg, k1)
+        thought = init_thought_params(p, cfg, k2, init_token_id=5)
+        # A non-zero last mixing layer: thoughts change the predictions from step 0, so
+        # rewards are O(1) rather than float32 rounding noise (which beta=1e6 amplifies).
+        thought["mix"]["w2"] = 0.3 * jax.random.normal(jax.random.key(3), (cfg.hidden_size, 1))
+        return {**p, "thought": thought}
+
+    return init
+
+
+def make_step(cfg, tc, opt, p_sh, o_sh, b_sh, rep):
+    """A plain jitted update: quietstar_loss + optax, with in/out shardings."""
+    import jax
+    import optax
+
+    from quietstar_jax.loss import quietstar_loss
+
+    def update(params, opt_state, ids, mask, step):
+        rng = jax.random.fold_in(jax.random.key(7), step)
+        (_, metrics), grads = jax.value_and_grad(quietstar_loss, has_aux=True)(
+            params, cfg, tc, ids, mask, rng)
+        updates, opt_state = opt.update(grads, opt_state, params)
+        metrics = {k: v for k, v in metrics.items()
+                   if k in ("loss", "nll_base", "nll_thought", "policy_loss", "reward_mean")}
+        metrics["grad_norm"] = optax.global_norm(grads)
+        return optax.apply_updates(params, updates), opt_state, metrics
+
+    return jax.jit(update, in_shardings=(p_sh, o_sh, b_sh, b_sh, rep),
+                   out_shardings=(p_sh, o_sh, rep), donate_argnums=(0, 1))
+
+
+def run_one(spec: dict, run: dict) -> None:
+    import jax
+    import numpy as np
+    import orbax.checkpoint as ocp
+
+    from quietstar_jax import distributed, sharding
+
+    cfg, tc, opt = tiny_setup()
+    n_dev = run.get("devices")
+    devices = jax.devices()[:n_dev] if n_dev else jax.devices()
+    mesh = sharding.make_mesh(run["mesh"], devices)
+    sharding.check_parallelism(mesh, cfg, GLOBAL_BATCH)
+    axes = sharding.params_logical_axes(cfg)
+    init = init_fn(cfg)
+    params = sharding.sharded_init(init, mesh, axes)
+    p_sh = sharding.param_shardings(mesh, params, axes)
+    o_sh = sharding.state_shardings(mesh, jax.eval_shape(opt.init, params), axes)
+    b_sh = sharding.batch_sharding(mesh)
+    rep = sharding.replicated(mesh)
+    opt_state = jax.jit(opt.init, out_shardings=o_sh)(params)
+    start = 0
+    if run.get("restore_ckpt"):
+        abstract = jax.tree.map(
+            lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+            {"params": params, "opt_state": opt_state}, {"params": p_sh, "opt_state": o_sh})
+        restored = ocp.StandardCheckpointer().restore(os.path.abspath(run["restore_ckpt"]),
+                                                      abstract)
+        params, opt_state = restored["params"], restored["opt_state"]
+        start = int(np.asarray(jax.device_get(opt_state[1][0].count)))
+    init_host = distributed.gather_to_host(params)
+    rows = sharding.process_rows(b_sh, GLOBAL_BATCH)
+    with sharding.use_mesh(mesh):
+        step_fn = make_step(cfg, tc, opt, p_sh, o_sh, b_sh, rep)
+        trace = []
+        for step in range(start, start + run["steps"]):
+            ids, mask = global_batch_numpy(step)
+            g_ids = distributed.global_batch(ids[rows], b_sh, GLOBAL_BATCH)
+            g_mask = distributed.global_batch(mask[rows], b_sh, GLOBAL_BATCH)
+            g_step = jax.device_put(np.int32(step), rep)
+            params, opt_state, metrics = step_fn(params, opt_state, g_ids, g_mask, g_step)
+            trace.append({k: float(v) for k, v in jax.device_get(metrics).items()})
+    if run.get("save_ckpt"):
+        ckptr = ocp.StandardCheckpointer()
+        ckptr.save(os.path.abspath(run["save_ckpt"]),
+                   {"params": params, "opt_state": opt_state})
+        ckptr.wait_until_finished()
+    final_host = distributed.gather_to_host(params)
+    spec_of = lambda s: [list(a) if isinstance(a, tuple) else a for a in s.spec]
+    out = {
+        "mesh": dict(mesh.shape),
+        "process_count": jax.process_count(),
+        "start_step": start,
+        "trace": trace,
+        "rows": [rows.start, rows.stop],
+        "param_specs": {jax.tree_util.keystr(k): spec_of(v.sharding)
+                        for k, v in jax.tree_util.tree_leaves_with_path(params)},
+        "mu_specs": {jax.tree_util.keystr(k): spec_of(v)
+                     for k, v in jax.tree_util.tree_leaves_with_path(o_sh[1][0].mu)},
+        "count_spec": spec_of(o_sh[1][0].count),
+        "shard_shapes": {jax.tree_util.keystr(k): [list(s.data.shape) for s in v.addressable_shards]
+                         for k, v in jax.tree_util.tree_leaves_with_path(params)},
+        "process_index": jax.process_index(),
+    }
+    suffix = "" if distributed.is_main_process() else f".p{jax.process_index()}"
+    with open(os.path.join(spec["out"], run["name"] + suffix + ".json"), "w") as f:
+        json.dump(out, f)
+    if distributed.is_main_process():
+        flat = lambda t, pre: {pre + jax.tree_util.keystr(k): v
+                               for k, v in jax.tree_util.tree_leaves_with_path(t)}
+        np.savez(os.path.join(spec["out"], run["name"] + ".npz"),
+                 **flat(init_host, "init"), **flat(final_host, "final"))
+
+
+def main() -> None:
+    spec = json.loads(sys.argv[1])
+    _setup(spec)
+    from quietstar_jax import distributed
+
+    d = spec.get("distributed")
+    if d:
+        distributed.maybe_initialize(f"127.0.0.1:{d['port']}", d["num_processes"],
+                                     d["process_id"])
+    for run in spec["runs"]:
+        run_one(spec, run)
+    distributed.sync("worker-done")
+
+
+if __name__ == "__main__":
+    main()
