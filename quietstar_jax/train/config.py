@@ -1,0 +1,229 @@
+"""The trainer's config schema: every field, its type and default, and its checks.
+
+`base_config()` is the full tree; the files in `configs/` start from it and change
+values. `validate_config` rejects, with one line naming the field, anything the
+trainer cannot run (unknown keys, wrong types, impossible numbers) before any
+data is read or anything is compiled. `thought_config` builds the ThoughtConfig.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from ml_collections import ConfigDict, config_dict
+
+from quietstar_jax.thoughts import ThoughtConfig
+
+DATA_SOURCES = ("generated", "files", "tfds", "hf")
+FILE_FORMATS = ("auto", "text", "jsonl", "parquet")
+TEXT_SPLITS = ("blank_line", "line", "file")
+# ThoughtConfig fields that come from the tokenizer unless set explicitly.
+_TOKEN_FIELDS = ("start_token_id", "end_token_id", "pad_token_id")
+
+
+class ConfigError(ValueError):
+    """A config value the trainer cannot run with (one line, names the field)."""
+
+
+def _thought_defaults() -> ConfigDict:
+    c = ConfigDict()
+    for f in dataclasses.fields(ThoughtConfig):
+        if f.name in _TOKEN_FIELDS:
+            setattr(c, f.name, config_dict.placeholder(int))
+        else:
+            setattr(c, f.name, f.default)
+    return c
+
+
+def base_config() -> ConfigDict:
+    """Every field the trainer reads, with defaults (the demo of `configs/default.py`
+    changes only a few of them)."""
+    c = ConfigDict()
+    c.seed = 0  # params init, thought sampling (folded with the step), data order
+
+    # Model: a Hugging Face checkpoint directory, or a fresh Llama described inline.
+    c.model = ConfigDict()
+    c.model.hf_path = config_dict.placeholder(str)  # set: load this checkpoint
+    c.model.tokenizer = "byte"  # tokenizer of an inline model (only "byte")
+    c.model.model_type = "llama"
+    c.model.hidden_size = 64
+    c.model.intermediate_size = 172
+    c.model.num_layers = 2
+    c.model.num_heads = 4
+    c.model.num_kv_heads = 2
+    c.model.rms_norm_eps = 1e-5
+    c.model.rope_theta = 10000.0
+    c.model.max_position_embeddings = 512
+    c.model.tie_word_embeddings = True
+    c.model.initializer_range = 0.02
+    # Numerics (also applied to a loaded checkpoint): bfloat16 compute with float32
+    # master weights is dtype="bfloat16", param_dtype="float32".
+    c.model.dtype = "float32"
+    c.model.param_dtype = "float32"
+    c.model.scan_layers = True
+    c.model.remat = "none"
+
+    c.thought = _thought_defaults()
+
+    c.data = ConfigDict()
+    c.data.source = "generated"  # generated | files | tfds | hf
+    c.data.path = config_dict.placeholder(str)  # files: path, glob, or comma-separated list
+    c.data.format = "auto"  # auto (by extension) | text | jsonl | parquet
+    c.data.text_split = "blank_line"  # text files: blank_line | line | file
+    c.data.text_field = "text"  # jsonl / parquet / tfds / hf column
+    c.data.num_documents = 20000  # generated: how many problems
+    c.data.tfds_name = config_dict.placeholder(str)
+    c.data.tfds_split = "train"
+    c.data.tfds_data_dir = config_dict.placeholder(str)
+    c.data.hf_name = config_dict.placeholder(str)
+    c.data.hf_config = config_dict.placeholder(str)
+    c.data.hf_split = "train"
+    c.data.seq_len = 128
+    c.data.seed = 0  # order of documents and windows
+    c.data.shuffle = True
+    c.data.add_bos = True
+
+    c.optim = ConfigDict()
+    c.optim.lr = 1e-6
+    c.optim.warmup_steps = 20
+    c.optim.end_lr_ratio = 0.0  # linear decay from lr to lr * end_lr_ratio at num_steps
+    c.optim.weight_decay = 0.001
+    c.optim.decay_norms_and_biases = False
+    c.optim.clip_norm = 1.0
+    c.optim.b1 = 0.9
+    c.optim.b2 = 0.999
+    c.optim.eps = 1e-8
+
+    c.batch_size = 8  # sequences per optimiser step, all processes together
+    c.grad_accum = 1  # micro-batches per step
+    c.num_steps = 100
+    c.log_every = 10
+    c.eval_every = 50  # reward page; 0: only at the end
+    c.eval_examples = 2  # sequences shown on the reward page; 0: no page
+    c.checkpoint_every = 50  # 0: only at the end (and on SIGTERM)
+    c.keep_checkpoints = 3
+    c.async_checkpointing = True
+    c.export_hf_dir = config_dict.placeholder(str)  # set: export a HF directory at the end
+    c.mesh = (1, -1, 1)  # (data, fsdp, tensor); one -1 takes the remaining devices
+    c.progress_bar = True
+    # Set: keep compiled programs here (jax's persistent compilation cache), so a
+    # resumed or repeated run skips compiling.
+    c.compilation_cache_dir = config_dict.placeholder(str)
+    return c
+
+
+# ------------------------------------------------------------------ validation
+
+
+def _walk(cfg: ConfigDict, prefix: str = "config") -> dict[str, Any]:
+    out = {}
+    for key in cfg.keys():
+        value = cfg[key]
+        name = f"{prefix}.{key}"
+        if isinstance(value, ConfigDict):
+            out |= _walk(value, name)
+        else:
+            out[name] = value
+    return out
+
+
+def _field_types(cfg: ConfigDict, prefix: str = "config") -> dict[str, Any]:
+    out = {}
+    for key in cfg.keys():
+        value = cfg[key]
+        name = f"{prefix}.{key}"
+        if isinstance(value, ConfigDict):
+            out |= _field_types(value, name)
+        else:
+            ref = cfg.get_ref(key)
+            out[name] = ref.get_type()
+    return out
+
+
+def _type_ok(value: Any, want: Any) -> bool:
+    if value is None:
+        return True
+    if want is float:
+        return isinstance(value, int | float) and not isinstance(value, bool)
+    if want is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if want is tuple:
+        return isinstance(value, tuple | list)
+    return isinstance(value, want)
+
+
+def _check(cond: bool, msg: str) -> None:
+    if not cond:
+        raise ConfigError(msg)
+
+
+def validate_config(config: ConfigDict) -> None:
+    """Raise ConfigError (one line, naming the field) for anything that cannot run."""
+    schema = _field_types(base_config())
+    given = _walk(config)
+    for name, value in given.items():
+        if name not in schema:
+            raise ConfigError(f"unknown config key {name}")
+        if not _type_ok(value, schema[name]):
+            raise ConfigError(
+                f"{name}={value!r} has type {type(value).__name__}, expected "
+                f"{schema[name].__name__}")
+    missing = sorted(set(schema) - set(given))
+    _check(not missing, f"config lacks {', '.join(missing)}")
+
+    c = config
+    for name in ("batch_size", "grad_accum", "num_steps", "log_every", "keep_checkpoints"):
+        _check(c[name] >= 1, f"config.{name}={c[name]} must be >= 1")
+    for name in ("eval_every", "checkpoint_every", "eval_examples"):
+        _check(c[name] >= 0, f"config.{name}={c[name]} must be >= 0 (0: only at the end)")
+    _check(c.batch_size % c.grad_accum == 0,
+           f"config.batch_size={c.batch_size} is not divisible by config.grad_accum="
+           f"{c.grad_accum} (every micro-batch must have the same number of sequences)")
+    _check(len(c.mesh) == 3, f"config.mesh={tuple(c.mesh)} must be (data, fsdp, tensor)")
+
+    d = c.data
+    _check(d.source in DATA_SOURCES, f"config.data.source={d.source!r} must be one of "
+                                     f"{DATA_SOURCES}")
+    _check(d.format in FILE_FORMATS, f"config.data.format={d.format!r} must be one of "
+                                     f"{FILE_FORMATS}")
+    _check(d.text_split in TEXT_SPLITS, f"config.data.text_split={d.text_split!r} must be one "
+                                        f"of {TEXT_SPLITS}")
+    _check(d.source != "files" or bool(d.path),
+           "config.data.path must be set when config.data.source='files'")
+    _check(d.source != "tfds" or bool(d.tfds_name),
+           "config.data.tfds_name must be set when config.data.source='tfds'")
+    _check(d.source != "hf" or bool(d.hf_name),
+           "config.data.hf_name must be set when config.data.source='hf'")
+    _check(d.num_documents >= 1, f"config.data.num_documents={d.num_documents} must be >= 1")
+    t = c.thought
+    _check(d.seq_len >= t.n_ahead_talk + 2,
+           f"config.data.seq_len={d.seq_len} must be >= config.thought.n_ahead_talk + 2 = "
+           f"{t.n_ahead_talk + 2} (no position would carry a reward)")
+
+    o = c.optim
+    _check(o.lr >= 0, f"config.optim.lr={o.lr} must be >= 0")
+    _check(o.warmup_steps >= 0, f"config.optim.warmup_steps={o.warmup_steps} must be >= 0")
+    _check(o.clip_norm > 0, f"config.optim.clip_norm={o.clip_norm} must be > 0")
+    _check(o.weight_decay >= 0, f"config.optim.weight_decay={o.weight_decay} must be >= 0")
+    _check(0 <= o.end_lr_ratio <= 1, f"config.optim.end_lr_ratio={o.end_lr_ratio} must be "
+                                     "in [0, 1]")
+    if c.model.hf_path is None:
+        _check(c.model.tokenizer == "byte",
+               f"config.model.tokenizer={c.model.tokenizer!r}: an inline model (no "
+               "config.model.hf_path) supports only the 'byte' tokenizer")
+    try:
+        thought_config(c, {"start_token_id": 0, "end_token_id": 1, "pad_token_id": 0})
+    except ValueError as e:
+        raise ConfigError(f"config.thought: {e}") from None
+
+
+def thought_config(config: ConfigDict, token_ids: dict[str, int]) -> ThoughtConfig:
+    """ThoughtConfig from `config.thought`; token ids not set there come from
+    `token_ids` (the tokenizer's start/end/pad ids)."""
+    fields = {f.name for f in dataclasses.fields(ThoughtConfig)}
+    kw = {k: config.thought[k] for k in config.thought.keys() if k in fields}
+    for k in _TOKEN_FIELDS:
+        if kw.get(k) is None:
+            kw[k] = token_ids[k]
+    return ThoughtConfig(**kw)

@@ -1,0 +1,405 @@
+"""`run(config, workdir)`: the training loop.
+
+Order of things: check the config, build the mesh, load or build the model, make
+the data pipeline, build the optimiser and the jitted step, restore the latest
+checkpoint of the workdir if there is one (params, optimiser, step and data
+position), then train. Everything that can be wrong with the input fails before
+anything is compiled.
+
+Each update's metrics are fetched one step late (so the host prepares the next
+batch while the device works) and checked for NaN/inf before any checkpoint that
+contains that update is written: a non-finite loss stops the run with the step and
+the component, and leaves the last good checkpoint as the latest.
+
+Workdir layout: `checkpoints/<step>/`, `metrics.jsonl`, `tb/`, `reward_pages/`,
+`config.json`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import numpy as np
+from ml_collections import ConfigDict
+
+from quietstar_jax import sharding
+from quietstar_jax.loss import check_finite, quietstar_details
+from quietstar_jax.model import ModelConfig, Params
+from quietstar_jax.thoughts import ThoughtConfig
+from quietstar_jax.train import reward_page
+from quietstar_jax.train.checkpoint import Checkpointer
+from quietstar_jax.train.config import ConfigError, thought_config, validate_config
+from quietstar_jax.train.data import TokenBatches, make_source, window
+from quietstar_jax.train.metrics import MetricsWriter, ProgressBar, format_metrics, to_python
+from quietstar_jax.train.model_setup import LoadedModel, count_params, load_model
+from quietstar_jax.train.step import (
+    TrainState,
+    init_state,
+    make_optimizer,
+    make_train_step,
+    state_shardings,
+)
+from quietstar_jax.train.tokenizer import TextTokenizer, token_pieces
+
+_EVAL_KEY_OFFSET = 1 << 30  # eval thoughts use a key stream apart from training's
+
+
+class SetupError(ValueError):
+    """Input the trainer cannot run with, found before compiling (one line)."""
+
+
+class _StopFlag:
+    """Set by SIGTERM (preemption): the loop saves a checkpoint and returns."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous: Any = None
+
+    def install(self) -> None:
+        try:
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        except ValueError:  # not the main thread: no handler, no preemption support
+            self._previous = None
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.requested = True
+
+    def uninstall(self) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+            self._previous = None
+
+    def agreed(self) -> bool:
+        """Whether any process was asked to stop (all processes take the same answer)."""
+        if jax.process_count() == 1:
+            return self.requested
+        from jax.experimental import multihost_utils
+
+        flags = multihost_utils.process_allgather(np.int32(self.requested))
+        return bool(np.any(flags))
+
+
+def _one_line(e: BaseException) -> str:
+    text = str(e).strip().strip("'\"")
+    return " ".join(text.split()) or type(e).__name__
+
+
+def _batch_hash(batch: dict[str, np.ndarray]) -> str:
+    h = hashlib.sha256()
+    for k in sorted(batch):
+        h.update(np.ascontiguousarray(batch[k]).tobytes())
+    return h.hexdigest()[:16]
+
+
+class _Setup:
+    """Everything built before training: model, data, step, checkpoints."""
+
+    def __init__(self, config: ConfigDict, workdir: str):
+        self.config, self.workdir = config, workdir
+        self.process_index, self.process_count = jax.process_index(), jax.process_count()
+        try:
+            validate_config(config)
+            if config.batch_size % self.process_count:
+                raise ConfigError(f"config.batch_size={config.batch_size} is not divisible by "
+                                  f"the {self.process_count} processes")
+            # Data first: a missing or empty file should not wait for a model to load.
+            self.source = make_source(config.data)
+            self.mesh = sharding.make_mesh(tuple(config.mesh))
+            self.model: LoadedModel = load_model(config, self.mesh)
+            cfg = self.model.cfg
+            self.tc: ThoughtConfig = thought_config(config, self.model.tokenizer
+                                                    .thought_token_ids())
+            self.tc.check_token_ids(cfg.vocab_size)
+            sharding.check_parallelism(self.mesh, cfg, config.batch_size // config.grad_accum)
+            if config.data.seq_len + self.tc.num_steps > cfg.max_position_embeddings:
+                print(f"warning: seq_len {config.data.seq_len} + thought steps "
+                      f"{self.tc.num_steps} exceeds max_position_embeddings "
+                      f"{cfg.max_position_embeddings}", file=sys.stderr)
+        except (ValueError, KeyError, TypeError, OSError) as e:
+            raise SetupError(_one_line(e)) from e
+        self.data = TokenBatches(
+            self.source, self._encode, seq_len=config.data.seq_len,
+            local_batch=config.batch_size // self.process_count, pad_id=self.tc.pad_token_id,
+            seed=config.data.seed, shuffle=config.data.shuffle,
+            process_index=self.process_index, process_count=self.process_count)
+        o = config.optim
+        self.optimizer, self.schedule = make_optimizer(
+            o.lr, config.num_steps, warmup_steps=o.warmup_steps, end_lr_ratio=o.end_lr_ratio,
+            weight_decay=o.weight_decay, decay_norms_and_biases=o.decay_norms_and_biases,
+            clip_norm=o.clip_norm, b1=o.b1, b2=o.b2, eps=o.eps)
+        params = self.model.params
+        self.param_sharding = sharding.param_shardings(
+            self.mesh, params, sharding.params_logical_axes(cfg))
+        self.state_sharding = state_shardings(self.mesh, self.optimizer, params,
+                                              self.param_sharding)
+        self.batch_sharding = sharding.batch_sharding(self.mesh)
+        self.train_step = make_train_step(
+            cfg, self.tc, self.optimizer, schedule=self.schedule, grad_accum=config.grad_accum,
+            seed=config.seed, mesh=self.mesh, state_sharding=self.state_sharding,
+            batch_sharding=self.batch_sharding)
+
+    def _encode(self, text: str) -> list[int]:
+        return self.model.tokenizer.encode(text, add_bos=self.config.data.add_bos)
+
+    def initial_state(self) -> TrainState:
+        init = jax.jit(lambda p: init_state(p, self.optimizer),
+                       out_shardings=self.state_sharding)
+        state = init(self.model.params)
+        self.model.params = None  # the state holds the (copied) params now
+        return state
+
+    def abstract_state(self) -> TrainState:
+        shapes = jax.eval_shape(lambda p: init_state(p, self.optimizer), self.model.params)
+        return jax.tree.map(
+            lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+            shapes, self.state_sharding)
+
+    def global_batch(self, local: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+        shape = (self.config.batch_size, self.config.data.seq_len)
+        return {k: jax.make_array_from_process_local_data(self.batch_sharding, v, shape)
+                for k, v in local.items()}
+
+
+# ------------------------------------------------------------------ reward page
+
+
+def _make_eval_fn(cfg: ModelConfig, tc: ThoughtConfig, mesh: Any) -> Callable[..., Any]:
+    rep = sharding.replicated(mesh)
+
+    def fn(params: Params, ids: jax.Array, mask: jax.Array, key: jax.Array) -> tuple:
+        d = quietstar_details(params, cfg, tc, ids, mask, key)
+        first = slice(None, None, tc.n_passes)  # pass 0 of each sequence
+        return d["reward"][first], d["rollout"].thought_tokens[:, first]
+
+    return jax.jit(fn, out_shardings=(rep, rep))
+
+
+def _reward_page(setup: _Setup, eval_fn: Callable[..., Any], params: Params, step: int,
+                 eval_rows: dict[str, np.ndarray]) -> str | None:
+    """Write `reward_pages/step_<step>.html` (process 0); returns its path."""
+    rep = sharding.replicated(setup.mesh)
+    ids = jax.make_array_from_process_local_data(rep, eval_rows["input_ids"])
+    mask = jax.make_array_from_process_local_data(rep, eval_rows["attention_mask"])
+    key = jax.random.fold_in(jax.random.key(setup.config.seed), _EVAL_KEY_OFFSET + step)
+    reward, thoughts = eval_fn(params, ids, mask, key)
+    if setup.process_index != 0:
+        return None
+    reward, thoughts = np.asarray(reward), np.asarray(thoughts)
+    tok: TextTokenizer = setup.model.tokenizer
+    examples = []
+    for r in range(reward.shape[0]):
+        n = int(eval_rows["attention_mask"][r].sum())
+        row_ids = [int(t) for t in eval_rows["input_ids"][r, :n]]
+        pieces = token_pieces(tok, row_ids)
+        rewards = np.full((n,), np.nan)
+        k = min(n, reward.shape[1])
+        rewards[:k] = reward[r, :k]
+        texts = [tok.decode(thoughts[:, r, i].tolist()) if i < k else None for i in range(n)]
+        examples.append((pieces, rewards, texts))
+    tc = setup.tc
+    note = (f"step {step}; thoughts of {tc.num_sampled} sampled tokens (n_ahead={tc.n_ahead}), "
+            f"scored on the next {tc.n_ahead_talk} tokens; rewards before the baseline.")
+    page = reward_page.render_page(f"Quiet-STaR thought rewards, step {step}", examples, note)
+    out_dir = os.path.join(setup.workdir, "reward_pages")
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, f"step_{step:07d}.html")
+    reward_page.write_page(path, page)
+    return path
+
+
+# ------------------------------------------------------------------ the loop
+
+
+def run(
+    config: ConfigDict,
+    workdir: str,
+    *,
+    on_step: Callable[[int], None] | None = None,
+) -> dict[str, Any]:
+    """Train (or resume training) as `config` says, writing to `workdir`.
+
+    on_step: called with the step number after each update is dispatched (tests use
+      it to send SIGTERM at a chosen step).
+    Returns a summary: `start_step`, `final_step`, `preempted`, `history` (one dict
+    per update: every metric as Python numbers, `step`, `batch_hash`), `checkpoints`
+    (steps on disk), `reward_pages`, `wall_time_s`, `compile_time_s`, `num_params`.
+    Raises SetupError for bad input (before compiling) and FloatingPointError when a
+    loss component is not finite (naming step and component).
+    """
+    t_start = time.time()
+    workdir = os.path.abspath(workdir)
+    if config.get("compilation_cache_dir"):
+        _enable_compilation_cache(config.compilation_cache_dir)
+    setup = _Setup(config, workdir)
+    lead = setup.process_index == 0
+    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"),
+                        max_to_keep=config.keep_checkpoints,
+                        async_save=config.async_checkpointing)
+    start_step = ckpt.latest_step() or 0
+    num_params = count_params(setup.model.params)
+    if start_step:
+        state, data_state = ckpt.restore(start_step, setup.abstract_state())
+        setup.model.params = None
+        setup.data.set_state(data_state)
+    else:
+        state = setup.initial_state()
+    if lead:
+        os.makedirs(workdir, exist_ok=True)
+        with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
+            f.write(config.to_json_best_effort(indent=2) + "\n")
+    eval_rows = _eval_rows(setup) if config.eval_examples else None
+    eval_fn = _make_eval_fn(setup.model.cfg, setup.tc, setup.mesh)
+    writer = MetricsWriter(workdir, enabled=lead, resume_step=start_step)
+    bar = ProgressBar(config.num_steps, start_step, enabled=lead and config.progress_bar)
+
+    def say(line: str) -> None:
+        if lead:
+            (bar.write if config.progress_bar else print)(line)
+
+    say(f"quietstar: {num_params:,} params, {jax.device_count()} devices, mesh "
+        f"{dict(setup.mesh.shape)}, {len(setup.source):,} documents, "
+        + (f"resuming from step {start_step}" if start_step else "starting at step 0")
+        + f", workdir {workdir}")
+
+    stop = _StopFlag()
+    stop.install()
+    history: list[dict[str, Any]] = []
+    window: list[dict[str, Any]] = []
+    pages: list[str] = []
+    pending: tuple[int, dict[str, jax.Array], str] | None = None
+    last_done = time.time()
+    compile_time = None
+    step = start_step
+    preempted = False
+
+    def finish(item: tuple[int, dict[str, jax.Array], str]) -> None:
+        """Fetch one update's metrics, check them, log them."""
+        nonlocal last_done, compile_time
+        s, metrics, bhash = item
+        host = {k: to_python(v) for k, v in jax.device_get(metrics).items()}
+        check_finite(host, s)
+        now = time.time()
+        dt, last_done = now - last_done, now
+        first = compile_time is None
+        if first:
+            compile_time = dt
+        host["step_time_s"] = dt
+        host["tokens_per_s"] = host["tokens"] / dt if dt > 0 else 0.0
+        record = {"step": s, **host, "batch_hash": bhash}
+        history.append(record)
+        if not first:  # the compile is not a training step's time
+            window.append(host)
+        bar.update(1, host)
+        if s % config.log_every == 0 or s == config.num_steps:
+            logged = _window_mean(window or [host])
+            writer.write(s, logged)
+            say(f"step {s}: {format_metrics(logged)} lr={logged['lr']:.3g} "
+                f"grad_norm={logged['grad_norm']:.3g} tok/s={logged['tokens_per_s']:.0f}")
+            window.clear()
+
+    def flush() -> None:
+        nonlocal pending
+        if pending is not None:
+            item, pending = pending, None
+            finish(item)
+
+    try:
+        while step < config.num_steps:
+            local = next(setup.data)
+            bhash = _batch_hash(local)
+            state, metrics = setup.train_step(state, setup.global_batch(local))
+            step += 1
+            flush()
+            pending = (step, metrics, bhash)
+            if on_step is not None:
+                on_step(step)
+            stopping = stop.agreed()
+            periodic = config.checkpoint_every and step % config.checkpoint_every == 0
+            if periodic or stopping or step == config.num_steps:
+                flush()
+                ckpt.save(step, state, setup.data.get_state())
+            if eval_rows is not None and (
+                    (config.eval_every and step % config.eval_every == 0)
+                    or step == config.num_steps):
+                flush()
+                page = _reward_page(setup, eval_fn, state.params, step, eval_rows)
+                if page:
+                    pages.append(page)
+            if stopping:
+                preempted = True
+                say(f"stop requested (SIGTERM): saved step {step}, exiting")
+                break
+        flush()
+        if step == config.num_steps and not preempted and config.export_hf_dir:
+            from quietstar_jax import hf
+
+            ckpt.wait()
+            hf.save_pretrained(config.export_hf_dir, state.params, setup.model.cfg,
+                               tokenizer=setup.model.hf_tokenizer)
+            say(f"exported a Hugging Face checkpoint to {config.export_hf_dir}")
+    finally:
+        stop.uninstall()
+        bar.close()
+        writer.close()
+        ckpt.close()
+    summary = {
+        "start_step": start_step,
+        "final_step": step,
+        "preempted": preempted,
+        "history": history,
+        "checkpoints": ckpt.all_steps(),
+        "reward_pages": pages,
+        "wall_time_s": time.time() - t_start,
+        "compile_time_s": compile_time,
+        "num_params": num_params,
+        "workdir": workdir,
+    }
+    summary["final_state"] = state
+    if lead:
+        with open(os.path.join(workdir, "summary.json"), "w", encoding="utf-8") as f:
+            json.dump({k: v for k, v in summary.items() if k not in ("history", "final_state")},
+                      f, indent=2)
+    return summary
+
+
+def _enable_compilation_cache(path: str) -> None:
+    """Persist compiled programs under `path` (every program, however fast it compiled)."""
+    jax.config.update("jax_compilation_cache_dir", os.path.abspath(path))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
+
+
+def _eval_rows(setup: _Setup) -> dict[str, np.ndarray]:
+    """The beginnings of the first `eval_examples` documents (same on every process)."""
+    n = min(setup.config.eval_examples, len(setup.source))
+    seq_len, pad = setup.config.data.seq_len, setup.tc.pad_token_id
+    rows = [window(setup._encode(setup.source[i])[:seq_len], seq_len, pad, None)
+            for i in range(n)]
+    ids, mask = zip(*rows, strict=True)
+    return {"input_ids": np.stack(ids), "attention_mask": np.stack(mask)}
+
+
+def _window_mean(records: list[dict[str, Any]]) -> dict[str, Any]:
+    """Mean of each metric over the log window (`lr` the latest, `tokens_per_s` the
+    window's total tokens over its total time)."""
+    out: dict[str, Any] = {}
+    for key in records[-1]:
+        values = [r[key] for r in records if key in r]
+        if key == "lr":
+            out[key] = values[-1]
+        else:
+            out[key] = np.mean(np.asarray(values, np.float64), axis=0).tolist()
+    total_t = sum(r["step_time_s"] for r in records)
+    out["tokens_per_s"] = sum(r["tokens"] for r in records) / total_t if total_t > 0 else 0.0
+    return out
+
+
+

@@ -1,0 +1,120 @@
+"""The model a config describes: a Hugging Face checkpoint or a fresh inline Llama,
+with its tokenizer and thought params, placed on the mesh.
+
+Params are created (or loaded) straight into their shardings, so a model larger
+than one device never has to fit on one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any
+
+import jax
+from jax.sharding import Mesh, NamedSharding
+
+from quietstar_jax import sharding
+from quietstar_jax.model import ModelConfig, Params, init_params, param_logical_axes
+from quietstar_jax.thoughts import init_thought_params, thought_logical_axes
+from quietstar_jax.train.tokenizer import ByteTokenizer, HFTokenizer, TextTokenizer
+
+
+@dataclasses.dataclass
+class LoadedModel:
+    cfg: ModelConfig
+    params: Params
+    tokenizer: TextTokenizer
+    hf_tokenizer: Any | None  # the transformers tokenizer, for export
+
+
+def inline_model_config(model: Any, vocab_size: int) -> ModelConfig:
+    """ModelConfig of `config.model` without `hf_path`."""
+    return ModelConfig(
+        vocab_size=vocab_size,
+        hidden_size=model.hidden_size,
+        intermediate_size=model.intermediate_size,
+        num_layers=model.num_layers,
+        num_heads=model.num_heads,
+        num_kv_heads=model.num_kv_heads,
+        rms_norm_eps=model.rms_norm_eps,
+        rope_theta=model.rope_theta,
+        max_position_embeddings=model.max_position_embeddings,
+        tie_word_embeddings=model.tie_word_embeddings,
+        model_type=model.model_type,
+        dtype=model.dtype,
+        param_dtype=model.param_dtype,
+        scan_layers=model.scan_layers,
+        remat=model.remat,
+        initializer_range=model.initializer_range,
+        bos_token_id=ByteTokenizer.bos_token_id,
+        eos_token_id=ByteTokenizer.eos_token_id,
+    )
+
+
+def _all_logical_axes() -> dict[str, Any]:
+    """Logical axes of every param name any config can have (biases, untied head)."""
+    probe = ModelConfig(vocab_size=1, hidden_size=1, intermediate_size=1, num_layers=1,
+                        num_heads=1, num_kv_heads=1, attention_bias=True)
+    return param_logical_axes(probe) | {"thought": thought_logical_axes()}
+
+
+def sharding_by_path(mesh: Mesh) -> Any:
+    """`(path, shape) -> NamedSharding` of a param, for `hf.load_pretrained`."""
+    axes = _all_logical_axes()
+
+    def lookup(path: tuple[str, ...], shape: tuple[int, ...]) -> NamedSharding:
+        node: Any = axes
+        for key in path:
+            node = node[key]
+        return NamedSharding(mesh, sharding.logical_to_spec(node, shape, mesh))
+
+    return lookup
+
+
+def build_inline_model(model: Any, thought: Any, mesh: Mesh, seed: int) -> LoadedModel:
+    """A random-init Llama with the byte tokenizer and fresh thought params."""
+    tok = ByteTokenizer()
+    cfg = inline_model_config(model, tok.vocab_size)
+    init_token = tok.init_token_id()
+
+    def init(key: jax.Array) -> Params:
+        k_model, k_thought = jax.random.split(key)
+        params = init_params(cfg, k_model)
+        params["thought"] = init_thought_params(params, cfg, k_thought, init_token,
+                                                thought.embedding_scale)
+        return params
+
+    key = jax.random.key(seed)
+    abstract = jax.eval_shape(init, key)
+    shardings = sharding.param_shardings(mesh, abstract, sharding.params_logical_axes(cfg))
+    params = jax.jit(init, out_shardings=shardings)(key)
+    return LoadedModel(cfg, params, tok, None)
+
+
+def load_hf_model(model: Any, mesh: Mesh, seed: int) -> LoadedModel:
+    """The checkpoint at `config.model.hf_path` with thought tokens and params."""
+    from quietstar_jax import hf
+
+    path = model.hf_path
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"config.model.hf_path={path!r} does not exist or is not a "
+                                "directory")
+    cfg, params, hf_tok = hf.load_pretrained(
+        path, dtype=model.dtype, param_dtype=model.param_dtype, sharding=sharding_by_path(mesh),
+        rng=jax.random.key(seed), scan_layers=model.scan_layers, remat=model.remat)
+    if hf_tok is None:
+        raise FileNotFoundError(f"config.model.hf_path={path!r} has no tokenizer files; the "
+                                "trainer needs the checkpoint's tokenizer")
+    return LoadedModel(cfg, params, HFTokenizer(hf_tok), hf_tok)
+
+
+def load_model(config: Any, mesh: Mesh) -> LoadedModel:
+    """The model of `config` (see `quietstar_jax.train.config.base_config`)."""
+    if config.model.hf_path:
+        return load_hf_model(config.model, mesh, config.seed)
+    return build_inline_model(config.model, config.thought, mesh, config.seed)
+
+
+def count_params(params: Params) -> int:
+    return sum(int(x.size) for x in jax.tree.leaves(params))

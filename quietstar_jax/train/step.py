@@ -1,0 +1,215 @@
+"""Train state, optimiser and the jitted update step.
+
+One step: the global batch `[batch, seq]` is split into `grad_accum` micro-batches,
+each one's loss and gradients of `quietstar_loss` are computed in a `lax.scan`, the
+gradients are averaged, clipped by global norm, and AdamW (warm-up then linear
+decay, decoupled weight decay) updates the float32 master weights. The thought
+sampling key of micro-batch `m` on update `step` is
+`fold_in(fold_in(key(seed), step), m)`: a resumed run samples the same thoughts.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from quietstar_jax.loss import quietstar_loss
+from quietstar_jax.model import ModelConfig, Params
+from quietstar_jax.sharding import BATCH_AXES, replicated
+from quietstar_jax.thoughts import ThoughtConfig
+
+Batch = dict[str, jax.Array]  # input_ids, attention_mask: int32 [batch, seq]
+
+
+class TrainState(NamedTuple):
+    """step: int32 scalar, updates done so far; params; optax state."""
+
+    step: jax.Array
+    params: Params
+    opt_state: optax.OptState
+
+
+def lr_schedule(lr: float, warmup_steps: int, total_steps: int,
+                end_lr_ratio: float = 0.0) -> optax.Schedule:
+    """Linear warm-up from 0 to `lr` over `warmup_steps`, then linear decay to
+    `lr * end_lr_ratio` at `total_steps` (as transformers' linear schedule)."""
+    decay = max(total_steps - warmup_steps, 1)
+    end = lr * end_lr_ratio
+
+    def schedule(step: jax.Array) -> jax.Array:
+        step = jnp.asarray(step, jnp.float32)
+        warm = lr * step / max(warmup_steps, 1)
+        frac = jnp.clip((step - warmup_steps) / decay, 0.0, 1.0)
+        return jnp.where(step < warmup_steps, warm, lr + (end - lr) * frac)
+
+    return schedule
+
+
+def decay_mask(params: Params) -> Params:
+    """True for parameters that get weight decay: all but norms and biases (the mixing
+    head's `b0`, `b1` and attention biases)."""
+    def keep(path: tuple[Any, ...], _: Any) -> bool:
+        name = str(getattr(path[-1], "key", path[-1]))
+        return not ("norm" in name or "bias" in name or name in ("b0", "b1"))
+
+    return jax.tree_util.tree_map_with_path(keep, params)
+
+
+def make_optimizer(
+    lr: float,
+    total_steps: int,
+    *,
+    warmup_steps: int = 0,
+    end_lr_ratio: float = 0.0,
+    weight_decay: float = 0.0,
+    decay_norms_and_biases: bool = False,
+    clip_norm: float = 1.0,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-8,
+) -> tuple[optax.GradientTransformation, optax.Schedule]:
+    """Global-norm clipping then AdamW; returns (optimizer, learning-rate schedule)."""
+    schedule = lr_schedule(lr, warmup_steps, total_steps, end_lr_ratio)
+    optimizer = optax.chain(
+        optax.clip_by_global_norm(clip_norm),
+        optax.adamw(schedule, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay,
+                    mask=None if decay_norms_and_biases else decay_mask),
+    )
+    return optimizer, schedule
+
+
+def unalias(tree: Any) -> Any:
+    """Copy any leaf that is the same array object as an earlier leaf (e.g. start and
+    end embeddings initialised from one row): a donated state must not hold one buffer
+    twice."""
+    seen: set[int] = set()
+
+    def fresh(x: Any) -> Any:
+        if id(x) in seen:
+            return jnp.copy(x)
+        seen.add(id(x))
+        return x
+
+    return jax.tree.map(fresh, tree)
+
+
+def init_state(params: Params, optimizer: optax.GradientTransformation) -> TrainState:
+    """Step 0, `params` (aliased leaves copied) and the optimiser's initial state."""
+    params = unalias(params)
+    return TrainState(jnp.zeros((), jnp.int32), params, optimizer.init(params))
+
+
+def state_shardings(
+    mesh: Mesh, optimizer: optax.GradientTransformation, params: Any, param_shardings: Any
+) -> TrainState:
+    """NamedShardings of a TrainState: optimiser moments like their params, other
+    optimiser leaves (counts) and the step replicated. `params` may be abstract."""
+    abstract_opt = jax.eval_shape(optimizer.init, params)
+    rep = replicated(mesh)
+    opt = optax.tree_map_params(optimizer, lambda _, s: s, abstract_opt, param_shardings,
+                                transform_non_params=lambda _: rep)
+    return TrainState(rep, param_shardings, opt)
+
+
+def split_micro_batches(batch: Batch, n: int, mesh: Mesh | None = None) -> Batch:
+    """`[batch, seq]` -> `[n, batch / n, seq]`, micro-batch m holding rows m, m + n, ...
+
+    Rows are taken strided so that each device's contiguous block of the batch stays
+    on that device: no data moves between devices.
+    """
+    def split(x: jax.Array) -> jax.Array:
+        b = x.shape[0]
+        y = x.reshape(b // n, n, *x.shape[1:]).swapaxes(0, 1)
+        if mesh is not None:
+            spec = PartitionSpec(None, BATCH_AXES, *([None] * (x.ndim - 1)))
+            y = jax.lax.with_sharding_constraint(y, NamedSharding(mesh, spec))
+        return y
+
+    return jax.tree.map(split, batch)
+
+
+def make_train_step(
+    model_cfg: ModelConfig,
+    thought_cfg: ThoughtConfig,
+    optimizer: optax.GradientTransformation,
+    *,
+    schedule: optax.Schedule | None = None,
+    grad_accum: int = 1,
+    seed: int = 0,
+    mesh: Mesh | None = None,
+    state_sharding: TrainState | None = None,
+    batch_sharding: NamedSharding | None = None,
+    donate: bool = True,
+    compiler_options: dict[str, Any] | None = None,
+) -> Callable[[TrainState, Batch], tuple[TrainState, dict[str, jax.Array]]]:
+    """The jitted update `(state, batch) -> (state, metrics)`; the state is donated.
+
+    batch: `{"input_ids", "attention_mask"}` int32 `[batch, seq]` (global), batch a
+    multiple of `grad_accum`. metrics (float32, replicated): every component of
+    `quietstar_loss` averaged over micro-batches (`reward_std` is the mean of the
+    micro-batches' stds), `grad_norm` (before clipping), `lr` (of this update),
+    `tokens` (non-padding tokens in the batch).
+    With `mesh`, `state_sharding` and `batch_sharding` (see `state_shardings`,
+    `sharding.batch_sharding`) the step runs sharded and keeps those layouts.
+    compiler_options: XLA options for this jit (e.g. a lower
+    `xla_backend_optimization_level` to compile faster).
+    """
+    base_key = jax.random.key(seed)
+
+    def loss_fn(params: Params, micro: Batch, key: jax.Array) -> tuple[jax.Array, dict]:
+        return quietstar_loss(params, model_cfg, thought_cfg, micro["input_ids"],
+                              micro["attention_mask"], key)
+
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+    def step(state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, jax.Array]]:
+        b = batch["input_ids"].shape[0]
+        if b % grad_accum:
+            raise ValueError(f"batch of {b} sequences is not divisible by grad_accum="
+                             f"{grad_accum}")
+        key = jax.random.fold_in(base_key, state.step)
+        if grad_accum == 1:
+            (_, metrics), grads = grad_fn(state.params, batch, jax.random.fold_in(key, 0))
+        else:
+            micro = split_micro_batches(batch, grad_accum, mesh)
+            first = jax.tree.map(lambda x: x[0], micro)
+            metric_shapes = jax.eval_shape(lambda p, mb: loss_fn(p, mb, key)[1],
+                                           state.params, first)
+            m_zero = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), metric_shapes)
+            g_zero = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
+
+            def body(carry, xs):
+                g_sum, m_sum = carry
+                i, mb = xs
+                (_, m), g = grad_fn(state.params, mb, jax.random.fold_in(key, i))
+                g_sum = jax.tree.map(lambda a, x: a + x.astype(jnp.float32), g_sum, g)
+                return (g_sum, jax.tree.map(jnp.add, m_sum, m)), None
+
+            (g_sum, m_sum), _ = jax.lax.scan(
+                body, (g_zero, m_zero), (jnp.arange(grad_accum), micro))
+            grads = jax.tree.map(lambda g, p: (g / grad_accum).astype(p.dtype), g_sum,
+                                 state.params)
+            metrics = jax.tree.map(lambda m: m / grad_accum, m_sum)
+        grad_norm = optax.tree.norm(grads)
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        metrics = dict(metrics)
+        metrics["grad_norm"] = grad_norm
+        metrics["tokens"] = jnp.sum(batch["attention_mask"]).astype(jnp.float32)
+        if schedule is not None:
+            metrics["lr"] = schedule(state.step)
+        return TrainState(state.step + 1, params, opt_state), metrics
+
+    kwargs: dict[str, Any] = {"donate_argnums": (0,) if donate else (),
+                              "compiler_options": compiler_options}
+    if state_sharding is not None or batch_sharding is not None:
+        if mesh is None:
+            raise ValueError("make_train_step: shardings need the mesh")
+        kwargs["in_shardings"] = (state_sharding, batch_sharding)
+        kwargs["out_shardings"] = (state_sharding, replicated(mesh))
+    return jax.jit(step, **kwargs)

@@ -1,0 +1,193 @@
+"""The jitted update step: schedule, AdamW update, accumulation, thought keys, NaNs."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from quietstar_jax.loss import check_finite, quietstar_loss
+from quietstar_jax.model import ModelConfig, init_params
+from quietstar_jax.thoughts import ThoughtConfig, init_thought_params
+from quietstar_jax.train.step import (
+    decay_mask,
+    init_state,
+    lr_schedule,
+    make_optimizer,
+    make_train_step,
+    split_micro_batches,
+    unalias,
+)
+
+CFG = ModelConfig(vocab_size=40, hidden_size=16, intermediate_size=24, num_layers=1,
+                  num_heads=2, num_kv_heads=1, tie_word_embeddings=False)
+TC = ThoughtConfig(n_ahead=4, n_ahead_talk=2, n_passes=2, start_token_id=37, end_token_id=38,
+                   pad_token_id=39, policy_loss_beta=10.0)
+
+
+def tiny_params(seed=0):
+    params = init_params(CFG, jax.random.key(seed))
+    # Larger weights than the default init, so rewards and gradients are not tiny.
+    params = jax.tree.map(lambda x: x * 8 if x.ndim > 1 else x, params)
+    params["thought"] = init_thought_params(params, CFG, jax.random.key(seed + 1), 5)
+    # A nonzero mixing head, so thoughts change predictions and rewards are not 0.
+    w2 = jax.random.normal(jax.random.key(seed + 2), params["thought"]["mix"]["w2"].shape)
+    params["thought"]["mix"]["w2"] = 0.5 * w2
+    return unalias(params)
+
+
+def tiny_batch(b=4, seq=10, seed=0, pad_tail=0):
+    ids = np.array(jax.random.randint(jax.random.key(seed), (b, seq), 0, 37), np.int32)
+    mask = np.ones_like(ids)
+    if pad_tail:
+        ids[0, -pad_tail:] = TC.pad_token_id
+        mask[0, -pad_tail:] = 0
+    return {"input_ids": jnp.asarray(ids), "attention_mask": jnp.asarray(mask)}
+
+
+def max_diff(a, b):
+    return max(float(jnp.max(jnp.abs(x - y))) for x, y in
+               zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True))
+
+
+def test_lr_schedule_is_warmup_then_linear_decay():
+    sched = lr_schedule(1e-3, warmup_steps=4, total_steps=12, end_lr_ratio=0.0)
+    # transformers' get_linear_schedule_with_warmup, written out.
+    want = [1e-3 * s / 4 if s < 4 else 1e-3 * max(0.0, (12 - s) / 8) for s in range(14)]
+    got = [float(sched(s)) for s in range(14)]
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-12)
+    floor = lr_schedule(1.0, 0, 10, end_lr_ratio=0.1)
+    assert float(floor(0)) == 1.0 and float(floor(20)) == pytest.approx(0.1)
+
+
+def test_decay_mask_skips_norms_and_biases():
+    mask = decay_mask(tiny_params())
+    assert mask["embed"] and mask["lm_head"] and mask["layers"]["q"]
+    assert not mask["final_norm"] and not mask["layers"]["attn_norm"]
+    assert mask["thought"]["start_emb"] and mask["thought"]["mix"]["w0"]
+    assert not mask["thought"]["mix"]["b0"] and not mask["thought"]["mix"]["b1"]
+
+
+def test_micro_batches_take_strided_rows():
+    x = jnp.arange(12).reshape(6, 2)
+    m = split_micro_batches({"a": x}, 3)["a"]
+    assert m.shape == (3, 2, 2)
+    assert m[0, :, 0].tolist() == [0, 6] and m[2, :, 0].tolist() == [4, 10]
+
+
+# Compiling the Quiet-STaR gradient dominates these tests: compile with less LLVM
+# optimisation (same semantics), and share one compiled step between tests.
+FAST = {"xla_backend_optimization_level": 0}
+LR, WD, CLIP, SEED = 1e-2, 0.1, 0.5, 3
+
+
+@pytest.fixture(scope="module")
+def adamw_step():
+    opt, sched = make_optimizer(LR, 10, warmup_steps=0, weight_decay=WD, clip_norm=CLIP)
+    step = make_train_step(CFG, TC, opt, schedule=sched, seed=SEED, donate=False,
+                           compiler_options=FAST)
+    return opt, step
+
+
+def test_one_step_is_clipped_adamw_on_the_quietstar_gradient(adamw_step):
+    """Independent check: the first AdamW step moves each weight by
+    -lr * (g / (|g| + eps) + wd * w) (decay masked), with g the clipped gradient of
+    quietstar_loss under key fold_in(fold_in(key(seed), 0), 0)."""
+    opt, step = adamw_step
+    params, batch = tiny_params(), tiny_batch()
+    new_state, metrics = step(init_state(params, opt), batch)
+
+    key = jax.random.fold_in(jax.random.fold_in(jax.random.key(SEED), 0), 0)
+    grad_fn = jax.jit(jax.value_and_grad(quietstar_loss, has_aux=True), static_argnums=(1, 2),
+                      compiler_options=FAST)
+    (loss, m), grads = grad_fn(params, CFG, TC, batch["input_ids"], batch["attention_mask"],
+                               key)
+    norm = optax.tree.norm(grads)
+    scale = jnp.minimum(1.0, CLIP / norm)
+    mask = decay_mask(params)
+    want = jax.tree.map(
+        lambda p, g, dm: p - LR * ((g * scale) / (jnp.abs(g * scale) + 1e-8) + WD * p * dm),
+        params, grads, mask)
+    assert float(m["policy_loss"]) > 0  # the REINFORCE term is really exercised
+    assert float(metrics["loss"]) == pytest.approx(float(loss), rel=1e-5)
+    assert float(metrics["policy_loss"]) == pytest.approx(float(m["policy_loss"]), rel=1e-5)
+    assert float(metrics["grad_norm"]) == pytest.approx(float(norm), rel=1e-5)
+    assert float(metrics["lr"]) == pytest.approx(LR)
+    assert float(metrics["tokens"]) == batch["attention_mask"].size
+    assert max_diff(new_state.params, want) < 1e-6
+    assert int(new_state.step) == 1
+
+
+def test_thought_key_comes_from_the_step_number(adamw_step):
+    opt, step = adamw_step
+    state = init_state(tiny_params(2), opt)
+    batch = tiny_batch(seed=2)
+    _, m_a = step(state, batch)
+    _, m_b = step(state, batch)
+    _, m_c = step(state._replace(step=jnp.asarray(1, jnp.int32)), batch)  # same params
+    assert float(m_a["thought_logp_mean"]) == float(m_b["thought_logp_mean"])
+    assert float(m_a["policy_loss"]) == float(m_b["policy_loss"])
+    assert float(m_a["thought_logp_mean"]) != float(m_c["thought_logp_mean"])
+    assert float(m_a["nll_base"]) == float(m_c["nll_base"])  # thoughts, not the LM, moved
+
+
+def test_nan_params_are_reported_with_step_and_component(adamw_step):
+    opt, step = adamw_step
+    params = tiny_params()
+    params["layers"]["q"] = params["layers"]["q"].at[0, 0, 0, 0].set(jnp.nan)
+    _, metrics = step(init_state(params, opt), tiny_batch())
+    with pytest.raises(FloatingPointError, match="step 7: component nll_base"):
+        check_finite(jax.device_get(metrics), 7)
+
+
+def test_two_micro_batches_of_two_equal_one_batch_of_four():
+    """Accumulating 2 micro-batches of 2 sequences gives the update of one batch of 4.
+
+    With SGD at lr 1 the update is minus the (mean) gradient itself, so this compares
+    gradients: to 1e-6 absolute, except the thought embeddings, whose gradients sum
+    over every row and position and are scaled by embedding_scale=100 (entries up to
+    ~20): to 1e-5 of their largest entry, float32 summation-order noise. Greedy
+    thoughts with one pass make both runs think the same (sampling keys differ per
+    micro-batch) and keep the REINFORCE term nonzero; full-length rows make the mean
+    of micro-batch means the mean."""
+    tc = TC.replace(sampling="greedy", n_passes=1)
+    params, batch = tiny_params(1), tiny_batch(seed=1)
+    opt = optax.sgd(1.0)
+    one = make_train_step(CFG, tc, opt, grad_accum=1, donate=False, compiler_options=FAST)
+    two = make_train_step(CFG, tc, opt, grad_accum=2, donate=False, compiler_options=FAST)
+    s1, m1 = one(init_state(params, opt), batch)
+    s2, m2 = two(init_state(params, opt), batch)
+    update1 = jax.tree.map(jnp.subtract, s1.params, params)
+    update2 = jax.tree.map(jnp.subtract, s2.params, params)
+    flat1 = jax.tree_util.tree_flatten_with_path(update1)[0]
+    for (path, u1), u2 in zip(flat1, jax.tree.leaves(update2), strict=True):
+        name = jax.tree_util.keystr(path)
+        diff = float(jnp.max(jnp.abs(u1 - u2)))
+        if "_emb" in name:  # sums over every position, times 100: relative to the leaf
+            assert diff <= 1e-5 * float(jnp.max(jnp.abs(u1))), (name, diff)
+        else:
+            assert diff <= 1e-6, (name, diff)
+    assert max(float(jnp.max(jnp.abs(u))) for u in jax.tree.leaves(update1)) > 1e-2
+    for k in ("loss", "nll_base", "nll_thought", "policy_loss", "reward_mean", "grad_norm"):
+        assert float(m1[k]) == pytest.approx(float(m2[k]), rel=1e-5, abs=1e-7), k
+    assert float(m1["policy_loss"]) > 0
+    # A different split really is different: one micro-batch alone is another update.
+    half = {k: v[::2] for k, v in batch.items()}
+    s3, _ = one(init_state(params, opt), half)
+    assert max_diff(s3.params, s1.params) > 1e-3
+    with pytest.raises(ValueError, match="not divisible by grad_accum"):
+        make_train_step(CFG, tc, opt, grad_accum=3, donate=False)(init_state(params, opt),
+                                                                  batch)
+
+
+def test_bfloat16_compute_keeps_float32_master_weights():
+    cfg = CFG.replace(dtype="bfloat16")
+    params, batch = tiny_params(), tiny_batch(pad_tail=3)
+    opt, sched = make_optimizer(1e-3, 10)
+    step = make_train_step(cfg, TC, opt, schedule=sched, grad_accum=2, compiler_options=FAST)
+    state, metrics = step(init_state(params, opt), batch)
+    assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(state.params))
+    assert int(state.step) == 1
+    check_finite(jax.device_get(metrics), 1)

@@ -1,0 +1,79 @@
+"""Train a Quiet-STaR model: `python train.py [--config configs/X.py] [--workdir DIR]
+[--config.FIELD=VALUE ...]`.
+
+With no `--config`, runs `configs/default.py` (a self-contained demo). With no
+`--workdir`, writes to `./workdir/<config file name>`; a workdir that holds
+checkpoints is resumed. See docs/TRAINING.md.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
+config_flags.DEFINE_config_file(
+    "config", os.path.join(_HERE, "configs", "default.py"),
+    "Config file (a Python file with get_config()); override fields with "
+    "--config.FIELD=VALUE, e.g. --config.thought.n_ahead=16.", lock_config=True)
+flags.DEFINE_string("workdir", None, "Checkpoints, metrics and reward pages go here "
+                    "(default ./workdir/<config name>); an existing one is resumed.")
+
+
+def _fail(message: str) -> None:
+    sys.stderr.write(f"train.py: error: {message}\n")
+    sys.exit(2)
+
+
+def _parse_flags(argv: list[str]) -> list[str]:
+    """absl flag parsing, with config errors reported in one line."""
+    try:
+        return flags.FLAGS(argv)
+    except flags.Error as e:
+        _fail(" ".join(str(e).split()))
+    except AttributeError as e:  # ml_collections: an override of a key that does not exist
+        text = " ".join(str(e).replace("\\n", " ").replace("\\'", "").split()).strip("'\"")
+        key = text.split()[0].strip("'\"") if text else "?"
+        given = [a.split("=")[0] for a in argv if a.startswith("--config.")
+                 and re.search(rf"\b{re.escape(key)}\b", a.split("=")[0])]
+        hint = text[len(key):].strip()
+        _fail(f"unknown config key {given[0] if given else key}" + (f" ({hint})" if hint else ""))
+    except (KeyError, TypeError, ValueError) as e:
+        _fail(f"bad config override: {' '.join(str(e).split())}")
+    return []
+
+
+def main(argv: list[str]) -> None:
+    if not any(a.startswith(("--verbosity", "-v=")) for a in sys.argv):
+        logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
+    if len(argv) > 1:
+        _fail(f"unexpected arguments {argv[1:]}")
+    config_file = config_flags.get_config_filename(flags.FLAGS["config"])
+    try:
+        config = flags.FLAGS.config
+        config.keys()
+    except OSError:
+        _fail(f"config file {config_file!r} could not be loaded (does it exist and define "
+              "get_config()?)")
+    workdir = flags.FLAGS.workdir or os.path.join(
+        "workdir", os.path.splitext(os.path.basename(config_file))[0])
+
+    from quietstar_jax.train import SetupError, run
+
+    try:
+        summary = run(config, workdir)
+    except SetupError as e:
+        _fail(str(e))
+    except FloatingPointError as e:
+        _fail(f"{e}; stopped without checkpointing it (the last good checkpoint is kept)")
+    if summary["preempted"]:
+        print(f"preempted at step {summary['final_step']}: checkpoint saved, run again with "
+              f"--workdir {summary['workdir']} to resume")
+
+
+if __name__ == "__main__":
+    app.run(main, flags_parser=_parse_flags)
