@@ -59,8 +59,15 @@ def worker(args: argparse.Namespace) -> dict:
     from quietstar_jax.model import ModelConfig, init_params
     from quietstar_jax.thoughts import ThoughtConfig, init_thought_params
 
+    if args.no_constraints:  # to see what XLA does without the activation constraints
+        import quietstar_jax.model
+
+        quietstar_jax.model.constrain = lambda x, axes: x
     n = jax.device_count()
-    cfg = ModelConfig(**PRESETS[args.preset], dtype=args.dtype, param_dtype=args.dtype)
+    preset = dict(PRESETS[args.preset])
+    if args.layers:
+        preset["num_layers"] = args.layers
+    cfg = ModelConfig(**preset, dtype=args.dtype, param_dtype=args.dtype, remat=args.remat)
     v = cfg.vocab_size
     tc = ThoughtConfig(n_ahead=args.n_ahead, n_ahead_talk=args.n_ahead_talk, n_passes=2,
                        start_token_id=v - 2, end_token_id=v - 1, pad_token_id=0)
@@ -109,8 +116,13 @@ def worker(args: argparse.Namespace) -> dict:
                      for x in jax.tree.leaves((abstract_params, abstract_opt)))
     rows = args.batch * tc.n_passes
     gathers = all_gather_shapes(compiled.as_text())
+    # A full logits array: vocabulary last, all rows and positions before it. A weight
+    # such as lm_head [hidden, vocab] can have the same shape when rows * seq == hidden;
+    # gathering weights is what FSDP does, so parameter shapes are not counted.
+    weights = {tuple(sorted(x.shape)) for x in jax.tree.leaves(abstract_params)}
     logits_full = [s for _, s in gathers
-                   if math.prod(s) >= rows * args.seq * v and v in s]
+                   if s and s[-1] == v and math.prod(s[:-1]) >= rows * args.seq
+                   and tuple(sorted(s)) not in weights]
     biggest = max(gathers, key=lambda g: math.prod(g[1]), default=None)
     return {
         "devices": n,
@@ -137,11 +149,15 @@ def main() -> None:
     ap.add_argument("--devices", type=int, nargs="+", default=[1, 2, 4, 8])
     ap.add_argument("--tensor", type=int, default=1, help="tensor axis size")
     ap.add_argument("--preset", choices=sorted(PRESETS), default="medium")
-    ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--dtype", default="float32", help="compute and parameter dtype")
+    ap.add_argument("--layers", type=int, default=None, help="override the preset's layers")
+    ap.add_argument("--remat", default="none", choices=("none", "full", "dots"))
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--seq", type=int, default=64)
     ap.add_argument("--n_ahead", type=int, default=4)
     ap.add_argument("--n_ahead_talk", type=int, default=2)
+    ap.add_argument("--no_constraints", action="store_true",
+                    help="compile without the model's activation constraints (for comparison)")
     ap.add_argument("--json", default=None, help="write the rows to this file")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -164,7 +180,8 @@ def main() -> None:
 
     base = rows[0]
     print(f"preset={args.preset} dtype={args.dtype} batch={args.batch} seq={args.seq} "
-          f"n_ahead={args.n_ahead} n_ahead_talk={args.n_ahead_talk} tensor={args.tensor}; "
+          f"n_ahead={args.n_ahead} n_ahead_talk={args.n_ahead_talk} tensor={args.tensor} "
+          f"remat={args.remat}{' NO activation constraints' if args.no_constraints else ''}; "
           f"params+Adam state, unsharded: {_mib(base['full_state_bytes'])} MiB")
     print("| devices | mesh (data, fsdp, tensor) | argument MiB / device | x of 1 device "
           "| params+opt MiB / device (shardings) | temp MiB / device | all-gathers "

@@ -207,6 +207,32 @@ def params_logical_axes(cfg: ModelConfig, with_thought: bool = True) -> dict[str
     return axes
 
 
+def sharding_by_path(
+    mesh: Mesh, rules: Rules | None = None
+) -> Callable[[tuple[str, ...], tuple[int, ...]], NamedSharding]:
+    """`(path, shape) -> NamedSharding` of any param, e.g. `(("layers", "q"), shape)`.
+
+    For loaders that learn the config as they read (`hf.load_pretrained(...,
+    sharding=sharding_by_path(mesh))`): the lookup covers every param name any
+    config can have (attention biases, an untied `lm_head`, `thought`).
+    """
+    from quietstar_jax.model import ModelConfig
+
+    probe = ModelConfig(vocab_size=1, hidden_size=1, intermediate_size=1, num_layers=1,
+                        num_heads=1, num_kv_heads=1, attention_bias=True)
+    axes = params_logical_axes(probe)
+
+    def lookup(path: tuple[str, ...], shape: tuple[int, ...]) -> NamedSharding:
+        node: Any = axes
+        for key in path:
+            if not isinstance(node, Mapping) or key not in node:
+                raise KeyError(f"no logical axes for param {'/'.join(path)}")
+            node = node[key]
+        return NamedSharding(mesh, logical_to_spec(node, shape, mesh, rules))
+
+    return lookup
+
+
 def _is_axes(x: Any) -> bool:
     return isinstance(x, tuple) and all(isinstance(a, str | None) for a in x)
 

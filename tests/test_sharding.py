@@ -8,6 +8,7 @@ data, thoughts and initial parameters.
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -30,7 +31,7 @@ def mesh_runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("mesh_runs")
     runs = [{"name": "single", "mesh": [1, 1, 1], "devices": 1, "steps": STEPS}]
     runs += [{"name": n, "mesh": list(m), "steps": STEPS} for n, m in MESHES.items()]
-    run_worker({"devices": 8, "out": str(out), "runs": runs})
+    run_worker({"devices": 8, "out": str(out), "runs": runs, "hf_check": {"mesh": [2, 2, 2]}})
     return out
 
 
@@ -55,7 +56,7 @@ def test_mesh_matches_one_device(mesh_runs: Path, name: str) -> None:
         assert abs(m["grad_norm"] - b["grad_norm"]) <= 1e-4 * b["grad_norm"], (name, step, m, b)
     finals = [k for k in base if k.startswith("final")]
     assert len(finals) == 19
-    worst = {}
+    worst, worst_upd = {}, 0.0
     for k in finals:
         init_k = "init" + k[len("final"):]
         # Sharded initialisation gives the very same numbers on every mesh.
@@ -65,9 +66,11 @@ def test_mesh_matches_one_device(mesh_runs: Path, name: str) -> None:
         # The updates themselves (not only the parameters) agree.
         upd = rel_norm(arrs[k] - arrs[init_k], base[k] - base[init_k])
         assert upd <= 1e-3, (name, k, "update", upd)
+        worst_upd = max(worst_upd, upd)
         assert np.linalg.norm(base[k] - base[init_k]) > 0, f"{k} did not move"
     print(f"\n{name}: max relative loss difference {loss_diff:.2e}, max relative parameter "
-          f"difference {max(worst.values()):.2e} ({max(worst, key=worst.get)})")
+          f"difference {max(worst.values()):.2e} ({max(worst, key=worst.get)}), max relative "
+          f"update difference {worst_upd:.2e}")
 
 
 def expected_specs(mesh: tuple[int, int, int]) -> dict[str, tuple]:
@@ -105,16 +108,39 @@ def test_parameter_and_optimizer_shardings_follow_rules(mesh_runs: Path, name: s
     assert {k: _norm_spec(v) for k, v in meta["mu_specs"].items()} == want
     assert meta["count_spec"] == []
     # Every device holds exactly its share, no more.
+    for key in want:
+        share = _share(key, mesh, want[key])
+        assert meta["shard_shapes"][key] == [list(share)] * 8, (key, share)
+
+
+def _tiny_shapes() -> dict[str, tuple[int, ...]]:
     cfg = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=2,
                       num_heads=4, num_kv_heads=2)
     shapes = {**param_shapes(cfg), "thought": thought_param_shapes(cfg)}
     flat = jax.tree_util.tree_flatten_with_path(shapes, is_leaf=lambda x: isinstance(x, tuple))
+    return {jax.tree_util.keystr(p): s for p, s in flat[0]}
+
+
+def _share(key: str, mesh: tuple[int, int, int], spec: tuple) -> tuple[int, ...]:
+    """The shape of one device's slice of param `key` under `spec`."""
+    shape = _tiny_shapes()[key]
+    spec = spec + (None,) * (len(shape) - len(spec))
     sizes = dict(zip(sharding.MESH_AXES, mesh, strict=True))
-    for path, shape in flat[0]:
-        key = jax.tree_util.keystr(path)
-        spec = want[key] + (None,) * (len(shape) - len(want[key]))
-        share = tuple(d // (sizes[a] if a else 1) for d, a in zip(shape, spec, strict=True))
-        assert meta["shard_shapes"][key] == [list(share)] * 8, (key, share)
+    return tuple(d // (sizes[a] if a else 1) for d, a in zip(shape, spec, strict=True))
+
+
+@pytest.mark.slow
+def test_hf_checkpoint_loads_straight_into_shardings(mesh_runs: Path) -> None:
+    """`hf.load_params(..., sharding=sharding_by_path(mesh))`: every device gets only its
+    slice (the rules' spec), and the values are the saved ones."""
+    with open(mesh_runs / "hf_check.json") as f:
+        got = json.load(f)
+    assert got["equal"]
+    want = {k: _norm_spec(v) for k, v in expected_specs((2, 2, 2)).items()}
+    assert {k: _norm_spec(v) for k, v in got["specs"].items()} == want
+    for key, shapes in got["shard_shapes"].items():
+        assert len(shapes) == 8
+        assert shapes == [list(_share(key, (2, 2, 2), want[key]))] * 8, key
 
 
 # --------------------------------------------------------------------------- rules
