@@ -254,37 +254,44 @@ def attend(
     b, t, nh, d = q.shape
     nkv = ctx[0].shape[-2] if ctx is not None else own[0][0].shape[-2]
     qg = q.reshape(b, t, nkv, nh // nkv, d) * jnp.asarray(1.0 / math.sqrt(d), q.dtype)
+    # Scores live in [batch, kv_heads, q, group, keys]: the dot's natural output layout
+    # (batch dims first, then the query's free dims), so no transpose of the big
+    # score/probability arrays is needed; only q-sized arrays are transposed.
     scores, masks = [], []
     if ctx is not None:
         k, _, m = ctx
-        scores.append(jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32))
+        scores.append(jnp.einsum("btkgd,bskd->bktgs", qg, k, preferred_element_type=jnp.float32))
         masks.append(m)
     if own is not None:
         ks, _, m = own
-        scores.append(jnp.stack(
-            [jnp.einsum("btkgd,btkd->bkgt", qg, k, preferred_element_type=jnp.float32)
-             for k in ks], axis=-1))
+        own_s = jnp.stack(
+            [jnp.einsum("btkgd,btkd->btkg", qg, k, preferred_element_type=jnp.float32)
+             for k in ks], axis=-1)  # [b, t, k, g, slots]
+        scores.append(own_s.transpose(0, 2, 1, 3, 4))
         masks.append(m)
     s = jnp.concatenate(scores, axis=-1) if len(scores) > 1 else scores[0]
     m = jnp.concatenate(masks, axis=-1) if len(masks) > 1 else masks[0]
-    s = jnp.where(m[:, None, None], s, _NEG_INF)
+    m = m[:, None, :, None, :]  # [b, 1, t, 1, keys]
+    s = jnp.where(m, s, _NEG_INF)
     p = jax.nn.softmax(s, axis=-1)
     # A query with no visible key at all (a fully padded row) gets zeros, not NaN.
-    p = jnp.where(m[:, None, None], p, 0.0).astype(q.dtype)
-    out = jnp.zeros((b, nkv, nh // nkv, t, d), jnp.float32)
+    p = jnp.where(m, p, 0.0).astype(q.dtype)
+    out = jnp.zeros((b, nkv, t, nh // nkv, d), jnp.float32)
     start = 0
     if ctx is not None:
         _, v, _ = ctx
         n = v.shape[1]
-        out = out + jnp.einsum("bkgts,bskd->bkgtd", p[..., :n], v,
+        out = out + jnp.einsum("bktgs,bskd->bktgd", p[..., :n], v,
                                preferred_element_type=jnp.float32)
         start = n
     if own is not None:
         _, vs, _ = own
-        for j, v in enumerate(vs):
-            out = out + jnp.einsum("bkgt,btkd->bkgtd", p[..., start + j], v,
-                                   preferred_element_type=jnp.float32)
-    return out.transpose(0, 3, 1, 2, 4).reshape(b, t, nh, d).astype(q.dtype)
+        p_own = p[..., start:].transpose(0, 2, 1, 3, 4)  # [b, t, k, g, slots]
+        own_out = sum(jnp.einsum("btkg,btkd->btkgd", p_own[..., j], v,
+                                 preferred_element_type=jnp.float32)
+                      for j, v in enumerate(vs))
+        out = out + own_out.transpose(0, 2, 1, 3, 4)
+    return out.transpose(0, 2, 1, 3, 4).reshape(b, t, nh, d).astype(q.dtype)
 
 
 # --------------------------------------------------------------------------- decoder
