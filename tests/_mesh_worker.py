@@ -1,7 +1,9 @@
 """Subprocess worker for the mesh and multi-process tests (not a test module).
 
 Runs a few Quiet-STaR update steps of a tiny model on a (data, fsdp, tensor) mesh
-of simulated CPU devices and writes what the tests compare:
+of simulated CPU devices, through the trainer's own pieces (`train.step`'s
+optimiser, state shardings and jitted step, `train.checkpoint`'s orbax
+checkpointer), and writes what the tests compare:
 
     python tests/_mesh_worker.py '<json spec>'
 
@@ -35,11 +37,10 @@ def _setup(spec: dict) -> None:
 
 
 def tiny_setup():
-    """The tiny model, thought settings, optimiser and data used by every run."""
-    import optax
-
+    """The tiny model, thought settings and the trainer's optimiser used by every run."""
     from quietstar_jax.model import ModelConfig
     from quietstar_jax.thoughts import ThoughtConfig
+    from quietstar_jax.train.step import make_optimizer
 
     cfg = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=2,
                       num_heads=4, num_kv_heads=2, max_position_embeddings=64,
@@ -49,9 +50,8 @@ def tiny_setup():
     # before Adam normalises it, so 1e-5 agreement across meshes is a fair test.
     tc = ThoughtConfig(n_ahead=4, n_ahead_talk=2, n_passes=2, start_token_id=62,
                        end_token_id=63, pad_token_id=0, policy_loss_beta=1.0)
-    opt = optax.chain(optax.clip_by_global_norm(1.0),
-                      optax.adamw(1e-3, weight_decay=1e-3))
-    return cfg, tc, opt
+    opt, schedule = make_optimizer(1e-3, 100, weight_decay=1e-3, clip_norm=1.0)
+    return cfg, tc, opt, schedule
 
 
 GLOBAL_BATCH, SEQ = 8, 12
@@ -89,88 +89,80 @@ def init_fn(cfg):
     return init
 
 
-def make_step(cfg, tc, opt, p_sh, o_sh, b_sh, rep):
-    """A plain jitted update: quietstar_loss + optax, with in/out shardings."""
+def _mu_specs(opt_sharding) -> dict[str, list]:
+    """Param path -> spec of Adam's first moment, found anywhere in the optax state."""
     import jax
-    import optax
 
-    from quietstar_jax.loss import quietstar_loss
+    out = {}
+    for path, sh in jax.tree_util.tree_leaves_with_path(opt_sharding):
+        key = jax.tree_util.keystr(path)
+        if ".mu[" in key:
+            out[key.split(".mu", 1)[1]] = _spec(sh)
+    return out
 
-    def update(params, opt_state, ids, mask, step):
-        rng = jax.random.fold_in(jax.random.key(7), step)
-        (_, metrics), grads = jax.value_and_grad(quietstar_loss, has_aux=True)(
-            params, cfg, tc, ids, mask, rng)
-        updates, opt_state = opt.update(grads, opt_state, params)
-        metrics = {k: v for k, v in metrics.items()
-                   if k in ("loss", "nll_base", "nll_thought", "policy_loss", "reward_mean")}
-        metrics["grad_norm"] = optax.global_norm(grads)
-        return optax.apply_updates(params, updates), opt_state, metrics
 
-    return jax.jit(update, in_shardings=(p_sh, o_sh, b_sh, b_sh, rep),
-                   out_shardings=(p_sh, o_sh, rep), donate_argnums=(0, 1))
+def _spec(sh) -> list:
+    return [list(a) if isinstance(a, tuple) else a for a in sh.spec]
 
 
 def run_one(spec: dict, run: dict) -> None:
+    """One run on one mesh, through the trainer's step, state shardings and checkpoints."""
     import jax
     import numpy as np
-    import orbax.checkpoint as ocp
 
     from quietstar_jax import distributed, sharding
+    from quietstar_jax.train.checkpoint import Checkpointer
+    from quietstar_jax.train.step import init_state, make_train_step, state_shardings
 
-    cfg, tc, opt = tiny_setup()
+    cfg, tc, opt, schedule = tiny_setup()
     n_dev = run.get("devices")
     devices = jax.devices()[:n_dev] if n_dev else jax.devices()
     mesh = sharding.make_mesh(run["mesh"], devices)
     sharding.check_parallelism(mesh, cfg, GLOBAL_BATCH)
     axes = sharding.params_logical_axes(cfg)
-    init = init_fn(cfg)
-    params = sharding.sharded_init(init, mesh, axes)
+    params = sharding.sharded_init(init_fn(cfg), mesh, axes)
     p_sh = sharding.param_shardings(mesh, params, axes)
-    o_sh = sharding.state_shardings(mesh, jax.eval_shape(opt.init, params), axes)
+    st_sh = state_shardings(mesh, opt, params, p_sh)
     b_sh = sharding.batch_sharding(mesh)
-    rep = sharding.replicated(mesh)
-    opt_state = jax.jit(opt.init, out_shardings=o_sh)(params)
-    start = 0
+    state = jax.jit(lambda p: init_state(p, opt), out_shardings=st_sh)(params)
     if run.get("restore_ckpt"):
+        ckpt = Checkpointer(run["restore_ckpt"], async_save=False)
         abstract = jax.tree.map(
-            lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-            {"params": params, "opt_state": opt_state}, {"params": p_sh, "opt_state": o_sh})
-        restored = ocp.StandardCheckpointer().restore(os.path.abspath(run["restore_ckpt"]),
-                                                      abstract)
-        params, opt_state = restored["params"], restored["opt_state"]
-        start = int(np.asarray(jax.device_get(opt_state[1][0].count)))
-    init_host = distributed.gather_to_host(params)
+            lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, st_sh)
+        state, _ = ckpt.restore(ckpt.latest_step(), abstract)
+        ckpt.close()
+    start = int(jax.device_get(state.step))
+    init_host = distributed.gather_to_host(state.params)
     rows = sharding.process_rows(b_sh, GLOBAL_BATCH)
+    step_fn = make_train_step(cfg, tc, opt, schedule=schedule, seed=7, mesh=mesh,
+                              state_sharding=st_sh, batch_sharding=b_sh)
+    trace = []
     with sharding.use_mesh(mesh):
-        step_fn = make_step(cfg, tc, opt, p_sh, o_sh, b_sh, rep)
-        trace = []
         for step in range(start, start + run["steps"]):
             ids, mask = global_batch_numpy(step)
-            g_ids = distributed.global_batch(ids[rows], b_sh, GLOBAL_BATCH)
-            g_mask = distributed.global_batch(mask[rows], b_sh, GLOBAL_BATCH)
-            g_step = jax.device_put(np.int32(step), rep)
-            params, opt_state, metrics = step_fn(params, opt_state, g_ids, g_mask, g_step)
-            trace.append({k: float(v) for k, v in jax.device_get(metrics).items()})
+            batch = {"input_ids": distributed.global_batch(ids[rows], b_sh, GLOBAL_BATCH),
+                     "attention_mask": distributed.global_batch(mask[rows], b_sh, GLOBAL_BATCH)}
+            state, metrics = step_fn(state, batch)
+            trace.append({k: float(v) for k, v in jax.device_get(metrics).items()
+                          if np.ndim(v) == 0})
     if run.get("save_ckpt"):
-        ckptr = ocp.StandardCheckpointer()
-        ckptr.save(os.path.abspath(run["save_ckpt"]),
-                   {"params": params, "opt_state": opt_state})
-        ckptr.wait_until_finished()
-    final_host = distributed.gather_to_host(params)
-    spec_of = lambda s: [list(a) if isinstance(a, tuple) else a for a in s.spec]
+        ckpt = Checkpointer(run["save_ckpt"], async_save=False)
+        ckpt.save(int(jax.device_get(state.step)), state, {"note": "mesh test"})
+        ckpt.close()
+    final_host = distributed.gather_to_host(state.params)
+    leaves = jax.tree_util.tree_leaves_with_path(state.params)
     out = {
         "mesh": dict(mesh.shape),
         "process_count": jax.process_count(),
         "start_step": start,
         "trace": trace,
         "rows": [rows.start, rows.stop],
-        "param_specs": {jax.tree_util.keystr(k): spec_of(v.sharding)
-                        for k, v in jax.tree_util.tree_leaves_with_path(params)},
-        "mu_specs": {jax.tree_util.keystr(k): spec_of(v)
-                     for k, v in jax.tree_util.tree_leaves_with_path(o_sh[1][0].mu)},
-        "count_spec": spec_of(o_sh[1][0].count),
-        "shard_shapes": {jax.tree_util.keystr(k): [list(s.data.shape) for s in v.addressable_shards]
-                         for k, v in jax.tree_util.tree_leaves_with_path(params)},
+        "param_specs": {jax.tree_util.keystr(k): _spec(v.sharding) for k, v in leaves},
+        "mu_specs": _mu_specs(st_sh.opt_state),
+        "step_spec": _spec(st_sh.step),
+        "shard_shapes": {jax.tree_util.keystr(k): [list(s.data.shape)
+                                                   for s in v.addressable_shards]
+                         for k, v in leaves},
         "process_index": jax.process_index(),
     }
     suffix = "" if distributed.is_main_process() else f".p{jax.process_index()}"
@@ -192,7 +184,7 @@ def hf_check(spec: dict) -> None:
 
     from quietstar_jax import hf, sharding
 
-    cfg, _, _ = tiny_setup()
+    cfg, _, _, _ = tiny_setup()
     params = jax.jit(init_fn(cfg))()
     path = os.path.join(spec["out"], "hf_ckpt")
     hf.save_pretrained(path, params, cfg)

@@ -106,7 +106,7 @@ def test_parameter_and_optimizer_shardings_follow_rules(mesh_runs: Path, name: s
     want = {k: _norm_spec(v) for k, v in expected_specs(mesh).items()}
     assert {k: _norm_spec(v) for k, v in meta["param_specs"].items()} == want
     assert {k: _norm_spec(v) for k, v in meta["mu_specs"].items()} == want
-    assert meta["count_spec"] == []
+    assert meta["step_spec"] == []
     # Every device holds exactly its share, no more.
     for key in want:
         share = _share(key, mesh, want[key])
