@@ -166,3 +166,14 @@ def test_same_rng_same_thoughts_and_greedy_is_argmax():
     first = model.logits_from_hidden(params, cfg, g.step_hidden[0])
     first = first.at[..., START].set(-1e10).at[..., END].set(-1e10)
     np.testing.assert_array_equal(g.thought_tokens[0], jnp.argmax(first, axis=-1))
+
+
+def test_sample_categorical_matches_the_distribution():
+    from quietstar_jax.thoughts import sample_categorical
+
+    logits = jnp.log(jnp.array([0.5, 0.0, 0.2, 0.3]))  # id 1 has probability 0
+    keys = jax.random.split(jax.random.key(0), 20000)
+    draws = np.asarray(jax.vmap(sample_categorical, in_axes=(0, None))(keys, logits))
+    freq = np.bincount(draws, minlength=4) / draws.size
+    assert freq[1] == 0.0
+    np.testing.assert_allclose(freq, [0.5, 0.0, 0.2, 0.3], atol=0.015)
