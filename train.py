@@ -16,10 +16,32 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
-config_flags.DEFINE_config_file(
-    "config", os.path.join(_HERE, "configs", "default.py"),
-    "Config file (a Python file with get_config()); override fields with "
-    "--config.FIELD=VALUE, e.g. --config.thought.n_ahead=16.", lock_config=True)
+
+
+def _fail(message: str) -> None:
+    sys.stderr.write(f"train.py: error: {message}\n")
+    sys.exit(2)
+
+
+def _config_error(e: Exception, argv: list[str]) -> str:
+    """One line for an error ml_collections raised while applying overrides."""
+    if isinstance(e, AttributeError | KeyError):  # an override of a key that does not exist
+        text = " ".join(str(e).replace("\\n", " ").replace("\\'", "").split()).strip("'\"")
+        key = text.split()[0].strip("'\"") if text else "?"
+        given = [a.split("=")[0] for a in argv if a.startswith("--config.")
+                 and re.search(rf"\b{re.escape(key)}\b", a.split("=")[0])]
+        hint = text[len(key):].strip()
+        return f"unknown config key {given[0] if given else key}" + (f" ({hint})" if hint else "")
+    return f"bad config override: {' '.join(str(e).split())}"
+
+
+try:  # the default config file is loaded (with the overrides) right here
+    config_flags.DEFINE_config_file(
+        "config", os.path.join(_HERE, "configs", "default.py"),
+        "Config file (a Python file with get_config()); override fields with "
+        "--config.FIELD=VALUE, e.g. --config.thought.n_ahead=16.", lock_config=True)
+except (AttributeError, KeyError, TypeError, ValueError) as e:
+    _fail(_config_error(e, sys.argv))
 flags.DEFINE_string("workdir", None, "Checkpoints, metrics and reward pages go here "
                     "(default ./workdir/<config name>); an existing one is resumed.")
 
@@ -35,15 +57,8 @@ def _parse_flags(argv: list[str]) -> list[str]:
         return flags.FLAGS(argv)
     except flags.Error as e:
         _fail(" ".join(str(e).split()))
-    except AttributeError as e:  # ml_collections: an override of a key that does not exist
-        text = " ".join(str(e).replace("\\n", " ").replace("\\'", "").split()).strip("'\"")
-        key = text.split()[0].strip("'\"") if text else "?"
-        given = [a.split("=")[0] for a in argv if a.startswith("--config.")
-                 and re.search(rf"\b{re.escape(key)}\b", a.split("=")[0])]
-        hint = text[len(key):].strip()
-        _fail(f"unknown config key {given[0] if given else key}" + (f" ({hint})" if hint else ""))
-    except (KeyError, TypeError, ValueError) as e:
-        _fail(f"bad config override: {' '.join(str(e).split())}")
+    except (AttributeError, KeyError, TypeError, ValueError) as e:
+        _fail(_config_error(e, argv))
     return []
 
 
@@ -70,6 +85,14 @@ def main(argv: list[str]) -> None:
         _fail(str(e))
     except FloatingPointError as e:
         _fail(f"{e}; stopped without checkpointing it (the last good checkpoint is kept)")
+    history = summary["history"]
+    if history and not summary["preempted"]:
+        first, last = history[0], history[-1]
+        print(f"done: steps {first['step']}-{last['step']} in {summary['wall_time_s']:.0f} s; "
+              f"loss {first['loss']:.4g} -> {last['loss']:.4g}, nll_base "
+              f"{first['nll_base']:.4g} -> {last['nll_base']:.4g}, reward_mean "
+              f"{last['reward_mean']:.4g}, mixing_weight_mean {last['mixing_weight_mean']:.4g}; "
+              f"workdir {summary['workdir']}")
     if summary["preempted"]:
         print(f"preempted at step {summary['final_step']}: checkpoint saved, run again with "
               f"--workdir {summary['workdir']} to resume")

@@ -230,7 +230,8 @@ def run(
       it to send SIGTERM at a chosen step).
     Returns a summary: `start_step`, `final_step`, `preempted`, `history` (one dict
     per update: every metric as Python numbers, `step`, `batch_hash`), `checkpoints`
-    (steps on disk), `reward_pages`, `wall_time_s`, `compile_time_s`, `num_params`.
+    (steps on disk), `reward_pages`, `wall_time_s`, `compile_time_s`, `num_params`,
+    `workdir`, `final_state` (the TrainState after the last update).
     Raises SetupError for bad input (before compiling) and FloatingPointError when a
     loss component is not finite (naming step and component).
     """
@@ -239,10 +240,18 @@ def run(
     if config.get("compilation_cache_dir"):
         _enable_compilation_cache(config.compilation_cache_dir)
     setup = _Setup(config, workdir)
-    lead = setup.process_index == 0
     ckpt = Checkpointer(os.path.join(workdir, "checkpoints"),
                         max_to_keep=config.keep_checkpoints,
                         async_save=config.async_checkpointing)
+    try:
+        return _train(config, workdir, setup, ckpt, on_step, t_start)
+    finally:
+        ckpt.close()
+
+
+def _train(config: ConfigDict, workdir: str, setup: _Setup, ckpt: Checkpointer,
+           on_step: Callable[[int], None] | None, t_start: float) -> dict[str, Any]:
+    lead = setup.process_index == 0
     start_step = ckpt.latest_step() or 0
     num_params = count_params(setup.model.params)
     if start_step:
@@ -326,6 +335,7 @@ def run(
             if periodic or stopping or step == config.num_steps:
                 flush()
                 ckpt.save(step, state, setup.data.get_state())
+                last_done = time.time()  # the device idled meanwhile: not a step's time
             if eval_rows is not None and (
                     (config.eval_every and step % config.eval_every == 0)
                     or step == config.num_steps):
@@ -333,6 +343,7 @@ def run(
                 page = _reward_page(setup, eval_fn, state.params, step, eval_rows)
                 if page:
                     pages.append(page)
+                last_done = time.time()
             if stopping:
                 preempted = True
                 say(f"stop requested (SIGTERM): saved step {step}, exiting")
@@ -349,7 +360,7 @@ def run(
         stop.uninstall()
         bar.close()
         writer.close()
-        ckpt.close()
+        ckpt.wait()
     summary = {
         "start_step": start_step,
         "final_step": step,

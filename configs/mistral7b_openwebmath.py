@@ -1,0 +1,55 @@
+"""The paper's setting (ALGORITHM.md section 4): Mistral-7B on OpenWebMath.
+
+Every number is the authors' released code's: AdamW at 1e-6, weight decay 0.001,
+20 warm-up steps then linear decay, clipping at 1.0, 8 sequences per step in 2
+micro-batches of 4 (each sequence thinks twice), sequences of 256 tokens, 12-token
+thoughts (10 sampled) scored on 4 true tokens, bfloat16 compute.
+
+Needs a local Hugging Face checkpoint (e.g. `huggingface-cli download
+mistralai/Mistral-7B-v0.1 --local-dir checkpoints/Mistral-7B-v0.1`; give another
+path with `--config.model.hf_path`) and the `datasets` package for
+`open-web-math/open-web-math` (or point `--config.data.source=files
+--config.data.path=...` at local jsonl/parquet files).
+
+Sized for one host with 8 GPUs or a TPU slice of 8 chips: float32 master weights
+and Adam moments are sharded over 4-way FSDP x 2-way tensor parallelism
+(`--config.mesh="(1,4,2)"`); each micro-batch of 4 sequences splits over the 4
+FSDP groups. With more chips, raise `batch_size` so that batch_size / grad_accum
+stays divisible by data x fsdp.
+"""
+
+from quietstar_jax.train.config import base_config
+
+
+def get_config():
+    config = base_config()
+    config.model.hf_path = "checkpoints/Mistral-7B-v0.1"
+    config.model.dtype = "bfloat16"
+    config.model.param_dtype = "float32"
+    config.model.scan_layers = True
+    config.model.remat = "full"
+
+    # ThoughtConfig defaults are the authors' (n_ahead 12, n_ahead_talk 4, 2 passes,
+    # policy_loss_beta 1e6, reinforce temperature 3, embedding scale 100).
+
+    config.data.source = "hf"
+    config.data.hf_name = "open-web-math/open-web-math"
+    config.data.hf_split = "train"
+    config.data.text_field = "text"
+    config.data.seq_len = 256
+
+    config.optim.lr = 1e-6
+    config.optim.warmup_steps = 20
+    config.optim.weight_decay = 0.001
+    config.optim.clip_norm = 1.0
+
+    config.batch_size = 8
+    config.grad_accum = 2
+    config.num_steps = 1000
+    config.log_every = 10
+    config.eval_every = 100
+    config.checkpoint_every = 100
+    config.keep_checkpoints = 3
+    config.mesh = (1, 4, 2)
+    config.export_hf_dir = "checkpoints/quietstar-mistral-7b"
+    return config

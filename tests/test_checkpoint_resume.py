@@ -1,0 +1,169 @@
+"""Checkpoints: preemption (SIGTERM) and resume are bit-exact; NaN never checkpointed;
+only the last N kept; export to Hugging Face at the end."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from quietstar_jax.train import loop
+from quietstar_jax.train.checkpoint import Checkpointer
+from quietstar_jax.train.config import base_config
+
+# Timing and host-side values differ between runs by nature; everything else must not.
+UNTIMED = ("step_time_s", "tokens_per_s")
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+    # Identical programs across the runs below compile once.
+    return str(tmp_path_factory.mktemp("xla_cache"))
+
+
+def tiny_config(cache_dir, **overrides):
+    c = base_config()
+    c.model.hidden_size = 16
+    c.model.intermediate_size = 24
+    c.model.num_layers = 1
+    c.model.num_heads = 2
+    c.model.num_kv_heads = 1
+    c.thought.n_ahead = 4
+    c.thought.n_ahead_talk = 2
+    c.thought.policy_loss_beta = 10.0
+    c.data.seq_len = 24
+    c.data.num_documents = 64
+    c.optim.lr = 1e-2
+    c.optim.warmup_steps = 2
+    c.batch_size = 4
+    c.grad_accum = 2
+    c.num_steps = 6
+    c.log_every = 1
+    c.checkpoint_every = 2
+    c.keep_checkpoints = 2
+    c.eval_examples = 0
+    c.progress_bar = False
+    c.compilation_cache_dir = cache_dir
+    for k, v in overrides.items():
+        node = c
+        *parents, leaf = k.split(".")
+        for p in parents:
+            node = node[p]
+        node[leaf] = v
+    return c
+
+
+def records(summary):
+    return [{k: v for k, v in r.items() if k not in UNTIMED} for r in summary["history"]]
+
+
+@pytest.fixture(scope="module")
+def straight(cache_dir, tmp_path_factory):
+    """Six steps without interruption, exporting a Hugging Face checkpoint at the end."""
+    work = tmp_path_factory.mktemp("straight")
+    export = str(work / "hf_export")
+    summary = loop.run(tiny_config(cache_dir, export_hf_dir=export), str(work / "run"))
+    return summary, export
+
+
+def test_interrupted_and_resumed_run_is_bit_identical(straight, cache_dir, tmp_path):
+    full, _ = straight
+    assert full["final_step"] == 6 and not full["preempted"]
+
+    def preempt_at_3(step):
+        if step == 3:
+            os.kill(os.getpid(), signal.SIGTERM)  # the real handler, as on preemption
+
+    work = str(tmp_path / "run")
+    handler = signal.getsignal(signal.SIGTERM)
+    first = loop.run(tiny_config(cache_dir), work, on_step=preempt_at_3)
+    assert first["preempted"] and first["final_step"] == 3
+    assert first["checkpoints"] == [2, 3]  # periodic, then the one SIGTERM asked for
+    assert signal.getsignal(signal.SIGTERM) is handler  # the previous handler is back
+    second = loop.run(tiny_config(cache_dir), work)
+    assert second["start_step"] == 3 and second["final_step"] == 6
+
+    resumed = records(first) + records(second)
+    assert [r["step"] for r in resumed] == list(range(1, 7))
+    # Losses, rewards, thought log-probs (the sampled thoughts), grad norms, lr and the
+    # data (batch hashes): all equal, bit for bit.
+    assert resumed == records(full)
+    assert len({r["batch_hash"] for r in resumed}) == 6
+    for a, b in zip(jax.tree.leaves(full["final_state"]), jax.tree.leaves(second["final_state"]),
+                    strict=True):
+        assert np.array_equal(np.asarray(a), np.asarray(b))
+    # The metrics file holds each step once, in order.
+    with open(os.path.join(work, "metrics.jsonl")) as f:
+        assert [json.loads(line)["step"] for line in f] == list(range(1, 7))
+
+
+def test_last_checkpoints_are_kept_and_complete(straight):
+    full, _ = straight
+    ckpt_dir = os.path.join(full["workdir"], "checkpoints")
+    assert full["checkpoints"] == [4, 6]  # every 2 steps, keep 2
+    assert sorted(os.listdir(ckpt_dir)) == ["4", "6"]  # no temporary directories left
+    # A half-written step (orbax's temporary name) is never taken as the latest.
+    os.makedirs(os.path.join(ckpt_dir, "8.orbax-checkpoint-tmp-123", "state"))
+    assert Checkpointer(ckpt_dir).latest_step() == 6
+    # Running again with the finished workdir resumes at the end: nothing to do.
+    again = loop.run(tiny_config(None), full["workdir"])
+    assert again["start_step"] == 6 and again["history"] == []
+
+
+def test_workdir_holds_metrics_and_tensorboard(straight):
+    full, _ = straight
+    work = full["workdir"]
+    with open(os.path.join(work, "metrics.jsonl")) as f:
+        rows = [json.loads(line) for line in f]
+    assert [r["step"] for r in rows] == list(range(1, 7))
+    for key in ("loss", "nll_base", "nll_thought", "policy_loss", "reward_mean", "reward_std",
+                "mixing_weight_mean", "lr", "grad_norm", "tokens_per_s", "step_time_s"):
+        assert key in rows[-1], key
+    assert rows[0]["lr"] == 0.0 and rows[2]["lr"] == pytest.approx(1e-2)  # warm-up of 2
+    assert any(name.startswith("events.out.tfevents") for name in os.listdir(
+        os.path.join(work, "tb")))
+    assert json.load(open(os.path.join(work, "config.json")))["num_steps"] == 6
+
+
+def test_export_holds_the_final_params_in_the_authors_layout(straight):
+    full, export = straight
+    from safetensors.numpy import load_file
+
+    from quietstar_jax import hf
+
+    tensors = load_file(os.path.join(export, "model.safetensors"))
+    for key in ("start_embedding", "end_embedding", "talk_head.0.0.weight",
+                "talk_head.0.4.weight"):
+        assert key in tensors, key
+    _, params, _ = hf.load_pretrained(export, add_thought_tokens=False)
+    final = full["final_state"].params
+    for a, b in zip(jax.tree.leaves(final), jax.tree.leaves(params), strict=True):
+        assert np.array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_nan_stops_without_checkpointing_the_bad_step(cache_dir, tmp_path, monkeypatch):
+    real = loop.make_train_step
+
+    def poisoned(*args, **kwargs):
+        step_fn = real(*args, **kwargs)
+
+        def step(state, batch):
+            n = int(state.step)
+            state, metrics = step_fn(state, batch)
+            if n == 3:  # the 4th update
+                metrics = dict(metrics, policy_loss=metrics["policy_loss"] * jnp.nan)
+            return state, metrics
+
+        return step
+
+    monkeypatch.setattr(loop, "make_train_step", poisoned)
+    work = str(tmp_path / "run")
+    with pytest.raises(FloatingPointError, match="step 4: component policy_loss"):
+        loop.run(tiny_config(cache_dir), work)
+    # Step 4 would have been checkpointed (every 2 steps): only step 2 is on disk.
+    assert Checkpointer(os.path.join(work, "checkpoints")).latest_step() == 2
