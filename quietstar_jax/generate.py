@@ -116,7 +116,7 @@ def sample_token(key: jax.Array, logits: jax.Array, sc: SamplingConfig) -> jax.A
 
 
 def sample_thought_token(
-    params: Params, cfg: ModelConfig, tc: ThoughtConfig, key: jax.Array, h: jax.Array
+    params: Params, cfg: ModelConfig, tc: ThoughtConfig, key: jax.Array | None, h: jax.Array
 ) -> jax.Array:
     """The next thought token from the previous step's hidden `[B, hidden]` -> `[B]`:
     plain LM logits with the thought ids masked, argmax (tc.sampling == "greedy") or a
@@ -200,53 +200,61 @@ def _window_ok(q_pos: jax.Array, k_pos: jax.Array, cfg: ModelConfig) -> jax.Arra
     return (q_pos - k_pos) < cfg.sliding_window
 
 
-def think_at_last(
+def think_at(
     params: Params,
     cfg: ModelConfig,
     tc: ThoughtConfig,
-    cache: KV,
-    cache_valid: jax.Array,
-    cache_pos: jax.Array,
-    h_last: jax.Array,
-    pos_last: jax.Array,
-    key: jax.Array,
+    ctx_kv: KV,
+    ctx_ok: jax.Array,
+    ctx_pos: jax.Array,
+    h_base: jax.Array,
+    q_pos: jax.Array,
+    key: jax.Array | None,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """Think at each row's last real token and return the mixed prediction.
+    """Think at Q chosen positions per row and return their mixed hidden states.
 
-    cache: KV `[layers, B, M, kv_heads, head_dim]` of the real tokens; cache_valid
-    `[B, M]` bool; cache_pos `[B, M]` their position ids; h_last `[B, hidden]` the last
-    real token's base hidden; pos_last `[B]` its position id; key: this token's key.
-    Returns (mixed logits `[B, vocab]` float32, thought tokens `[B, n_ahead - 3]`,
-    mixing weight `[B]`).
+    ctx_kv: base KV `[layers, B, C, kv_heads, head_dim]` the thoughts may attend to
+    (the real tokens); ctx_ok `[B, Q, C]` bool: which of them each query position sees
+    (causal, valid; all False for a dummy query); ctx_pos `[B, C]` their position ids;
+    h_base `[B, Q, hidden]` the base hidden states of the chosen positions; q_pos
+    `[B, Q]` their position ids. Thought step s (1 .. n_ahead - 1) is fed at position
+    q_pos + s and sees the visible context (and the sliding window) plus its own earlier
+    steps, exactly as position i of `thoughts.rollout`. Thought tokens are drawn from
+    `[B * Q, vocab]` logits with key `fold_in(key, s)`.
+    Returns (mixed hidden `[B, Q, hidden]`, thought tokens `[B, Q, n_ahead - 3]`,
+    mixing weight `[B, Q]`).
     """
-    b = h_last.shape[0]
+    b, q = q_pos.shape
     dt = cfg.compute_dtype
+    hidden = (b, q, cfg.hidden_size)
+    own_ok = jnp.any(ctx_ok, axis=-1)  # a dummy query sees nothing, not even itself
     own: list[KV] = []
     toks = []
     prev = None
     for s in range(1, tc.n_ahead):
         if s == 1:
-            emb = jnp.broadcast_to(thought_embedding(params, tc, "start_emb"), (b, cfg.hidden_size))
+            emb = jnp.broadcast_to(thought_embedding(params, tc, "start_emb"), hidden)
         elif s <= tc.n_ahead - 2:
-            tok = sample_thought_token(params, cfg, tc, jax.random.fold_in(key, s), prev)
+            step_key = None if key is None else jax.random.fold_in(key, s)
+            tok = sample_thought_token(params, cfg, tc, step_key,
+                                       prev.reshape(b * q, -1)).reshape(b, q)
             toks.append(tok)
             emb = model.embed_tokens(params, cfg, tok)
         else:
-            emb = jnp.broadcast_to(thought_embedding(params, tc, "end_emb"), (b, cfg.hidden_size))
-        q_pos = pos_last + s  # [B]
-        ctx_mask = cache_valid & _window_ok(q_pos[:, None], cache_pos, cfg)
+            emb = jnp.broadcast_to(thought_embedding(params, tc, "end_emb"), hidden)
+        pos = q_pos + s
+        ctx_mask = ctx_ok & _window_ok(pos[:, :, None], ctx_pos[:, None, :], cfg)
         own_mask = _window_ok(jnp.asarray(s), jnp.arange(1, s + 1), cfg)
-        own_mask = jnp.broadcast_to(own_mask[None, None, :], (b, 1, s))
+        own_mask = own_ok[:, :, None] & own_mask[None, None, :]
         h, kv = model.decoder(
-            params, cfg, emb[:, None, :].astype(dt), q_pos[:, None],
-            ctx=(cache, ctx_mask[:, None, :]), own=(tuple(own), own_mask),
+            params, cfg, emb.astype(dt), pos,
+            ctx=(ctx_kv, ctx_mask), own=(tuple(own), own_mask),
         )
         own.append(kv)
-        prev = h[:, 0]
-    mixed, w = mixed_hidden(params, tc, h_last[:, None, :], prev[:, None, :], tc.n_ahead - 1)
-    logits = model.logits_from_hidden(params, cfg, mixed[:, 0])
-    thoughts = jnp.stack(toks, axis=1) if toks else jnp.zeros((b, 0), jnp.int32)
-    return logits, thoughts, w[:, 0]
+        prev = h
+    mixed, w = mixed_hidden(params, tc, h_base, prev, tc.n_ahead - 1)
+    thoughts = jnp.stack(toks, axis=-1) if toks else jnp.zeros((b, q, 0), jnp.int32)
+    return mixed, thoughts, w
 
 
 def _append_token(
@@ -314,10 +322,11 @@ def _generate_cached(
         t, cache, valid, cpos, h_last, pos_last, out_tok, out_thought, out_w, done = state
         key = _token_key(rng, t)
         if think:
-            logits, thought, w = think_at_last(
-                params, cfg, tc, cache, valid, cpos, h_last, pos_last, key)
-            out_thought = out_thought.at[:, t].set(thought)
-            out_w = out_w.at[:, t].set(w)
+            mixed, thought, w = think_at(params, cfg, tc, cache, valid[:, None, :], cpos,
+                                         h_last[:, None, :], pos_last[:, None], key)
+            logits = model.logits_from_hidden(params, cfg, mixed[:, 0])
+            out_thought = out_thought.at[:, t].set(thought[:, 0])
+            out_w = out_w.at[:, t].set(w[:, 0])
         else:
             logits = model.logits_from_hidden(params, cfg, h_last)
         tok = sample_token(jax.random.fold_in(key, 0), _mask_real_logits(logits, tc), sc)

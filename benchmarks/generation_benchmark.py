@@ -1,0 +1,130 @@
+"""Generation speed: cached thinking generation vs recomputing everything per token.
+
+    python benchmarks/generation_benchmark.py [--model DIR] [--prompt-len 256]
+        [--n-ahead 12] [--new-tokens 64] [--recompute-tokens 16] [--batch 1]
+        [--out generation_benchmark.json]
+
+Both generators think before every new token (start, n_ahead - 3 thought tokens,
+end), with greedy thoughts and greedy tokens so they produce the same tokens (checked
+here). "recompute" is the authors' approach: for every new token one parallel
+rollout over the whole sequence, every position thinking (it runs over the fixed
+buffer prompt + recompute-tokens, so up to recompute-tokens / prompt-len more
+positions than the current length). Each generator is compiled and run once, then
+timed on a second run; tokens/s = batch * new tokens / seconds. The model is
+stories260K (`--model`, default ../shared/data/stories260K-hf when present) or a
+tiny random Llama. Prints a table and JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+
+from quietstar_jax import generate as G
+from quietstar_jax.model import ModelConfig, init_params
+from quietstar_jax.thoughts import ThoughtConfig, init_thought_params
+
+DEFAULT_MODEL = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "stories260K-hf"
+DEFAULT_TEXT = DEFAULT_MODEL.parent / "tinystories" / "tinystories_val_head.txt"
+
+
+def _load(model: str | None, n_ahead: int, prompt_len: int, batch: int, seed: int):
+    """(cfg, params, tc, prompts, model name)."""
+    path = Path(model) if model else DEFAULT_MODEL
+    if path.is_dir():
+        from quietstar_jax import hf
+
+        cfg, params, tok = hf.load_pretrained(path)
+        tc = ThoughtConfig(n_ahead=n_ahead, n_ahead_talk=1, n_passes=1, sampling="greedy",
+                           **hf.thought_token_ids(tok))
+        text = DEFAULT_TEXT.read_text() if DEFAULT_TEXT.is_file() else "Once upon a time. " * 200
+        ids = tok(text, add_special_tokens=False)["input_ids"]
+        prompts = [[tok.bos_token_id] + ids[b * prompt_len:(b + 1) * prompt_len - 1]
+                   for b in range(batch)]
+        return cfg, params, tc, prompts, str(path)
+    if model:
+        raise SystemExit(f"error: model directory {model} does not exist")
+    cfg = ModelConfig(vocab_size=514, hidden_size=64, intermediate_size=172, num_layers=5,
+                      num_heads=8, num_kv_heads=4, eos_token_id=None)
+    params = init_params(cfg, jax.random.key(seed))
+    params["thought"] = init_thought_params(params, cfg, jax.random.key(seed + 1), 5)
+    tc = ThoughtConfig(n_ahead=n_ahead, n_ahead_talk=1, n_passes=1, sampling="greedy",
+                       start_token_id=512, end_token_id=513, pad_token_id=0)
+    rng = np.random.default_rng(seed)
+    prompts = rng.integers(3, 512, (batch, prompt_len)).tolist()
+    return cfg, params, tc, prompts, "tiny random llama (stories260K shape)"
+
+
+def _timed(fn: Any) -> tuple[G.Generation, float, float]:
+    """(result, first-call seconds incl. compile, second-call seconds)."""
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn().tokens)
+    t1 = time.perf_counter()
+    out = fn()
+    jax.block_until_ready(out.tokens)
+    return out, t1 - t0, time.perf_counter() - t1
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default=None)
+    p.add_argument("--prompt-len", type=int, default=256)
+    p.add_argument("--n-ahead", type=int, default=12)
+    p.add_argument("--new-tokens", type=int, default=64, help="cached generators")
+    p.add_argument("--recompute-tokens", type=int, default=16, help="recompute generator")
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="generation_benchmark.json")
+    a = p.parse_args(argv)
+    cfg, params, tc, prompts, name = _load(a.model, a.n_ahead, a.prompt_len, a.batch, a.seed)
+    common = dict(greedy=True, eos_token_id=None, pad_to_multiple=1)
+    runs = {
+        "cached_thinking": (a.new_tokens, lambda: G.generate(
+            params, cfg, tc, prompts, max_new_tokens=a.new_tokens, **common)),
+        "recompute_thinking": (a.recompute_tokens, lambda: G.generate_recompute(
+            params, cfg, tc, prompts, max_new_tokens=a.recompute_tokens, exact_rng=False,
+            **common)),
+        "cached_base": (a.new_tokens, lambda: G.generate(
+            params, cfg, tc, prompts, max_new_tokens=a.new_tokens, think=False, **common)),
+    }
+    res: dict[str, Any] = {}
+    outs = {}
+    for key, (n, fn) in runs.items():
+        out, first, second = _timed(fn)
+        outs[key] = np.asarray(out.tokens)
+        res[key] = {"new_tokens": n, "first_call_s": first, "seconds": second,
+                    "tokens_per_s": a.batch * n / second}
+        print(f"{key}: {res[key]['tokens_per_s']:.1f} tokens/s", file=sys.stderr)
+    m = a.recompute_tokens
+    same = bool((outs["cached_thinking"][:, :m] == outs["recompute_thinking"][:, :m]).all())
+    ratio = res["cached_thinking"]["tokens_per_s"] / res["recompute_thinking"]["tokens_per_s"]
+    report = {
+        "model": name, "prompt_len": a.prompt_len, "batch": a.batch, "n_ahead": tc.n_ahead,
+        "thought_tokens": tc.num_sampled, "device": str(jax.devices()[0]),
+        "cpu_count": os.cpu_count(),
+        "load_avg": os.getloadavg() if hasattr(os, "getloadavg") else None,
+        "runs": res, "cached_vs_recompute_speedup": ratio,
+        "same_tokens": same,
+    }
+    print(f"{'generator':>20}  {'new tokens':>10}  {'seconds':>8}  {'tokens/s':>9}")
+    for key, r in res.items():
+        print(f"{key:>20}  {r['new_tokens']:>10}  {r['seconds']:>8.3f}  "
+              f"{r['tokens_per_s']:>9.1f}")
+    print(f"cached thinking is {ratio:.1f}x faster than recomputing everything "
+          f"(prompt {a.prompt_len} tokens, n_ahead {tc.n_ahead}, batch {a.batch}; "
+          f"same tokens: {same})")
+    print(json.dumps(report, indent=1))
+    Path(a.out).write_text(json.dumps(report, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

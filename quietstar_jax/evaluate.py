@@ -1,0 +1,461 @@
+"""Evaluations of a Quiet-STaR model, base (no thoughts) and thinking side by side.
+
+Functions (for notebooks) and `python -m quietstar_jax.evaluate` (tasks gsm8k, csqa,
+perplexity, cot):
+
+* `evaluate_gsm8k`, `evaluate_csqa`: zero-shot direct answering with the authors'
+  metric (ALGORITHM.md section 5; see `eval_data` for the prompts and valid tokens and
+  `eval_metrics.answer_score`): `accuracy` is the mean over examples of the product
+  of renormalised true-token probabilities, `exact_match` the share of examples whose
+  every scored token is the argmax over the valid tokens.
+* `evaluate_perplexity`: base and thought-mixed NLL per token of held-out text, and
+  the improvement binned by the base NLL of each token.
+* `evaluate_cot`: chain-of-thought majority vote on GSM8K (`eval_cot`).
+
+The thinking model is the given ThoughtConfig with `n_ahead_talk = n_passes = 1`;
+thought tokens are sampled (`tc.sampling == "sample"`, keys from `seed`) or greedy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from quietstar_jax import eval_data
+from quietstar_jax.eval_cot import run_cot
+from quietstar_jax.eval_metrics import DEFAULT_NLL_EDGES, answer_score, nll_bins
+from quietstar_jax.eval_scoring import (
+    answer_logits,
+    eval_thought_config,
+    length_batches,
+    right_pad,
+    token_nlls,
+)
+from quietstar_jax.model import ModelConfig, Params
+from quietstar_jax.thoughts import ThoughtConfig
+
+TASKS = ("gsm8k", "csqa", "perplexity", "cot")
+
+
+def _prepare_tc(tc: ThoughtConfig | None, tokenizer: Any, cfg: ModelConfig) -> ThoughtConfig | None:
+    if tc is None:
+        return None
+    if tc.start_token_id is None or tc.end_token_id is None or tc.pad_token_id is None:
+        from quietstar_jax import hf
+
+        tc = tc.replace(**hf.thought_token_ids(tokenizer))
+    tc = eval_thought_config(tc)
+    tc.check_token_ids(cfg.vocab_size)
+    return tc
+
+
+def _pad_id(tokenizer: Any, tc: ThoughtConfig | None) -> int:
+    if tc is not None and tc.pad_token_id is not None:
+        return tc.pad_token_id
+    for t in (tokenizer.pad_token_id, tokenizer.eos_token_id):
+        if t is not None:
+            return int(t)
+    return 0
+
+
+def _thought_info(tc: ThoughtConfig | None) -> dict[str, Any]:
+    if tc is None:
+        return {"n_ahead": 1, "thought_tokens": 0}
+    return {"n_ahead": tc.n_ahead, "thought_tokens": tc.num_sampled,
+            "thought_sampling": tc.sampling, "thought_temperature": tc.thought_temperature}
+
+
+def score_examples(
+    params: Params,
+    cfg: ModelConfig,
+    tc: ThoughtConfig | None,
+    examples: Sequence[eval_data.AnswerExample],
+    valid_ids: Sequence[int],
+    *,
+    pad_id: int,
+    batch_tokens: int = 8192,
+    bucket: int = 64,
+    seed: int = 0,
+) -> dict[str, np.ndarray]:
+    """Authors' score and exact match of every example, base and (with tc) thinking.
+
+    Prompts are grouped by length rounded up to `bucket` tokens, `batch_tokens` per
+    batch (one compiled program per bucket). Returns {"base_score", "base_exact",
+    "thinking_score", "thinking_exact"} arrays `[n]` (the thinking ones only with tc).
+    """
+    n = len(examples)
+    res = {"base_score": np.zeros(n), "base_exact": np.zeros(n, bool)}
+    if tc is not None:
+        res |= {"thinking_score": np.zeros(n), "thinking_exact": np.zeros(n, bool)}
+    valid = jnp.asarray(valid_ids, jnp.int32)
+    rng = jax.random.key(seed)
+    lengths = [len(e.ids) for e in examples]
+    n_q = max(len(e.positions) for e in examples)
+    for k, (idx, width, rows) in enumerate(length_batches(lengths, batch_tokens, bucket)):
+        ids, mask = right_pad([examples[i].ids for i in idx], width, rows, pad_id)
+        q_index = np.zeros((rows, n_q), np.int32)
+        q_ok = np.zeros((rows, n_q), bool)
+        for r, i in enumerate(idx):
+            q_index[r, :len(examples[i].positions)] = examples[i].positions
+            q_ok[r, :len(examples[i].positions)] = True
+        key = jax.random.fold_in(rng, k) if tc is not None and tc.sampling == "sample" else None
+        base, think = answer_logits(params, jnp.asarray(ids), jnp.asarray(mask), key, valid,
+                                    jnp.asarray(q_index), jnp.asarray(q_ok), cfg=cfg, tc=tc)
+        outs = {"base": np.asarray(base)} | ({"thinking": np.asarray(think)} if tc else {})
+        for r, i in enumerate(idx):
+            ex = examples[i]
+            for name, logits in outs.items():
+                s, e = answer_score(logits[r, :len(ex.positions)], ex.targets)
+                res[f"{name}_score"][i], res[f"{name}_exact"][i] = s, e
+    return res
+
+
+def _direct_answer(
+    task: str,
+    params: Params,
+    cfg: ModelConfig,
+    tc: ThoughtConfig | None,
+    tokenizer: Any,
+    source: str | Path,
+    *,
+    limit: int | None,
+    batch_tokens: int,
+    bucket: int,
+    seed: int,
+    max_length: int | None,
+    return_examples: bool,
+) -> dict[str, Any]:
+    t0 = time.perf_counter()
+    tc = _prepare_tc(tc, tokenizer, cfg)
+    raw = eval_data.load_rows(task, source)
+    if task == "gsm8k":
+        rows = eval_data.gsm8k_rows(raw)
+        texts = [eval_data.gsm8k_text(r["question"], r["answer"]) for r in rows]
+        valid_ids = eval_data.gsm8k_valid_ids(tokenizer)
+    else:
+        rows = eval_data.csqa_rows(raw)
+        texts = [eval_data.csqa_text(r["question"], r["labels"], r["texts"], r["answerKey"])
+                 for r in rows]
+        valid_ids = eval_data.csqa_valid_ids(tokenizer)
+    if limit is not None:
+        texts = texts[:limit]
+    pad_id = _pad_id(tokenizer, tc)
+    examples = eval_data.build_examples(tokenizer, texts, valid_ids, skip_first=task == "gsm8k",
+                                        pad_id=pad_id, max_length=max_length)
+    res = score_examples(params, cfg, tc, examples, valid_ids, pad_id=pad_id,
+                         batch_tokens=batch_tokens, bucket=bucket, seed=seed)
+    out: dict[str, Any] = {
+        "task": task, "examples": len(examples), **_thought_info(tc),
+        "valid_token_ids": list(valid_ids),
+        "valid_tokens": tokenizer.convert_ids_to_tokens(list(valid_ids)),
+        "base": {"accuracy": float(res["base_score"].mean()),
+                 "exact_match": float(res["base_exact"].mean())},
+    }
+    if tc is not None:
+        out["thinking"] = {"accuracy": float(res["thinking_score"].mean()),
+                           "exact_match": float(res["thinking_exact"].mean())}
+    out["seconds"] = time.perf_counter() - t0
+    if return_examples:
+        out["per_example"] = {k: v.tolist() for k, v in res.items()}
+    return out
+
+
+def evaluate_gsm8k(
+    params: Params,
+    cfg: ModelConfig,
+    tc: ThoughtConfig | None,
+    tokenizer: Any,
+    source: str | Path = "hf",
+    *,
+    limit: int | None = None,
+    batch_tokens: int = 8192,
+    bucket: int = 64,
+    seed: int = 0,
+    max_length: int | None = None,
+    return_examples: bool = False,
+) -> dict[str, Any]:
+    """Zero-shot direct-answer GSM8K (test): base and thinking `accuracy` (the authors'
+    metric) and `exact_match`. tc None: base only. source: see `eval_data.load_rows`.
+    Prompts longer than max_length keep their last max_length tokens; batching: see
+    `score_examples`. Returns {"task", "examples", "n_ahead", "thought_tokens",
+    "valid_token_ids", "valid_tokens", "base": {"accuracy", "exact_match"},
+    "thinking": {...}, "seconds"} (and "per_example" arrays with return_examples)."""
+    return _direct_answer("gsm8k", params, cfg, tc, tokenizer, source, limit=limit,
+                          batch_tokens=batch_tokens, bucket=bucket, seed=seed,
+                          max_length=max_length, return_examples=return_examples)
+
+
+def evaluate_csqa(
+    params: Params,
+    cfg: ModelConfig,
+    tc: ThoughtConfig | None,
+    tokenizer: Any,
+    source: str | Path = "hf",
+    *,
+    limit: int | None = None,
+    batch_tokens: int = 8192,
+    bucket: int = 64,
+    seed: int = 0,
+    max_length: int | None = None,
+    return_examples: bool = False,
+) -> dict[str, Any]:
+    """Zero-shot direct-answer CommonsenseQA (validation), as `evaluate_gsm8k`."""
+    return _direct_answer("csqa", params, cfg, tc, tokenizer, source, limit=limit,
+                          batch_tokens=batch_tokens, bucket=bucket, seed=seed,
+                          max_length=max_length, return_examples=return_examples)
+
+
+def text_chunks(
+    tokenizer: Any, text: str, chunk_len: int, *, bos: bool = False,
+    join_paragraphs: bool = True, max_chunks: int | None = None,
+) -> list[list[int]]:
+    """Token chunks for perplexity, each with `chunk_len` predicted tokens.
+
+    The text's paragraphs (blank-line separated) are re-joined with a single newline
+    (join_paragraphs) and the whole text is encoded once without special tokens.
+    bos=False: chunk k is tokens `[k L, k L + L]` (L + 1 tokens; its first token is
+    context only, consecutive chunks share one token, so every token after the first
+    is predicted once). bos=True: chunk k is BOS + tokens `[k L, (k + 1) L)`, the first
+    token predicted from BOS alone. A shorter tail is dropped.
+    """
+    if chunk_len < 1:
+        raise ValueError(f"chunk_len={chunk_len}: must be >= 1")
+    if join_paragraphs:
+        text = "\n".join(p.strip() for p in text.split("\n\n") if p.strip())
+    ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    if bos and tokenizer.bos_token_id is None:
+        raise ValueError("bos=True but the tokenizer has no BOS token")
+    n = len(ids) // chunk_len if bos else (len(ids) - 1) // chunk_len
+    if max_chunks is not None:
+        n = min(n, max_chunks)
+    if n <= 0:
+        raise ValueError(f"text of {len(ids)} tokens is shorter than one chunk of {chunk_len}")
+    if bos:
+        return [[tokenizer.bos_token_id] + ids[k * chunk_len:(k + 1) * chunk_len]
+                for k in range(n)]
+    return [ids[k * chunk_len:(k + 1) * chunk_len + 1] for k in range(n)]
+
+
+def evaluate_perplexity(
+    params: Params,
+    cfg: ModelConfig,
+    tc: ThoughtConfig | None,
+    tokenizer: Any,
+    text: str | Path,
+    *,
+    chunk_len: int = 256,
+    max_chunks: int | None = None,
+    bos: bool = False,
+    join_paragraphs: bool = True,
+    batch_size: int = 8,
+    seed: int = 0,
+    edges: Sequence[float] = DEFAULT_NLL_EDGES,
+) -> dict[str, Any]:
+    """Base and thought-mixed NLL (nats/token) and perplexity of held-out text.
+
+    text: the text itself (str) or a text file (Path). Chunking: see `text_chunks`. Returns
+    {"tokens", "chunks", "chunking", "base": {"nll", "perplexity"}, "thinking": {...},
+    "bins": `eval_metrics.nll_bins` of base vs thinking per token}.
+    """
+    t0 = time.perf_counter()
+    tc = _prepare_tc(tc, tokenizer, cfg)
+    if isinstance(text, Path):
+        text = text.read_text(encoding="utf-8")
+    chunks = text_chunks(tokenizer, text, chunk_len, bos=bos, join_paragraphs=join_paragraphs,
+                         max_chunks=max_chunks)
+    width = len(chunks[0])
+    rng = jax.random.key(seed)
+    base_all, think_all = [], []
+    pad_id = _pad_id(tokenizer, tc)
+    for k in range(0, len(chunks), batch_size):
+        part = chunks[k:k + batch_size]
+        ids, mask = right_pad(part, width, batch_size, pad_id)
+        key = (jax.random.fold_in(rng, k) if tc is not None and tc.sampling == "sample"
+               else None)
+        nb, nt = token_nlls(params, jnp.asarray(ids), jnp.asarray(mask), key, cfg=cfg, tc=tc)
+        base_all.append(np.asarray(nb)[:len(part)])
+        if tc is not None:
+            think_all.append(np.asarray(nt)[:len(part)])
+    base = np.concatenate(base_all).ravel()
+    out: dict[str, Any] = {
+        "task": "perplexity", **_thought_info(tc), "tokens": int(base.size),
+        "chunks": len(chunks),
+        "chunking": (f"{len(chunks)} chunks of {chunk_len} predicted tokens, "
+                     + ("BOS at chunk start" if bos else "first token of each chunk is "
+                        "context only (chunks share one token)")
+                     + (", paragraphs re-joined with one newline" if join_paragraphs else "")),
+        "base": {"nll": float(base.mean()), "perplexity": float(np.exp(base.mean()))},
+    }
+    if tc is not None:
+        think = np.concatenate(think_all).ravel()
+        out["thinking"] = {"nll": float(think.mean()), "perplexity": float(np.exp(think.mean()))}
+        out["bins"] = nll_bins(base, think, edges)
+    out["seconds"] = time.perf_counter() - t0
+    return out
+
+
+def evaluate_cot(
+    params: Params,
+    cfg: ModelConfig,
+    tc: ThoughtConfig | None,
+    tokenizer: Any,
+    source: str | Path = "hf",
+    *,
+    limit: int | None = 128,
+    shuffle_seed: int | None = 42,
+    n_votes: int = 8,
+    temperature: float = 0.9,
+    max_solution_tokens: int = 384,
+    answer_tokens: int = 12,
+    batch_size: int = 64,
+    seed: int = 0,
+    return_examples: bool = False,
+) -> dict[str, Any]:
+    """Chain-of-thought GSM8K majority-vote accuracy, base and (with tc) thinking.
+
+    The questions are shuffled with `np.random.default_rng(shuffle_seed).permutation`
+    (None: file order) and the first `limit` kept (the authors: 128 after a seed-42
+    shuffle)."""
+    t0 = time.perf_counter()
+    tc = _prepare_tc(tc, tokenizer, cfg)
+    rows = eval_data.gsm8k_rows(eval_data.load_rows("gsm8k", source))
+    if shuffle_seed is not None:
+        rows = [rows[i] for i in np.random.default_rng(shuffle_seed).permutation(len(rows))]
+    rows = rows[:limit] if limit is not None else rows
+    rng = jax.random.key(seed)
+    out: dict[str, Any] = {"task": "cot", **_thought_info(tc), "questions": len(rows),
+                           "votes": n_votes, "temperature": temperature}
+    variants = [("base", False)] + ([("thinking", True)] if tc is not None else [])
+    for k, (name, think) in enumerate(variants):
+        t1 = time.perf_counter()
+        res = run_cot(params, cfg, tc, tokenizer, rows, think=think, n_votes=n_votes,
+                      temperature=temperature, max_solution_tokens=max_solution_tokens,
+                      answer_tokens=answer_tokens, batch_size=batch_size,
+                      rng=jax.random.fold_in(rng, k))
+        out[name] = {"accuracy": res["accuracy"],
+                     "mean_solution_tokens": res["mean_solution_tokens"],
+                     "seconds": time.perf_counter() - t1}
+        if return_examples:
+            out[name]["per_question"] = res["per_question"]
+    out["seconds"] = time.perf_counter() - t0
+    return out
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m quietstar_jax.evaluate",
+        description="Evaluate a Quiet-STaR model: base (no thoughts) and thinking side by side.")
+    p.add_argument("model", help="Hugging Face model directory or training checkpoint")
+    p.add_argument("--tasks", default="gsm8k,csqa,perplexity",
+                   help=f"comma-separated subset of {','.join(TASKS)}")
+    p.add_argument("--gsm8k", default="hf", help="GSM8K test jsonl, a folder with test.jsonl, "
+                   "hf[:name] or tfds:name")
+    p.add_argument("--csqa", default="hf", help="CommonsenseQA validation jsonl, folder, "
+                   "hf[:name] or tfds:name")
+    p.add_argument("--text", help="held-out text file for perplexity")
+    p.add_argument("--n-ahead", type=int, default=None,
+                   help="thought length: n_ahead (start + n_ahead-3 tokens + end); default: "
+                   "the checkpoint's, else 12")
+    p.add_argument("--thought-sampling", choices=("sample", "greedy"), default="sample")
+    p.add_argument("--no-thinking", action="store_true", help="evaluate the base model only")
+    p.add_argument("--limit", type=int, default=None, help="first N examples (gsm8k, csqa)")
+    p.add_argument("--batch-tokens", type=int, default=8192, help="tokens per scoring batch")
+    p.add_argument("--max-length", type=int, default=None,
+                   help="keep the last N tokens of longer prompts")
+    p.add_argument("--chunk-len", type=int, default=256, help="perplexity chunk length")
+    p.add_argument("--max-chunks", type=int, default=None, help="perplexity: first N chunks")
+    p.add_argument("--bos", action="store_true",
+                   help="perplexity: BOS before each chunk (else its first token is context)")
+    p.add_argument("--cot-limit", type=int, default=128)
+    p.add_argument("--cot-votes", type=int, default=8)
+    p.add_argument("--cot-temperature", type=float, default=0.9)
+    p.add_argument("--cot-solution-tokens", type=int, default=384)
+    p.add_argument("--cot-batch-size", type=int, default=64)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+    p.add_argument("--out", default="eval_results.json", help="JSON output path")
+    return p
+
+
+def _table_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
+    rows = []
+    for task, r in results.items():
+        for name in ("base", "thinking"):
+            if name not in r:
+                continue
+            m = r[name]
+            row = {"task": task, "model": name,
+                   "n_ahead": 1 if name == "base" else r["n_ahead"]}
+            if task == "perplexity":
+                row |= {"metric": "nll/token", "value": m["nll"], "exact_match": "",
+                        "n": r["tokens"]}
+            elif task == "cot":
+                row |= {"metric": "maj-vote acc", "value": m["accuracy"], "exact_match": "",
+                        "n": r["questions"]}
+            else:
+                row |= {"metric": "authors acc", "value": m["accuracy"],
+                        "exact_match": m["exact_match"], "n": r["examples"]}
+            row["seconds"] = r["seconds"]
+            rows.append(row)
+    return rows
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from quietstar_jax.cli_common import format_table, load_model, thought_config, write_json
+
+    args = _parser().parse_args(argv)
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    bad = [t for t in tasks if t not in TASKS]
+    if bad or not tasks:
+        raise SystemExit(f"error: unknown task(s) {bad}; choose from {','.join(TASKS)}")
+    if "perplexity" in tasks and not args.text:
+        raise SystemExit("error: the perplexity task needs --text FILE")
+    cfg, params, tok, ckpt_tc = load_model(args.model, args.dtype)
+    tc = None if args.no_thinking else thought_config(tok, ckpt_tc, args.n_ahead,
+                                                       args.thought_sampling)
+    results: dict[str, Any] = {}
+    common = dict(batch_tokens=args.batch_tokens, seed=args.seed, max_length=args.max_length,
+                  limit=args.limit)
+    for task in tasks:
+        if task == "gsm8k":
+            results[task] = evaluate_gsm8k(params, cfg, tc, tok, args.gsm8k, **common)
+        elif task == "csqa":
+            results[task] = evaluate_csqa(params, cfg, tc, tok, args.csqa, **common)
+        elif task == "perplexity":
+            results[task] = evaluate_perplexity(params, cfg, tc, tok, Path(args.text),
+                                                chunk_len=args.chunk_len,
+                                                max_chunks=args.max_chunks, bos=args.bos,
+                                                seed=args.seed)
+        else:
+            results[task] = evaluate_cot(params, cfg, tc, tok, args.gsm8k, limit=args.cot_limit,
+                                         n_votes=args.cot_votes,
+                                         temperature=args.cot_temperature,
+                                         max_solution_tokens=args.cot_solution_tokens,
+                                         batch_size=args.cot_batch_size, seed=args.seed)
+        print(f"[{task}] done in {results[task]['seconds']:.1f}s", file=sys.stderr)
+    print(format_table(_table_rows(results),
+                       ["task", "model", "n_ahead", "metric", "value", "exact_match", "n",
+                        "seconds"]))
+    if "perplexity" in results and "bins" in results["perplexity"]:
+        print("\nperplexity: improvement (base - thinking NLL) by base-NLL bin")
+        print(format_table(results["perplexity"]["bins"],
+                           ["lo", "hi", "tokens", "share", "base_nll", "thought_nll",
+                            "improvement"]))
+    write_json(args.out, {"model": str(args.model), "results": results})
+    print(f"\nwrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
