@@ -1,6 +1,7 @@
 """Per-device memory of the compiled update step as the FSDP mesh grows.
 
     python benchmarks/memory_scaling.py [--devices 1 2 4 8] [--tensor 1] [--preset medium]
+                                        [--platform cpu|gpu|tpu]
 
 For each device count N it starts a subprocess with N simulated CPU devices,
 builds the mesh (data=1, fsdp=N/tensor, tensor), lowers and compiles (never runs)
@@ -35,15 +36,25 @@ PRESETS = {
                       model_type="mistral"),
 }
 
-_ALL_GATHER = re.compile(r"=\s*(\w+)\[([\d,]*)\][^=]*?\ball-gather(?:-start)?\(")
+_SHAPE = re.compile(r"\b([a-z]+[0-9]*)\[([\d,]*)\]")
+_OP = re.compile(r"=\s*(.*?)\s+all-gather(?:-start)?\(")
 
 
 def all_gather_shapes(hlo: str) -> list[tuple[str, tuple[int, ...]]]:
-    """(dtype, shape) of every all-gather result in an HLO module's text."""
+    """(dtype, shape) of every all-gather's result in an HLO module's text.
+
+    Handles `all-gather` and the asynchronous `all-gather-start`, whose result is a
+    tuple (operand, result): the largest shape of the result type is the gathered one.
+    """
     out = []
-    for m in _ALL_GATHER.finditer(hlo):
-        dims = tuple(int(d) for d in m.group(2).split(",") if d)
-        out.append((m.group(1), dims))
+    for line in hlo.splitlines():
+        m = _OP.search(line)
+        if not m:
+            continue
+        shapes = [(d, tuple(int(x) for x in dims.split(",") if x))
+                  for d, dims in _SHAPE.findall(m.group(1))]
+        if shapes:
+            out.append(max(shapes, key=lambda s: math.prod(s[1])))
     return out
 
 
@@ -63,7 +74,9 @@ def worker(args: argparse.Namespace) -> dict:
         import quietstar_jax.model
 
         quietstar_jax.model.constrain = lambda x, axes: x
-    n = jax.device_count()
+    n = args.n_devices
+    if jax.device_count() < n:
+        raise SystemExit(f"asked for {n} devices, JAX sees {jax.device_count()}")
     preset = dict(PRESETS[args.preset])
     if args.layers:
         preset["num_layers"] = args.layers
@@ -71,7 +84,7 @@ def worker(args: argparse.Namespace) -> dict:
     v = cfg.vocab_size
     tc = ThoughtConfig(n_ahead=args.n_ahead, n_ahead_talk=args.n_ahead_talk, n_passes=2,
                        start_token_id=v - 2, end_token_id=v - 1, pad_token_id=0)
-    mesh = sharding.make_mesh((1, -1, args.tensor))
+    mesh = sharding.make_mesh((1, -1, args.tensor), jax.devices()[:n])
     sharding.check_parallelism(mesh, cfg, args.batch)
     axes = sharding.params_logical_axes(cfg)
     opt = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(1e-6, weight_decay=1e-3))
@@ -159,7 +172,11 @@ def main() -> None:
     ap.add_argument("--no_constraints", action="store_true",
                     help="compile without the model's activation constraints (for comparison)")
     ap.add_argument("--json", default=None, help="write the rows to this file")
+    ap.add_argument("--platform", default="cpu",
+                    help="cpu: N simulated CPU devices; anything else (gpu, tpu): the first N "
+                         "devices JAX sees")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--n_devices", type=int, default=1, help=argparse.SUPPRESS)
     args = ap.parse_args()
 
     if args.worker:
@@ -168,10 +185,12 @@ def main() -> None:
 
     rows = []
     for n in args.devices:
-        env = dict(os.environ, JAX_PLATFORMS="cpu",
-                   XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} "
-                             f"--xla_force_host_platform_device_count={n}")
-        cmd = [sys.executable, __file__, "--worker", *sys.argv[1:]]
+        env = dict(os.environ)
+        if args.platform == "cpu":  # simulated devices; elsewhere the first N real ones
+            env.update(JAX_PLATFORMS="cpu",
+                       XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} "
+                                 f"--xla_force_host_platform_device_count={n}")
+        cmd = [sys.executable, __file__, "--worker", "--n_devices", str(n), *sys.argv[1:]]
         res = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
         line = [x for x in res.stdout.splitlines() if x.startswith("ROW ")]
         if res.returncode or not line:

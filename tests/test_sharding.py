@@ -283,3 +283,23 @@ def test_single_process_helpers() -> None:
                                          r"is rows 0:8"):
         distributed.global_batch(x[:4], b_sh, 8)
     assert math.prod(g.shape) == 24
+
+
+def test_memory_benchmark_finds_all_gathers_in_hlo() -> None:
+    """The benchmark's HLO scan (which checks for gathered logits) reads both forms."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "memory_scaling.py"
+    spec = importlib.util.spec_from_file_location("memory_scaling", path)
+    ms = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ms)
+    hlo = (
+        "  %all-gather.3 = f32[16,64,8192]{2,1,0} all-gather(f32[2,64,8192]{2,1,0} %x), "
+        "dimensions={0}\n"
+        "  %ags = (bf16[64,4096]{1,0}, bf16[512,4096]{1,0}) all-gather-start(bf16[64,4096]"
+        "{1,0} %w), dimensions={0}\n"
+        "  %agd = bf16[512,4096]{1,0} all-gather-done((bf16[64,4096]{1,0}, bf16[512,4096]"
+        "{1,0}) %ags)\n"
+        "  %add = f32[16]{0} add(f32[16]{0} %a, f32[16]{0} %b)\n"
+    )
+    assert ms.all_gather_shapes(hlo) == [("f32", (16, 64, 8192)), ("bf16", (512, 4096))]
