@@ -1,8 +1,9 @@
 """Shared pieces of the evaluation and generation command lines.
 
 `load_model` opens a Hugging Face directory (`config.json` + safetensors +
-tokenizer, via `hf.load_pretrained`) or a training checkpoint (via the restore
-function `quietstar_jax.train` provides, when it provides one).
+tokenizer, via `hf.load_pretrained`) or a training checkpoint: a workdir of
+`quietstar_jax.train.run` (its latest `checkpoints/<step>`) or one step directory,
+for models trained from a Hugging Face checkpoint (`model.hf_path`).
 """
 
 from __future__ import annotations
@@ -17,20 +18,62 @@ from quietstar_jax.model import ModelConfig, Params
 from quietstar_jax.thoughts import ThoughtConfig
 
 
-def _restore_training_checkpoint(path: Path, dtype: str) -> tuple[ModelConfig, Params, Any,
-                                                                    ThoughtConfig | None]:
-    try:
-        from quietstar_jax.train import checkpoint as ckpt  # type: ignore[attr-defined]
-    except ImportError:
-        raise ValueError(f"{path} is not a Hugging Face directory (no config.json) and this "
-                         "installation has no training-checkpoint reader "
-                         "(quietstar_jax.train.checkpoint)") from None
-    restore = getattr(ckpt, "restore_for_inference", None)
-    if restore is None:
-        raise ValueError(f"{path}: quietstar_jax.train.checkpoint has no "
-                         "restore_for_inference(path, dtype) -> (cfg, params, tokenizer, "
-                         "thought_config)")
-    return restore(path, dtype=dtype)
+def _training_step_dir(path: Path) -> tuple[Path, Path]:
+    """(workdir, checkpoints/<step> directory) of a training workdir (latest step) or
+    of one of its step directories."""
+    if (path / "checkpoints").is_dir():
+        steps = sorted((int(p.name) for p in (path / "checkpoints").iterdir()
+                        if p.name.isdigit() and (p / "state").is_dir()), reverse=True)
+        if not steps:
+            raise FileNotFoundError(f"{path}/checkpoints holds no finished checkpoint")
+        return path, path / "checkpoints" / str(steps[0])
+    if (path / "state").is_dir() and (path.parent.parent / "config.json").is_file():
+        return path.parent.parent, path
+    raise FileNotFoundError(
+        f"{path} is neither a Hugging Face directory (config.json) nor a training workdir "
+        "(config.json + checkpoints/) nor a checkpoints/<step> directory")
+
+
+def _restore_training_checkpoint(
+    path: Path, dtype: str
+) -> tuple[ModelConfig, Params, Any, ThoughtConfig]:
+    """Params of a training checkpoint (orbax `checkpoints/<step>/state`, restored
+    without a target), with the architecture and tokenizer of the workdir config's
+    `model.hf_path` and the ThoughtConfig of its `thought` group."""
+    import dataclasses
+
+    import orbax.checkpoint as ocp
+
+    from quietstar_jax import hf
+
+    workdir, step_dir = _training_step_dir(path)
+    config = json.loads((workdir / "config.json").read_text(encoding="utf-8"))
+    model = config.get("model", {})
+    hf_path = model.get("hf_path")
+    if not hf_path:
+        raise ValueError(f"{workdir}: the training config has no model.hf_path (an inline "
+                         "model with the byte tokenizer); export it with "
+                         "config.export_hf_dir and evaluate that directory")
+    if not Path(hf_path).is_dir():
+        raise FileNotFoundError(f"{workdir}: model.hf_path {hf_path!r} (for the architecture "
+                                "and tokenizer) does not exist")
+    cfg = hf.model_config_from_hf(hf_path, dtype, model.get("param_dtype"))
+    tok = hf.load_tokenizer(hf_path)
+    if tok is None:
+        raise ValueError(f"{hf_path}: no tokenizer files")
+    ids = hf.add_thought_tokens(tok)
+    cfg = cfg.replace(vocab_size=max(cfg.vocab_size, len(tok)))
+    params = ocp.StandardCheckpointer().restore(str((step_dir / "state").resolve()))["params"]
+    if "thought" not in params:
+        raise ValueError(f"{step_dir}: the checkpoint has no thought params")
+    rows = params["embed"].shape[0]
+    if rows != cfg.vocab_size:
+        raise ValueError(f"{step_dir}: embedding has {rows} rows, but {hf_path} with thought "
+                         f"tokens has a vocabulary of {cfg.vocab_size}")
+    fields = {f.name for f in dataclasses.fields(ThoughtConfig)}
+    kw = {k: v for k, v in config.get("thought", {}).items() if k in fields}
+    kw |= {k: v for k, v in ids.items() if kw.get(k) is None}
+    return cfg, params, tok, ThoughtConfig(**kw)
 
 
 def load_model(
@@ -38,14 +81,15 @@ def load_model(
 ) -> tuple[ModelConfig, Params, Any, ThoughtConfig | None]:
     """(config, params, tokenizer, thought config or None) of a model directory.
 
-    A directory with `config.json` is a Hugging Face checkpoint (thought tokens added,
-    thought params loaded or initialised); anything else is tried as a training
-    checkpoint, whose ThoughtConfig comes with it.
+    A directory with `config.json` and no `checkpoints/` is a Hugging Face checkpoint
+    (thought tokens added, thought params loaded or initialised); a training workdir
+    or `checkpoints/<step>` directory is a training checkpoint, whose ThoughtConfig
+    comes with it.
     """
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"model path {str(path)!r} does not exist")
-    if (path / "config.json").is_file():
+    if (path / "config.json").is_file() and not (path / "checkpoints").is_dir():
         from quietstar_jax import hf
 
         cfg, params, tok = hf.load_pretrained(path, dtype=dtype)

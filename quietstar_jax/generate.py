@@ -43,6 +43,7 @@ from quietstar_jax.thoughts import (
     mask_thought_logits,
     mixed_hidden,
     rollout,
+    sample_categorical,
     thought_embedding,
 )
 
@@ -111,8 +112,7 @@ def sample_token(key: jax.Array, logits: jax.Array, sc: SamplingConfig) -> jax.A
     """One token per row: logits `[B, vocab]` float32 -> int32 `[B]`."""
     if sc.greedy:
         return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    z = top_p_filter(logits / sc.temperature, sc.top_p)
-    return jax.random.categorical(key, z, axis=-1).astype(jnp.int32)
+    return sample_categorical(key, top_p_filter(logits / sc.temperature, sc.top_p))
 
 
 def sample_thought_token(
@@ -124,7 +124,7 @@ def sample_thought_token(
     r = mask_thought_logits(model.logits_from_hidden(params, cfg, h), tc)
     if tc.sampling == "greedy":
         return jnp.argmax(r, axis=-1).astype(jnp.int32)
-    return jax.random.categorical(key, r / tc.thought_temperature, axis=-1).astype(jnp.int32)
+    return sample_categorical(key, r / tc.thought_temperature)
 
 
 def _token_key(rng: jax.Array, t: jax.Array | int) -> jax.Array:
@@ -227,34 +227,44 @@ def think_at(
     b, q = q_pos.shape
     dt = cfg.compute_dtype
     hidden = (b, q, cfg.hidden_size)
+    n_steps = tc.n_ahead - 1  # start, n_ahead - 3 sampled tokens, end
+    n_own = n_steps - 1  # earlier steps a step can see
+    n_sampled = tc.num_sampled
     own_ok = jnp.any(ctx_ok, axis=-1)  # a dummy query sees nothing, not even itself
-    own: list[KV] = []
-    toks = []
-    prev = None
-    for s in range(1, tc.n_ahead):
-        if s == 1:
-            emb = jnp.broadcast_to(thought_embedding(params, tc, "start_emb"), hidden)
-        elif s <= tc.n_ahead - 2:
-            step_key = None if key is None else jax.random.fold_in(key, s)
-            tok = sample_thought_token(params, cfg, tc, step_key,
-                                       prev.reshape(b * q, -1)).reshape(b, q)
-            toks.append(tok)
-            emb = model.embed_tokens(params, cfg, tok)
-        else:
-            emb = jnp.broadcast_to(thought_embedding(params, tc, "end_emb"), hidden)
+    start = jnp.broadcast_to(thought_embedding(params, tc, "start_emb"), hidden).astype(dt)
+    end = jnp.broadcast_to(thought_embedding(params, tc, "end_emb"), hidden).astype(dt)
+    kv_shape = (n_steps, cfg.num_layers, b, q, cfg.num_kv_heads, cfg.dim_per_head)
+    slot_step = jnp.arange(1, n_own + 1)  # own slot j holds the keys of step j + 1
+
+    def step(carry, s):
+        own_k, own_v, prev, toks = carry
+        step_key = None if key is None else jax.random.fold_in(key, s)
+        # Drawn on every step (a scan body is uniform); used on steps 2 .. n_ahead - 2.
+        tok = sample_thought_token(params, cfg, tc, step_key,
+                                   prev.reshape(b * q, -1)).reshape(b, q)
+        emb = jnp.where(s == 1, start,
+                        jnp.where(s == n_steps, end, model.embed_tokens(params, cfg, tok)))
+        if n_sampled:
+            t = jnp.clip(s - 2, 0, n_sampled - 1)
+            sampled = (s >= 2) & (s <= tc.n_ahead - 2)
+            toks = toks.at[t].set(jnp.where(sampled, tok, toks[t]))
         pos = q_pos + s
         ctx_mask = ctx_ok & _window_ok(pos[:, :, None], ctx_pos[:, None, :], cfg)
-        own_mask = _window_ok(jnp.asarray(s), jnp.arange(1, s + 1), cfg)
-        own_mask = own_ok[:, :, None] & own_mask[None, None, :]
-        h, kv = model.decoder(
-            params, cfg, emb.astype(dt), pos,
-            ctx=(ctx_kv, ctx_mask), own=(tuple(own), own_mask),
-        )
-        own.append(kv)
-        prev = h
-    mixed, w = mixed_hidden(params, tc, h_base, prev, tc.n_ahead - 1)
-    thoughts = jnp.stack(toks, axis=-1) if toks else jnp.zeros((b, q, 0), jnp.int32)
-    return mixed, thoughts, w
+        own_vis = (slot_step < s) & _window_ok(s, slot_step, cfg)
+        own_vis = jnp.concatenate([own_vis, jnp.ones((1,), bool)])  # + the step's own key
+        own_mask = own_ok[:, :, None] & own_vis[None, None, :]
+        own = tuple(KV(own_k[j], own_v[j]) for j in range(n_own))
+        h, kv = model.decoder(params, cfg, emb, pos, ctx=(ctx_kv, ctx_mask),
+                              own=(own, own_mask))
+        own_k = own_k.at[s - 1].set(kv.k.astype(dt))
+        own_v = own_v.at[s - 1].set(kv.v.astype(dt))
+        return (own_k, own_v, h, toks), None
+
+    init = (jnp.zeros(kv_shape, dt), jnp.zeros(kv_shape, dt), jnp.zeros(hidden, dt),
+            jnp.zeros((n_sampled, b, q), jnp.int32))
+    (_, _, last, toks), _ = jax.lax.scan(step, init, jnp.arange(1, n_steps + 1))
+    mixed, w = mixed_hidden(params, tc, h_base, last, tc.n_ahead - 1)
+    return mixed, jnp.moveaxis(toks, 0, -1), w
 
 
 def _append_token(
@@ -562,11 +572,23 @@ def generate_text(
     out = []
     for i, text in enumerate(texts):
         new = toks[i, : lengths[i]].tolist()
-        item: dict[str, Any] = {"prompt": text, "tokens": new,
-                                "completion": tokenizer.decode(new, skip_special_tokens=True)}
+        # decode with the prompt so that a leading space of the completion survives
+        before = tokenizer.decode(prompts[i], skip_special_tokens=True)
+        full = tokenizer.decode(list(prompts[i]) + new, skip_special_tokens=True)
+        completion = (full[len(before):] if full.startswith(before)
+                      else tokenizer.decode(new, skip_special_tokens=True))
+        item: dict[str, Any] = {"prompt": text, "tokens": new, "completion": completion}
         if gen.thoughts is not None:
             th = np.asarray(gen.thoughts)[i, : lengths[i]]
             item["thoughts"] = [tokenizer.decode(row.tolist()) for row in th]
             item["mixing_weights"] = np.asarray(gen.mixing_weights)[i, : lengths[i]].tolist()
         out.append(item)
     return out
+
+
+if __name__ == "__main__":
+    import sys
+
+    from quietstar_jax.generate_cli import main
+
+    sys.exit(main())

@@ -172,6 +172,12 @@ def test_bad_inputs(tiny):
 # --------------------------------------------------------------------------- stories260K
 
 
+def shared_path_str(*parts: str) -> str:
+    from conftest import shared_path
+
+    return str(shared_path(*parts))
+
+
 @pytest.fixture(scope="module")
 def stories(request):
     from conftest import shared_path
@@ -224,4 +230,54 @@ def test_generate_text_shows_thoughts(stories):
                           rng=jax.random.key(0), return_thoughts=True, eos_token_id=None)
     assert len(out) == 1 and len(out[0]["tokens"]) == 8
     assert len(out[0]["thoughts"]) == 8 and all(isinstance(t, str) for t in out[0]["thoughts"])
-    assert out[0]["completion"] == tok.decode(out[0]["tokens"], skip_special_tokens=True)
+    prompt = tok("Once upon a time")["input_ids"]
+    full = tok.decode(prompt + out[0]["tokens"], skip_special_tokens=True)
+    assert full == "Once upon a time" + out[0]["completion"]
+
+
+def test_generate_cli_from_training_checkpoint(stories, tmp_path, capsys):
+    """A training workdir (orbax `checkpoints/<step>/state` + config.json): the restored
+    params (with a random mixing head) and the config's n_ahead are used."""
+    import orbax.checkpoint as ocp
+
+    from quietstar_jax import hf
+    from quietstar_jax.cli_common import load_model
+    from quietstar_jax.generate_cli import main
+
+    cfg, params, tok, _ = stories
+    hf_dir = shared_path_str("data", "stories260K-hf")
+    params = dict(params)
+    mix = dict(params["thought"]["mix"])
+    mix["w2"] = 0.5 * jax.random.normal(jax.random.key(3), mix["w2"].shape)
+    params["thought"] = dict(params["thought"], mix=mix)
+    wd = tmp_path / "wd"
+    (wd / "checkpoints").mkdir(parents=True)
+    ckpt = ocp.StandardCheckpointer()
+    ckpt.save((wd / "checkpoints" / "5" / "state").resolve(), {"params": params, "step": 5})
+    ckpt.wait_until_finished()
+    (wd / "config.json").write_text(json.dumps({
+        "model": {"hf_path": hf_dir, "param_dtype": "float32"},
+        "thought": {"n_ahead": 4, "n_ahead_talk": 4, "n_passes": 2, "sampling": "sample",
+                    "start_token_id": None, "end_token_id": None, "pad_token_id": None}}))
+    cfg2, params2, tok2, tc2 = load_model(wd)
+    assert tc2.n_ahead == 4 and tc2.start_token_id == hf.thought_token_ids(tok)["start_token_id"]
+    np.testing.assert_array_equal(np.asarray(params2["thought"]["mix"]["w2"]),
+                                  np.asarray(mix["w2"]))
+    out = tmp_path / "gen.json"
+    assert main([str(wd), "--prompt", "Once upon a time", "--max-new-tokens", "6", "--greedy",
+                 "--thought-sampling", "greedy", "--show-thoughts", "--out", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert res["n_ahead"] == 4 and res["thought_tokens"] == 1
+    (item,) = res["thinking"]
+    tc = tc2.replace(n_ahead_talk=1, n_passes=1, sampling="greedy")
+    want = G.generate(params, cfg, tc, [tok("Once upon a time")["input_ids"]], max_new_tokens=6,
+                      greedy=True, return_thoughts=True)
+    assert item["tokens"] == np.asarray(want.tokens)[0].tolist()
+    np.testing.assert_allclose(item["mixing_weights"], np.asarray(want.mixing_weights)[0],
+                               rtol=1e-5, atol=1e-6)
+    assert np.abs(item["mixing_weights"]).max() > 1e-3
+    assert "<|startthought|>" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main([str(wd)])  # no prompt
+    with pytest.raises(FileNotFoundError):
+        load_model(tmp_path / "nowhere")

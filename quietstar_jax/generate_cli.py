@@ -1,0 +1,87 @@
+"""`python -m quietstar_jax.generate`: generate text with thoughts from the command line.
+
+    python -m quietstar_jax.generate MODEL --prompt "Once upon a time" [--prompt ...]
+        [--max-new-tokens 64] [--n-ahead 12] [--greedy | --temperature 1 --top-p 1]
+        [--mode thinking|base|both] [--show-thoughts] [--seed 0] [--out generations.json]
+
+MODEL is a Hugging Face directory or a training workdir / checkpoint step directory.
+Prints each completion (and, with --show-thoughts, every new token with the thought
+that preceded it and the mixing weight) and writes JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+
+from quietstar_jax.generate import generate_text
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m quietstar_jax.generate",
+                                description="Generate text with Quiet-STaR thoughts.")
+    p.add_argument("model", help="Hugging Face model directory or training checkpoint")
+    p.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
+    p.add_argument("--prompts-file", help="a file with one prompt per line")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--n-ahead", type=int, default=None,
+                   help="thought length n_ahead (default: the checkpoint's, else 12)")
+    p.add_argument("--thought-sampling", choices=("sample", "greedy"), default="sample")
+    p.add_argument("--thought-temperature", type=float, default=None)
+    p.add_argument("--greedy", action="store_true", help="greedy real tokens")
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--mode", choices=("thinking", "base", "both"), default="thinking",
+                   help="generate with thoughts, as the base LM (no thoughts), or both")
+    p.add_argument("--show-thoughts", action="store_true")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+    p.add_argument("--out", default="generations.json")
+    return p
+
+
+def _show(item: dict[str, Any], tokenizer: Any, show_thoughts: bool) -> str:
+    lines = [item["prompt"] + "\u2502" + item["completion"]]
+    if show_thoughts and "thoughts" in item:
+        for tok, thought, w in zip(item["tokens"], item["thoughts"], item["mixing_weights"],
+                                   strict=True):
+            lines.append(f"  <|startthought|>{thought}<|endthought|>  w={w:+.3f}  -> "
+                         f"{tokenizer.decode([tok])!r}")
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from quietstar_jax.cli_common import load_model, thought_config, write_json
+
+    args = _parser().parse_args(argv)
+    prompts = list(args.prompt)
+    if args.prompts_file:
+        prompts += [ln.rstrip("\n") for ln in Path(args.prompts_file).read_text().splitlines()
+                    if ln.strip()]
+    if not prompts:
+        raise SystemExit("error: give at least one --prompt or a --prompts-file")
+    if args.max_new_tokens < 1:
+        raise SystemExit(f"error: --max-new-tokens={args.max_new_tokens} must be >= 1")
+    cfg, params, tok, ckpt_tc = load_model(args.model, args.dtype)
+    tc = thought_config(tok, ckpt_tc, args.n_ahead, args.thought_sampling,
+                        args.thought_temperature)
+    modes = ["thinking", "base"] if args.mode == "both" else [args.mode]
+    results: dict[str, Any] = {"model": str(args.model), "n_ahead": tc.n_ahead,
+                               "thought_tokens": tc.num_sampled}
+    for mode in modes:
+        out = generate_text(params, cfg, tc, tok, prompts, max_new_tokens=args.max_new_tokens,
+                            rng=jax.random.key(args.seed), think=mode == "thinking",
+                            greedy=args.greedy, temperature=args.temperature,
+                            top_p=args.top_p, return_thoughts=True)
+        results[mode] = out
+        print(f"== {mode} (n_ahead {tc.n_ahead if mode == 'thinking' else 1})")
+        for item in out:
+            print(_show(item, tok, args.show_thoughts))
+    write_json(args.out, results)
+    print(f"wrote {args.out}", file=sys.stderr)
+    return 0
