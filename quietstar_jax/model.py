@@ -256,40 +256,41 @@ def attend(
     qg = q.reshape(b, t, nkv, nh // nkv, d) * jnp.asarray(1.0 / math.sqrt(d), q.dtype)
     # Scores live in [batch, kv_heads, q, group, keys]: the dot's natural output layout
     # (batch dims first, then the query's free dims), so no transpose of the big
-    # score/probability arrays is needed; only q-sized arrays are transposed.
-    scores, masks = [], []
+    # score/probability arrays is needed. The softmax runs over the blocks without
+    # concatenating them (no copies of score-sized arrays).
+    blocks = []  # (scores [b, k, t, g, n] float32, mask [b, 1, t, 1, n])
     if ctx is not None:
         k, _, m = ctx
-        scores.append(jnp.einsum("btkgd,bskd->bktgs", qg, k, preferred_element_type=jnp.float32))
-        masks.append(m)
+        sc = jnp.einsum("btkgd,bskd->bktgs", qg, k, preferred_element_type=jnp.float32)
+        blocks.append((sc, m[:, None, :, None, :]))
     if own is not None:
         ks, _, m = own
-        own_s = jnp.stack(
+        sc = jnp.stack(
             [jnp.einsum("btkgd,btkd->btkg", qg, k, preferred_element_type=jnp.float32)
-             for k in ks], axis=-1)  # [b, t, k, g, slots]
-        scores.append(own_s.transpose(0, 2, 1, 3, 4))
-        masks.append(m)
-    s = jnp.concatenate(scores, axis=-1) if len(scores) > 1 else scores[0]
-    m = jnp.concatenate(masks, axis=-1) if len(masks) > 1 else masks[0]
-    m = m[:, None, :, None, :]  # [b, 1, t, 1, keys]
-    s = jnp.where(m, s, _NEG_INF)
-    p = jax.nn.softmax(s, axis=-1)
-    # A query with no visible key at all (a fully padded row) gets zeros, not NaN.
-    p = jnp.where(m, p, 0.0).astype(q.dtype)
+             for k in ks], axis=-1)  # [b, t, k, g, slots]: small, transposed once
+        blocks.append((sc.transpose(0, 2, 1, 3, 4), m[:, None, :, None, :]))
+    blocks = [(jnp.where(m, sc, _NEG_INF), m) for sc, m in blocks]
+    top = blocks[0][0].max(axis=-1, keepdims=True)
+    for sc, _ in blocks[1:]:
+        top = jnp.maximum(top, sc.max(axis=-1, keepdims=True))
+    top = jax.lax.stop_gradient(top)
+    # Masked keys get exactly 0; a query with no visible key (a fully padded row) gets
+    # all-zero weights instead of NaN.
+    exps = [jnp.where(m, jnp.exp(sc - top), 0.0) for sc, m in blocks]
+    denom = sum(e.sum(axis=-1, keepdims=True) for e in exps)
+    inv = 1.0 / jnp.maximum(denom, 1e-30)
+    probs = [(e * inv).astype(q.dtype) for e in exps]
     out = jnp.zeros((b, nkv, t, nh // nkv, d), jnp.float32)
-    start = 0
+    i = 0
     if ctx is not None:
-        _, v, _ = ctx
-        n = v.shape[1]
-        out = out + jnp.einsum("bktgs,bskd->bktgd", p[..., :n], v,
+        out = out + jnp.einsum("bktgs,bskd->bktgd", probs[0], ctx[1],
                                preferred_element_type=jnp.float32)
-        start = n
+        i = 1
     if own is not None:
-        _, vs, _ = own
-        p_own = p[..., start:].transpose(0, 2, 1, 3, 4)  # [b, t, k, g, slots]
+        p_own = probs[i].transpose(0, 2, 1, 3, 4)  # [b, t, k, g, slots]
         own_out = sum(jnp.einsum("btkg,btkd->btkgd", p_own[..., j], v,
                                  preferred_element_type=jnp.float32)
-                      for j, v in enumerate(vs))
+                      for j, v in enumerate(own[1]))
         out = out + own_out.transpose(0, 2, 1, 3, 4)
     return out.transpose(0, 2, 1, 3, 4).reshape(b, t, nh, d).astype(q.dtype)
 
