@@ -11,6 +11,7 @@ import jax.numpy as jnp
 
 from quietstar_jax import model
 from quietstar_jax.model import KV, ModelConfig, Params
+from quietstar_jax.sharding import constrain
 
 SAMPLING_MODES = ("sample", "greedy")
 THOUGHT_LOGIT_MASK = -1e10
@@ -179,11 +180,26 @@ def sample_categorical(key: jax.Array, logits: jax.Array) -> jax.Array:
     Inverse-CDF sampling: one uniform number per row instead of the `vocab` Gumbel
     numbers of `jax.random.categorical` (the PRNG dominated the sampling steps on
     CPU). A token of probability 0 (a masked thought id) is never drawn.
+
+    The CDF is built in blocks of the vocabulary (a cumulative sum inside each block
+    plus the mass of the blocks before it), so that logits split over the `tensor`
+    mesh axis are never gathered whole; the block count depends on the vocabulary
+    size only, so every mesh computes the same numbers.
     """
-    cdf = jnp.cumsum(jax.nn.softmax(logits.astype(jnp.float32), axis=-1), axis=-1)
-    u = jax.random.uniform(key, logits.shape[:-1], jnp.float32) * cdf[..., -1]
-    tok = jnp.sum((cdf < u[..., None]).astype(jnp.int32), axis=-1)
-    return jnp.minimum(tok, logits.shape[-1] - 1)
+    p = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+    v = p.shape[-1]
+    nb = math.gcd(v, 256)
+    pb = p.reshape(*p.shape[:-1], nb, v // nb)  # [..., blocks, block]
+    if pb.ndim == 4:  # [rows, seq, blocks, block]: blocks follow the vocab sharding
+        pb = constrain(pb, ("batch", "seq", "vocab", None))
+    local = jnp.cumsum(pb, axis=-1)
+    mass = local[..., -1]  # [..., blocks]
+    before = jnp.cumsum(mass, axis=-1) - mass
+    cdf = local + before[..., None]
+    total = before[..., -1] + mass[..., -1]
+    u = jax.random.uniform(key, logits.shape[:-1], jnp.float32) * total
+    tok = jnp.sum((cdf < u[..., None, None]).astype(jnp.int32), axis=(-2, -1))
+    return jnp.minimum(tok, v - 1)
 
 
 class Rollout(NamedTuple):
