@@ -2,8 +2,8 @@
 
 Needs no download and no file outside the repository: a byte-level tokenizer, a
 2-layer Llama from random init, text generated from a seed. Finishes in about
-two minutes on 2 CPU cores (compile included); the loss falls from
-5.5 (uniform over 260 bytes) to about 2.
+two minutes on 2 CPU cores (compile included): the base LM loss falls from 5.5
+nats/byte (uniform over 260 ids) to about 1.1, the loss with thoughts below it.
 """
 
 from quietstar_jax.train.config import base_config
@@ -22,7 +22,7 @@ def get_config():
     config.thought.n_passes = 2
     # The authors' 1e6 assumes a pretrained LM; from random init it would drown the
     # language-modelling signal, so the demo weighs REINFORCE less.
-    config.thought.policy_loss_beta = 100.0
+    config.thought.policy_loss_beta = 10.0
 
     config.data.source = "generated"
     config.data.num_documents = 20000

@@ -146,7 +146,12 @@ def test_export_holds_the_final_params_in_the_authors_layout(straight):
         assert np.array_equal(np.asarray(a), np.asarray(b))
 
 
-def test_nan_stops_without_checkpointing_the_bad_step(cache_dir, tmp_path, monkeypatch):
+@pytest.mark.parametrize("metric, message", [
+    ("policy_loss", "step 4: component policy_loss"),
+    ("grad_norm", "non-finite gradient at step 4"),  # a finite loss with a broken update
+])
+def test_nan_stops_without_checkpointing_the_bad_step(cache_dir, tmp_path, monkeypatch, metric,
+                                                      message):
     real = loop.make_train_step
 
     def poisoned(*args, **kwargs):
@@ -156,14 +161,14 @@ def test_nan_stops_without_checkpointing_the_bad_step(cache_dir, tmp_path, monke
             n = int(state.step)
             state, metrics = step_fn(state, batch)
             if n == 3:  # the 4th update
-                metrics = dict(metrics, policy_loss=metrics["policy_loss"] * jnp.nan)
+                metrics = dict(metrics, **{metric: metrics[metric] * jnp.nan})
             return state, metrics
 
         return step
 
     monkeypatch.setattr(loop, "make_train_step", poisoned)
     work = str(tmp_path / "run")
-    with pytest.raises(FloatingPointError, match="step 4: component policy_loss"):
+    with pytest.raises(FloatingPointError, match=message):
         loop.run(tiny_config(cache_dir), work)
     # Step 4 would have been checkpointed (every 2 steps): only step 2 is on disk.
     assert Checkpointer(os.path.join(work, "checkpoints")).latest_step() == 2

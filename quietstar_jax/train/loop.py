@@ -295,6 +295,9 @@ def _train(config: ConfigDict, workdir: str, setup: _Setup, ckpt: Checkpointer,
         s, metrics, bhash = item
         host = {k: to_python(v) for k, v in jax.device_get(metrics).items()}
         check_finite(host, s)
+        if not np.isfinite(host["grad_norm"]):  # finite loss, broken update: stop too
+            raise FloatingPointError(f"non-finite gradient at step {s}: grad_norm = "
+                                     f"{host['grad_norm']}")
         now = time.time()
         dt, last_done = now - last_done, now
         first = compile_time is None
