@@ -63,6 +63,10 @@ def _parse_flags(argv: list[str]) -> list[str]:
 
 
 def main(argv: list[str]) -> None:
+    from quietstar_jax import distributed
+
+    # Several processes (a TPU pod, several GPU hosts) form one job; a no-op otherwise.
+    distributed.maybe_initialize()
     if not any(a.startswith(("--verbosity", "-v=")) for a in sys.argv):
         logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
     if len(argv) > 1:

@@ -143,7 +143,7 @@ def init_thought_params(
 
     return {
         "start_emb": row.astype(dtype),
-        "end_emb": row.astype(dtype),
+        "end_emb": row.astype(dtype).copy(),  # its own buffer (state is donated)
         "mix": {
             "w0": uniform(k0, (2 * h, h), 2 * h),
             "b0": uniform(k1, (h,), 2 * h),

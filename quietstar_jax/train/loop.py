@@ -244,7 +244,10 @@ def run(
                         max_to_keep=config.keep_checkpoints,
                         async_save=config.async_checkpointing)
     try:
-        return _train(config, workdir, setup, ckpt, on_step, t_start)
+        # The mesh is active while steps are traced, so the activation constraints
+        # (sharding.constrain) keep large intermediates split instead of replicated.
+        with sharding.use_mesh(setup.mesh):
+            return _train(config, workdir, setup, ckpt, on_step, t_start)
     finally:
         ckpt.close()
 
