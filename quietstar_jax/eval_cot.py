@@ -12,7 +12,7 @@ against the first integer after the answer's `#### `.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -58,12 +58,16 @@ def _generate_rows(
     rng: jax.Array,
     pad_to_multiple: int,
     eos_id: int | None,
+    log: Callable[[str], None] | None = None,
 ) -> list[list[int]]:
     """Generate for many prompts in fixed-size batches (sorted by length, the last
     batch filled with repeats), returning the new tokens of each prompt."""
     order = np.argsort([len(p) for p in prompts], kind="stable")
     out: list[list[int]] = [[] for _ in prompts]
+    n_batches = -(-len(order) // batch_size)
     for k, start in enumerate(range(0, len(order), batch_size)):
+        if log is not None:
+            log(f"batch {k + 1}/{n_batches}")
         idx = list(order[start:start + batch_size])
         batch = [prompts[i] for i in idx]
         batch += [batch[-1]] * (batch_size - len(batch))
@@ -92,10 +96,12 @@ def run_cot(
     batch_size: int = 64,
     rng: jax.Array,
     pad_to_multiple: int = 64,
+    log: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     """Chain-of-thought majority-vote accuracy over GSM8K rows (`question`, `answer`).
 
     think: generate with thoughts (tc's n_ahead) or as the base LM.
+    log: called with progress lines (e.g. `print`).
     Returns {"accuracy", "questions", "votes", "mean_solution_tokens", "per_question":
     [{"question", "truth", "votes", "prediction", "correct", "solutions"}]}.
     """
@@ -107,8 +113,9 @@ def run_cot(
     flat = [p for p in prompt_ids for _ in range(n_votes)]
     common = dict(think=think, temperature=temperature, batch_size=batch_size,
                   pad_to_multiple=pad_to_multiple, eos_id=tokenizer.eos_token_id)
+    stage = lambda name: None if log is None else (lambda m: log(f"{name}: {m}"))
     sols = _generate_rows(params, cfg, tc, flat, max_new_tokens=max_solution_tokens,
-                          rng=jax.random.fold_in(rng, 0), **common)
+                          rng=jax.random.fold_in(rng, 0), log=stage("solutions"), **common)
     texts, sol_lens = [], []
     for p, s in zip(flat, sols, strict=True):
         cut = next((k for k, t in enumerate(s) if t in stops), len(s))
@@ -117,7 +124,7 @@ def run_cot(
         texts.append(text.rstrip() + COT_FINAL_ANSWER)
     final_ids = [list(tokenizer(t)["input_ids"]) for t in texts]
     answers = _generate_rows(params, cfg, tc, final_ids, max_new_tokens=answer_tokens,
-                             rng=jax.random.fold_in(rng, 1), **common)
+                             rng=jax.random.fold_in(rng, 1), log=stage("answers"), **common)
     per_q, correct = [], 0
     for q, row in enumerate(rows):
         votes, sol_texts = [], []

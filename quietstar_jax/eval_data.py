@@ -194,7 +194,7 @@ def _char_token(tokenizer: Any, text: str, char: str) -> int:
     if not ids:
         raise ValueError(f"tokenizer encodes {text!r} as no tokens")
     got = tokenizer.decode([ids[-1]])
-    if got != char and got.strip() != char.strip():
+    if got != char and (not char.strip() or got.strip() != char.strip()):
         raise ValueError(f"tokenizer has no single token for {char!r}: {text!r} ends in "
                          f"{got!r}; the authors' metric needs one token per answer character")
     return int(ids[-1])

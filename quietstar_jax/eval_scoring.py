@@ -134,9 +134,10 @@ def length_batches(
 ) -> Iterator[tuple[np.ndarray, int, int]]:
     """Group examples by padded length: yields (example indices, width, rows).
 
-    width is the length rounded up to `multiple`; rows = max(1, batch_tokens // width)
-    is fixed per width (the last batch of a width is padded up to it by the caller),
-    so each width compiles once.
+    width is the length rounded up to `multiple`; rows = batch_tokens // width (at
+    least 1, at most the number of examples of that width) is fixed per width (the
+    last batch of a width is padded up to it by the caller), so each width compiles
+    once.
     """
     if batch_tokens < 1 or multiple < 1:
         raise ValueError(f"batch_tokens={batch_tokens} and multiple={multiple} must be >= 1")
@@ -144,7 +145,7 @@ def length_batches(
     widths = -(-lengths // multiple) * multiple
     for width in np.unique(widths):
         idx = np.flatnonzero(widths == width)
-        rows = max(1, batch_tokens // int(width))
+        rows = max(1, min(batch_tokens // int(width), len(idx)))
         for k in range(0, len(idx), rows):
             yield idx[k:k + rows], int(width), rows
 

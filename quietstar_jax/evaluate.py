@@ -7,7 +7,8 @@ perplexity, cot):
   metric (ALGORITHM.md section 5; see `eval_data` for the prompts and valid tokens and
   `eval_metrics.answer_score`): `accuracy` is the mean over examples of the product
   of renormalised true-token probabilities, `exact_match` the share of examples whose
-  every scored token is the argmax over the valid tokens.
+  every scored token is the argmax over the valid tokens, `first_token_match` the
+  share whose first scored token is (CommonsenseQA: the choice letter).
 * `evaluate_perplexity`: base and thought-mixed NLL per token of held-out text, and
   the improvement binned by the base NLL of each token.
 * `evaluate_cot`: chain-of-thought majority vote on GSM8K (`eval_cot`).
@@ -21,7 +22,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -88,13 +89,16 @@ def score_examples(
     """Authors' score and exact match of every example, base and (with tc) thinking.
 
     Prompts are grouped by length rounded up to `bucket` tokens, `batch_tokens` per
-    batch (one compiled program per bucket). Returns {"base_score", "base_exact",
-    "thinking_score", "thinking_exact"} arrays `[n]` (the thinking ones only with tc).
+    batch (one compiled program per bucket). Returns arrays `[n]` "base_score",
+    "base_exact", "base_first" (the first scored token is the valid argmax: for
+    CommonsenseQA the choice letter) and the same for "thinking_" (only with tc).
     """
     n = len(examples)
-    res = {"base_score": np.zeros(n), "base_exact": np.zeros(n, bool)}
-    if tc is not None:
-        res |= {"thinking_score": np.zeros(n), "thinking_exact": np.zeros(n, bool)}
+    names = ["base"] + (["thinking"] if tc is not None else [])
+    res = {}
+    for name in names:
+        res |= {f"{name}_score": np.zeros(n), f"{name}_exact": np.zeros(n, bool),
+                f"{name}_first": np.zeros(n, bool)}
     valid = jnp.asarray(valid_ids, jnp.int32)
     rng = jax.random.key(seed)
     lengths = [len(e.ids) for e in examples]
@@ -115,6 +119,7 @@ def score_examples(
             for name, logits in outs.items():
                 s, e = answer_score(logits[r, :len(ex.positions)], ex.targets)
                 res[f"{name}_score"][i], res[f"{name}_exact"][i] = s, e
+                res[f"{name}_first"][i] = np.argmax(logits[r, 0]) == ex.targets[0]
     return res
 
 
@@ -156,12 +161,12 @@ def _direct_answer(
         "task": task, "examples": len(examples), **_thought_info(tc),
         "valid_token_ids": list(valid_ids),
         "valid_tokens": tokenizer.convert_ids_to_tokens(list(valid_ids)),
-        "base": {"accuracy": float(res["base_score"].mean()),
-                 "exact_match": float(res["base_exact"].mean())},
     }
-    if tc is not None:
-        out["thinking"] = {"accuracy": float(res["thinking_score"].mean()),
-                           "exact_match": float(res["thinking_exact"].mean())}
+    for name in ("base", "thinking"):
+        if f"{name}_score" in res:
+            out[name] = {"accuracy": float(res[f"{name}_score"].mean()),
+                         "exact_match": float(res[f"{name}_exact"].mean()),
+                         "first_token_match": float(res[f"{name}_first"].mean())}
     out["seconds"] = time.perf_counter() - t0
     if return_examples:
         out["per_example"] = {k: v.tolist() for k, v in res.items()}
@@ -318,6 +323,7 @@ def evaluate_cot(
     batch_size: int = 64,
     seed: int = 0,
     return_examples: bool = False,
+    log: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     """Chain-of-thought GSM8K majority-vote accuracy, base and (with tc) thinking.
 
@@ -339,7 +345,8 @@ def evaluate_cot(
         res = run_cot(params, cfg, tc, tokenizer, rows, think=think, n_votes=n_votes,
                       temperature=temperature, max_solution_tokens=max_solution_tokens,
                       answer_tokens=answer_tokens, batch_size=batch_size,
-                      rng=jax.random.fold_in(rng, k))
+                      rng=jax.random.fold_in(rng, k),
+                      log=None if log is None else (lambda m, n=name: log(f"[cot {n}] {m}")))
         out[name] = {"accuracy": res["accuracy"],
                      "mean_solution_tokens": res["mean_solution_tokens"],
                      "seconds": time.perf_counter() - t1}
@@ -405,7 +412,8 @@ def _table_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
                         "n": r["questions"]}
             else:
                 row |= {"metric": "authors acc", "value": m["accuracy"],
-                        "exact_match": m["exact_match"], "n": r["examples"]}
+                        "exact_match": m["exact_match"],
+                        "first_token": m["first_token_match"], "n": r["examples"]}
             row["seconds"] = r["seconds"]
             rows.append(row)
     return rows
@@ -442,11 +450,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                                          n_votes=args.cot_votes,
                                          temperature=args.cot_temperature,
                                          max_solution_tokens=args.cot_solution_tokens,
-                                         batch_size=args.cot_batch_size, seed=args.seed)
+                                         batch_size=args.cot_batch_size, seed=args.seed,
+                                         log=lambda m: print(m, file=sys.stderr, flush=True))
         print(f"[{task}] done in {results[task]['seconds']:.1f}s", file=sys.stderr)
     print(format_table(_table_rows(results),
-                       ["task", "model", "n_ahead", "metric", "value", "exact_match", "n",
-                        "seconds"]))
+                       ["task", "model", "n_ahead", "metric", "value", "exact_match",
+                        "first_token", "n", "seconds"]))
     if "perplexity" in results and "bins" in results["perplexity"]:
         print("\nperplexity: improvement (base - thinking NLL) by base-NLL bin")
         print(format_table(results["perplexity"]["bins"],

@@ -108,6 +108,20 @@ def test_cot_answer_extraction_and_vote():
     assert cut_at_repeat("Q: a\nA: b") == "Q: a\nA: b"
 
 
+def test_length_batches_cover_each_example_once_with_one_shape_per_width():
+    from quietstar_jax.eval_scoring import length_batches
+
+    lengths = [5, 70, 64, 130, 65, 3, 66, 200]
+    seen, shapes = [], {}
+    for idx, width, rows in length_batches(lengths, batch_tokens=256, multiple=64):
+        assert all(lengths[i] <= width < lengths[i] + 64 for i in idx)
+        assert len(idx) <= rows and shapes.setdefault(width, rows) == rows
+        seen += idx.tolist()
+    assert sorted(seen) == list(range(len(lengths)))
+    # width 128 holds 70, 65, 66: 256 // 128 = 2 rows per batch; width 64: 3 examples
+    assert shapes == {64: 3, 128: 2, 192: 1, 256: 1}
+
+
 # --------------------------------------------------------------------------- data
 
 
@@ -226,7 +240,7 @@ def _independent_scores(params, cfg, tc, tok, texts, valid, skip_first):
         ids[r, :len(s)], mask[r, :len(s)] = s, 1
     zb, zt = (np.asarray(z, np.float64) for z in logits(params, jnp.asarray(ids),
                                                          jnp.asarray(mask)))
-    base, think = [], []
+    base, think, first_ok = [], [], []
     for r, s in enumerate(seqs):
         first = _authors_marker_end(tok, s) + int(skip_first)
         pos, tgt = eval_data.answer_targets(s, first, valid, pad_id=2)
@@ -234,7 +248,8 @@ def _independent_scores(params, cfg, tc, tok, texts, valid, skip_first):
             p = np.exp(z[list(pos)] - z[list(pos)].max(-1, keepdims=True))
             pv = p[:, valid] / p[:, valid].sum(-1, keepdims=True)
             out.append(float(np.prod(pv[np.arange(len(tgt)), list(tgt)])))
-    return np.array(base), np.array(think)
+        first_ok.append(int(np.argmax(zb[r, pos[0], valid])) == tgt[0])
+    return np.array(base), np.array(think), np.array(first_ok)
 
 
 @pytest.mark.parametrize("task", ["gsm8k", "csqa"])
@@ -262,12 +277,14 @@ def test_direct_answer_matches_independent_computation(stories, task):
         texts = [eval_data.csqa_text(r["question"], r["labels"], r["texts"], r["answerKey"])
                  for r in rows]
         valid = eval_data.csqa_valid_ids(tok)
-    base, think = _independent_scores(params, cfg, tc, tok, texts, valid, task == "gsm8k")
+    base, think, first = _independent_scores(params, cfg, tc, tok, texts, valid,
+                                             task == "gsm8k")
     np.testing.assert_allclose(res["per_example"]["base_score"], base, rtol=2e-4, atol=1e-7)
     np.testing.assert_allclose(res["per_example"]["thinking_score"], think, rtol=2e-4,
                                atol=1e-7)
     assert not np.allclose(base, think)  # the random mixing head makes thinking differ
     assert res["base"]["accuracy"] == pytest.approx(base.mean(), rel=2e-4)
+    np.testing.assert_array_equal(res["per_example"]["base_first"], first)
 
 
 def test_perplexity_base_matches_known_loss(stories):
