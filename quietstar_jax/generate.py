@@ -29,6 +29,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import sys
+import types
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
@@ -586,9 +588,18 @@ def generate_text(
     return out
 
 
-if __name__ == "__main__":
-    import sys
+class _CallableModule(types.ModuleType):
+    """`quietstar_jax.generate` is both this module (`python -m quietstar_jax.generate`)
+    and, in the notebook API, the function `generate`: once the submodule is imported,
+    the package attribute `generate` is the module, so calling it calls `generate`."""
 
+    def __call__(self, *args: Any, **kwargs: Any) -> Generation:
+        return generate(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule
+
+if __name__ == "__main__":
     from quietstar_jax.generate_cli import main
 
     sys.exit(main())

@@ -152,6 +152,18 @@ def test_sampling_frequencies_follow_temperature():
     np.testing.assert_allclose(np.bincount(draws, minlength=4) / draws.size, want, atol=0.03)
 
 
+def test_package_generate_is_callable_after_submodule_import(tiny):
+    """`quietstar_jax.generate(...)` works although the submodule shares the name."""
+    import quietstar_jax
+    import quietstar_jax.generate  # noqa: F401  (sets the package attribute to the module)
+
+    cfg, params, tc = tiny
+    tcg = tc.replace(sampling="greedy")
+    a = quietstar_jax.generate(params, cfg, tcg, PROMPTS, max_new_tokens=N_NEW, greedy=True)
+    b = G.generate(params, cfg, tcg, PROMPTS, max_new_tokens=N_NEW, greedy=True)
+    np.testing.assert_array_equal(np.asarray(a.tokens), np.asarray(b.tokens))
+
+
 def test_bad_inputs(tiny):
     cfg, params, tc = tiny
     with pytest.raises(ValueError, match="empty"):
