@@ -10,7 +10,7 @@ here). "recompute" is the authors' approach: for every new token one parallel
 rollout over the whole sequence, every position thinking (it runs over the fixed
 buffer prompt + recompute-tokens, so up to recompute-tokens / prompt-len more
 positions than the current length). Each generator is compiled and run once, then
-timed on a second run; tokens/s = batch * new tokens / seconds. The model is
+timed on `--repeats` more runs; tokens/s = batch * new tokens / median seconds. The model is
 stories260K (`--model`, default ../shared/data/stories260K-hf when present) or a
 tiny random Llama. Prints a table and JSON.
 """
@@ -63,14 +63,18 @@ def _load(model: str | None, n_ahead: int, prompt_len: int, batch: int, seed: in
     return cfg, params, tc, prompts, "tiny random llama (stories260K shape)"
 
 
-def _timed(fn: Any) -> tuple[G.Generation, float, float]:
-    """(result, first-call seconds incl. compile, second-call seconds)."""
+def _timed(fn: Any, repeats: int) -> tuple[G.Generation, float, list[float]]:
+    """(result, first-call seconds incl. compile, seconds of `repeats` further calls)."""
     t0 = time.perf_counter()
-    jax.block_until_ready(fn().tokens)
-    t1 = time.perf_counter()
     out = fn()
     jax.block_until_ready(out.tokens)
-    return out, t1 - t0, time.perf_counter() - t1
+    first = time.perf_counter() - t0
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn().tokens)
+        times.append(time.perf_counter() - t0)
+    return out, first, times
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -81,6 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--new-tokens", type=int, default=64, help="cached generators")
     p.add_argument("--recompute-tokens", type=int, default=16, help="recompute generator")
     p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--repeats", type=int, default=3, help="timed runs (median reported)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="generation_benchmark.json")
     a = p.parse_args(argv)
@@ -98,10 +103,11 @@ def main(argv: list[str] | None = None) -> int:
     res: dict[str, Any] = {}
     outs = {}
     for key, (n, fn) in runs.items():
-        out, first, second = _timed(fn)
+        out, first, times = _timed(fn, a.repeats)
         outs[key] = np.asarray(out.tokens)
-        res[key] = {"new_tokens": n, "first_call_s": first, "seconds": second,
-                    "tokens_per_s": a.batch * n / second}
+        med = float(np.median(times))
+        res[key] = {"new_tokens": n, "first_call_s": first, "seconds": med, "runs_s": times,
+                    "tokens_per_s": a.batch * n / med}
         print(f"{key}: {res[key]['tokens_per_s']:.1f} tokens/s", file=sys.stderr)
     m = a.recompute_tokens
     same = bool((outs["cached_thinking"][:, :m] == outs["recompute_thinking"][:, :m]).all())
