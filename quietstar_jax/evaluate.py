@@ -364,7 +364,7 @@ def _parser() -> argparse.ArgumentParser:
         prog="python -m quietstar_jax.evaluate",
         description="Evaluate a Quiet-STaR model: base (no thoughts) and thinking side by side.")
     p.add_argument("model", help="Hugging Face model directory or training checkpoint")
-    p.add_argument("--tasks", default="gsm8k,csqa,perplexity",
+    p.add_argument("--tasks", default="gsm8k,csqa",
                    help=f"comma-separated subset of {','.join(TASKS)}")
     p.add_argument("--gsm8k", default="hf", help="GSM8K test jsonl, a folder with test.jsonl, "
                    "hf[:name] or tfds:name")
@@ -420,6 +420,15 @@ def _table_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Command-line entry point; bad input ends with one `error: ...` line (exit 2)."""
+    try:
+        return _run(argv)
+    except (ValueError, OSError, ImportError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+def _run(argv: Sequence[str] | None) -> int:
     from quietstar_jax.cli_common import format_table, load_model, thought_config, write_json
 
     args = _parser().parse_args(argv)

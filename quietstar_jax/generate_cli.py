@@ -56,6 +56,15 @@ def _show(item: dict[str, Any], tokenizer: Any, show_thoughts: bool) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Command-line entry point; bad input ends with one `error: ...` line (exit 2)."""
+    try:
+        return _run(argv)
+    except (ValueError, OSError, ImportError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+def _run(argv: Sequence[str] | None) -> int:
     from quietstar_jax.cli_common import load_model, thought_config, write_json
 
     args = _parser().parse_args(argv)

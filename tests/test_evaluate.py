@@ -351,3 +351,7 @@ def test_cli_writes_json_and_rejects_bad_tasks(tmp_path, capsys):
         evaluate.main([model, "--tasks", "mmlu"])
     with pytest.raises(SystemExit):
         evaluate.main([model, "--tasks", "perplexity"])
+    capsys.readouterr()
+    assert evaluate.main([str(tmp_path / "nowhere"), "--tasks", "gsm8k"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: model path")
