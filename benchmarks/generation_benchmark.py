@@ -29,6 +29,7 @@ import jax
 import numpy as np
 
 from quietstar_jax import generate as G
+from quietstar_jax import generate_reference as R
 from quietstar_jax.model import ModelConfig, init_params
 from quietstar_jax.thoughts import ThoughtConfig, init_thought_params
 
@@ -94,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     runs = {
         "cached_thinking": (a.new_tokens, lambda: G.generate(
             params, cfg, tc, prompts, max_new_tokens=a.new_tokens, **common)),
-        "recompute_thinking": (a.recompute_tokens, lambda: G.generate_recompute(
+        "recompute_thinking": (a.recompute_tokens, lambda: R.generate_recompute(
             params, cfg, tc, prompts, max_new_tokens=a.recompute_tokens, exact_rng=False,
             **common)),
         "cached_base": (a.new_tokens, lambda: G.generate(

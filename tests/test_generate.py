@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from quietstar_jax import generate as G
+from quietstar_jax import generate_reference as R
 from quietstar_jax.model import ModelConfig, init_params, lm_logits
 from quietstar_jax.thoughts import ThoughtConfig, init_thought_params
 
@@ -64,7 +65,7 @@ def test_cached_equals_recompute_greedy_tiny(tiny):
     tc = tc.replace(sampling="greedy")
     cached = G.generate(params, cfg, tc, PROMPTS, max_new_tokens=N_NEW, greedy=True,
                         return_thoughts=True)
-    ref = G.generate_recompute(params, cfg, tc, PROMPTS, max_new_tokens=N_NEW, greedy=True,
+    ref = R.generate_recompute(params, cfg, tc, PROMPTS, max_new_tokens=N_NEW, greedy=True,
                                exact_rng=False)
     _same(cached, ref)
     assert cached.tokens.shape == (3, N_NEW) and cached.thoughts.shape == (3, N_NEW, 2)
@@ -81,7 +82,7 @@ def test_cached_equals_recompute_sampled_tiny(tiny):
     rng = jax.random.key(7)
     kw = dict(max_new_tokens=N_NEW, rng=rng, temperature=0.8, top_p=0.9)
     cached = G.generate(params, cfg, tc, PROMPTS, return_thoughts=True, **kw)
-    ref = G.generate_recompute(params, cfg, tc, PROMPTS, exact_rng=True, **kw)
+    ref = R.generate_recompute(params, cfg, tc, PROMPTS, exact_rng=True, **kw)
     _same(cached, ref)
     other = G.generate(params, cfg, tc, PROMPTS, **(kw | {"rng": jax.random.key(8)}))
     assert (np.asarray(other.tokens) != np.asarray(cached.tokens)).any()
@@ -93,7 +94,7 @@ def test_cached_equals_recompute_sliding_window():
     tc = tc.replace(sampling="greedy")
     kw = dict(max_new_tokens=24, greedy=True)
     cached = G.generate(params, cfg, tc, PROMPTS, return_thoughts=True, **kw)
-    _same(cached, G.generate_recompute(params, cfg, tc, PROMPTS, exact_rng=False, **kw))
+    _same(cached, R.generate_recompute(params, cfg, tc, PROMPTS, exact_rng=False, **kw))
 
 
 def test_base_generation_matches_full_forward(tiny):
@@ -226,11 +227,11 @@ def test_stories260k_cached_equals_recompute(stories):
     g = tc.replace(sampling="greedy")
     kw = dict(max_new_tokens=N_NEW, eos_token_id=None)
     cached = G.generate(params, cfg, g, prompts, greedy=True, return_thoughts=True, **kw)
-    _same(cached, G.generate_recompute(params, cfg, g, prompts, greedy=True, exact_rng=False,
+    _same(cached, R.generate_recompute(params, cfg, g, prompts, greedy=True, exact_rng=False,
                                        **kw))
     rng = jax.random.key(1)
     cached = G.generate(params, cfg, tc, prompts, rng=rng, return_thoughts=True, **kw)
-    _same(cached, G.generate_recompute(params, cfg, tc, prompts, rng=rng, exact_rng=True, **kw))
+    _same(cached, R.generate_recompute(params, cfg, tc, prompts, rng=rng, exact_rng=True, **kw))
 
 
 def test_generate_text_shows_thoughts(stories):

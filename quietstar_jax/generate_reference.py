@@ -1,0 +1,153 @@
+"""Reference generator: recompute the whole sequence with thoughts for every token.
+
+The authors' approach (their code reruns the model over the whole prefix for each
+new token): `thoughts.rollout`, in which every position thinks, over the current
+sequence, then the last position's mixed logits. Used to check the cached generator
+(`quietstar_jax.generate.generate`) and as the baseline of the generation benchmark.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from quietstar_jax import model
+from quietstar_jax.generate import (
+    Generation,
+    SamplingConfig,
+    _check_args,
+    _finish,
+    _mask_only,
+    _mask_real_logits,
+    _need_rng,
+    _pad_id,
+    _token_key,
+    left_pad,
+    sample_thought_token,
+    sample_token,
+)
+from quietstar_jax.model import ModelConfig, Params
+from quietstar_jax.thoughts import ThoughtConfig, mixed_hidden, rollout
+
+
+def _last_mixed_logits(
+    params: Params, cfg: ModelConfig, tc: ThoughtConfig, ro: Any, last: jax.Array
+) -> tuple[jax.Array, jax.Array]:
+    """Mixed logits `[B, vocab]` and weight `[B]` at index `last` after the end step."""
+    base = jax.lax.dynamic_index_in_dim(ro.base_hidden, last, axis=1, keepdims=True)
+    end = jax.lax.dynamic_index_in_dim(ro.step_hidden[-1], last, axis=1, keepdims=True)
+    mixed, w = mixed_hidden(params, tc, base, end, tc.n_ahead - 1)
+    return model.logits_from_hidden(params, cfg, mixed[:, 0]), w[:, 0]
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "tc", "sc", "max_new_tokens", "think",
+                                             "exact_rng"))
+def _generate_recompute(
+    params: Params,
+    ids: jax.Array,
+    mask: jax.Array,
+    rng: jax.Array,
+    *,
+    cfg: ModelConfig,
+    tc: ThoughtConfig | None,
+    sc: SamplingConfig,
+    max_new_tokens: int,
+    think: bool,
+    exact_rng: bool,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    b, p = ids.shape
+    n = max_new_tokens
+    n_thought = tc.num_sampled if think else 0
+    buf = jnp.concatenate([ids, jnp.zeros((b, n), ids.dtype)], axis=1)
+    bmask = jnp.concatenate([mask, jnp.zeros((b, n), mask.dtype)], axis=1)
+    out_thought = jnp.zeros((b, n, n_thought), jnp.int32)
+    out_w = jnp.zeros((b, n), jnp.float32)
+
+    def body(t, state):
+        buf, bmask, out_thought, out_w = state
+        key = _token_key(rng, t)
+        last = p + t - 1  # index of the newest real token; later slots are masked out
+        if not think:
+            h, _ = model.forward(params, cfg, buf, bmask)
+            hl = jax.lax.dynamic_index_in_dim(h, last, axis=1, keepdims=False)
+            logits = model.logits_from_hidden(params, cfg, hl)
+        elif not exact_rng:
+            # The authors' way: one rollout in which every position thinks.
+            ro = rollout(params, cfg, tc, buf, bmask, jax.random.fold_in(key, 1),
+                         num_steps=tc.n_ahead - 1)
+            logits, w = _last_mixed_logits(params, cfg, tc, ro, last)
+            thought = jax.lax.dynamic_index_in_dim(ro.thought_tokens, last, axis=2,
+                                                   keepdims=False).T
+            out_thought = out_thought.at[:, t].set(thought)
+            out_w = out_w.at[:, t].set(w)
+        else:
+            # Same computation, but each thought token is drawn from the last position's
+            # [B, vocab] logits with the cached generator's key: one rollout per step.
+            fed = jnp.zeros((tc.num_sampled,) + buf.shape, jnp.int32)
+            for s in range(2, tc.n_ahead - 1):
+                ro = rollout(params, cfg, tc, buf, bmask, None, fed, num_steps=s - 1)
+                h = jax.lax.dynamic_index_in_dim(ro.step_hidden[-1], last, axis=1,
+                                                 keepdims=False)
+                tok = sample_thought_token(params, cfg, tc, jax.random.fold_in(key, s), h)
+                fed = jax.lax.dynamic_update_slice(
+                    fed, tok[None, :, None], (s - 2, 0, last))
+            ro = rollout(params, cfg, tc, buf, bmask, None, fed, num_steps=tc.n_ahead - 1)
+            logits, w = _last_mixed_logits(params, cfg, tc, ro, last)
+            thought = jax.lax.dynamic_index_in_dim(fed, last, axis=2, keepdims=False).T
+            out_thought = out_thought.at[:, t].set(thought)
+            out_w = out_w.at[:, t].set(w)
+        tok = sample_token(jax.random.fold_in(key, 0), _mask_real_logits(logits, tc), sc)
+        buf = jax.lax.dynamic_update_slice(buf, tok[:, None].astype(buf.dtype), (0, p + t))
+        bmask = jax.lax.dynamic_update_slice(bmask, jnp.ones((b, 1), bmask.dtype), (0, p + t))
+        return buf, bmask, out_thought, out_w
+
+    buf, _, out_thought, out_w = jax.lax.fori_loop(0, n, body, (buf, bmask, out_thought, out_w))
+    return buf[:, p:].astype(jnp.int32), out_thought, out_w
+
+
+def generate_recompute(
+    params: Params,
+    cfg: ModelConfig,
+    tc: ThoughtConfig | None,
+    prompts: Sequence[Sequence[int]],
+    *,
+    max_new_tokens: int,
+    rng: jax.Array | None = None,
+    think: bool = True,
+    greedy: bool = False,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    eos_token_id: int | None = -1,
+    pad_token_id: int | None = None,
+    exact_rng: bool = True,
+    pad_to_multiple: int = 16,
+) -> Generation:
+    """Reference generator that recomputes the whole sequence for every new token.
+
+    Arguments as `generate`. Each new token runs `thoughts.rollout` over the full
+    buffer `[B, P + max_new_tokens]` (slots not generated yet are masked out, so they
+    change nothing) and samples from the last real position's mixed logits.
+    exact_rng=False: one rollout per token, thoughts sampled by the rollout itself at
+      every position (the authors' approach); equals `generate` token for token only
+      when thought sampling is greedy.
+    exact_rng=True: thought tokens are drawn one step at a time from the last
+      position's logits with `generate`'s keys (n_ahead - 2 rollouts per token), so the
+      same rng gives the same tokens as `generate` in sample mode too.
+    Thoughts and mixing weights are always returned when thinking.
+    """
+    sc = SamplingConfig(greedy=greedy, temperature=temperature, top_p=top_p)
+    eos_id = cfg.eos_token_id if eos_token_id == -1 else eos_token_id
+    pad_id = _pad_id(tc, eos_id, pad_token_id)
+    ids, mask = left_pad(prompts, pad_id, pad_to_multiple)
+    _check_args(cfg, tc, think, ids, max_new_tokens)
+    rng = _need_rng(rng, sc, tc, think)
+    toks, thoughts, w = _generate_recompute(
+        params, jnp.asarray(ids), jnp.asarray(mask), rng, cfg=cfg,
+        tc=tc if (think or tc is None) else _mask_only(tc), sc=sc,
+        max_new_tokens=max_new_tokens, think=think, exact_rng=exact_rng)
+    toks, lengths = _finish(toks, eos_id, pad_id)
+    return Generation(toks, lengths, thoughts if think else None, w if think else None)
