@@ -203,20 +203,36 @@ def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
     return (weight.astype(jnp.float32) * xf).astype(x.dtype)
 
 
+def rope_tables(positions: jax.Array, head_dim: int, theta: float) -> tuple[jax.Array, jax.Array]:
+    """Rotary tables for `positions` `[...]`: (cos, signed sin), each float32 `[..., 1, head_dim]`.
+
+    The sin table carries rotate-half's sign (-sin on the first half), so that
+    `apply_rope` is `x * cos + swap_halves(x) * sin`. Computed once per forward and
+    shared by all layers: no sin/cos inside the layers nor in their backward pass.
+    """
+    d = head_dim
+    inv_freq = 1.0 / (theta ** (jnp.arange(0, d, 2, dtype=jnp.float32) / d))
+    ang = positions.astype(jnp.float32)[..., None] * inv_freq  # [..., d/2]
+    cos, sin = jnp.cos(ang), jnp.sin(ang)
+    return (jnp.concatenate([cos, cos], axis=-1)[..., None, :],
+            jnp.concatenate([-sin, sin], axis=-1)[..., None, :])
+
+
+def apply_rope(x: jax.Array, tables: tuple[jax.Array, jax.Array]) -> jax.Array:
+    """Rotate `x` `[..., heads, head_dim]` with `rope_tables` of its leading dims."""
+    cos, sin = tables
+    d = x.shape[-1]
+    xf = x.astype(jnp.float32)
+    swapped = jnp.concatenate([xf[..., d // 2 :], xf[..., : d // 2]], axis=-1)
+    return (xf * cos + swapped * sin).astype(x.dtype)
+
+
 def rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
     """Rotary embedding, Hugging Face rotate-half layout.
 
     x: `[..., heads, head_dim]`; positions: x's leading dims (`[...]`), int.
     """
-    d = x.shape[-1]
-    inv_freq = 1.0 / (theta ** (jnp.arange(0, d, 2, dtype=jnp.float32) / d))
-    ang = positions.astype(jnp.float32)[..., None] * inv_freq  # [..., d/2]
-    ang = jnp.concatenate([ang, ang], axis=-1)[..., None, :]  # [..., 1, d]
-    cos, sin = jnp.cos(ang), jnp.sin(ang)
-    xf = x.astype(jnp.float32)
-    x1, x2 = xf[..., : d // 2], xf[..., d // 2 :]
-    rotated = jnp.concatenate([-x2, x1], axis=-1)
-    return (xf * cos + rotated * sin).astype(x.dtype)
+    return apply_rope(x, rope_tables(positions, x.shape[-1], theta))
 
 
 def causal_mask(
@@ -246,53 +262,105 @@ def attend(
     q: `[batch, q, heads, head_dim]` (already rotated, unscaled).
     ctx: (k, v `[batch, ctx, kv_heads, head_dim]`, mask `[batch, q, ctx]`) or None.
     own: (ks, vs: sequences of `slots` arrays `[batch, q, kv_heads, head_dim]`, one key
-      per query per slot, mask `[batch, q, slots]`) or None. Keeping the slots as
-      separate arrays (not one stacked array) means a rollout that appends a slot per
-      step never copies, nor saves for the backward pass, the earlier slots again.
+      per query per slot, mask `[batch, q, slots]`) or None.
     Returns `[batch, q, heads, head_dim]` in q's dtype. Scores and softmax in float32.
+
+    The context block is two matmuls batched over (batch, kv_heads) with the query
+    rows flattened to `q * group`: every contraction (forward and backward) is over a
+    single dimension, which keeps XLA from transposing score-sized arrays. The own
+    block is small (`slots` keys per query) and is computed elementwise on the stacked
+    slots `[batch, q, slots, kv_heads, ...]`. Both share one softmax.
     """
     b, t, nh, d = q.shape
     nkv = ctx[0].shape[-2] if ctx is not None else own[0][0].shape[-2]
-    qg = q.reshape(b, t, nkv, nh // nkv, d) * jnp.asarray(1.0 / math.sqrt(d), q.dtype)
-    # Scores live in [batch, kv_heads, q, group, keys]: the dot's natural output layout
-    # (batch dims first, then the query's free dims), so no transpose of the big
-    # score/probability arrays is needed. The softmax runs over the blocks without
-    # concatenating them (no copies of score-sized arrays).
-    blocks = []  # (scores [b, k, t, g, n] float32, mask [b, 1, t, 1, n])
+    g = nh // nkv
+    qg = q.reshape(b, t, nkv, g, d) * jnp.asarray(1.0 / math.sqrt(d), q.dtype)
+    # Row statistics (max, normaliser) are kept as [b, t, k, g]; the context block's
+    # rows are [b, k, t * g].
+    to_btkg = lambda x: x.reshape(b, nkv, t, g).transpose(0, 2, 1, 3)
+    to_bkr = lambda x: x.transpose(0, 2, 1, 3).reshape(b, nkv, t * g)
+    tops = []
     if ctx is not None:
-        k, _, m = ctx
-        sc = jnp.einsum("btkgd,bskd->bktgs", qg, k, preferred_element_type=jnp.float32)
-        blocks.append((sc, m[:, None, :, None, :]))
+        k_c, v_c, m = ctx
+        n = k_c.shape[1]
+        m_c = jnp.broadcast_to(m[:, None, :, None, :], (b, 1, t, g, n)).reshape(b, 1, t * g, n)
+        q_c = qg.transpose(0, 2, 1, 3, 4).reshape(b, nkv, t * g, d)
+        sc_c = jnp.einsum("bkrd,bskd->bkrs", q_c, k_c, preferred_element_type=jnp.float32)
+        sc_c = jnp.where(m_c, sc_c, _NEG_INF)
+        tops.append(to_btkg(sc_c.max(axis=-1)))
     if own is not None:
-        ks, _, m = own
-        sc = jnp.stack(
-            [jnp.einsum("btkgd,btkd->btkg", qg, k, preferred_element_type=jnp.float32)
-             for k in ks], axis=-1)  # [b, t, k, g, slots]: small, transposed once
-        blocks.append((sc.transpose(0, 2, 1, 3, 4), m[:, None, :, None, :]))
-    blocks = [(jnp.where(m, sc, _NEG_INF), m) for sc, m in blocks]
-    top = blocks[0][0].max(axis=-1, keepdims=True)
-    for sc, _ in blocks[1:]:
-        top = jnp.maximum(top, sc.max(axis=-1, keepdims=True))
-    top = jax.lax.stop_gradient(top)
+        ks, vs, m = own
+        m_o = m[:, :, :, None, None]  # [b, t, slots, 1, 1]
+        k_o = jnp.stack(ks, axis=2).astype(jnp.float32)  # [b, t, slots, k, d]
+        sc_o = jnp.sum(qg.astype(jnp.float32)[:, :, None] * k_o[:, :, :, :, None, :], axis=-1)
+        sc_o = jnp.where(m_o, sc_o, _NEG_INF)  # [b, t, slots, k, g]
+        tops.append(sc_o.max(axis=2))
+    top = tops[0]
+    for x in tops[1:]:
+        top = jnp.maximum(top, x)
+    top = jax.lax.stop_gradient(top)  # [b, t, k, g]
     # Masked keys get exactly 0; a query with no visible key (a fully padded row) gets
     # all-zero weights instead of NaN.
-    exps = [jnp.where(m, jnp.exp(sc - top), 0.0) for sc, m in blocks]
-    denom = sum(e.sum(axis=-1, keepdims=True) for e in exps)
-    inv = 1.0 / jnp.maximum(denom, 1e-30)
-    probs = [(e * inv).astype(q.dtype) for e in exps]
-    out = jnp.zeros((b, nkv, t, nh // nkv, d), jnp.float32)
-    i = 0
+    denom = jnp.zeros_like(top)
     if ctx is not None:
-        out = out + jnp.einsum("bktgs,bskd->bktgd", probs[0], ctx[1],
-                               preferred_element_type=jnp.float32)
-        i = 1
+        e_c = jnp.where(m_c, jnp.exp(sc_c - to_bkr(top)[..., None]), 0.0)
+        denom = denom + to_btkg(e_c.sum(axis=-1))
     if own is not None:
-        p_own = probs[i].transpose(0, 2, 1, 3, 4)  # [b, t, k, g, slots]
-        own_out = sum(jnp.einsum("btkg,btkd->btkgd", p_own[..., j], v,
-                                 preferred_element_type=jnp.float32)
-                      for j, v in enumerate(own[1]))
-        out = out + own_out.transpose(0, 2, 1, 3, 4)
-    return out.transpose(0, 2, 1, 3, 4).reshape(b, t, nh, d).astype(q.dtype)
+        e_o = jnp.where(m_o, jnp.exp(sc_o - top[:, :, None]), 0.0)
+        denom = denom + e_o.sum(axis=2)
+    inv = 1.0 / jnp.maximum(denom, 1e-30)  # [b, t, k, g]
+    out = jnp.zeros((b, t, nkv, g, d), jnp.float32)
+    if ctx is not None:
+        p_c = (e_c * to_bkr(inv)[..., None]).astype(q.dtype)
+        o_c = jnp.einsum("bkrs,bskd->bkrd", p_c, v_c, preferred_element_type=jnp.float32)
+        out = out + o_c.reshape(b, nkv, t, g, d).transpose(0, 2, 1, 3, 4)
+    if own is not None:
+        v_o = jnp.stack(own[1], axis=2).astype(jnp.float32)  # [b, t, slots, k, d]
+        p_o = e_o * inv[:, :, None]  # [b, t, slots, k, g]
+        out = out + jnp.sum(p_o[..., None] * v_o[:, :, :, :, None, :], axis=2)
+    return out.reshape(b, t, nh, d).astype(q.dtype)
+
+
+def dense(x: jax.Array, w: jax.Array, n_in: int = 1, **kw: Any) -> jax.Array:
+    """Contract x's last `n_in` dims with w's first `n_in` dims, as one 2-D matmul.
+
+    x: `[..., *in]`, w: `[*in, *out]` -> `[..., *out]`. Flattening the token dims first
+    gives the backward pass single-dimension contractions: with `[batch, t, ...]` kept
+    3-D, XLA's CPU backend transposed the activations for every weight gradient.
+    """
+    lead, ins = x.shape[: x.ndim - n_in], x.shape[x.ndim - n_in :]
+    outs = w.shape[n_in:]
+    y = jnp.dot(x.reshape(-1, math.prod(ins)), w.reshape(math.prod(ins), -1), **kw)
+    return y.reshape(*lead, *outs)
+
+
+@jax.custom_vjp
+def swiglu(gate: jax.Array, up: jax.Array) -> jax.Array:
+    """`silu(gate) * up` (any shape) with a hand-written backward pass.
+
+    The backward computes both input gradients in their natural layout and stops
+    XLA from fusing them into the transposes the weight-gradient matmuls need
+    (on CPU such fused transposes ran the sigmoid element by element, strided).
+    """
+    return jax.nn.silu(gate) * up
+
+
+def _swiglu_fwd(gate: jax.Array, up: jax.Array):
+    return swiglu(gate, up), (gate, up)
+
+
+def _swiglu_bwd(res, dy):
+    gate, up = res
+    g = gate.astype(jnp.float32)
+    sig = jax.nn.sigmoid(g)
+    dyf = dy.astype(jnp.float32)
+    d_up = dyf * g * sig
+    d_gate = dyf * up.astype(jnp.float32) * sig * (1.0 + g * (1.0 - sig))
+    d_gate, d_up = jax.lax.optimization_barrier((d_gate.astype(gate.dtype), d_up.astype(up.dtype)))
+    return d_gate, d_up
+
+
+swiglu.defvjp(_swiglu_fwd, _swiglu_bwd)
 
 
 # --------------------------------------------------------------------------- decoder
@@ -302,7 +370,7 @@ def _layer(
     lp: Params,
     cfg: ModelConfig,
     h: jax.Array,
-    positions: jax.Array,
+    rope_tabs: tuple[jax.Array, jax.Array],
     self_mask: jax.Array | None,
     ctx: tuple[jax.Array, jax.Array, jax.Array] | None,
     own: tuple[Sequence[jax.Array], Sequence[jax.Array], jax.Array] | None,
@@ -316,15 +384,15 @@ def _layer(
     """
     dt = cfg.compute_dtype
     x = rms_norm(h, lp["attn_norm"], cfg.rms_norm_eps)
-    q = jnp.einsum("bth,hnd->btnd", x, lp["q"].astype(dt))
-    k = jnp.einsum("bth,hnd->btnd", x, lp["k"].astype(dt))
-    v = jnp.einsum("bth,hnd->btnd", x, lp["v"].astype(dt))
+    q = dense(x, lp["q"].astype(dt))
+    k = dense(x, lp["k"].astype(dt))
+    v = dense(x, lp["v"].astype(dt))
     if cfg.attention_bias:
         q = q + lp["q_bias"].astype(dt)
         k = k + lp["k_bias"].astype(dt)
         v = v + lp["v_bias"].astype(dt)
-    q = constrain(rope(q, positions, cfg.rope_theta), ("batch", "seq", "heads", "head_dim"))
-    k = constrain(rope(k, positions, cfg.rope_theta), KV_AXES)
+    q = constrain(apply_rope(q, rope_tabs), ("batch", "seq", "heads", "head_dim"))
+    k = constrain(apply_rope(k, rope_tabs), KV_AXES)
     v = constrain(v, KV_AXES)
     if ctx is None and own is None:
         a = attend(q, (k, v, self_mask), None)
@@ -334,12 +402,12 @@ def _layer(
         ks, vs, om = own
         own = ([*(x.astype(dt) for x in ks), k], [*(x.astype(dt) for x in vs), v], om)
         a = attend(q, ctx, own)
-    h = h + jnp.einsum("btnd,ndh->bth", a, lp["o"].astype(dt))
+    h = h + dense(a, lp["o"].astype(dt), 2)
     x = rms_norm(h, lp["mlp_norm"], cfg.rms_norm_eps)
-    g = jnp.einsum("bth,hm->btm", x, lp["gate"].astype(dt))
-    u = jnp.einsum("bth,hm->btm", x, lp["up"].astype(dt))
+    g = dense(x, lp["gate"].astype(dt))
+    u = dense(x, lp["up"].astype(dt))
     g, u = constrain(g, ("batch", "seq", "mlp")), constrain(u, ("batch", "seq", "mlp"))
-    h = h + jnp.einsum("btm,mh->bth", jax.nn.silu(g) * u, lp["down"].astype(dt))
+    h = h + dense(swiglu(g, u), lp["down"].astype(dt))
     return h, k, v
 
 
@@ -379,12 +447,13 @@ def decoder(
     if ctx is not None and own is None:
         own = ((), jnp.ones(h.shape[:2] + (1,), bool))
     own_mask = own[1] if own is not None else None
+    rope_tabs = rope_tables(positions, cfg.dim_per_head, cfg.rope_theta)
 
     def body(h, xs):
         lp, ck, cv, oks, ovs = xs
         c = (ck, cv, ctx_mask) if ctx is not None else None
         o = (oks, ovs, own_mask) if own is not None else None
-        h, k, v = _layer(lp, cfg, h, positions, self_mask, c, o)
+        h, k, v = _layer(lp, cfg, h, rope_tabs, self_mask, c, o)
         return constrain(h, HIDDEN_AXES), (k, v)
 
     body = _remat(body, cfg)
@@ -417,8 +486,7 @@ def embed_tokens(params: Params, cfg: ModelConfig, ids: jax.Array) -> jax.Array:
 def logits_from_hidden(params: Params, cfg: ModelConfig, h: jax.Array) -> jax.Array:
     """`[..., hidden]` -> float32 logits `[..., vocab]`."""
     w = output_matrix(params, cfg).astype(cfg.compute_dtype)
-    logits = jnp.einsum("...h,hv->...v", h.astype(cfg.compute_dtype), w,
-                        preferred_element_type=jnp.float32)
+    logits = dense(h.astype(cfg.compute_dtype), w, preferred_element_type=jnp.float32)
     return constrain(logits, ("batch", "seq", "vocab")) if logits.ndim == 3 else logits
 
 
