@@ -268,8 +268,9 @@ def attend(
     The context block is two matmuls batched over (batch, kv_heads) with the query
     rows flattened to `q * group`: every contraction (forward and backward) is over a
     single dimension, which keeps XLA from transposing score-sized arrays. The own
-    block is small (`slots` keys per query) and is computed elementwise on the stacked
-    slots `[batch, q, slots, kv_heads, ...]`. Both share one softmax.
+    block (`slots` keys per query) is two small matmuls batched over (batch, q,
+    kv_heads) on the stacked slots `[batch, q, kv_heads, slots, head_dim]`. Both
+    share one softmax.
     """
     b, t, nh, d = q.shape
     nkv = ctx[0].shape[-2] if ctx is not None else own[0][0].shape[-2]
@@ -290,11 +291,11 @@ def attend(
         tops.append(to_btkg(sc_c.max(axis=-1)))
     if own is not None:
         ks, vs, m = own
-        m_o = m[:, :, :, None, None]  # [b, t, slots, 1, 1]
-        k_o = jnp.stack(ks, axis=2).astype(jnp.float32)  # [b, t, slots, k, d]
-        sc_o = jnp.sum(qg.astype(jnp.float32)[:, :, None] * k_o[:, :, :, :, None, :], axis=-1)
-        sc_o = jnp.where(m_o, sc_o, _NEG_INF)  # [b, t, slots, k, g]
-        tops.append(sc_o.max(axis=2))
+        m_o = m[:, :, None, None, :]  # [b, t, 1, 1, slots]
+        k_o = jnp.stack(ks, axis=3)  # [b, t, k, slots, d]
+        sc_o = jnp.einsum("btkgd,btksd->btkgs", qg, k_o, preferred_element_type=jnp.float32)
+        sc_o = jnp.where(m_o, sc_o, _NEG_INF)  # [b, t, k, g, slots]
+        tops.append(sc_o.max(axis=-1))
     top = tops[0]
     for x in tops[1:]:
         top = jnp.maximum(top, x)
@@ -306,8 +307,8 @@ def attend(
         e_c = jnp.where(m_c, jnp.exp(sc_c - to_bkr(top)[..., None]), 0.0)
         denom = denom + to_btkg(e_c.sum(axis=-1))
     if own is not None:
-        e_o = jnp.where(m_o, jnp.exp(sc_o - top[:, :, None]), 0.0)
-        denom = denom + e_o.sum(axis=2)
+        e_o = jnp.where(m_o, jnp.exp(sc_o - top[..., None]), 0.0)
+        denom = denom + e_o.sum(axis=-1)
     inv = 1.0 / jnp.maximum(denom, 1e-30)  # [b, t, k, g]
     out = jnp.zeros((b, t, nkv, g, d), jnp.float32)
     if ctx is not None:
@@ -315,9 +316,9 @@ def attend(
         o_c = jnp.einsum("bkrs,bskd->bkrd", p_c, v_c, preferred_element_type=jnp.float32)
         out = out + o_c.reshape(b, nkv, t, g, d).transpose(0, 2, 1, 3, 4)
     if own is not None:
-        v_o = jnp.stack(own[1], axis=2).astype(jnp.float32)  # [b, t, slots, k, d]
-        p_o = e_o * inv[:, :, None]  # [b, t, slots, k, g]
-        out = out + jnp.sum(p_o[..., None] * v_o[:, :, :, :, None, :], axis=2)
+        v_o = jnp.stack(own[1], axis=3)  # [b, t, k, slots, d]
+        p_o = (e_o * inv[..., None]).astype(q.dtype)  # [b, t, k, g, slots]
+        out = out + jnp.einsum("btkgs,btksd->btkgd", p_o, v_o, preferred_element_type=jnp.float32)
     return out.reshape(b, t, nh, d).astype(q.dtype)
 
 
