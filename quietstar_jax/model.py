@@ -20,18 +20,24 @@ Both blocks enter one softmax. This module knows nothing of thoughts or losses.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
 from quietstar_jax.sharding import constrain
 
 Params = dict[str, Any]
 
 MODEL_TYPES = ("llama", "mistral", "qwen2")
+# Rematerialisation of each layer in the backward pass: nothing saved but the layer
+# input ("full"), every matmul output ("dots"), the MLP's gate/up projections only
+# ("mlp": the largest matmuls are not recomputed, attention is), or everything ("none").
+REMAT_POLICIES = ("none", "full", "dots", "mlp")
 _NEG_INF = -1e30
 # Logical axes of activations (see sharding.constrain; no-ops without an active mesh).
 HIDDEN_AXES = ("batch", "seq", "act_embed")
@@ -63,7 +69,7 @@ class ModelConfig:
     dtype: str = "float32"
     param_dtype: str = "float32"
     scan_layers: bool = True
-    remat: str = "none"  # none | full | dots (save matmul outputs)
+    remat: str = "none"  # none | full | dots (save matmul outputs) | mlp (save gate/up)
     initializer_range: float = 0.02
     bos_token_id: int | None = 1
     eos_token_id: int | None = 2
@@ -87,8 +93,10 @@ class ModelConfig:
                 f"ModelConfig.hidden_size={self.hidden_size} is not divisible by "
                 f"num_heads={self.num_heads}; set head_dim explicitly"
             )
-        if self.remat not in ("none", "full", "dots"):
-            raise ValueError(f"ModelConfig.remat must be none|full|dots, got {self.remat!r}")
+        if self.remat not in REMAT_POLICIES:
+            raise ValueError(
+                f"ModelConfig.remat must be one of {'|'.join(REMAT_POLICIES)}, got {self.remat!r}"
+            )
         for name in ("dtype", "param_dtype"):
             if getattr(self, name) not in ("float32", "bfloat16", "float16"):
                 raise ValueError(
@@ -367,6 +375,13 @@ swiglu.defvjp(_swiglu_fwd, _swiglu_bwd)
 # --------------------------------------------------------------------------- decoder
 
 
+def _weight(lp: Params, name: str, cfg: ModelConfig, axes: Sequence[str]) -> jax.Array:
+    """Layer weight `name` in the compute dtype, pinned to the param's own sharding, so
+    that under FSDP the all-gather for the matmul moves compute-dtype (e.g. bfloat16)
+    bytes rather than float32 master weights."""
+    return constrain(lp[name].astype(cfg.compute_dtype), axes)
+
+
 def _layer(
     lp: Params,
     cfg: ModelConfig,
@@ -385,9 +400,9 @@ def _layer(
     """
     dt = cfg.compute_dtype
     x = rms_norm(h, lp["attn_norm"], cfg.rms_norm_eps)
-    q = dense(x, lp["q"].astype(dt))
-    k = dense(x, lp["k"].astype(dt))
-    v = dense(x, lp["v"].astype(dt))
+    q = dense(x, _weight(lp, "q", cfg, ("embed", "heads", "head_dim")))
+    k = dense(x, _weight(lp, "k", cfg, ("embed", "kv_heads", "head_dim")))
+    v = dense(x, _weight(lp, "v", cfg, ("embed", "kv_heads", "head_dim")))
     if cfg.attention_bias:
         q = q + lp["q_bias"].astype(dt)
         k = k + lp["k_bias"].astype(dt)
@@ -403,12 +418,12 @@ def _layer(
         ks, vs, om = own
         own = ([*(x.astype(dt) for x in ks), k], [*(x.astype(dt) for x in vs), v], om)
         a = attend(q, ctx, own)
-    h = h + dense(a, lp["o"].astype(dt), 2)
+    h = h + dense(a, _weight(lp, "o", cfg, ("heads", "head_dim", "embed")), 2)
     x = rms_norm(h, lp["mlp_norm"], cfg.rms_norm_eps)
-    g = dense(x, lp["gate"].astype(dt))
-    u = dense(x, lp["up"].astype(dt))
+    g = checkpoint_name(dense(x, _weight(lp, "gate", cfg, ("embed", "mlp"))), "mlp_gate")
+    u = checkpoint_name(dense(x, _weight(lp, "up", cfg, ("embed", "mlp"))), "mlp_up")
     g, u = constrain(g, ("batch", "seq", "mlp")), constrain(u, ("batch", "seq", "mlp"))
-    h = h + dense(swiglu(g, u), lp["down"].astype(dt))
+    h = h + dense(swiglu(g, u), _weight(lp, "down", cfg, ("mlp", "embed")))
     return h, k, v
 
 
@@ -417,6 +432,9 @@ def _remat(fn: Any, cfg: ModelConfig) -> Any:
         return jax.checkpoint(fn)
     if cfg.remat == "dots":
         return jax.checkpoint(fn, policy=jax.checkpoint_policies.dots_with_no_batch_dims_saveable)
+    if cfg.remat == "mlp":
+        return jax.checkpoint(
+            fn, policy=jax.checkpoint_policies.save_only_these_names("mlp_gate", "mlp_up"))
     return fn
 
 
@@ -485,8 +503,18 @@ def embed_tokens(params: Params, cfg: ModelConfig, ids: jax.Array) -> jax.Array:
 
 
 def logits_from_hidden(params: Params, cfg: ModelConfig, h: jax.Array) -> jax.Array:
-    """`[..., hidden]` -> float32 logits `[..., vocab]`."""
-    w = output_matrix(params, cfg).astype(cfg.compute_dtype)
+    """`[..., hidden]` -> float32 logits `[..., vocab]`.
+
+    Checkpointed: the backward pass keeps `h` and the (sharded) output matrix, not the
+    gathered compute-dtype copy of the matrix, which Quiet-STaR would otherwise hold
+    once per logits call (up to n_ahead + n_ahead_talk of them).
+    """
+    return _logits(output_matrix(params, cfg), h, cfg)
+
+
+@functools.partial(jax.checkpoint, static_argnums=(2,))
+def _logits(w: jax.Array, h: jax.Array, cfg: ModelConfig) -> jax.Array:
+    w = constrain(w.astype(cfg.compute_dtype), ("embed", "vocab"))
     logits = dense(h.astype(cfg.compute_dtype), w, preferred_element_type=jnp.float32)
     return constrain(logits, ("batch", "seq", "vocab")) if logits.ndim == 3 else logits
 
