@@ -343,33 +343,9 @@ def dense(x: jax.Array, w: jax.Array, n_in: int = 1, **kw: Any) -> jax.Array:
     return y.reshape(*lead, *outs)
 
 
-@jax.custom_vjp
 def swiglu(gate: jax.Array, up: jax.Array) -> jax.Array:
-    """`silu(gate) * up` (any shape) with a hand-written backward pass.
-
-    The backward computes both input gradients in their natural layout and stops
-    XLA from fusing them into the transposes the weight-gradient matmuls need
-    (on CPU such fused transposes ran the sigmoid element by element, strided).
-    """
+    """`silu(gate) * up` (any shape)."""
     return jax.nn.silu(gate) * up
-
-
-def _swiglu_fwd(gate: jax.Array, up: jax.Array):
-    return swiglu(gate, up), (gate, up)
-
-
-def _swiglu_bwd(res, dy):
-    gate, up = res
-    g = gate.astype(jnp.float32)
-    sig = jax.nn.sigmoid(g)
-    dyf = dy.astype(jnp.float32)
-    d_up = dyf * g * sig
-    d_gate = dyf * up.astype(jnp.float32) * sig * (1.0 + g * (1.0 - sig))
-    d_gate, d_up = jax.lax.optimization_barrier((d_gate.astype(gate.dtype), d_up.astype(up.dtype)))
-    return d_gate, d_up
-
-
-swiglu.defvjp(_swiglu_fwd, _swiglu_bwd)
 
 
 # --------------------------------------------------------------------------- decoder
