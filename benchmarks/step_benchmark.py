@@ -50,7 +50,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULTS: dict[str, Any] = dict(
     hidden=256, intermediate=768, layers=4, heads=8, kv_heads=4, head_dim=None, vocab=2048,
     model_type="mistral", batch=4, seq=128, n_passes=2, n_ahead=12, n_ahead_talk=4,
-    dtype="float32", param_dtype="float32", remat="none", plain_remat=None, scan_layers=True,
+    dtype="float32", param_dtype="float32", remat="none", plain_remat=None, attention="xla",
+    scan_layers=True,
     steps=5, warmup=2, plain_steps=None, interleave=0, seed=0,
 )
 
@@ -287,6 +288,7 @@ def _configs(c: dict[str, Any]):
         num_layers=c["layers"], num_heads=c["heads"], num_kv_heads=c["kv_heads"],
         head_dim=c["head_dim"], model_type=c["model_type"], dtype=c["dtype"],
         param_dtype=c["param_dtype"], remat=c["remat"], scan_layers=c["scan_layers"],
+        attention=c.get("attention", "xla"),
     )
     tc = ThoughtConfig(n_ahead=c["n_ahead"], n_ahead_talk=c["n_ahead_talk"],
                        n_passes=c["n_passes"], start_token_id=v - 2, end_token_id=v - 1,

@@ -386,6 +386,7 @@ def generate(
       tc.pad_token_id, else eos, else 0).
     Returns a `Generation` (thoughts and mixing weights only with return_thoughts).
     """
+    cfg = cfg.replace(attention="xla")  # prompts are left-padded
     sc = SamplingConfig(greedy=greedy, temperature=temperature, top_p=top_p)
     eos_id = cfg.eos_token_id if eos_token_id == -1 else eos_token_id
     pad_id = _pad_id(tc, eos_id, pad_token_id)

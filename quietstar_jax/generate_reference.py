@@ -139,6 +139,7 @@ def generate_recompute(
       same rng gives the same tokens as `generate` in sample mode too.
     Thoughts and mixing weights are always returned when thinking.
     """
+    cfg = cfg.replace(attention="xla")  # prompts are left-padded
     sc = SamplingConfig(greedy=greedy, temperature=temperature, top_p=top_p)
     eos_id = cfg.eos_token_id if eos_token_id == -1 else eos_token_id
     pad_id = _pad_id(tc, eos_id, pad_token_id)

@@ -70,6 +70,10 @@ class ModelConfig:
     param_dtype: str = "float32"
     scan_layers: bool = True
     remat: str = "none"  # none | full | dots (save matmul outputs) | mlp (save gate/up)
+    # Attention of the plain causal pass: "xla" (this module's `attend`) or "cudnn"
+    # (jax.nn.dot_product_attention's cuDNN flash kernel, GPU only; right-padded or
+    # unpadded batches only, see `forward`). Thought steps always use `attend`.
+    attention: str = "xla"
     initializer_range: float = 0.02
     bos_token_id: int | None = 1
     eos_token_id: int | None = 2
@@ -92,6 +96,10 @@ class ModelConfig:
             raise ValueError(
                 f"ModelConfig.hidden_size={self.hidden_size} is not divisible by "
                 f"num_heads={self.num_heads}; set head_dim explicitly"
+            )
+        if self.attention not in ("xla", "cudnn"):
+            raise ValueError(
+                f"ModelConfig.attention must be 'xla' or 'cudnn', got {self.attention!r}"
             )
         if self.remat not in REMAT_POLICIES:
             raise ValueError(
@@ -330,6 +338,36 @@ def attend(
     return out.reshape(b, t, nh, d).astype(q.dtype)
 
 
+class FusedCausal(NamedTuple):
+    """Causal self-attention by `jax.nn.dot_product_attention` instead of a mask:
+    key_lengths `[batch]` int32, the number of real tokens at the start of each row."""
+
+    key_lengths: jax.Array
+
+
+# The kernel FusedCausal uses; tests swap in "xla" to check the call on CPU.
+FUSED_IMPLEMENTATION = "cudnn"
+
+
+def fused_causal_attention(
+    q: jax.Array, k: jax.Array, v: jax.Array, key_lengths: jax.Array,
+    sliding_window: int | None,
+) -> jax.Array:
+    """Causal attention of right-padded rows with the platform's fused kernel.
+
+    q `[batch, t, heads, head_dim]`, k/v `[batch, t, kv_heads, head_dim]`, key_lengths
+    `[batch]`. Query i sees keys j <= i with j < key_lengths (and i - j < window).
+    """
+    window = None if sliding_window is None else (sliding_window - 1, 0)
+    # At least one key per row: an all-padding row then attends to its first (padding)
+    # key instead of to nothing (no NaN); its outputs are never used.
+    lengths = jnp.maximum(key_lengths, 1).astype(jnp.int32)
+    return jax.nn.dot_product_attention(
+        q, k, v, is_causal=True, key_value_seq_lengths=lengths, local_window_size=window,
+        implementation=FUSED_IMPLEMENTATION,
+    )
+
+
 def dense(x: jax.Array, w: jax.Array, n_in: int = 1, **kw: Any) -> jax.Array:
     """Contract x's last `n_in` dims with w's first `n_in` dims, as one 2-D matmul.
 
@@ -363,7 +401,7 @@ def _layer(
     cfg: ModelConfig,
     h: jax.Array,
     rope_tabs: tuple[jax.Array, jax.Array],
-    self_mask: jax.Array | None,
+    self_mask: jax.Array | FusedCausal | None,
     ctx: tuple[jax.Array, jax.Array, jax.Array] | None,
     own: tuple[Sequence[jax.Array], Sequence[jax.Array], jax.Array] | None,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -386,7 +424,9 @@ def _layer(
     q = constrain(apply_rope(q, rope_tabs), ("batch", "seq", "heads", "head_dim"))
     k = constrain(apply_rope(k, rope_tabs), KV_AXES)
     v = constrain(v, KV_AXES)
-    if ctx is None and own is None:
+    if isinstance(self_mask, FusedCausal):
+        a = fused_causal_attention(q, k, v, self_mask.key_lengths, cfg.sliding_window)
+    elif ctx is None and own is None:
         a = attend(q, (k, v, self_mask), None)
     else:
         if ctx is not None:
@@ -420,14 +460,15 @@ def decoder(
     h: jax.Array,
     positions: jax.Array,
     *,
-    self_mask: jax.Array | None = None,
+    self_mask: jax.Array | FusedCausal | None = None,
     ctx: tuple[KV, jax.Array] | None = None,
     own: tuple[Sequence[KV], jax.Array] | None = None,
 ) -> tuple[jax.Array, KV]:
     """Run all layers and the final norm.
 
     h: input embeddings `[batch, t, hidden]`; positions `[batch, t]` int.
-    self_mask: `[batch, t, t]` for plain causal self-attention (ctx and own None).
+    self_mask: `[batch, t, t]` for plain causal self-attention (ctx and own None), or
+      a `FusedCausal` for the platform's fused causal kernel.
     ctx: (KV `[layers, batch, ctx, kv_heads, head_dim]`, mask `[batch, t, ctx]`): cached
       keys/values every query of a row may see (e.g. the base sequence).
     own: (a sequence of `slots` KVs `[layers, batch, t, kv_heads, head_dim]`, mask
@@ -512,14 +553,20 @@ def forward(
     """Causal forward over `input_ids` `[batch, seq]`.
 
     Returns (final hidden `[batch, seq, hidden]`, KV `[layers, batch, seq, kv_heads, head_dim]`).
-    Padded keys (attention_mask 0) are masked.
+    Padded keys (attention_mask 0) are masked. With `cfg.attention == "cudnn"` the
+    batch must be right-padded (real tokens first, as the trainer's data pipeline and
+    the evaluation batches are); left-padded prompts need `attention="xla"`, which
+    generation selects itself.
     """
     if attention_mask is None:
         attention_mask = jnp.ones(input_ids.shape, jnp.int32)
     valid = attention_mask.astype(bool)
     if positions is None:
         positions = default_positions(attention_mask)
-    mask = causal_mask(positions, valid, cfg.sliding_window)
+    if cfg.attention == "cudnn":
+        mask = FusedCausal(jnp.sum(valid, axis=-1).astype(jnp.int32))
+    else:
+        mask = causal_mask(positions, valid, cfg.sliding_window)
     h = embed_tokens(params, cfg, input_ids)
     return decoder(params, cfg, h, positions, self_mask=mask)
 

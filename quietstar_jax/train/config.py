@@ -63,6 +63,8 @@ def base_config() -> ConfigDict:
     c.model.param_dtype = "float32"
     c.model.scan_layers = True
     c.model.remat = "none"
+    # Plain causal pass: "xla" (portable) or "cudnn" (GPU flash kernel; see BENCHMARKS.md).
+    c.model.attention = "xla"
 
     c.thought = _thought_defaults()
 
