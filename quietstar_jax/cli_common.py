@@ -10,12 +10,23 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Sequence
+import sys
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 from quietstar_jax.model import ModelConfig, Params
 from quietstar_jax.thoughts import ThoughtConfig
+
+
+def run_cli(run: Callable[[Sequence[str] | None], int], argv: Sequence[str] | None) -> int:
+    """Run a command-line entry point; bad input ends with one `error: ...` line on
+    stderr and exit status 2 instead of a traceback."""
+    try:
+        return run(argv)
+    except (ValueError, OSError, ImportError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
 
 
 def _training_step_dir(path: Path) -> tuple[Path, Path]:

@@ -51,8 +51,7 @@ def thinking_hidden(
 def _subset_logits(params: Params, cfg: ModelConfig, h: jax.Array, ids: jax.Array) -> jax.Array:
     """Logits of the token ids `[K]` only: `[..., hidden]` -> float32 `[..., K]`."""
     w = jnp.take(model.output_matrix(params, cfg), ids, axis=1).astype(cfg.compute_dtype)
-    return jnp.einsum("...h,hk->...k", h.astype(cfg.compute_dtype), w,
-                      preferred_element_type=jnp.float32)
+    return model.dense(h.astype(cfg.compute_dtype), w, preferred_element_type=jnp.float32)
 
 
 def thinking_at_positions(

@@ -421,11 +421,9 @@ def _table_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Command-line entry point; bad input ends with one `error: ...` line (exit 2)."""
-    try:
-        return _run(argv)
-    except (ValueError, OSError, ImportError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    from quietstar_jax.cli_common import run_cli
+
+    return run_cli(_run, argv)
 
 
 def _run(argv: Sequence[str] | None) -> int:

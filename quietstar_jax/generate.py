@@ -356,6 +356,51 @@ def _generate_cached(
     return state[6], state[7], state[8]
 
 
+class Request(NamedTuple):
+    """A generation request in the form both generators run: config, left-padded ids
+    and mask `[B, P]`, the thought config to use, sampling, ids and rng."""
+
+    cfg: ModelConfig
+    tc: ThoughtConfig | None
+    sc: SamplingConfig
+    ids: jax.Array
+    mask: jax.Array
+    rng: jax.Array | None
+    eos_id: int | None
+    pad_id: int
+
+
+def prepare_request(
+    cfg: ModelConfig,
+    tc: ThoughtConfig | None,
+    prompts: Sequence[Sequence[int]],
+    *,
+    max_new_tokens: int,
+    rng: jax.Array | None,
+    think: bool,
+    greedy: bool,
+    temperature: float,
+    top_p: float,
+    eos_token_id: int | None,
+    pad_token_id: int | None,
+    pad_to_multiple: int,
+) -> Request:
+    """Check the arguments of `generate` / `generate_recompute` and left-pad the prompts.
+
+    The prompt pass uses the package's masked attention (`attention="xla"`): the fused
+    kernel handles right padding only.
+    """
+    cfg = cfg.replace(attention="xla")
+    sc = SamplingConfig(greedy=greedy, temperature=temperature, top_p=top_p)
+    eos_id = cfg.eos_token_id if eos_token_id == -1 else eos_token_id
+    pad_id = _pad_id(tc, eos_id, pad_token_id)
+    ids, mask = left_pad(prompts, pad_id, pad_to_multiple)
+    _check_args(cfg, tc, think, ids, max_new_tokens)
+    rng = _need_rng(rng, sc, tc, think)
+    run_tc = tc if (think or tc is None) else _mask_only(tc)
+    return Request(cfg, run_tc, sc, jnp.asarray(ids), jnp.asarray(mask), rng, eos_id, pad_id)
+
+
 def generate(
     params: Params,
     cfg: ModelConfig,
@@ -386,18 +431,14 @@ def generate(
       tc.pad_token_id, else eos, else 0).
     Returns a `Generation` (thoughts and mixing weights only with return_thoughts).
     """
-    cfg = cfg.replace(attention="xla")  # prompts are left-padded
-    sc = SamplingConfig(greedy=greedy, temperature=temperature, top_p=top_p)
-    eos_id = cfg.eos_token_id if eos_token_id == -1 else eos_token_id
-    pad_id = _pad_id(tc, eos_id, pad_token_id)
-    ids, mask = left_pad(prompts, pad_id, pad_to_multiple)
-    _check_args(cfg, tc, think, ids, max_new_tokens)
-    rng = _need_rng(rng, sc, tc, think)
+    r = prepare_request(cfg, tc, prompts, max_new_tokens=max_new_tokens, rng=rng,
+                        think=think, greedy=greedy, temperature=temperature, top_p=top_p,
+                        eos_token_id=eos_token_id, pad_token_id=pad_token_id,
+                        pad_to_multiple=pad_to_multiple)
     toks, thoughts, w = _generate_cached(
-        params, jnp.asarray(ids), jnp.asarray(mask), rng, cfg=cfg,
-        tc=tc if (think or tc is None) else _mask_only(tc), sc=sc,
-        max_new_tokens=max_new_tokens, think=think, eos_id=eos_id, pad_id=pad_id)
-    toks, lengths = _finish(toks, eos_id, pad_id)
+        params, r.ids, r.mask, r.rng, cfg=r.cfg, tc=r.tc, sc=r.sc,
+        max_new_tokens=max_new_tokens, think=think, eos_id=r.eos_id, pad_id=r.pad_id)
+    toks, lengths = _finish(toks, r.eos_id, r.pad_id)
     keep = think and return_thoughts
     return Generation(toks, lengths, thoughts if keep else None, w if keep else None)
 

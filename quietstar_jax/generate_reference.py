@@ -19,14 +19,10 @@ from quietstar_jax import model
 from quietstar_jax.generate import (
     Generation,
     SamplingConfig,
-    _check_args,
     _finish,
-    _mask_only,
     _mask_real_logits,
-    _need_rng,
-    _pad_id,
     _token_key,
-    left_pad,
+    prepare_request,
     sample_thought_token,
     sample_token,
 )
@@ -139,16 +135,12 @@ def generate_recompute(
       same rng gives the same tokens as `generate` in sample mode too.
     Thoughts and mixing weights are always returned when thinking.
     """
-    cfg = cfg.replace(attention="xla")  # prompts are left-padded
-    sc = SamplingConfig(greedy=greedy, temperature=temperature, top_p=top_p)
-    eos_id = cfg.eos_token_id if eos_token_id == -1 else eos_token_id
-    pad_id = _pad_id(tc, eos_id, pad_token_id)
-    ids, mask = left_pad(prompts, pad_id, pad_to_multiple)
-    _check_args(cfg, tc, think, ids, max_new_tokens)
-    rng = _need_rng(rng, sc, tc, think)
+    r = prepare_request(cfg, tc, prompts, max_new_tokens=max_new_tokens, rng=rng,
+                        think=think, greedy=greedy, temperature=temperature, top_p=top_p,
+                        eos_token_id=eos_token_id, pad_token_id=pad_token_id,
+                        pad_to_multiple=pad_to_multiple)
     toks, thoughts, w = _generate_recompute(
-        params, jnp.asarray(ids), jnp.asarray(mask), rng, cfg=cfg,
-        tc=tc if (think or tc is None) else _mask_only(tc), sc=sc,
+        params, r.ids, r.mask, r.rng, cfg=r.cfg, tc=r.tc, sc=r.sc,
         max_new_tokens=max_new_tokens, think=think, exact_rng=exact_rng)
-    toks, lengths = _finish(toks, eos_id, pad_id)
+    toks, lengths = _finish(toks, r.eos_id, r.pad_id)
     return Generation(toks, lengths, thoughts if think else None, w if think else None)

@@ -15,7 +15,7 @@ Layout of one layer (torch -> ours, `H` hidden, `n` heads, `k` kv heads, `d` hea
 `I` intermediate): `q_proj.weight [n*d, H] -> q [H, n, d]`, `k_proj`/`v_proj
 [k*d, H] -> [H, k, d]`, `o_proj.weight [H, n*d] -> o [n, d, H]`, `gate_proj`/`up_proj
 [I, H] -> [H, I]`, `down_proj [H, I] -> [I, H]`, biases `[n*d] -> [n, d]`. The q/k rows
-are in Hugging Face's rotate-half order, which is the order `model.rope` uses: no
+are in Hugging Face's rotate-half order, which is the order `model.apply_rope` uses: no
 permutation is needed.
 """
 

@@ -136,25 +136,30 @@ class KV(NamedTuple):
 # --------------------------------------------------------------------------- params
 
 
+# Logical axes of one layer's params (the stacked params add a leading "layers").
+LAYER_AXES: dict[str, tuple[str, ...]] = {
+    "attn_norm": ("norm",),
+    "q": ("embed", "heads", "head_dim"),
+    "k": ("embed", "kv_heads", "head_dim"),
+    "v": ("embed", "kv_heads", "head_dim"),
+    "o": ("heads", "head_dim", "embed"),
+    "mlp_norm": ("norm",),
+    "gate": ("embed", "mlp"),
+    "up": ("embed", "mlp"),
+    "down": ("mlp", "embed"),
+}
+LAYER_BIAS_AXES: dict[str, tuple[str, ...]] = {
+    "q_bias": ("heads", "head_dim"),
+    "k_bias": ("kv_heads", "head_dim"),
+    "v_bias": ("kv_heads", "head_dim"),
+}
+
+
 def param_logical_axes(cfg: ModelConfig) -> Params:
     """Logical axis names of every parameter, a pytree shaped like `init_params`."""
-    layer = {
-        "attn_norm": ("layers", "norm"),
-        "q": ("layers", "embed", "heads", "head_dim"),
-        "k": ("layers", "embed", "kv_heads", "head_dim"),
-        "v": ("layers", "embed", "kv_heads", "head_dim"),
-        "o": ("layers", "heads", "head_dim", "embed"),
-        "mlp_norm": ("layers", "norm"),
-        "gate": ("layers", "embed", "mlp"),
-        "up": ("layers", "embed", "mlp"),
-        "down": ("layers", "mlp", "embed"),
-    }
+    layer = {name: ("layers", *a) for name, a in LAYER_AXES.items()}
     if cfg.attention_bias:
-        layer |= {
-            "q_bias": ("layers", "heads", "head_dim"),
-            "k_bias": ("layers", "kv_heads", "head_dim"),
-            "v_bias": ("layers", "kv_heads", "head_dim"),
-        }
+        layer |= {name: ("layers", *a) for name, a in LAYER_BIAS_AXES.items()}
     axes: Params = {"embed": ("vocab", "embed"), "layers": layer, "final_norm": ("norm",)}
     if not cfg.tie_word_embeddings:
         axes["lm_head"] = ("embed", "vocab")
@@ -235,20 +240,13 @@ def rope_tables(positions: jax.Array, head_dim: int, theta: float) -> tuple[jax.
 
 
 def apply_rope(x: jax.Array, tables: tuple[jax.Array, jax.Array]) -> jax.Array:
-    """Rotate `x` `[..., heads, head_dim]` with `rope_tables` of its leading dims."""
+    """Rotary embedding (Hugging Face rotate-half layout) of `x` `[..., heads, head_dim]`
+    with `rope_tables` of its leading dims."""
     cos, sin = tables
     d = x.shape[-1]
     xf = x.astype(jnp.float32)
     swapped = jnp.concatenate([xf[..., d // 2 :], xf[..., : d // 2]], axis=-1)
     return (xf * cos + swapped * sin).astype(x.dtype)
-
-
-def rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
-    """Rotary embedding, Hugging Face rotate-half layout.
-
-    x: `[..., heads, head_dim]`; positions: x's leading dims (`[...]`), int.
-    """
-    return apply_rope(x, rope_tables(positions, x.shape[-1], theta))
 
 
 def causal_mask(
@@ -389,11 +387,11 @@ def swiglu(gate: jax.Array, up: jax.Array) -> jax.Array:
 # --------------------------------------------------------------------------- decoder
 
 
-def _weight(lp: Params, name: str, cfg: ModelConfig, axes: Sequence[str]) -> jax.Array:
+def _weight(lp: Params, name: str, cfg: ModelConfig) -> jax.Array:
     """Layer weight `name` in the compute dtype, pinned to the param's own sharding, so
     that under FSDP the all-gather for the matmul moves compute-dtype (e.g. bfloat16)
     bytes rather than float32 master weights."""
-    return constrain(lp[name].astype(cfg.compute_dtype), axes)
+    return constrain(lp[name].astype(cfg.compute_dtype), LAYER_AXES[name])
 
 
 def _layer(
@@ -414,9 +412,9 @@ def _layer(
     """
     dt = cfg.compute_dtype
     x = rms_norm(h, lp["attn_norm"], cfg.rms_norm_eps)
-    q = dense(x, _weight(lp, "q", cfg, ("embed", "heads", "head_dim")))
-    k = dense(x, _weight(lp, "k", cfg, ("embed", "kv_heads", "head_dim")))
-    v = dense(x, _weight(lp, "v", cfg, ("embed", "kv_heads", "head_dim")))
+    q = dense(x, _weight(lp, "q", cfg))
+    k = dense(x, _weight(lp, "k", cfg))
+    v = dense(x, _weight(lp, "v", cfg))
     if cfg.attention_bias:
         q = q + lp["q_bias"].astype(dt)
         k = k + lp["k_bias"].astype(dt)
@@ -434,12 +432,12 @@ def _layer(
         ks, vs, om = own
         own = ([*(x.astype(dt) for x in ks), k], [*(x.astype(dt) for x in vs), v], om)
         a = attend(q, ctx, own)
-    h = h + dense(a, _weight(lp, "o", cfg, ("heads", "head_dim", "embed")), 2)
+    h = h + dense(a, _weight(lp, "o", cfg), 2)
     x = rms_norm(h, lp["mlp_norm"], cfg.rms_norm_eps)
-    g = checkpoint_name(dense(x, _weight(lp, "gate", cfg, ("embed", "mlp"))), "mlp_gate")
-    u = checkpoint_name(dense(x, _weight(lp, "up", cfg, ("embed", "mlp"))), "mlp_up")
+    g = checkpoint_name(dense(x, _weight(lp, "gate", cfg)), "mlp_gate")
+    u = checkpoint_name(dense(x, _weight(lp, "up", cfg)), "mlp_up")
     g, u = constrain(g, ("batch", "seq", "mlp")), constrain(u, ("batch", "seq", "mlp"))
-    h = h + dense(swiglu(g, u), _weight(lp, "down", cfg, ("mlp", "embed")))
+    h = h + dense(swiglu(g, u), _weight(lp, "down", cfg))
     return h, k, v
 
 
