@@ -275,8 +275,11 @@ def attend(
 
     q: `[batch, q, heads, head_dim]` (already rotated, unscaled).
     ctx: (k, v `[batch, ctx, kv_heads, head_dim]`, mask `[batch, q, ctx]`) or None.
-    own: (ks, vs: sequences of `slots` arrays `[batch, q, kv_heads, head_dim]`, one key
-      per query per slot, mask `[batch, q, slots]`) or None.
+    own: (ks, vs: sequences of `slots` arrays `[batch, t, kv_heads, head_dim]`, one key
+      per position per slot, and a mask) or None. With mask `[batch, t, slots]`, t = q:
+      one query per position. With mask `[batch, t, group, slots]`, q = group * t
+      (group-major): the `group` queries i, t + i, 2t + i, ... share position i's slots,
+      each with its own mask row (a block of thought steps, causal among themselves).
     Returns `[batch, q, heads, head_dim]` in q's dtype. Scores and softmax in float32.
 
     The context block is two matmuls batched over (batch, kv_heads) with the query
@@ -290,6 +293,21 @@ def attend(
     nkv = ctx[0].shape[-2] if ctx is not None else own[0][0].shape[-2]
     g = nh // nkv
     qg = q.reshape(b, t, nkv, g, d) * jnp.asarray(1.0 / math.sqrt(d), q.dtype)
+    # Own-block layout: the queries sharing a position's slots side by side,
+    # [b, t // group, k, group * g]; `to_own` / `from_own` convert row statistics.
+    group = 1 if own is None or own[2].ndim == 3 else own[2].shape[2]
+    tp = t // group
+    if group == 1:
+        to_own = from_own = lambda x: x
+    else:
+        def to_own(x):  # [b, t, k, g, ...] -> [b, tp, k, group * g, ...]
+            y = x.reshape(b, group, tp, *x.shape[2:])
+            y = jnp.moveaxis(y, 1, 3)
+            return y.reshape(b, tp, nkv, group * g, *x.shape[4:])
+
+        def from_own(x):  # the inverse
+            y = x.reshape(b, tp, nkv, group, g, *x.shape[4:])
+            return jnp.moveaxis(y, 3, 1).reshape(b, t, nkv, g, *x.shape[4:])
     # Row statistics (max, normaliser) are kept as [b, t, k, g]; the context block's
     # rows are [b, k, t * g].
     to_btkg = lambda x: x.reshape(b, nkv, t, g).transpose(0, 2, 1, 3)
@@ -305,11 +323,16 @@ def attend(
         tops.append(to_btkg(sc_c.max(axis=-1)))
     if own is not None:
         ks, vs, m = own
-        m_o = m[:, :, None, None, :]  # [b, t, 1, 1, slots]
-        k_o = jnp.stack(ks, axis=3)  # [b, t, k, slots, d]
-        sc_o = jnp.einsum("btkgd,btksd->btkgs", qg, k_o, preferred_element_type=jnp.float32)
-        sc_o = jnp.where(m_o, sc_o, _NEG_INF)  # [b, t, k, g, slots]
-        tops.append(sc_o.max(axis=-1))
+        if group == 1:
+            m_o = m.reshape(b, t, 1, 1, m.shape[-1])  # [b, t, 1, 1, slots]
+        else:
+            m_o = jnp.broadcast_to(m[:, :, None, :, None, :], (b, tp, 1, group, g, m.shape[-1]))
+            m_o = m_o.reshape(b, tp, 1, group * g, m.shape[-1])
+        k_o = jnp.stack(ks, axis=3)  # [b, tp, k, slots, d]
+        sc_o = jnp.einsum("btkgd,btksd->btkgs", to_own(qg), k_o,
+                          preferred_element_type=jnp.float32)
+        sc_o = jnp.where(m_o, sc_o, _NEG_INF)  # [b, tp, k, group * g, slots]
+        tops.append(from_own(sc_o.max(axis=-1)))
     top = tops[0]
     for x in tops[1:]:
         top = jnp.maximum(top, x)
@@ -321,8 +344,8 @@ def attend(
         e_c = jnp.where(m_c, jnp.exp(sc_c - to_bkr(top)[..., None]), 0.0)
         denom = denom + to_btkg(e_c.sum(axis=-1))
     if own is not None:
-        e_o = jnp.where(m_o, jnp.exp(sc_o - top[..., None]), 0.0)
-        denom = denom + e_o.sum(axis=-1)
+        e_o = jnp.where(m_o, jnp.exp(sc_o - to_own(top)[..., None]), 0.0)
+        denom = denom + from_own(e_o.sum(axis=-1))
     inv = 1.0 / jnp.maximum(denom, 1e-30)  # [b, t, k, g]
     out = jnp.zeros((b, t, nkv, g, d), jnp.float32)
     if ctx is not None:
@@ -331,8 +354,9 @@ def attend(
         out = out + o_c.reshape(b, nkv, t, g, d).transpose(0, 2, 1, 3, 4)
     if own is not None:
         v_o = jnp.stack(own[1], axis=3)  # [b, t, k, slots, d]
-        p_o = (e_o * inv[..., None]).astype(q.dtype)  # [b, t, k, g, slots]
-        out = out + jnp.einsum("btkgs,btksd->btkgd", p_o, v_o, preferred_element_type=jnp.float32)
+        p_o = (e_o * to_own(inv)[..., None]).astype(q.dtype)  # [b, tp, k, group * g, slots]
+        out = out + from_own(jnp.einsum("btkgs,btksd->btkgd", p_o, v_o,
+                                        preferred_element_type=jnp.float32))
     return out.reshape(b, t, nh, d).astype(q.dtype)
 
 
@@ -407,7 +431,9 @@ def _layer(
 
     With `ctx is None` and `own is None`: causal self-attention under `self_mask`.
     Otherwise the queries attend to `ctx`, to the `own` slots and to their own new
-    key, which is appended as the last own slot (its mask is own's last column).
+    key, which is appended as the last own slot (its mask is own's last column). With
+    a grouped own mask `[batch, t // group, group, slots + group]` (see `attend`), the
+    `group` new keys of a position are appended as its last `group` slots.
     Returns (h_out, k_new, v_new), k/v `[batch, t, kv_heads, head_dim]`.
     """
     dt = cfg.compute_dtype
@@ -430,7 +456,14 @@ def _layer(
         if ctx is not None:
             ctx = (ctx[0].astype(dt), ctx[1].astype(dt), ctx[2])
         ks, vs, om = own
-        own = ([*(x.astype(dt) for x in ks), k], [*(x.astype(dt) for x in vs), v], om)
+        if om.ndim == 3:
+            new_k, new_v = [k], [v]
+        else:  # a block of `group` queries per position, group-major
+            grp = om.shape[2]
+            kb = k.reshape(k.shape[0], grp, -1, *k.shape[2:])
+            vb = v.reshape(v.shape[0], grp, -1, *v.shape[2:])
+            new_k, new_v = [kb[:, i] for i in range(grp)], [vb[:, i] for i in range(grp)]
+        own = ([*(x.astype(dt) for x in ks), *new_k], [*(x.astype(dt) for x in vs), *new_v], om)
         a = attend(q, ctx, own)
     h = h + dense(a, _weight(lp, "o", cfg), 2)
     x = rms_norm(h, lp["mlp_norm"], cfg.rms_norm_eps)
@@ -472,7 +505,10 @@ def decoder(
     own: (a sequence of `slots` KVs `[layers, batch, t, kv_heads, head_dim]`, mask
       `[batch, t, slots + 1]`): keys private to each query position (its earlier thought
       tokens); the last mask column is the query's own new key. With ctx given and own
-      None, each query sees the context and itself.
+      None, each query sees the context and itself. A block of `group` steps per
+      position runs as one call: h `[batch, group * p, hidden]` (group-major), the slots
+      `[layers, batch, p, kv_heads, head_dim]`, mask `[batch, p, group, slots + group]`
+      (the block's own new keys are the last `group` columns).
     Returns (final hidden `[batch, t, hidden]` after the final norm, the new tokens'
     KV `[layers, batch, t, kv_heads, head_dim]`).
     """

@@ -202,6 +202,13 @@ def sample_categorical(key: jax.Array, logits: jax.Array) -> jax.Array:
     return jnp.minimum(tok, v - 1)
 
 
+def token_logp(logits: jax.Array, tok: jax.Array, tc: ThoughtConfig) -> jax.Array:
+    """REINFORCE log-prob of `tok` `[...]` under masked `logits` `[..., vocab]`: the log
+    softmax at `reinforce_temperature`, float32 `[...]`."""
+    logp = jax.nn.log_softmax(logits / tc.reinforce_temperature, axis=-1)
+    return jnp.take_along_axis(logp, tok[..., None], axis=-1)[..., 0]
+
+
 class Rollout(NamedTuple):
     """Everything the losses, generation and analysis read from one rollout.
 
@@ -253,6 +260,12 @@ def rollout(
     one token (start, a sampled token, end, or the true token `x[i + s - n_ahead + 1]`)
     at position id `pos[i] + s`; its query sees the base keys j <= i (causal mask,
     padding, sliding window) and position i's own keys from steps 1..s.
+
+    A step whose token is sampled needs the previous step's output, so the steps up to
+    the one before the last sampled token run one after another. The remaining steps
+    (the last sampled token, end, talk; all steps when `thought_tokens` are given) have
+    known inputs and run as one block: a single decoder call over `block * seq` queries
+    per row, causal among a position's steps.
     """
     num_steps = tc.num_steps if num_steps is None else num_steps
     rows, seq = input_ids.shape
@@ -263,28 +276,45 @@ def rollout(
     idx = jnp.arange(seq)
     base_ctx = (idx[None, :] <= idx[:, None])[None] & valid[:, None, :]  # [rows, q, k]
     dist0 = positions[:, :, None] - positions[:, None, :]  # [rows, q, k]
-
-    own: list[KV] = []
-    step_hidden, thought_toks, thought_logp, fed = [], [], [], []
-    prev_h = None
     dt = cfg.compute_dtype
     hidden_shape = (rows, seq, cfg.hidden_size)
-    for s in range(1, num_steps + 1):
+    last_sampled = min(tc.n_ahead - 2, num_steps)  # steps 2..last_sampled are sampled
+    sequential = 0 if thought_tokens is not None else max(0, last_sampled - 1)
+
+    def ctx_mask_at(s: int) -> jax.Array:  # [rows, seq, seq]
+        if cfg.sliding_window is None:
+            return base_ctx
+        return base_ctx & (dist0 + s < cfg.sliding_window)
+
+    def own_visible(s: int, key_steps: jax.Array) -> jax.Array:  # [len(key_steps)] bool
+        vis = key_steps <= s
+        if cfg.sliding_window is not None:
+            vis = vis & (s - key_steps < cfg.sliding_window)
+        return vis
+
+    thought_toks, thought_logp, fed = [], [], []
+    logp_pending = []  # block steps whose token's log-prob needs a block hidden state
+
+    def feed(s: int, prev_h: jax.Array | None) -> jax.Array:
+        """Step s's input embedding `[rows, seq, hidden]`; records its token."""
         if s == 1:
             emb = jnp.broadcast_to(thought_embedding(params, tc, "start_emb"), hidden_shape)
             tok = jnp.full((rows, seq), tc.start_token_id, jnp.int32)
         elif s <= tc.n_ahead - 2:
-            r = mask_thought_logits(model.logits_from_hidden(params, cfg, prev_h), tc)
             t = s - 2
-            if thought_tokens is not None:
+            if prev_h is None:  # given token; its log-prob once step s - 1 has run
                 tok = thought_tokens[t].astype(jnp.int32)
-            elif tc.sampling == "greedy":
-                tok = jnp.argmax(r, axis=-1).astype(jnp.int32)
+                logp_pending.append(s)
             else:
-                key = jax.random.fold_in(rng, s)
-                tok = sample_categorical(key, r / tc.thought_temperature)
-            logp = jax.nn.log_softmax(r / tc.reinforce_temperature, axis=-1)
-            thought_logp.append(jnp.take_along_axis(logp, tok[..., None], axis=-1)[..., 0])
+                r = mask_thought_logits(model.logits_from_hidden(params, cfg, prev_h), tc)
+                if thought_tokens is not None:
+                    tok = thought_tokens[t].astype(jnp.int32)
+                elif tc.sampling == "greedy":
+                    tok = jnp.argmax(r, axis=-1).astype(jnp.int32)
+                else:
+                    key = jax.random.fold_in(rng, s)
+                    tok = sample_categorical(key, r / tc.thought_temperature)
+                thought_logp.append(token_logp(r, tok, tc))
             thought_toks.append(tok)
             emb = model.embed_tokens(params, cfg, tok)
         elif s == tc.n_ahead - 1:
@@ -294,21 +324,42 @@ def rollout(
             tok = teacher_forced_tokens(input_ids, s - tc.n_ahead + 1, tc.pad_token_id)
             emb = model.embed_tokens(params, cfg, tok)
         fed.append(tok)
+        return emb.astype(dt)
 
-        ctx_mask = base_ctx
+    own: list[KV] = []
+    step_hidden = []
+    prev_h = None
+    for s in range(1, sequential + 1):
+        emb = feed(s, prev_h)
         # Own keys: steps 1..s-1, then the step's own new key; masked for padding queries.
-        own_mask = jnp.broadcast_to(valid[:, :, None], (rows, seq, s))
-        if cfg.sliding_window is not None:
-            ctx_mask = ctx_mask & (dist0 + s < cfg.sliding_window)
-            own_dist = s - jnp.arange(1, s + 1)
-            own_mask = own_mask & (own_dist < cfg.sliding_window)[None, None, :]
+        own_vis = own_visible(s, jnp.arange(1, s + 1))
+        own_mask = valid[:, :, None] & own_vis[None, None, :]
         h, kv = model.decoder(
-            params, cfg, emb.astype(dt), positions + s,
-            ctx=(kv0, ctx_mask), own=(tuple(own), own_mask),
+            params, cfg, emb, positions + s,
+            ctx=(kv0, ctx_mask_at(s)), own=(tuple(own), own_mask),
         )
         own.append(kv)
         step_hidden.append(h)
         prev_h = h
+
+    block_steps = list(range(sequential + 1, num_steps + 1))
+    if block_steps:
+        group = len(block_steps)
+        emb = jnp.stack([feed(s, prev_h if s == sequential + 1 else None) for s in block_steps])
+        key_steps = jnp.arange(1, num_steps + 1)
+        own_mask = jnp.stack([own_visible(s, key_steps) for s in block_steps])  # [g, slots]
+        own_mask = valid[:, :, None, None] & own_mask[None, None]  # [rows, seq, g, slots]
+        ctx_mask = jnp.concatenate([ctx_mask_at(s) for s in block_steps], axis=1)
+        blk_pos = (positions[:, None, :] + jnp.asarray(block_steps)[None, :, None])
+        h, _ = model.decoder(
+            params, cfg, jnp.moveaxis(emb, 0, 1).reshape(rows, group * seq, -1),
+            blk_pos.reshape(rows, group * seq),
+            ctx=(kv0, ctx_mask), own=(tuple(own), own_mask),
+        )
+        step_hidden.extend(jnp.moveaxis(h.reshape(rows, group, seq, -1), 1, 0))
+    for s in logp_pending:
+        r = mask_thought_logits(model.logits_from_hidden(params, cfg, step_hidden[s - 2]), tc)
+        thought_logp.append(token_logp(r, thought_toks[s - 2], tc))
 
     empty = jnp.zeros((0, rows, seq), jnp.int32)
     return Rollout(
