@@ -115,6 +115,12 @@ def test_parallel_rollout_matches_sequential(variant):
     got = np.moveaxis(np.asarray(ro.step_hidden), 0, 2)
     worst_h = float(np.max(np.abs(want - got)[real]))
     assert worst_h < 1e-5, worst_h
+    # The same thoughts given as tokens: every step then runs in one block call.
+    given = rollout(params, cfg, tc, ids, mask, None, ro.thought_tokens)
+    got_given = np.moveaxis(np.asarray(given.step_hidden), 0, 2)
+    assert float(np.max(np.abs(want - got_given)[real])) < 1e-5
+    np.testing.assert_allclose(np.asarray(given.thought_logp)[:, real],
+                               np.asarray(ro.thought_logp)[:, real], atol=1e-5)
 
     h0 = np.asarray(ro.base_hidden)
     mix = params["thought"]["mix"]
