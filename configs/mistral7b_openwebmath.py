@@ -14,9 +14,9 @@ path with `--config.model.hf_path`) and the `datasets` package for
 Sized for one host with 8 GPUs of 80 GB: float32 master weights and Adam moments are
 sharded over 4-way FSDP x 2-way tensor parallelism (`--config.mesh="(1,4,2)"`); each
 micro-batch of 4 sequences splits over the 4 FSDP groups. XLA's memory analysis of
-this step gives 66 GB per device (BENCHMARKS.md, memory plan). TPU v4 chips (32 GiB)
-need 16 of them, e.g. `--config.mesh="(1,8,2)"`, best with
-`--config.model.param_dtype=bfloat16` (20 GB per chip; 34 GB with float32 masters).
+this step gives 52 GB per device (BENCHMARKS.md, memory plan). On 8 TPU v4 chips
+(32 GiB) it fits with `--config.model.param_dtype=bfloat16` (31 GB per chip); with
+float32 masters it needs 16 chips, e.g. `--config.mesh="(1,8,2)"` (27 GB per chip).
 With more chips, raise `batch_size` so that batch_size / grad_accum stays divisible by
 data x fsdp.
 """
