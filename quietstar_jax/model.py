@@ -353,7 +353,7 @@ def attend(
         o_c = jnp.einsum("bkrs,bskd->bkrd", p_c, v_c, preferred_element_type=jnp.float32)
         out = out + o_c.reshape(b, nkv, t, g, d).transpose(0, 2, 1, 3, 4)
     if own is not None:
-        v_o = jnp.stack(own[1], axis=3)  # [b, t, k, slots, d]
+        v_o = jnp.stack(own[1], axis=3)  # [b, tp, k, slots, d]
         p_o = (e_o * to_own(inv)[..., None]).astype(q.dtype)  # [b, tp, k, group * g, slots]
         out = out + from_own(jnp.einsum("btkgs,btksd->btkgd", p_o, v_o,
                                         preferred_element_type=jnp.float32))
