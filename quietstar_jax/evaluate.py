@@ -31,6 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from quietstar_jax import eval_data
+from quietstar_jax.cli_common import format_table, load_model, run_cli, thought_config, write_json
 from quietstar_jax.eval_cot import run_cot
 from quietstar_jax.eval_metrics import DEFAULT_NLL_EDGES, answer_score, nll_bins
 from quietstar_jax.eval_scoring import (
@@ -421,14 +422,10 @@ def _table_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Command-line entry point; bad input ends with one `error: ...` line (exit 2)."""
-    from quietstar_jax.cli_common import run_cli
-
     return run_cli(_run, argv)
 
 
 def _run(argv: Sequence[str] | None) -> int:
-    from quietstar_jax.cli_common import format_table, load_model, thought_config, write_json
-
     args = _parser().parse_args(argv)
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     bad = [t for t in tasks if t not in TASKS]

@@ -19,6 +19,7 @@ from typing import Any
 
 import jax
 
+from quietstar_jax.cli_common import load_model, run_cli, thought_config, write_json
 from quietstar_jax.generate import generate_text
 
 
@@ -57,14 +58,10 @@ def _show(item: dict[str, Any], tokenizer: Any, show_thoughts: bool) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Command-line entry point; bad input ends with one `error: ...` line (exit 2)."""
-    from quietstar_jax.cli_common import run_cli
-
     return run_cli(_run, argv)
 
 
 def _run(argv: Sequence[str] | None) -> int:
-    from quietstar_jax.cli_common import load_model, thought_config, write_json
-
     args = _parser().parse_args(argv)
     prompts = list(args.prompt)
     if args.prompts_file:

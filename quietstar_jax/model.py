@@ -285,9 +285,9 @@ def attend(
     The context block is two matmuls batched over (batch, kv_heads) with the query
     rows flattened to `q * group`: every contraction (forward and backward) is over a
     single dimension, which keeps XLA from transposing score-sized arrays. The own
-    block (`slots` keys per query) is two small matmuls batched over (batch, q,
-    kv_heads) on the stacked slots `[batch, q, kv_heads, slots, head_dim]`. Both
-    share one softmax.
+    block is two small matmuls batched over (batch, position, kv_heads) on the stacked
+    slots `[batch, t, kv_heads, slots, head_dim]`, with a position's `group * g` query
+    rows side by side. Both share one softmax.
     """
     b, t, nh, d = q.shape
     nkv = ctx[0].shape[-2] if ctx is not None else own[0][0].shape[-2]
@@ -403,11 +403,6 @@ def dense(x: jax.Array, w: jax.Array, n_in: int = 1, **kw: Any) -> jax.Array:
     return y.reshape(*lead, *outs)
 
 
-def swiglu(gate: jax.Array, up: jax.Array) -> jax.Array:
-    """`silu(gate) * up` (any shape)."""
-    return jax.nn.silu(gate) * up
-
-
 # --------------------------------------------------------------------------- decoder
 
 
@@ -470,7 +465,7 @@ def _layer(
     g = checkpoint_name(dense(x, _weight(lp, "gate", cfg)), "mlp_gate")
     u = checkpoint_name(dense(x, _weight(lp, "up", cfg)), "mlp_up")
     g, u = constrain(g, ("batch", "seq", "mlp")), constrain(u, ("batch", "seq", "mlp"))
-    h = h + dense(swiglu(g, u), _weight(lp, "down", cfg))
+    h = h + dense(jax.nn.silu(g) * u, _weight(lp, "down", cfg))
     return h, k, v
 
 
