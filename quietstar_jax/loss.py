@@ -143,7 +143,10 @@ def quietstar_objective(
     nll_loss = tc.original_loss_weight * nll_base + (1 - tc.original_loss_weight) * nll_thought
 
     train_reward = training_reward(reward, tc)
-    policy_loss, policy_per_token = reinforce_loss(train_reward, ro.thought_logp)
+    if tc.sampling == "pause":  # fixed thoughts: nothing to reinforce
+        policy_loss, policy_per_token = reinforce_loss(train_reward, ro.thought_logp[:0])
+    else:
+        policy_loss, policy_per_token = reinforce_loss(train_reward, ro.thought_logp)
     logp = ro.thought_logp[:, :, :n_reward]
 
     loss = tc.base_loss_beta * nll_loss + tc.policy_loss_beta * policy_loss

@@ -13,7 +13,7 @@ from quietstar_jax import model
 from quietstar_jax.model import KV, ModelConfig, Params
 from quietstar_jax.sharding import constrain
 
-SAMPLING_MODES = ("sample", "greedy")
+SAMPLING_MODES = ("sample", "greedy", "pause")
 THOUGHT_LOGIT_MASK = -1e10
 
 
@@ -24,7 +24,12 @@ class ThoughtConfig:
     n_ahead: the base step plus the thought (start, `n_ahead - 3` sampled tokens, end).
     n_ahead_talk: how many true future tokens each thought is scored on.
     n_passes: independent thoughts per sequence (rows repeated consecutively).
-    sampling: "sample" (softmax at `thought_temperature`) or "greedy" (argmax).
+    sampling: "sample" (softmax at `thought_temperature`), "greedy" (argmax), or "pause"
+      (every thought token is `pause_token_id`: same compute, no content, no policy loss;
+      the pause control of the thinking experiment).
+    pause_token_id: the token fed as every thought token when `sampling == "pause"`.
+    masked_token_ids: ids besides the two thought ids that thought sampling never draws
+      (e.g. the tokenizer's special tokens; default none, as the authors).
     use_baseline: subtract the mean reward over passes (the authors' trice_mode).
     remove_negative_rewards: clamp rewards at 0 after the baseline.
     """
@@ -44,6 +49,8 @@ class ThoughtConfig:
     start_token_id: int | None = None
     end_token_id: int | None = None
     pad_token_id: int | None = None
+    pause_token_id: int | None = None
+    masked_token_ids: tuple[int, ...] = ()
     init_token: str = "---"
 
     def __post_init__(self) -> None:
@@ -67,6 +74,9 @@ class ThoughtConfig:
             raise ValueError(
                 f"ThoughtConfig.sampling={self.sampling!r}: must be one of {SAMPLING_MODES}"
             )
+        if self.sampling == "pause" and self.pause_token_id is None:
+            raise ValueError("ThoughtConfig.sampling='pause' needs pause_token_id")
+        object.__setattr__(self, "masked_token_ids", tuple(int(i) for i in self.masked_token_ids))
 
     @property
     def num_steps(self) -> int:
@@ -96,6 +106,21 @@ class ThoughtConfig:
                 )
         if self.start_token_id == self.end_token_id:
             raise ValueError("ThoughtConfig.start_token_id and end_token_id must differ")
+        extra = dict(masked_token_ids=self.masked_token_ids)
+        if self.pause_token_id is not None:
+            extra["pause_token_id"] = (self.pause_token_id,)
+        for name, ids in extra.items():
+            bad = [i for i in ids if not 0 <= i < vocab_size]
+            if bad:
+                raise ValueError(
+                    f"ThoughtConfig.{name} has {bad[0]}, outside the vocabulary [0, {vocab_size})"
+                )
+
+    @property
+    def sampled_masked_ids(self) -> tuple[int, ...]:
+        """Ids that thought sampling never draws: the two thought ids and `masked_token_ids`."""
+        ids = (self.start_token_id, self.end_token_id, *self.masked_token_ids)
+        return tuple(dict.fromkeys(i for i in ids if i is not None))
 
 
 def thought_param_shapes(cfg: ModelConfig) -> Params:
@@ -164,9 +189,11 @@ def mixing_weight(mix: Params, base_h: jax.Array, thought_h: jax.Array) -> jax.A
 
 
 def mask_thought_logits(logits: jax.Array, tc: ThoughtConfig) -> jax.Array:
-    """Give the two thought ids logit -1e10 (they are never sampled). `[..., vocab]`."""
-    return logits.at[..., tc.start_token_id].set(THOUGHT_LOGIT_MASK).at[
-        ..., tc.end_token_id].set(THOUGHT_LOGIT_MASK)
+    """Give the two thought ids (and `tc.masked_token_ids`) logit -1e10: never sampled.
+    `[..., vocab]`."""
+    for i in tc.sampled_masked_ids:
+        logits = logits.at[..., i].set(THOUGHT_LOGIT_MASK)
+    return logits
 
 
 def thought_embedding(params: Params, tc: ThoughtConfig, which: str) -> jax.Array:
@@ -269,6 +296,8 @@ def rollout(
     """
     num_steps = tc.num_steps if num_steps is None else num_steps
     rows, seq = input_ids.shape
+    if tc.sampling == "pause" and thought_tokens is None:
+        thought_tokens = jnp.full((tc.num_sampled, rows, seq), tc.pause_token_id, jnp.int32)
     valid = attention_mask.astype(bool)
     positions = model.default_positions(attention_mask)
     h0, kv0 = model.forward(params, cfg, input_ids, attention_mask, positions)

@@ -29,7 +29,7 @@ class ConfigError(ValueError):
 def _thought_defaults() -> ConfigDict:
     c = ConfigDict()
     for f in dataclasses.fields(ThoughtConfig):
-        if f.name in _TOKEN_FIELDS:
+        if f.name in _TOKEN_FIELDS or f.name == "pause_token_id":
             setattr(c, f.name, config_dict.placeholder(int))
         else:
             setattr(c, f.name, f.default)
