@@ -88,6 +88,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--repeats", type=int, default=3, help="timed runs (median reported)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-recompute", action="store_true",
+                   help="skip the recompute-everything generator (slow on real models)")
     p.add_argument("--out", default="generation_benchmark.json")
     a = p.parse_args(argv)
     cfg, params, tc, prompts, name = _load(a.model, a.n_ahead, a.prompt_len, a.batch, a.seed)
@@ -100,7 +102,13 @@ def main(argv: list[str] | None = None) -> int:
             **common)),
         "cached_base": (a.new_tokens, lambda: G.generate(
             params, cfg, tc, prompts, max_new_tokens=a.new_tokens, think=False, **common)),
+        # Sampled thoughts (the training default), greedy real tokens.
+        "cached_thinking_sampled": (a.new_tokens, lambda: G.generate(
+            params, cfg, tc.replace(sampling="sample"), prompts, max_new_tokens=a.new_tokens,
+            rng=jax.random.key(a.seed), **common)),
     }
+    if a.no_recompute:
+        del runs["recompute_thinking"]
     res: dict[str, Any] = {}
     outs = {}
     for key, (n, fn) in runs.items():
@@ -111,23 +119,34 @@ def main(argv: list[str] | None = None) -> int:
                     "tokens_per_s": a.batch * n / med}
         print(f"{key}: {res[key]['tokens_per_s']:.1f} tokens/s", file=sys.stderr)
     m = a.recompute_tokens
-    same = bool((outs["cached_thinking"][:, :m] == outs["recompute_thinking"][:, :m]).all())
-    ratio = res["cached_thinking"]["tokens_per_s"] / res["recompute_thinking"]["tokens_per_s"]
+    if "recompute_thinking" in outs:
+        same = bool((outs["cached_thinking"][:, :m] == outs["recompute_thinking"][:, :m]).all())
+        ratio = res["cached_thinking"]["tokens_per_s"] / res["recompute_thinking"]["tokens_per_s"]
+    else:
+        same, ratio = None, None
+    base_tps = res["cached_base"]["tokens_per_s"]
+    of_base = {k: res[k]["tokens_per_s"] / base_tps
+               for k in ("cached_thinking", "cached_thinking_sampled")}
     report = {
         "model": name, "prompt_len": a.prompt_len, "batch": a.batch, "n_ahead": tc.n_ahead,
         "thought_tokens": tc.num_sampled, "device": str(jax.devices()[0]),
         "cpu_count": os.cpu_count(),
         "load_avg": os.getloadavg() if hasattr(os, "getloadavg") else None,
         "runs": res, "cached_vs_recompute_speedup": ratio,
-        "same_tokens": same,
+        "same_tokens": same, "thinking_over_base": of_base,
+        "floor_over_base": 1 / (tc.n_ahead - 1 + 1),
     }
     print(f"{'generator':>20}  {'new tokens':>10}  {'seconds':>8}  {'tokens/s':>9}")
     for key, r in res.items():
         print(f"{key:>20}  {r['new_tokens']:>10}  {r['seconds']:>8.3f}  "
               f"{r['tokens_per_s']:>9.1f}")
-    print(f"cached thinking is {ratio:.1f}x faster than recomputing everything "
-          f"(prompt {a.prompt_len} tokens, n_ahead {tc.n_ahead}, batch {a.batch}; "
-          f"same tokens: {same})")
+    if ratio is not None:
+        print(f"cached thinking is {ratio:.1f}x faster than recomputing everything "
+              f"(prompt {a.prompt_len} tokens, n_ahead {tc.n_ahead}, batch {a.batch}; "
+              f"same tokens: {same})")
+    print(f"thinking / base tokens/s: greedy thoughts 1/{1 / of_base['cached_thinking']:.1f}, "
+          f"sampled thoughts 1/{1 / of_base['cached_thinking_sampled']:.1f} (floor 1/"
+          f"{tc.n_ahead}: {tc.n_ahead - 1} thought steps + 1 base step per token)")
     print(json.dumps(report, indent=1))
     Path(a.out).write_text(json.dumps(report, indent=1) + "\n")
     return 0

@@ -52,8 +52,15 @@ DEFAULTS: dict[str, Any] = dict(
     model_type="mistral", batch=4, seq=128, n_passes=2, n_ahead=12, n_ahead_talk=4,
     dtype="float32", param_dtype="float32", remat="none", plain_remat=None, attention="xla",
     scan_layers=True,
-    steps=5, warmup=2, plain_steps=None, interleave=0, seed=0,
+    steps=5, warmup=2, plain_steps=None, interleave=0, seed=0, hf_path=None, text_path=None,
 )
+
+# The real SmolLM2-135M (Llama, 30 layers, vocab 49,152 + 2 thought tokens, tied head),
+# converted once by `python ../shared/data/smollm2-135m/to_hf.py DIR` into a cache dir.
+SMOLLM2_DIR = os.environ.get(
+    "QUIETSTAR_SMOLLM2", os.path.expanduser("~/.cache/quietstar/smollm2-135m-hf"))
+OPENWEBMATH = os.path.join(HERE, "..", "..", "shared", "data", "openwebmath",
+                           "openwebmath_samples.txt")
 
 PRESETS: dict[str, dict[str, Any]] = {
     # Issue 7: the authors' small Mistral-style model on CPU, float32. Full
@@ -65,6 +72,17 @@ PRESETS: dict[str, dict[str, Any]] = {
     # A 1B-class Llama (TinyLlama-1.1B shapes, +2 thought tokens), bfloat16 compute with
     # float32 master weights, seq 512, full rematerialisation of each layer (without it
     # the 15 forwards' activations do not fit 80 GB; see BENCHMARKS.md).
+    # The real SmolLM2-135M on OpenWebMath text, 2 sequences x 64 tokens, with every
+    # numeric default of `load_pretrained` (remat=None: not overridden).
+    "smollm2": dict(DEFAULTS, hidden=576, intermediate=1536, layers=30, heads=9, kv_heads=3,
+                    head_dim=64, vocab=49154, model_type="llama", batch=2, seq=64,
+                    remat=None, hf_path=SMOLLM2_DIR, text_path=OPENWEBMATH, steps=3,
+                    warmup=1),
+    # The same model in bfloat16 (float32 masters) at sequence 512, for a GPU.
+    "gpu-smollm2": dict(DEFAULTS, hidden=576, intermediate=1536, layers=30, heads=9,
+                        kv_heads=3, head_dim=64, vocab=49154, model_type="llama", batch=8,
+                        seq=512, dtype="bfloat16", remat=None, hf_path=SMOLLM2_DIR,
+                        text_path=OPENWEBMATH, steps=10, warmup=3),
     "gpu-1b": dict(DEFAULTS, hidden=2048, intermediate=5632, layers=22, heads=32, kv_heads=4,
                    vocab=32002, model_type="llama", seq=512, dtype="bfloat16",
                    param_dtype="float32", remat="full", steps=10, warmup=3),
@@ -297,6 +315,37 @@ def _configs(c: dict[str, Any]):
     return cfg, tc
 
 
+def _pretrained(c: dict[str, Any]):
+    """(cfg, tc, params, ids) of the real checkpoint at c["hf_path"] with the defaults
+    of `load_pretrained` (only dtypes and an explicit remat overridden), and the first
+    `seq` tokens of the first `batch` documents of c["text_path"]."""
+    import jax.numpy as jnp
+    import numpy as np
+
+    import quietstar_jax as qs
+
+    if not os.path.isdir(c["hf_path"]):
+        sys.exit(f"step_benchmark: error: no checkpoint at {c['hf_path']}: make it with "
+                 f"`python ../shared/data/smollm2-135m/to_hf.py {c['hf_path']}` (or set "
+                 "QUIETSTAR_SMOLLM2)")
+    kw = {} if c["remat"] is None else {"remat": c["remat"]}
+    cfg, params, tok = qs.load_pretrained(c["hf_path"], c["dtype"], param_dtype=c["param_dtype"],
+                                          **kw)
+    want = dict(hidden_size=c["hidden"], intermediate_size=c["intermediate"],
+                num_layers=c["layers"], num_heads=c["heads"], num_kv_heads=c["kv_heads"],
+                vocab_size=c["vocab"])
+    got = {k: getattr(cfg, k) for k in want}
+    if got != want:
+        sys.exit(f"step_benchmark: error: {c['hf_path']} has {got}, the preset says {want}")
+    with open(c["text_path"]) as f:
+        docs = [line for line in f.read().splitlines() if line.strip()]
+    rows = [tok(d)["input_ids"][: c["seq"]] for d in docs if len(tok(d)["input_ids"]) >= c["seq"]]
+    rows = (rows * c["batch"])[: c["batch"]]
+    tc = qs.ThoughtConfig(n_ahead=c["n_ahead"], n_ahead_talk=c["n_ahead_talk"],
+                          n_passes=c["n_passes"], **qs.thought_token_ids(tok))
+    return cfg, tc, params, jnp.asarray(np.array(rows), jnp.int32)
+
+
 def build(c: dict[str, Any]) -> dict[str, Any]:
     """Params, optimiser state, a batch and the two update functions (not jitted)."""
     import jax
@@ -305,21 +354,24 @@ def build(c: dict[str, Any]) -> dict[str, Any]:
     import optax
 
     from quietstar_jax import model
-    from quietstar_jax.loss import masked_mean, quietstar_loss, token_nll
+    from quietstar_jax.loss import hidden_nll, masked_mean, quietstar_loss
     from quietstar_jax.thoughts import init_thought_params, shift_left
 
-    cfg, tc = _configs(c)
-    plain_cfg = cfg.replace(remat=c["plain_remat"] or c["remat"])
     opt = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(1e-6, weight_decay=0.001))
+    if c["hf_path"]:
+        cfg, tc, params, ids = _pretrained(c)
+    else:
+        cfg, tc = _configs(c)
 
-    def init(key):
-        p = model.init_params(cfg, key)
-        return {**p, "thought": init_thought_params(p, cfg, jax.random.fold_in(key, 1), 5)}
+        def init(key):
+            p = model.init_params(cfg, key)
+            return {**p, "thought": init_thought_params(p, cfg, jax.random.fold_in(key, 1), 5)}
 
-    params = jax.jit(init)(jax.random.key(c["seed"]))
+        params = jax.jit(init)(jax.random.key(c["seed"]))
+        rng = np.random.default_rng(c["seed"])
+        ids = jnp.asarray(rng.integers(3, c["vocab"] - 2, (c["batch"], c["seq"])), jnp.int32)
+    plain_cfg = cfg.replace(remat=c["plain_remat"] or cfg.remat)
     opt_state = jax.jit(opt.init)(params)
-    rng = np.random.default_rng(c["seed"])
-    ids = jnp.asarray(rng.integers(3, c["vocab"] - 2, (c["batch"], c["seq"])), jnp.int32)
     mask = jnp.ones_like(ids)
 
     def qs_update(params, opt_state, ids, mask, step):
@@ -333,10 +385,10 @@ def build(c: dict[str, Any]) -> dict[str, Any]:
         x = jnp.repeat(ids, tc.n_passes, axis=0)
         m = jnp.repeat(mask, tc.n_passes, axis=0)
         h, _ = model.forward(params, plain_cfg, x, m)
-        logits = model.logits_from_hidden(params, plain_cfg, h)
         t = shift_left(x, 1)
         ok = shift_left(m.astype(bool), 1) & (t != tc.pad_token_id)
-        return masked_mean(jnp.where(ok, token_nll(logits, jnp.where(ok, t, 0)), 0.0), ok)
+        nll = hidden_nll(params, plain_cfg, h, jnp.where(ok, t, 0))
+        return masked_mean(jnp.where(ok, nll, 0.0), ok)
 
     def plain_update(params, opt_state, ids, mask, step):
         del step

@@ -21,7 +21,7 @@ import numpy as np
 
 from quietstar_jax import model
 from quietstar_jax.generate import think_at
-from quietstar_jax.loss import token_nll
+from quietstar_jax.loss import hidden_nll
 from quietstar_jax.model import ModelConfig, Params
 from quietstar_jax.thoughts import ThoughtConfig, mixed_hidden, rollout
 
@@ -121,10 +121,10 @@ def token_nlls(
     targets = ids[:, 1:]
     if tc is None:
         h, _ = model.forward(params, cfg, ids, mask)
-        return token_nll(model.logits_from_hidden(params, cfg, h[:, :-1]), targets), None
+        return hidden_nll(params, cfg, h[:, :-1], targets), None
     base, mixed, _ = thinking_hidden(params, cfg, tc, ids, mask, rng)
-    nb = token_nll(model.logits_from_hidden(params, cfg, base[:, :-1]), targets)
-    nt = token_nll(model.logits_from_hidden(params, cfg, mixed[:, :-1]), targets)
+    nb = hidden_nll(params, cfg, base[:, :-1], targets)
+    nt = hidden_nll(params, cfg, mixed[:, :-1], targets)
     return nb, nt
 
 

@@ -39,7 +39,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from quietstar_jax import model
+from quietstar_jax import model, vocab
 from quietstar_jax.model import KV, ModelConfig, Params
 from quietstar_jax.thoughts import (
     ThoughtConfig,
@@ -123,10 +123,10 @@ def sample_thought_token(
     """The next thought token from the previous step's hidden `[B, hidden]` -> `[B]`:
     plain LM logits with the thought ids masked, argmax (tc.sampling == "greedy") or a
     sample at tc.thought_temperature."""
-    r = mask_thought_logits(model.logits_from_hidden(params, cfg, h), tc)
-    if tc.sampling == "greedy":
-        return jnp.argmax(r, axis=-1).astype(jnp.int32)
-    return sample_categorical(key, r / tc.thought_temperature)
+    greedy = tc.sampling == "greedy"
+    return vocab.sample(h, model.output_matrix(params, cfg), None if greedy else key,
+                        temperature=tc.thought_temperature, masked_ids=tc.sampled_masked_ids,
+                        greedy=greedy, chunk_size=cfg.vocab_chunk, dtype=cfg.dtype)
 
 
 def _token_key(rng: jax.Array, t: jax.Array | int) -> jax.Array:

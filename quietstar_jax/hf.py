@@ -777,7 +777,11 @@ def load_pretrained(
     """(config, params, tokenizer) of a Hugging Face checkpoint directory.
 
     `dtype` is the compute dtype, `param_dtype` the storage dtype (default `dtype`);
-    `overrides` replace ModelConfig fields (e.g. `remat="full"`). The tokenizer
+    `overrides` replace ModelConfig fields (e.g. `remat="none"`, `vocab_chunk=4096`).
+    The default is `remat="full"`: Quiet-STaR runs ~15 forwards per step, and on a real
+    model (SmolLM2-135M, BENCHMARKS.md) full rematerialisation is both the leanest and
+    the fastest policy measured; the vocabulary projections are fused and chunked
+    (`vocab_chunk` columns at a time) whatever the policy. The tokenizer
     (None when the directory has none) gets the two thought tokens and the vocab
     grows to fit them (new rows = mean row). `params["thought"]` is loaded from the
     authors' layout when the file has it, else (with `add_thought_tokens`)
@@ -793,6 +797,7 @@ def load_pretrained(
     if not path.is_dir():
         raise NotADirectoryError(f"checkpoint path {str(path)!r} is not a directory")
     config_dict, source = _read_config(path)
+    overrides.setdefault("remat", "full")
     cfg = model_config_from_hf(config_dict, dtype, param_dtype, source=source, **overrides)
     tokenizer = load_tokenizer(path)
     vocab = cfg.vocab_size

@@ -11,8 +11,9 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-from quietstar_jax import model
+from quietstar_jax import model, vocab
 from quietstar_jax.model import ModelConfig, Params
 from quietstar_jax.thoughts import Rollout, ThoughtConfig, mixed_hidden, rollout, shift_left
 
@@ -26,10 +27,29 @@ def token_nll(logits: jax.Array, targets: jax.Array) -> jax.Array:
     return logz - picked
 
 
+def hidden_nll(params: Params, cfg: ModelConfig, h: jax.Array, targets: jax.Array) -> jax.Array:
+    """Per-token cross-entropy of the LM head on hidden `h` `[..., hidden]` against
+    `targets` `[...]` -> float32 `[...]`, fused (vocab.token_nll: no logits kept)."""
+    return vocab.token_nll(h, model.output_matrix(params, cfg), targets,
+                           chunk_size=cfg.vocab_chunk, dtype=cfg.dtype)
+
+
 def masked_mean(x: jax.Array, mask: jax.Array) -> jax.Array:
     """Mean of x over `mask` (0 when the mask is empty)."""
     m = mask.astype(x.dtype)
     return jnp.sum(x * m) / jnp.maximum(jnp.sum(m), 1.0)
+
+
+def check_ids_in_vocab(ids: Any, vocab_size: int, name: str) -> None:
+    """Reject token ids outside `[0, vocab_size)` when their values are known (concrete
+    arrays, before anything is compiled); under jit the caller's data pipeline checks."""
+    if isinstance(ids, jax.core.Tracer):
+        return
+    arr = np.asarray(ids)
+    if arr.size and (arr.min() < 0 or arr.max() >= vocab_size):
+        bad = arr.min() if arr.min() < 0 else arr.max()
+        raise ValueError(f"{name} has token id {int(bad)}, outside the vocabulary "
+                         f"[0, {vocab_size})")
 
 
 def validate_inputs(
@@ -49,6 +69,9 @@ def validate_inputs(
             f"sequence length {seq} is shorter than n_ahead_talk + 2 = {tc.n_ahead_talk + 2}: "
             "no position would carry a reward"
         )
+    check_ids_in_vocab(input_ids, cfg.vocab_size, "input_ids")
+    if thought_tokens is not None:
+        check_ids_in_vocab(thought_tokens, cfg.vocab_size, "thought_tokens")
     if attention_mask is not None and attention_mask.shape != input_ids.shape:
         raise ValueError(
             f"attention_mask shape {tuple(attention_mask.shape)} != input_ids shape "
@@ -121,7 +144,7 @@ def quietstar_objective(
 
     # Base step: z0[i] predicts x[i + 1].
     t1, ok1 = targets(1)
-    base_tok = token_nll(model.logits_from_hidden(params, cfg, ro.base_hidden), t1)
+    base_tok = hidden_nll(params, cfg, ro.base_hidden, t1)
     base_tok = jnp.where(ok1, base_tok, 0.0)
     nll_base = masked_mean(base_tok, ok1)
 
@@ -132,7 +155,7 @@ def quietstar_objective(
         s = tc.n_ahead - 1 + k
         mixed, w = mixed_hidden(params, tc, ro.base_hidden, ro.step_hidden[s - 1], s)
         tk, okk = targets(k + 1)
-        nll_k = jnp.where(okk, token_nll(model.logits_from_hidden(params, cfg, mixed), tk), 0.0)
+        nll_k = jnp.where(okk, hidden_nll(params, cfg, mixed, tk), 0.0)
         nll_talk.append(masked_mean(nll_k, okk))
         nll_talk_tok.append(nll_k)
         w_means.append(masked_mean(w, okk))
@@ -162,7 +185,7 @@ def quietstar_objective(
         "reward_std": jnp.std(reward),
         "reward_positive_frac": jnp.mean((train_reward > 0).astype(jnp.float32)),
         "mixing_weight_mean": jnp.mean(jnp.stack(w_means)),
-        "thought_logp_mean": jnp.mean(logp) if tc.num_sampled > 0 else jnp.zeros(()),
+        "thought_logp_mean": jnp.mean(logp) if logp.shape[0] > 0 else jnp.zeros(()),
     }
     details = {
         "reward": reward,

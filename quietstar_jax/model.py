@@ -74,6 +74,10 @@ class ModelConfig:
     # (jax.nn.dot_product_attention's cuDNN flash kernel, GPU only; right-padded or
     # unpadded batches only, see `forward`). Thought steps always use `attend`.
     attention: str = "xla"
+    # Vocabulary columns per step of the fused, chunked output projections (vocab.py):
+    # the largest `[tokens, chunk]` logits slab alive; any size works (the last chunk
+    # is shifted back). Smaller saves memory, larger amortises the scan.
+    vocab_chunk: int = 8192
     initializer_range: float = 0.02
     bos_token_id: int | None = 1
     eos_token_id: int | None = 2
@@ -111,6 +115,8 @@ class ModelConfig:
                     f"ModelConfig.{name} must be float32|bfloat16|float16, "
                     f"got {getattr(self, name)!r}"
                 )
+        if self.vocab_chunk < 1:
+            raise ValueError(f"ModelConfig.vocab_chunk must be >= 1, got {self.vocab_chunk}")
         if self.sliding_window is not None and self.sliding_window < 1:
             raise ValueError(f"ModelConfig.sliding_window must be >= 1, got {self.sliding_window}")
 

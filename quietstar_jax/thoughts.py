@@ -9,9 +9,9 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from quietstar_jax import model
+from quietstar_jax import model, vocab
 from quietstar_jax.model import KV, ModelConfig, Params
-from quietstar_jax.sharding import constrain
+from quietstar_jax.vocab import sample_categorical  # noqa: F401  (re-export)
 
 SAMPLING_MODES = ("sample", "greedy", "pause")
 THOUGHT_LOGIT_MASK = -1e10
@@ -201,39 +201,15 @@ def thought_embedding(params: Params, tc: ThoughtConfig, which: str) -> jax.Arra
     return params["thought"][which].astype(jnp.float32) * tc.embedding_scale
 
 
-def sample_categorical(key: jax.Array, logits: jax.Array) -> jax.Array:
-    """One exact sample from softmax(logits) per row: `[..., vocab]` -> int32 `[...]`.
-
-    Inverse-CDF sampling: one uniform number per row instead of the `vocab` Gumbel
-    numbers of `jax.random.categorical` (the PRNG dominated the sampling steps on
-    CPU). A token of probability 0 (a masked thought id) is never drawn.
-
-    The CDF is built in blocks of the vocabulary (a cumulative sum inside each block
-    plus the mass of the blocks before it), so that logits split over the `tensor`
-    mesh axis are never gathered whole; the block count depends on the vocabulary
-    size only, so every mesh computes the same numbers.
-    """
-    p = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
-    v = p.shape[-1]
-    nb = math.gcd(v, 256)
-    pb = p.reshape(*p.shape[:-1], nb, v // nb)  # [..., blocks, block]
-    if pb.ndim == 4:  # [rows, seq, blocks, block]: blocks follow the vocab sharding
-        pb = constrain(pb, ("batch", "seq", "vocab", None))
-    local = jnp.cumsum(pb, axis=-1)
-    mass = local[..., -1]  # [..., blocks]
-    before = jnp.cumsum(mass, axis=-1) - mass
-    cdf = local + before[..., None]
-    total = before[..., -1] + mass[..., -1]
-    u = jax.random.uniform(key, logits.shape[:-1], jnp.float32) * total
-    tok = jnp.sum((cdf < u[..., None, None]).astype(jnp.int32), axis=(-2, -1))
-    return jnp.minimum(tok, v - 1)
-
-
-def token_logp(logits: jax.Array, tok: jax.Array, tc: ThoughtConfig) -> jax.Array:
-    """REINFORCE log-prob of `tok` `[...]` under masked `logits` `[..., vocab]`: the log
-    softmax at `reinforce_temperature`, float32 `[...]`."""
-    logp = jax.nn.log_softmax(logits / tc.reinforce_temperature, axis=-1)
-    return jnp.take_along_axis(logp, tok[..., None], axis=-1)[..., 0]
+def token_logp(
+    params: Params, cfg: ModelConfig, tc: ThoughtConfig, h: jax.Array, tok: jax.Array
+) -> jax.Array:
+    """REINFORCE log-prob of thought token `tok` `[...]` drawn from the plain LM logits
+    of hidden `h` `[..., hidden]`: `log softmax(r / reinforce_temperature)[tok]` with the
+    thought ids masked, float32 `[...]` (fused: no `[..., vocab]` logits kept)."""
+    return vocab.token_logp(
+        h, model.output_matrix(params, cfg), tok, temperature=tc.reinforce_temperature,
+        masked_ids=tc.sampled_masked_ids, chunk_size=cfg.vocab_chunk, dtype=cfg.dtype)
 
 
 class Rollout(NamedTuple):
@@ -245,7 +221,8 @@ class Rollout(NamedTuple):
     step_hidden: `[S, rows, seq, hidden]`, h_s for s = 1..S (index s - 1).
     thought_tokens: `[T, rows, seq]` int, the tokens fed on steps 2..n_ahead-2.
     thought_logp: `[T, rows, seq]` float32, log softmax(r / reinforce_temperature) of
-      each fed thought token under the logits it was drawn from (with gradient).
+      each fed thought token under the logits it was drawn from (with gradient);
+      `[0, rows, seq]` for pause thoughts (nothing to reinforce).
     fed_tokens: `[S, rows, seq]` int, the token id fed on every step (start/end ids
       for the learned embeddings), for analysis.
     """
@@ -331,19 +308,20 @@ def rollout(
             tok = jnp.full((rows, seq), tc.start_token_id, jnp.int32)
         elif s <= tc.n_ahead - 2:
             t = s - 2
-            if prev_h is None:  # given token; its log-prob once step s - 1 has run
+            if thought_tokens is not None:  # given; log-prob once step s - 1 has run
                 tok = thought_tokens[t].astype(jnp.int32)
-                logp_pending.append(s)
+                if tc.sampling != "pause":  # pause thoughts have no policy
+                    logp_pending.append(s)
             else:
-                r = mask_thought_logits(model.logits_from_hidden(params, cfg, prev_h), tc)
-                if thought_tokens is not None:
-                    tok = thought_tokens[t].astype(jnp.int32)
-                elif tc.sampling == "greedy":
-                    tok = jnp.argmax(r, axis=-1).astype(jnp.int32)
-                else:
-                    key = jax.random.fold_in(rng, s)
-                    tok = sample_categorical(key, r / tc.thought_temperature)
-                thought_logp.append(token_logp(r, tok, tc))
+                greedy = tc.sampling == "greedy"
+                tok, logp = vocab.sample_with_logp(
+                    prev_h, model.output_matrix(params, cfg),
+                    None if greedy else jax.random.fold_in(rng, s),
+                    sample_temperature=tc.thought_temperature,
+                    logp_temperature=tc.reinforce_temperature,
+                    masked_ids=tc.sampled_masked_ids, greedy=greedy,
+                    chunk_size=cfg.vocab_chunk, dtype=cfg.dtype)
+                thought_logp.append(logp)
             thought_toks.append(tok)
             emb = model.embed_tokens(params, cfg, tok)
         elif s == tc.n_ahead - 1:
@@ -387,8 +365,7 @@ def rollout(
         )
         step_hidden.extend(jnp.moveaxis(h.reshape(rows, group, seq, -1), 1, 0))
     for s in logp_pending:
-        r = mask_thought_logits(model.logits_from_hidden(params, cfg, step_hidden[s - 2]), tc)
-        thought_logp.append(token_logp(r, thought_toks[s - 2], tc))
+        thought_logp.append(token_logp(params, cfg, tc, step_hidden[s - 2], thought_toks[s - 2]))
 
     empty = jnp.zeros((0, rows, seq), jnp.int32)
     return Rollout(

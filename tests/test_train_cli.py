@@ -46,7 +46,7 @@ def no_compile(monkeypatch):
 # ------------------------------------------------------------------ configs
 
 
-@pytest.mark.parametrize("name", ["default", "stories260k", "mistral7b_openwebmath"])
+@pytest.mark.parametrize("name", ["default", "stories260k", "smollm2", "mistral7b_openwebmath"])
 def test_shipped_configs_validate(name):
     validate_config(load_config(name))
 

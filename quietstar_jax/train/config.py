@@ -65,6 +65,8 @@ def base_config() -> ConfigDict:
     c.model.remat = "none"
     # Plain causal pass: "xla" (portable) or "cudnn" (GPU flash kernel; see BENCHMARKS.md).
     c.model.attention = "xla"
+    # Vocabulary columns per step of the fused output projections (memory vs speed).
+    c.model.vocab_chunk = 8192
 
     c.thought = _thought_defaults()
 

@@ -47,6 +47,7 @@ def inline_model_config(model: Any, vocab_size: int) -> ModelConfig:
         scan_layers=model.scan_layers,
         remat=model.remat,
         attention=model.attention,
+        vocab_chunk=model.vocab_chunk,
         initializer_range=model.initializer_range,
         bos_token_id=ByteTokenizer.bos_token_id,
         eos_token_id=ByteTokenizer.eos_token_id,
@@ -104,7 +105,7 @@ def load_hf_model(model: Any, mesh: Mesh, seed: int) -> LoadedModel:
     cfg, params, hf_tok = hf.load_pretrained(
         path, dtype=model.dtype, param_dtype=model.param_dtype, sharding=sharding_by_path(mesh),
         rng=jax.random.key(seed), scan_layers=model.scan_layers, remat=model.remat,
-        attention=model.attention)
+        attention=model.attention, vocab_chunk=model.vocab_chunk)
     if hf_tok is None:
         raise FileNotFoundError(f"config.model.hf_path={path!r} has no tokenizer files; the "
                                 "trainer needs the checkpoint's tokenizer")
