@@ -451,8 +451,12 @@ class _Checkpoint:
 
     def _handle(self, name: str) -> Any:
         if name not in self._handles:
-            self._handles[name] = self._stack.enter_context(
-                self._open(str(self.path / name), framework="numpy"))
+            file = self.path / name
+            try:
+                handle = self._open(str(file), framework="numpy")
+            except Exception as e:  # noqa: BLE001 - SafetensorError is not importable by name
+                raise ValueError(_damaged_file(file, e)) from None
+            self._handles[name] = self._stack.enter_context(handle)
         return self._handles[name]
 
     def where(self, key: str) -> str:
@@ -466,7 +470,18 @@ class _Checkpoint:
         return tuple(handle.get_slice(key).get_shape())
 
     def get(self, key: str) -> np.ndarray:
-        return self._handle(self.key_file[key]).get_tensor(key)
+        handle = self._handle(self.key_file[key])
+        try:
+            return handle.get_tensor(key)
+        except Exception as e:  # noqa: BLE001 - a damaged file fails in many ways
+            raise ValueError(_damaged_file(Path(self.where(key)), e)) from None
+
+
+def _damaged_file(file: Path, error: BaseException) -> str:
+    """One line: a safetensors file that cannot be read, and why."""
+    reason = " ".join(str(error).split()) or type(error).__name__
+    return (f"{file}: not a readable safetensors file ({reason}); the file is damaged or "
+            "incomplete (an interrupted download or copy?)")
 
 
 def _is_ignored(key: str) -> bool:

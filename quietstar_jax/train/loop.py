@@ -35,7 +35,7 @@ from quietstar_jax.loss import check_finite, quietstar_details
 from quietstar_jax.model import ModelConfig, Params
 from quietstar_jax.thoughts import ThoughtConfig
 from quietstar_jax.train import reward_page
-from quietstar_jax.train.checkpoint import Checkpointer
+from quietstar_jax.train.checkpoint import Checkpointer, CheckpointError
 from quietstar_jax.train.config import ConfigError, thought_config, validate_config
 from quietstar_jax.train.data import TokenBatches, make_source, window
 from quietstar_jax.train.metrics import MetricsWriter, ProgressBar, format_metrics, to_python
@@ -255,14 +255,8 @@ def run(
 def _train(config: ConfigDict, workdir: str, setup: _Setup, ckpt: Checkpointer,
            on_step: Callable[[int], None] | None, t_start: float) -> dict[str, Any]:
     lead = setup.process_index == 0
-    start_step = ckpt.latest_step() or 0
     num_params = count_params(setup.model.params)
-    if start_step:
-        state, data_state = ckpt.restore(start_step, setup.abstract_state())
-        setup.model.params = None
-        setup.data.set_state(data_state)
-    else:
-        state = setup.initial_state()
+    start_step, state = _resume(setup, ckpt)
     if lead:
         os.makedirs(workdir, exist_ok=True)
         with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
@@ -385,6 +379,25 @@ def _train(config: ConfigDict, workdir: str, setup: _Setup, ckpt: Checkpointer,
             json.dump({k: v for k, v in summary.items() if k not in ("history", "final_state")},
                       f, indent=2)
     return summary
+
+
+def _resume(setup: _Setup, ckpt: Checkpointer) -> tuple[int, TrainState]:
+    """(start step, state): the newest intact checkpoint (damaged newer ones skipped,
+    reported and moved aside), else the initial state."""
+    def warn(line: str) -> None:
+        if setup.process_index == 0:
+            print(line, file=sys.stderr, flush=True)
+
+    try:
+        restored = ckpt.restore_latest(setup.abstract_state(), warn)
+    except CheckpointError as e:
+        raise SetupError(str(e)) from e
+    if restored is None:
+        return 0, setup.initial_state()
+    step, state, data_state = restored
+    setup.model.params = None
+    setup.data.set_state(data_state)
+    return step, state
 
 
 def _enable_compilation_cache(path: str) -> None:
