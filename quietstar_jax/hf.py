@@ -766,6 +766,17 @@ def thought_token_ids(tokenizer: Any) -> dict[str, int]:
     return ids
 
 
+def special_token_ids(tokenizer: Any) -> tuple[int, ...]:
+    """The special tokens of a Hugging Face tokenizer (eos, bos, pad, unk, ...) other
+    than the two thought tokens, which thought sampling masks anyway."""
+    thought = {START_THOUGHT_TOKEN, END_THOUGHT_TOKEN}
+    ids = {int(i) for i, t in zip(tokenizer.all_special_ids, tokenizer.all_special_tokens,
+                                  strict=True) if t not in thought}
+    ids |= {int(i) for i in (tokenizer.pad_token_id, tokenizer.eos_token_id,
+                             tokenizer.bos_token_id) if i is not None}
+    return tuple(sorted(ids))
+
+
 def thought_init_token_id(tokenizer: Any) -> int:
     """The first token id of "---" (no special tokens): the thought embeddings' init row."""
     ids = tokenizer(THOUGHT_INIT_STRING, add_special_tokens=False)["input_ids"]

@@ -143,8 +143,13 @@ def read_text_documents(path: str, split: str) -> list[str]:
 def read_jsonl_documents(path: str, field: str) -> list[str]:
     """The `field` of every JSON line of `path` (blank lines skipped)."""
     docs = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
+    with open(path, "rb") as f:
+        for n, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(f"{path}:{n}: not valid UTF-8 (byte {e.start + 1} of the "
+                                "line)") from None
             if not line.strip():
                 continue
             try:
@@ -161,9 +166,14 @@ def read_jsonl_documents(path: str, field: str) -> list[str]:
 
 def read_parquet_documents(path: str, field: str) -> list[str]:
     """The `field` column of a parquet file."""
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
-    table = pq.read_table(path)
+    try:
+        table = pq.read_table(path)
+    except (pa.ArrowException, OSError) as e:
+        reason = " ".join(str(e).split())
+        raise DataError(f"{path}: not a readable parquet file ({reason})") from None
     if field not in table.column_names:
         raise DataError(f"{path}: no column {field!r} (has {table.column_names}); set "
                         "config.data.text_field")
