@@ -74,7 +74,12 @@ def _restore_training_checkpoint(
         raise ValueError(f"{hf_path}: no tokenizer files")
     ids = hf.add_thought_tokens(tok)
     cfg = cfg.replace(vocab_size=max(cfg.vocab_size, len(tok)))
-    params = ocp.StandardCheckpointer().restore(str((step_dir / "state").resolve()))["params"]
+    try:
+        params = ocp.StandardCheckpointer().restore(str((step_dir / "state").resolve()))["params"]
+    except Exception as e:  # noqa: BLE001 - a damaged checkpoint fails in many ways
+        reason = " ".join(str(e).split())[:200]
+        raise ValueError(f"{step_dir}: the checkpoint cannot be read ({type(e).__name__}: "
+                         f"{reason}); pass an intact checkpoints/<step> directory") from None
     if "thought" not in params:
         raise ValueError(f"{step_dir}: the checkpoint has no thought params")
     rows = params["embed"].shape[0]
