@@ -89,6 +89,9 @@ def _restore_training_checkpoint(
     fields = {f.name for f in dataclasses.fields(ThoughtConfig)}
     kw = {k: v for k, v in config.get("thought", {}).items() if k in fields}
     kw |= {k: v for k, v in ids.items() if kw.get(k) is None}
+    if config.get("thought", {}).get("mask_special_tokens"):  # as the run trained
+        kw["masked_token_ids"] = tuple(sorted(set(kw.get("masked_token_ids") or ())
+                                              | set(hf.special_token_ids(tok))))
     return cfg, params, tok, ThoughtConfig(**kw)
 
 
