@@ -131,7 +131,7 @@ def score_examples(
 
 def _progress(log: Callable[[str], None] | None, what: str, t0: float) -> None:
     if log is not None:
-        log(f"{what} ({time.perf_counter() - t0:.0f} s; a new prompt length compiles first)")
+        log(f"{what} ({time.perf_counter() - t0:.0f} s)")
 
 
 def _direct_answer(
@@ -478,7 +478,8 @@ def _run(argv: Sequence[str] | None) -> int:
         def log(line: str, task: str = task) -> None:
             print(f"[{task}] {line}", file=sys.stderr, flush=True)
 
-        log("running" + ("" if tc is None else f" (base and thinking, n_ahead {tc.n_ahead})"))
+        log("running" + ("" if tc is None else f" (base and thinking, n_ahead {tc.n_ahead})")
+            + "; each new prompt length compiles first")
         if task == "gsm8k":
             results[task] = evaluate_gsm8k(params, cfg, tc, tok, args.gsm8k, log=log, **common)
         elif task == "csqa":

@@ -16,9 +16,11 @@ parameter and both shapes, not damage.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import jax
@@ -35,6 +37,18 @@ def _one_line(e: BaseException) -> str:
     if len(text) > 200:
         text = text[:200] + " ..."
     return f"{type(e).__name__}: {text}" if text else type(e).__name__
+
+
+@contextlib.contextmanager
+def _quiet_absl() -> Iterator[None]:
+    """Silence orbax's absl warnings (a damaged step is reported in our own words)."""
+    logger = logging.getLogger("absl")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 def _key_name(entry: Any) -> str:
@@ -96,7 +110,8 @@ class Checkpointer:
         """Raise CheckpointError when `step`'s arrays do not fit `abstract_state`
         (naming the first parameter that differs and both shapes); any other error
         (unreadable metadata) propagates: the step is damaged."""
-        saved = _shapes_by_path(self.manager.item_metadata(step)["state"])
+        with _quiet_absl():
+            saved = _shapes_by_path(self.manager.item_metadata(step)["state"])
         if not saved:
             raise ValueError("its state metadata (_METADATA) is missing or empty")
         where = f"checkpoint step {step} in {self.directory}"

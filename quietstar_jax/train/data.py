@@ -155,7 +155,7 @@ def read_jsonl_documents(path: str, field: str) -> list[str]:
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{n}: not valid JSON ({e.msg})") from None
+                raise DataError(f"{path}:{n}: not valid JSON ({e.msg} column {e.colno})") from None
             if not isinstance(record, dict) or field not in record:
                 keys = sorted(record) if isinstance(record, dict) else type(record).__name__
                 raise DataError(f"{path}:{n}: no field {field!r} (has {keys}); set "
