@@ -93,7 +93,8 @@ def main(argv: list[str]) -> None:
     if history and not summary["preempted"]:
         first, last = history[0], history[-1]
         print(f"done: steps {first['step']}-{last['step']} in {summary['wall_time_s']:.0f} s; "
-              f"loss {first['loss']:.4g} -> {last['loss']:.4g}, nll_base "
+              f"loss {first['loss']:.4g} -> {last['loss']:.4g} (nll_loss {first['nll_loss']:.4g}"
+              f" -> {last['nll_loss']:.4g}, policy_term {last['policy_term']:.4g}), nll_base "
               f"{first['nll_base']:.4g} -> {last['nll_base']:.4g}, reward_mean "
               f"{last['reward_mean']:.4g}, mixing_weight_mean {last['mixing_weight_mean']:.4g}; "
               f"workdir {summary['workdir']}")

@@ -74,7 +74,12 @@ def _restore_training_checkpoint(
         raise ValueError(f"{hf_path}: no tokenizer files")
     ids = hf.add_thought_tokens(tok)
     cfg = cfg.replace(vocab_size=max(cfg.vocab_size, len(tok)))
-    params = ocp.StandardCheckpointer().restore(str((step_dir / "state").resolve()))["params"]
+    try:
+        params = ocp.StandardCheckpointer().restore(str((step_dir / "state").resolve()))["params"]
+    except Exception as e:  # noqa: BLE001 - a damaged checkpoint fails in many ways
+        reason = " ".join(str(e).split())[:200]
+        raise ValueError(f"{step_dir}: the checkpoint cannot be read ({type(e).__name__}: "
+                         f"{reason}); pass an intact checkpoints/<step> directory") from None
     if "thought" not in params:
         raise ValueError(f"{step_dir}: the checkpoint has no thought params")
     rows = params["embed"].shape[0]
@@ -84,6 +89,9 @@ def _restore_training_checkpoint(
     fields = {f.name for f in dataclasses.fields(ThoughtConfig)}
     kw = {k: v for k, v in config.get("thought", {}).items() if k in fields}
     kw |= {k: v for k, v in ids.items() if kw.get(k) is None}
+    if config.get("thought", {}).get("mask_special_tokens"):  # as the run trained
+        kw["masked_token_ids"] = tuple(sorted(set(kw.get("masked_token_ids") or ())
+                                              | set(hf.special_token_ids(tok))))
     return cfg, params, tok, ThoughtConfig(**kw)
 
 
@@ -116,10 +124,13 @@ def thought_config(
     n_ahead: int | None,
     sampling: str,
     temperature: float | None = None,
+    *,
+    mask_special_tokens: bool = False,
 ) -> ThoughtConfig:
     """ThoughtConfig for inference: the checkpoint's (or the defaults), with n_ahead,
     sampling and thought temperature overridden when given, thought ids from the
-    tokenizer when unset, and n_ahead_talk = n_passes = 1."""
+    tokenizer when unset, and n_ahead_talk = n_passes = 1. With `mask_special_tokens`
+    thoughts never draw the tokenizer's special tokens (`hf.special_token_ids`)."""
     from quietstar_jax import hf
 
     tc = base or ThoughtConfig()
@@ -130,7 +141,43 @@ def thought_config(
         kw["thought_temperature"] = temperature
     if tc.start_token_id is None or tc.end_token_id is None or tc.pad_token_id is None:
         kw |= hf.thought_token_ids(tokenizer)
+    if mask_special_tokens:
+        kw["masked_token_ids"] = tuple(sorted(set(tc.masked_token_ids)
+                                              | set(hf.special_token_ids(tokenizer))))
     return tc.replace(**kw)
+
+
+def printable(text: str) -> str:
+    """`text` on one line: backslashes, newlines, tabs and other non-printable
+    characters escaped as in a Python string literal."""
+    out = []
+    for ch in text:
+        if ch == "\\":
+            out.append("\\\\")
+        elif ch.isprintable():
+            out.append(ch)
+        else:
+            out.append(ch.encode("unicode_escape").decode("ascii"))
+    return "".join(out)
+
+
+def show_tokens(tokenizer: Any, ids: Sequence[int]) -> str:
+    """Token ids as one line of text: special tokens (eos, bos, pad, ...) as their
+    names, e.g. `</s>`, never dropped; everything non-printable escaped."""
+    special = set(tokenizer.all_special_ids)
+    parts: list[str] = []
+    run: list[int] = []
+    for i in [int(t) for t in ids]:
+        if i in special:
+            if run:
+                parts.append(printable(tokenizer.decode(run)))
+                run = []
+            parts.append(printable(tokenizer.convert_ids_to_tokens(i)))
+        else:
+            run.append(i)
+    if run:
+        parts.append(printable(tokenizer.decode(run)))
+    return "".join(parts)
 
 
 def _fmt(v: Any) -> str:

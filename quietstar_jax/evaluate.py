@@ -86,6 +86,7 @@ def score_examples(
     batch_tokens: int = 8192,
     bucket: int = 64,
     seed: int = 0,
+    log: Callable[[str], None] | None = None,
 ) -> dict[str, np.ndarray]:
     """Authors' score and exact match of every example, base and (with tc) thinking.
 
@@ -93,6 +94,7 @@ def score_examples(
     batch (one compiled program per bucket). Returns arrays `[n]` "base_score",
     "base_exact", "base_first" (the first scored token is the valid argmax: for
     CommonsenseQA the choice letter) and the same for "thinking_" (only with tc).
+    log: called with a progress line after each batch.
     """
     n = len(examples)
     names = ["base"] + (["thinking"] if tc is not None else [])
@@ -104,6 +106,7 @@ def score_examples(
     rng = jax.random.key(seed)
     lengths = [len(e.ids) for e in examples]
     n_q = max(len(e.positions) for e in examples)
+    done, t0 = 0, time.perf_counter()
     for k, (idx, width, rows) in enumerate(length_batches(lengths, batch_tokens, bucket)):
         ids, mask = right_pad([examples[i].ids for i in idx], width, rows, pad_id)
         q_index = np.zeros((rows, n_q), np.int32)
@@ -121,7 +124,14 @@ def score_examples(
                 s, e = answer_score(logits[r, :len(ex.positions)], ex.targets)
                 res[f"{name}_score"][i], res[f"{name}_exact"][i] = s, e
                 res[f"{name}_first"][i] = np.argmax(logits[r, 0]) == ex.targets[0]
+        done += len(idx)
+        _progress(log, f"{done}/{n} examples", t0)
     return res
+
+
+def _progress(log: Callable[[str], None] | None, what: str, t0: float) -> None:
+    if log is not None:
+        log(f"{what} ({time.perf_counter() - t0:.0f} s)")
 
 
 def _direct_answer(
@@ -138,6 +148,7 @@ def _direct_answer(
     seed: int,
     max_length: int | None,
     return_examples: bool,
+    log: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     t0 = time.perf_counter()
     tc = _prepare_tc(tc, tokenizer, cfg)
@@ -157,7 +168,7 @@ def _direct_answer(
     examples = eval_data.build_examples(tokenizer, texts, valid_ids, skip_first=task == "gsm8k",
                                         pad_id=pad_id, max_length=max_length)
     res = score_examples(params, cfg, tc, examples, valid_ids, pad_id=pad_id,
-                         batch_tokens=batch_tokens, bucket=bucket, seed=seed)
+                         batch_tokens=batch_tokens, bucket=bucket, seed=seed, log=log)
     out: dict[str, Any] = {
         "task": task, "examples": len(examples), **_thought_info(tc),
         "valid_token_ids": list(valid_ids),
@@ -187,16 +198,18 @@ def evaluate_gsm8k(
     seed: int = 0,
     max_length: int | None = None,
     return_examples: bool = False,
+    log: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     """Zero-shot direct-answer GSM8K (test): base and thinking `accuracy` (the authors'
     metric) and `exact_match`. tc None: base only. source: see `eval_data.load_rows`.
     Prompts longer than max_length keep their last max_length tokens; batching: see
-    `score_examples`. Returns {"task", "examples", "n_ahead", "thought_tokens",
-    "valid_token_ids", "valid_tokens", "base": {"accuracy", "exact_match"},
-    "thinking": {...}, "seconds"} (and "per_example" arrays with return_examples)."""
+    `score_examples`; `log` gets a progress line per batch. Returns {"task", "examples",
+    "n_ahead", "thought_tokens", "valid_token_ids", "valid_tokens", "base": {"accuracy",
+    "exact_match"}, "thinking": {...}, "seconds"} (and "per_example" arrays with
+    return_examples)."""
     return _direct_answer("gsm8k", params, cfg, tc, tokenizer, source, limit=limit,
                           batch_tokens=batch_tokens, bucket=bucket, seed=seed,
-                          max_length=max_length, return_examples=return_examples)
+                          max_length=max_length, return_examples=return_examples, log=log)
 
 
 def evaluate_csqa(
@@ -212,11 +225,12 @@ def evaluate_csqa(
     seed: int = 0,
     max_length: int | None = None,
     return_examples: bool = False,
+    log: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     """Zero-shot direct-answer CommonsenseQA (validation), as `evaluate_gsm8k`."""
     return _direct_answer("csqa", params, cfg, tc, tokenizer, source, limit=limit,
                           batch_tokens=batch_tokens, bucket=bucket, seed=seed,
-                          max_length=max_length, return_examples=return_examples)
+                          max_length=max_length, return_examples=return_examples, log=log)
 
 
 def text_chunks(
@@ -250,6 +264,14 @@ def text_chunks(
     return [ids[k * chunk_len:(k + 1) * chunk_len + 1] for k in range(n)]
 
 
+def _check_chunk_len(chunk_len: int, cfg: ModelConfig) -> None:
+    """A chunk is `chunk_len + 1` tokens (a context token or BOS, then the scored ones)."""
+    if chunk_len + 1 > cfg.max_position_embeddings:
+        raise ValueError(f"chunk_len={chunk_len}: a chunk of {chunk_len} scored tokens plus one "
+                         f"of context is {chunk_len + 1} positions, more than the model's "
+                         f"max_position_embeddings={cfg.max_position_embeddings}")
+
+
 def evaluate_perplexity(
     params: Params,
     cfg: ModelConfig,
@@ -264,14 +286,18 @@ def evaluate_perplexity(
     batch_size: int = 8,
     seed: int = 0,
     edges: Sequence[float] = DEFAULT_NLL_EDGES,
+    log: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     """Base and thought-mixed NLL (nats/token) and perplexity of held-out text.
 
     text: the text itself (str) or a text file (Path). Chunking: see `text_chunks`. Returns
     {"tokens", "chunks", "chunking", "base": {"nll", "perplexity"}, "thinking": {...},
-    "bins": `eval_metrics.nll_bins` of base vs thinking per token}.
+    "bins": `eval_metrics.nll_bins` of base vs thinking per token}. A chunk (with its
+    context token or BOS) must fit the model's `max_position_embeddings`. `log` gets a
+    progress line per batch.
     """
     t0 = time.perf_counter()
+    _check_chunk_len(chunk_len, cfg)
     tc = _prepare_tc(tc, tokenizer, cfg)
     if isinstance(text, Path):
         text = text.read_text(encoding="utf-8")
@@ -290,6 +316,7 @@ def evaluate_perplexity(
         base_all.append(np.asarray(nb)[:len(part)])
         if tc is not None:
             think_all.append(np.asarray(nt)[:len(part)])
+        _progress(log, f"{min(k + batch_size, len(chunks))}/{len(chunks)} chunks", t0)
     base = np.concatenate(base_all).ravel()
     out: dict[str, Any] = {
         "task": "perplexity", **_thought_info(tc), "tokens": int(base.size),
@@ -377,6 +404,9 @@ def _parser() -> argparse.ArgumentParser:
                    "the checkpoint's, else 12")
     p.add_argument("--thought-sampling", choices=("sample", "greedy"), default="sample")
     p.add_argument("--no-thinking", action="store_true", help="evaluate the base model only")
+    p.add_argument("--mask-special-thought-tokens", action="store_true",
+                   help="thoughts never draw the tokenizer's special tokens (eos, bos, pad, "
+                   "...); off by default, as the authors")
     p.add_argument("--limit", type=int, default=None, help="first N examples (gsm8k, csqa)")
     p.add_argument("--batch-tokens", type=int, default=8192, help="tokens per scoring batch")
     p.add_argument("--max-length", type=int, default=None,
@@ -430,25 +460,35 @@ def _run(argv: Sequence[str] | None) -> int:
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     bad = [t for t in tasks if t not in TASKS]
     if bad or not tasks:
-        raise SystemExit(f"error: unknown task(s) {bad}; choose from {','.join(TASKS)}")
+        raise ValueError(f"unknown task(s) {bad}; choose from {','.join(TASKS)}")
     if "perplexity" in tasks and not args.text:
-        raise SystemExit("error: the perplexity task needs --text FILE")
+        raise ValueError("the perplexity task needs --text FILE")
+    if "perplexity" in tasks and not Path(args.text).is_file():
+        raise FileNotFoundError(f"--text {args.text!r} is not a file")
     cfg, params, tok, ckpt_tc = load_model(args.model, args.dtype)
-    tc = None if args.no_thinking else thought_config(tok, ckpt_tc, args.n_ahead,
-                                                       args.thought_sampling)
+    if "perplexity" in tasks:
+        _check_chunk_len(args.chunk_len, cfg)
+    tc = None if args.no_thinking else thought_config(
+        tok, ckpt_tc, args.n_ahead, args.thought_sampling,
+        mask_special_tokens=args.mask_special_thought_tokens)
     results: dict[str, Any] = {}
     common = dict(batch_tokens=args.batch_tokens, seed=args.seed, max_length=args.max_length,
                   limit=args.limit)
     for task in tasks:
+        def log(line: str, task: str = task) -> None:
+            print(f"[{task}] {line}", file=sys.stderr, flush=True)
+
+        log("running" + ("" if tc is None else f" (base and thinking, n_ahead {tc.n_ahead})")
+            + "; each new prompt length compiles first")
         if task == "gsm8k":
-            results[task] = evaluate_gsm8k(params, cfg, tc, tok, args.gsm8k, **common)
+            results[task] = evaluate_gsm8k(params, cfg, tc, tok, args.gsm8k, log=log, **common)
         elif task == "csqa":
-            results[task] = evaluate_csqa(params, cfg, tc, tok, args.csqa, **common)
+            results[task] = evaluate_csqa(params, cfg, tc, tok, args.csqa, log=log, **common)
         elif task == "perplexity":
             results[task] = evaluate_perplexity(params, cfg, tc, tok, Path(args.text),
                                                 chunk_len=args.chunk_len,
                                                 max_chunks=args.max_chunks, bos=args.bos,
-                                                seed=args.seed)
+                                                seed=args.seed, log=log)
         else:
             results[task] = evaluate_cot(params, cfg, tc, tok, args.gsm8k, limit=args.cot_limit,
                                          n_votes=args.cot_votes,

@@ -179,6 +179,16 @@ def _check_args(
         tc.check_token_ids(cfg.vocab_size)
 
 
+def _check_length(cfg: ModelConfig, prompt_len: int, max_new_tokens: int) -> None:
+    """The longest prompt and the new tokens must fit the model's positions."""
+    total = prompt_len + max_new_tokens
+    if total > cfg.max_position_embeddings:
+        raise ValueError(f"a prompt of {prompt_len} tokens + max_new_tokens={max_new_tokens} = "
+                         f"{total} positions exceeds the model's max_position_embeddings="
+                         f"{cfg.max_position_embeddings}; shorten the prompt or generate fewer "
+                         "tokens")
+
+
 def _finish(
     toks: jax.Array, eos_id: int | None, pad_id: int
 ) -> tuple[jax.Array, jax.Array]:
@@ -396,6 +406,7 @@ def prepare_request(
     pad_id = _pad_id(tc, eos_id, pad_token_id)
     ids, mask = left_pad(prompts, pad_id, pad_to_multiple)
     _check_args(cfg, tc, think, ids, max_new_tokens)
+    _check_length(cfg, max(len(p) for p in prompts), max_new_tokens)
     rng = _need_rng(rng, sc, tc, think)
     run_tc = tc if (think or tc is None) else _mask_only(tc)
     return Request(cfg, run_tc, sc, jnp.asarray(ids), jnp.asarray(mask), rng, eos_id, pad_id)
@@ -484,7 +495,7 @@ def generate_text(
     """`generate` on strings: each text is encoded with the tokenizer's special tokens
     (BOS); returns per text {"prompt", "completion", "tokens", and with
     return_thoughts=True "thoughts": one decoded thought string per new token,
-    "mixing_weights"}."""
+    "thought_ids" (their token ids), "mixing_weights"}."""
     if isinstance(texts, str):
         raise TypeError("texts must be a list of strings, not one string")
     prompts = [tokenizer(t)["input_ids"] for t in texts]
@@ -503,6 +514,7 @@ def generate_text(
         if gen.thoughts is not None:
             th = np.asarray(gen.thoughts)[i, : lengths[i]]
             item["thoughts"] = [tokenizer.decode(row.tolist()) for row in th]
+            item["thought_ids"] = th.tolist()
             item["mixing_weights"] = np.asarray(gen.mixing_weights)[i, : lengths[i]].tolist()
         out.append(item)
     return out

@@ -2,24 +2,35 @@
 
     python -m quietstar_jax.generate MODEL --prompt "Once upon a time" [--prompt ...]
         [--max-new-tokens 64] [--n-ahead 12] [--greedy | --temperature 1 --top-p 1]
-        [--mode thinking|base|both] [--show-thoughts] [--seed 0] [--out generations.json]
+        [--mode thinking|base|both] [--show-thoughts] [--ignore-eos]
+        [--mask-special-thought-tokens] [--seed 0] [--out generations.json]
 
 MODEL is a Hugging Face directory or a training workdir / checkpoint step directory.
 Prints each completion (and, with --show-thoughts, every new token with the thought
-that preceded it and the mixing weight) and writes JSON.
+that preceded it and the mixing weight, one line each: special tokens by name,
+newlines and other control characters escaped), the speed in tokens/s, and writes
+JSON.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import jax
 
-from quietstar_jax.cli_common import load_model, run_cli, thought_config, write_json
+from quietstar_jax.cli_common import (
+    load_model,
+    printable,
+    run_cli,
+    show_tokens,
+    thought_config,
+    write_json,
+)
 from quietstar_jax.generate import generate_text
 
 
@@ -40,6 +51,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--mode", choices=("thinking", "base", "both"), default="thinking",
                    help="generate with thoughts, as the base LM (no thoughts), or both")
     p.add_argument("--show-thoughts", action="store_true")
+    p.add_argument("--ignore-eos", action="store_true",
+                   help="do not stop at the end-of-sequence token: always --max-new-tokens")
+    p.add_argument("--mask-special-thought-tokens", action="store_true",
+                   help="thoughts never draw the tokenizer's special tokens (eos, bos, pad, "
+                   "...); off by default, as the authors")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
     p.add_argument("--out", default="generations.json")
@@ -49,10 +65,11 @@ def _parser() -> argparse.ArgumentParser:
 def _show(item: dict[str, Any], tokenizer: Any, show_thoughts: bool) -> str:
     lines = [item["prompt"] + "\u2502" + item["completion"]]
     if show_thoughts and "thoughts" in item:
-        for tok, thought, w in zip(item["tokens"], item["thoughts"], item["mixing_weights"],
-                                   strict=True):
+        shown = ([show_tokens(tokenizer, ids) for ids in item["thought_ids"]]
+                 if "thought_ids" in item else [printable(t) for t in item["thoughts"]])
+        for tok, thought, w in zip(item["tokens"], shown, item["mixing_weights"], strict=True):
             lines.append(f"  <|startthought|>{thought}<|endthought|>  w={w:+.3f}  -> "
-                         f"{tokenizer.decode([tok])!r}")
+                         f"{show_tokens(tokenizer, [tok])}")
     return "\n".join(lines)
 
 
@@ -61,31 +78,53 @@ def main(argv: Sequence[str] | None = None) -> int:
     return run_cli(_run, argv)
 
 
+def _check_args(args: argparse.Namespace, prompts: list[str]) -> None:
+    """Reject bad flag values, naming the flag (ValueError: exit status 2)."""
+    if not prompts:
+        raise ValueError("give at least one --prompt or a --prompts-file")
+    if args.max_new_tokens < 1:
+        raise ValueError(f"--max-new-tokens={args.max_new_tokens} must be >= 1")
+    if not args.temperature > 0:
+        raise ValueError(f"--temperature={args.temperature} must be > 0; for greedy decoding "
+                         "use --greedy")
+    if not 0 < args.top_p <= 1:
+        raise ValueError(f"--top-p={args.top_p} must be in (0, 1]")
+    if args.thought_temperature is not None and not args.thought_temperature > 0:
+        raise ValueError(f"--thought-temperature={args.thought_temperature} must be > 0; for "
+                         "greedy thoughts use --thought-sampling greedy")
+
+
 def _run(argv: Sequence[str] | None) -> int:
     args = _parser().parse_args(argv)
     prompts = list(args.prompt)
     if args.prompts_file:
         prompts += [ln.rstrip("\n") for ln in Path(args.prompts_file).read_text().splitlines()
                     if ln.strip()]
-    if not prompts:
-        raise SystemExit("error: give at least one --prompt or a --prompts-file")
-    if args.max_new_tokens < 1:
-        raise SystemExit(f"error: --max-new-tokens={args.max_new_tokens} must be >= 1")
+    _check_args(args, prompts)
     cfg, params, tok, ckpt_tc = load_model(args.model, args.dtype)
     tc = thought_config(tok, ckpt_tc, args.n_ahead, args.thought_sampling,
-                        args.thought_temperature)
+                        args.thought_temperature,
+                        mask_special_tokens=args.mask_special_thought_tokens)
     modes = ["thinking", "base"] if args.mode == "both" else [args.mode]
     results: dict[str, Any] = {"model": str(args.model), "n_ahead": tc.n_ahead,
                                "thought_tokens": tc.num_sampled}
+    eos = {"eos_token_id": None} if args.ignore_eos else {}
     for mode in modes:
+        t0 = time.perf_counter()
         out = generate_text(params, cfg, tc, tok, prompts, max_new_tokens=args.max_new_tokens,
                             rng=jax.random.key(args.seed), think=mode == "thinking",
                             greedy=args.greedy, temperature=args.temperature,
-                            top_p=args.top_p, return_thoughts=True)
+                            top_p=args.top_p, return_thoughts=True, **eos)
+        seconds = time.perf_counter() - t0
         results[mode] = out
+        n_new = sum(len(item["tokens"]) for item in out)
+        results.setdefault("speed", {})[mode] = {"new_tokens": n_new, "seconds": seconds,
+                                                 "tokens_per_s": n_new / seconds}
         print(f"== {mode} (n_ahead {tc.n_ahead if mode == 'thinking' else 1})")
         for item in out:
             print(_show(item, tok, args.show_thoughts))
+        print(f"[{mode}] {n_new} new tokens in {seconds:.2f} s: {n_new / seconds:.1f} tokens/s "
+              "(compile included)", file=sys.stderr)
     write_json(args.out, results)
     print(f"wrote {args.out}", file=sys.stderr)
     return 0

@@ -451,8 +451,12 @@ class _Checkpoint:
 
     def _handle(self, name: str) -> Any:
         if name not in self._handles:
-            self._handles[name] = self._stack.enter_context(
-                self._open(str(self.path / name), framework="numpy"))
+            file = self.path / name
+            try:
+                handle = self._open(str(file), framework="numpy")
+            except Exception as e:  # noqa: BLE001 - SafetensorError is not importable by name
+                raise ValueError(_damaged_file(file, e)) from None
+            self._handles[name] = self._stack.enter_context(handle)
         return self._handles[name]
 
     def where(self, key: str) -> str:
@@ -466,7 +470,18 @@ class _Checkpoint:
         return tuple(handle.get_slice(key).get_shape())
 
     def get(self, key: str) -> np.ndarray:
-        return self._handle(self.key_file[key]).get_tensor(key)
+        handle = self._handle(self.key_file[key])
+        try:
+            return handle.get_tensor(key)
+        except Exception as e:  # noqa: BLE001 - a damaged file fails in many ways
+            raise ValueError(_damaged_file(Path(self.where(key)), e)) from None
+
+
+def _damaged_file(file: Path, error: BaseException) -> str:
+    """One line: a safetensors file that cannot be read, and why."""
+    reason = " ".join(str(error).split()) or type(error).__name__
+    return (f"{file}: not a readable safetensors file ({reason}); the file is damaged or "
+            "incomplete (an interrupted download or copy?)")
 
 
 def _is_ignored(key: str) -> bool:
@@ -749,6 +764,17 @@ def thought_token_ids(tokenizer: Any) -> dict[str, int]:
         raise ValueError("tokenizer has neither a pad nor an eos token")
     ids["pad_token_id"] = int(pad)
     return ids
+
+
+def special_token_ids(tokenizer: Any) -> tuple[int, ...]:
+    """The special tokens of a Hugging Face tokenizer (eos, bos, pad, unk, ...) other
+    than the two thought tokens, which thought sampling masks anyway."""
+    thought = {START_THOUGHT_TOKEN, END_THOUGHT_TOKEN}
+    ids = {int(i) for i, t in zip(tokenizer.all_special_ids, tokenizer.all_special_tokens,
+                                  strict=True) if t not in thought}
+    ids |= {int(i) for i in (tokenizer.pad_token_id, tokenizer.eos_token_id,
+                             tokenizer.bos_token_id) if i is not None}
+    return tuple(sorted(ids))
 
 
 def thought_init_token_id(tokenizer: Any) -> int:

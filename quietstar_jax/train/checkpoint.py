@@ -5,15 +5,66 @@ pytree (sharded arrays are written by every process, each its own shards), `data
 the data iterator's JSON position. Saves are asynchronous; orbax writes each step
 under a temporary name and renames it when complete, so a step directory that
 exists is whole, and `latest_step` never returns a half-written one.
+
+A step that is on disk but cannot be read (a truncated array file, a lost metadata
+file or item directory: damage from outside, e.g. a full disk or a partial copy) is
+skipped by `restore_latest`, which falls back to the newest intact step and moves
+the damaged one aside to `<checkpoints>.damaged/<step>` (never deleting it). A step
+whose arrays do not match the model (another architecture) is an error naming the
+parameter and both shapes, not damage.
 """
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
+import uuid
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+from etils import epath
+
+
+class CheckpointError(ValueError):
+    """A checkpoint directory the trainer cannot resume from (one line)."""
+
+
+def _one_line(e: BaseException) -> str:
+    text = " ".join(str(e).split()).strip("'\"").split(" See full TensorStore details")[0]
+    if len(text) > 200:
+        text = text[:200] + " ..."
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__
+
+
+@contextlib.contextmanager
+def _quiet_absl() -> Iterator[None]:
+    """Silence orbax's absl warnings (a damaged step is reported in our own words)."""
+    logger = logging.getLogger("absl")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def _key_name(entry: Any) -> str:
+    for attr in ("key", "name", "idx"):
+        if hasattr(entry, attr):
+            return str(getattr(entry, attr))
+    return str(entry)
+
+
+def _shapes_by_path(tree: Any) -> dict[str, tuple[int, ...] | None]:
+    """`"params.layers.q" -> shape` of every leaf (dict keys, attributes and indices
+    alike, so a TrainState and its orbax metadata tree give the same names)."""
+    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return {".".join(_key_name(k) for k in path): (tuple(leaf.shape) if hasattr(leaf, "shape")
+                                                  else None)
+            for path, leaf in leaves}
 
 
 class Checkpointer:
@@ -27,8 +78,10 @@ class Checkpointer:
             enable_async_checkpointing=async_save,
             cleanup_tmp_directories=True,
         )
-        self.manager = ocp.CheckpointManager(self.directory, options=options,
-                                             item_names=("state", "data"))
+        self.manager = ocp.CheckpointManager(
+            self.directory, options=options,
+            item_handlers={"state": ocp.StandardCheckpointHandler(),
+                           "data": ocp.JsonCheckpointHandler()})
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
@@ -52,6 +105,75 @@ class Checkpointer:
         out = self.manager.restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
         return out["state"], dict(out["data"])
+
+    def check_matches(self, step: int, abstract_state: Any) -> None:
+        """Raise CheckpointError when `step`'s arrays do not fit `abstract_state`
+        (naming the first parameter that differs and both shapes); any other error
+        (unreadable metadata) propagates: the step is damaged."""
+        with _quiet_absl():
+            saved = _shapes_by_path(self.manager.item_metadata(step)["state"])
+        if not saved:
+            raise ValueError("its state metadata (_METADATA) is missing or empty")
+        where = f"checkpoint step {step} in {self.directory}"
+        for name, shape in _shapes_by_path(abstract_state).items():
+            if name not in saved:
+                raise CheckpointError(f"{where} does not match the model: it has no {name} "
+                                      "(a different architecture or config?)")
+            if saved[name] is not None and shape is not None and saved[name] != shape:
+                raise CheckpointError(f"{where} does not match the model: {name} has shape "
+                                      f"{saved[name]} in the checkpoint but {shape} in the "
+                                      "model (a different architecture or config?)")
+
+    def restore_latest(
+        self, abstract_state: Any, say: Callable[[str], None] = print
+    ) -> tuple[int, Any, dict[str, Any]] | None:
+        """(step, state, data_state) of the newest step that restores, or None when
+        there is no checkpoint. Damaged newer steps are reported through `say` (step
+        and reason) and moved aside; no intact step at all is a CheckpointError
+        naming the directory. A step that does not match the model is a
+        CheckpointError (see `check_matches`)."""
+        steps = sorted(self.manager.all_steps(), reverse=True)
+        damaged: list[tuple[int, str]] = []
+        for step in steps:
+            try:
+                self.check_matches(step, abstract_state)
+                state, data_state = self.restore(step, abstract_state)
+            except CheckpointError:
+                raise
+            except Exception as e:  # noqa: BLE001 - damage shows up as many error types
+                damaged.append((step, _one_line(e)))
+                say(f"warning: checkpoint step {step} in {self.directory} is damaged and "
+                    f"skipped ({_one_line(e)})")
+                continue
+            self._set_aside([s for s, _ in damaged], say)
+            return step, state, data_state
+        if damaged:
+            newest, why = damaged[0]
+            raise CheckpointError(
+                f"no intact checkpoint in {self.directory}: all {len(damaged)} steps "
+                f"({', '.join(str(s) for s, _ in damaged)}) are damaged (step {newest}: {why}); "
+                "move the directory away to start afresh")
+        return None
+
+    def _set_aside(self, steps: list[int], say: Callable[[str], None]) -> None:
+        """Move damaged step directories to `<directory>.damaged/` (process 0), so
+        that new saves of those steps can happen and nothing damaged is deleted."""
+        if not steps:
+            return
+        if jax.process_index() == 0:
+            aside = epath.Path(self.directory + ".damaged")
+            aside.mkdir(parents=True, exist_ok=True)
+            for step in steps:
+                dest = aside / str(step)
+                if dest.exists():
+                    dest = aside / f"{step}-{uuid.uuid4().hex[:8]}"
+                (epath.Path(self.directory) / str(step)).rename(dest)
+                say(f"moved the damaged checkpoint step {step} to {dest}")
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices("quietstar_damaged_checkpoints")
+        self.manager.reload()
 
     def wait(self) -> None:
         """Block until pending saves are on disk."""

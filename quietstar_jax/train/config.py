@@ -69,6 +69,9 @@ def base_config() -> ConfigDict:
     c.model.vocab_chunk = 8192
 
     c.thought = _thought_defaults()
+    # True: thoughts never draw the tokenizer's special tokens (eos, bos, pad, ...),
+    # added to thought.masked_token_ids. Off by default, as the authors.
+    c.thought.mask_special_tokens = False
 
     c.data = ConfigDict()
     c.data.source = "generated"  # generated | files | tfds | hf
@@ -212,6 +215,7 @@ def validate_config(config: ConfigDict) -> None:
     _check(o.weight_decay >= 0, f"config.optim.weight_decay={o.weight_decay} must be >= 0")
     _check(0 <= o.end_lr_ratio <= 1, f"config.optim.end_lr_ratio={o.end_lr_ratio} must be "
                                      "in [0, 1]")
+    _check_positions(c)
     if c.model.hf_path is None:
         _check(c.model.tokenizer == "byte",
                f"config.model.tokenizer={c.model.tokenizer!r}: an inline model (no "
@@ -222,12 +226,43 @@ def validate_config(config: ConfigDict) -> None:
         raise ConfigError(f"config.thought: {e}") from None
 
 
-def thought_config(config: ConfigDict, token_ids: dict[str, int]) -> ThoughtConfig:
+def _max_positions(config: ConfigDict) -> tuple[int, str] | None:
+    """(max_position_embeddings, where it comes from) of the configured model; None
+    when a checkpoint's config.json cannot be read (loading reports that later)."""
+    if config.model.hf_path is None:
+        return config.model.max_position_embeddings, "config.model.max_position_embeddings"
+    from quietstar_jax import hf
+
+    try:
+        cfg = hf.model_config_from_hf(config.model.hf_path)
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return cfg.max_position_embeddings, f"{config.model.hf_path}/config.json"
+
+
+def _check_positions(config: ConfigDict) -> None:
+    """Training rows must fit the model's position range."""
+    limit = _max_positions(config)
+    if limit is None:
+        return
+    n, where = limit
+    seq_len = config.data.seq_len
+    _check(seq_len <= n, f"config.data.seq_len={seq_len} exceeds the model's "
+                         f"max_position_embeddings={n} ({where})")
+
+
+def thought_config(config: ConfigDict, token_ids: dict[str, int],
+                   special_token_ids: tuple[int, ...] = ()) -> ThoughtConfig:
     """ThoughtConfig from `config.thought`; token ids not set there come from
-    `token_ids` (the tokenizer's start/end/pad ids)."""
+    `token_ids` (the tokenizer's start/end/pad ids). With
+    `config.thought.mask_special_tokens`, `special_token_ids` (the tokenizer's eos,
+    bos, pad, ...) join `masked_token_ids`."""
     fields = {f.name for f in dataclasses.fields(ThoughtConfig)}
     kw = {k: config.thought[k] for k in config.thought.keys() if k in fields}
     for k in _TOKEN_FIELDS:
         if kw.get(k) is None:
             kw[k] = token_ids[k]
+    if config.thought.get("mask_special_tokens"):
+        kw["masked_token_ids"] = tuple(sorted(set(kw.get("masked_token_ids") or ())
+                                              | set(special_token_ids)))
     return ThoughtConfig(**kw)

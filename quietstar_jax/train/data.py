@@ -143,14 +143,19 @@ def read_text_documents(path: str, split: str) -> list[str]:
 def read_jsonl_documents(path: str, field: str) -> list[str]:
     """The `field` of every JSON line of `path` (blank lines skipped)."""
     docs = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
+    with open(path, "rb") as f:
+        for n, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(f"{path}:{n}: not valid UTF-8 (byte {e.start + 1} of the "
+                                "line)") from None
             if not line.strip():
                 continue
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{n}: not valid JSON ({e.msg})") from None
+                raise DataError(f"{path}:{n}: not valid JSON ({e.msg} column {e.colno})") from None
             if not isinstance(record, dict) or field not in record:
                 keys = sorted(record) if isinstance(record, dict) else type(record).__name__
                 raise DataError(f"{path}:{n}: no field {field!r} (has {keys}); set "
@@ -161,9 +166,14 @@ def read_jsonl_documents(path: str, field: str) -> list[str]:
 
 def read_parquet_documents(path: str, field: str) -> list[str]:
     """The `field` column of a parquet file."""
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
-    table = pq.read_table(path)
+    try:
+        table = pq.read_table(path)
+    except (pa.ArrowException, OSError) as e:
+        reason = " ".join(str(e).split())
+        raise DataError(f"{path}: not a readable parquet file ({reason})") from None
     if field not in table.column_names:
         raise DataError(f"{path}: no column {field!r} (has {table.column_names}); set "
                         "config.data.text_field")

@@ -6,10 +6,13 @@ checkpoint of the workdir if there is one (params, optimiser, step and data
 position), then train. Everything that can be wrong with the input fails before
 anything is compiled.
 
-Each update's metrics are fetched one step late (so the host prepares the next
-batch while the device works) and checked for NaN/inf before any checkpoint that
-contains that update is written: a non-finite loss stops the run with the step and
-the component, and leaves the last good checkpoint as the latest.
+The train step is compiled ahead of the first step (a "compiling" line, with the
+time it took). Each update's metrics are fetched once its outputs are ready and
+checked for NaN/inf before any checkpoint that contains that update is written: a
+non-finite loss stops the run with the step and the component, and leaves the last
+good checkpoint as the latest. A step's logged time runs from the end of the previous
+step to the end of its own (update, checkpoint, reward page), so the step times add
+up to the loop's wall time.
 
 Workdir layout: `checkpoints/<step>/`, `metrics.jsonl`, `tb/`, `reward_pages/`,
 `config.json`.
@@ -35,7 +38,7 @@ from quietstar_jax.loss import check_finite, quietstar_details
 from quietstar_jax.model import ModelConfig, Params
 from quietstar_jax.thoughts import ThoughtConfig
 from quietstar_jax.train import reward_page
-from quietstar_jax.train.checkpoint import Checkpointer
+from quietstar_jax.train.checkpoint import Checkpointer, CheckpointError
 from quietstar_jax.train.config import ConfigError, thought_config, validate_config
 from quietstar_jax.train.data import TokenBatches, make_source, window
 from quietstar_jax.train.metrics import MetricsWriter, ProgressBar, format_metrics, to_python
@@ -115,8 +118,9 @@ class _Setup:
             self.mesh = sharding.make_mesh(tuple(config.mesh))
             self.model: LoadedModel = load_model(config, self.mesh)
             cfg = self.model.cfg
-            self.tc: ThoughtConfig = thought_config(config, self.model.tokenizer
-                                                    .thought_token_ids())
+            tok = self.model.tokenizer
+            self.tc: ThoughtConfig = thought_config(config, tok.thought_token_ids(),
+                                                    tok.special_token_ids())
             self.tc.check_token_ids(cfg.vocab_size)
             sharding.check_parallelism(self.mesh, cfg, config.batch_size // config.grad_accum)
             if config.data.seq_len + self.tc.num_steps > cfg.max_position_embeddings:
@@ -226,8 +230,8 @@ def run(
 ) -> dict[str, Any]:
     """Train (or resume training) as `config` says, writing to `workdir`.
 
-    on_step: called with the step number after each update is dispatched (tests use
-      it to send SIGTERM at a chosen step).
+    on_step: called with the step number after each update's outputs are ready (tests
+      use it to send SIGTERM at a chosen step).
     Returns a summary: `start_step`, `final_step`, `preempted`, `history` (one dict
     per update: every metric as Python numbers, `step`, `batch_hash`), `checkpoints`
     (steps on disk), `reward_pages`, `wall_time_s`, `compile_time_s`, `num_params`,
@@ -255,14 +259,8 @@ def run(
 def _train(config: ConfigDict, workdir: str, setup: _Setup, ckpt: Checkpointer,
            on_step: Callable[[int], None] | None, t_start: float) -> dict[str, Any]:
     lead = setup.process_index == 0
-    start_step = ckpt.latest_step() or 0
     num_params = count_params(setup.model.params)
-    if start_step:
-        state, data_state = ckpt.restore(start_step, setup.abstract_state())
-        setup.model.params = None
-        setup.data.set_state(data_state)
-    else:
-        state = setup.initial_state()
+    start_step, state = _resume(setup, ckpt)
     if lead:
         os.makedirs(workdir, exist_ok=True)
         with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
@@ -280,81 +278,75 @@ def _train(config: ConfigDict, workdir: str, setup: _Setup, ckpt: Checkpointer,
         f"{dict(setup.mesh.shape)}, {len(setup.source):,} documents, "
         + (f"resuming from step {start_step}" if start_step else "starting at step 0")
         + f", workdir {workdir}")
+    eos = getattr(setup.model.tokenizer, "eos_token_id", None)
+    if eos is not None and eos == setup.tc.pad_token_id:
+        say(f"note: the pad id {eos} is the tokenizer's eos id, so eos targets are ignored in "
+            "the loss like padding (as in the authors' code; see docs/TRAINING.md)")
 
+    step_fn, compile_time = (_compile_step(setup, state, say) if start_step < config.num_steps
+                             else (setup.train_step, None))
     stop = _StopFlag()
     stop.install()
     history: list[dict[str, Any]] = []
     window: list[dict[str, Any]] = []
     pages: list[str] = []
-    pending: tuple[int, dict[str, jax.Array], str] | None = None
-    last_done = time.time()
-    compile_time = None
     step = start_step
     preempted = False
 
-    def finish(item: tuple[int, dict[str, jax.Array], str]) -> None:
-        """Fetch one update's metrics, check them, log them."""
-        nonlocal last_done, compile_time
-        s, metrics, bhash = item
+    def check(s: int, metrics: dict[str, jax.Array]) -> dict[str, Any]:
+        """Fetch one update's metrics and check them (before anything is saved)."""
         host = {k: to_python(v) for k, v in jax.device_get(metrics).items()}
         check_finite(host, s)
         if not np.isfinite(host["grad_norm"]):  # finite loss, broken update: stop too
             raise FloatingPointError(f"non-finite gradient at step {s}: grad_norm = "
                                      f"{host['grad_norm']}")
-        now = time.time()
-        dt, last_done = now - last_done, now
-        first = compile_time is None
-        if first:
-            compile_time = dt
+        host["policy_term"] = setup.tc.policy_loss_beta * host["policy_loss"]
+        return host
+
+    def log(s: int, host: dict[str, Any], dt: float, bhash: str) -> None:
         host["step_time_s"] = dt
         host["tokens_per_s"] = host["tokens"] / dt if dt > 0 else 0.0
-        record = {"step": s, **host, "batch_hash": bhash}
-        history.append(record)
-        if not first:  # the compile is not a training step's time
-            window.append(host)
+        history.append({"step": s, **host, "batch_hash": bhash})
+        window.append(host)
         bar.update(1, host)
         if s % config.log_every == 0 or s == config.num_steps:
-            logged = _window_mean(window or [host])
+            logged = _window_mean(window)
             writer.write(s, logged)
             say(f"step {s}: {format_metrics(logged)} lr={logged['lr']:.3g} "
                 f"grad_norm={logged['grad_norm']:.3g} tok/s={logged['tokens_per_s']:.0f}")
             window.clear()
 
-    def flush() -> None:
-        nonlocal pending
-        if pending is not None:
-            item, pending = pending, None
-            finish(item)
-
+    # A step's time runs from the end of the previous step to the end of this one: its
+    # batch, the update (timed once its outputs are ready) and the checkpoint or reward
+    # page it writes, so the step times add up to the loop's wall time.
+    step_start = time.time()
     try:
         while step < config.num_steps:
             local = next(setup.data)
             bhash = _batch_hash(local)
-            state, metrics = setup.train_step(state, setup.global_batch(local))
+            state, metrics = step_fn(state, setup.global_batch(local))
+            jax.block_until_ready((state, metrics))
             step += 1
-            flush()
-            pending = (step, metrics, bhash)
+            host = check(step, metrics)
             if on_step is not None:
                 on_step(step)
             stopping = stop.agreed()
             periodic = config.checkpoint_every and step % config.checkpoint_every == 0
             if periodic or stopping or step == config.num_steps:
-                flush()
                 ckpt.save(step, state, setup.data.get_state())
-                last_done = time.time()  # the device idled meanwhile: not a step's time
             if eval_rows is not None and (
                     (config.eval_every and step % config.eval_every == 0)
                     or step == config.num_steps):
-                flush()
                 page = _reward_page(setup, eval_fn, state.params, step, eval_rows)
                 if page:
                     pages.append(page)
-                last_done = time.time()
+            now = time.time()
+            log(step, host, now - step_start, bhash)
+            step_start = now
             if stopping:
                 preempted = True
                 say(f"stop requested (SIGTERM): saved step {step}, exiting")
                 break
-        flush()
         if step == config.num_steps and not preempted and config.export_hf_dir:
             from quietstar_jax import hf
 
@@ -379,12 +371,71 @@ def _train(config: ConfigDict, workdir: str, setup: _Setup, ckpt: Checkpointer,
         "num_params": num_params,
         "workdir": workdir,
     }
-    summary["final_state"] = state
     if lead:
+        summary = _keep_earlier(os.path.join(workdir, "summary.json"), summary)
         with open(os.path.join(workdir, "summary.json"), "w", encoding="utf-8") as f:
-            json.dump({k: v for k, v in summary.items() if k not in ("history", "final_state")},
-                      f, indent=2)
+            json.dump({k: v for k, v in summary.items() if k != "history"}, f, indent=2)
+    summary["final_state"] = state
     return summary
+
+
+def _keep_earlier(path: str, summary: dict[str, Any]) -> dict[str, Any]:
+    """`summary` with what an earlier run's summary.json recorded and this run did not:
+    its reward pages (still on disk) before this run's, its compile time when this
+    run compiled nothing (e.g. it found the workdir finished)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            earlier = json.load(f)
+    except (OSError, ValueError):
+        return summary
+    if not isinstance(earlier, dict):
+        return summary
+    out = dict(summary)
+    pages = [p for p in earlier.get("reward_pages") or [] if isinstance(p, str)
+             and os.path.exists(p) and p not in summary["reward_pages"]]
+    out["reward_pages"] = pages + list(summary["reward_pages"])
+    if out["compile_time_s"] is None:
+        out["compile_time_s"] = earlier.get("compile_time_s")
+    return out
+
+
+def _compile_step(setup: _Setup, state: TrainState,
+                  say: Callable[[str], None]) -> tuple[Callable[..., Any], float | None]:
+    """(the compiled train step, seconds it took) — compiled ahead of the first step,
+    saying so, so that no step's time holds the compile."""
+    lower = getattr(setup.train_step, "lower", None)
+    if lower is None:  # not a jitted function (a test's stand-in)
+        return setup.train_step, None
+    shape = (setup.config.batch_size, setup.config.data.seq_len)
+    batch = {k: jax.ShapeDtypeStruct(shape, np.int32, sharding=setup.batch_sharding)
+             for k in ("input_ids", "attention_mask")}
+    abstract = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
+    say("compiling the train step ...")
+    t0 = time.time()
+    compiled = lower(abstract, batch).compile()
+    seconds = time.time() - t0
+    say(f"compiled the train step in {seconds:.1f} s")
+    return compiled, seconds
+
+
+def _resume(setup: _Setup, ckpt: Checkpointer) -> tuple[int, TrainState]:
+    """(start step, state): the newest intact checkpoint (damaged newer ones skipped,
+    reported and moved aside), else the initial state."""
+    def warn(line: str) -> None:
+        if setup.process_index == 0:
+            print(line, file=sys.stderr, flush=True)
+
+    try:
+        restored = ckpt.restore_latest(setup.abstract_state(), warn)
+    except CheckpointError as e:
+        raise SetupError(str(e)) from e
+    if restored is None:
+        return 0, setup.initial_state()
+    step, state, data_state = restored
+    setup.model.params = None
+    setup.data.set_state(data_state)
+    return step, state
 
 
 def _enable_compilation_cache(path: str) -> None:

@@ -13,7 +13,10 @@ from typing import Any
 
 import numpy as np
 
-SCALARS_SHOWN = ("loss", "nll_base", "nll_thought", "reward_mean", "mixing_weight_mean")
+# loss = nll_loss + policy_term (policy_loss_beta x policy_loss): the policy term is
+# shown beside the total, whose scale (beta = 1e6) it dominates.
+SCALARS_SHOWN = ("loss", "nll_loss", "policy_term", "nll_base", "nll_thought", "reward_mean",
+                 "mixing_weight_mean")
 
 
 def to_python(value: Any) -> Any:

@@ -3,6 +3,7 @@ giving a Hugging Face tokenizer (with the thought tokens added) the same face.
 
 Both offer `encode(text, add_bos) -> list[int]`, `decode(ids) -> str`,
 `thought_token_ids() -> {start_token_id, end_token_id, pad_token_id}`,
+`special_token_ids()` (eos, bos, pad, ...; not the thought tokens), `eos_token_id`,
 `init_token_id()` (first id of "---", the thought embeddings' init row) and
 `vocab_size`.
 """
@@ -23,6 +24,8 @@ class TextTokenizer(Protocol):
     def decode(self, ids: Sequence[int]) -> str: ...
 
     def thought_token_ids(self) -> dict[str, int]: ...
+
+    def special_token_ids(self) -> tuple[int, ...]: ...
 
     def init_token_id(self) -> int: ...
 
@@ -62,6 +65,10 @@ class ByteTokenizer:
         return {"start_token_id": self.start_thought_id, "end_token_id": self.end_thought_id,
                 "pad_token_id": self.pad_token_id}
 
+    def special_token_ids(self) -> tuple[int, ...]:
+        """`<eos>` (also the pad) and `<bos>`."""
+        return (self.eos_token_id, self.bos_token_id)
+
     def init_token_id(self) -> int:
         return self.encode(THOUGHT_INIT_STRING, add_bos=False)[0]
 
@@ -88,6 +95,15 @@ class HFTokenizer:
 
     def thought_token_ids(self) -> dict[str, int]:
         return dict(self._ids)
+
+    @property
+    def eos_token_id(self) -> int | None:
+        return self.hf_tokenizer.eos_token_id
+
+    def special_token_ids(self) -> tuple[int, ...]:
+        from quietstar_jax import hf
+
+        return hf.special_token_ids(self.hf_tokenizer)
 
     def init_token_id(self) -> int:
         return self._init
