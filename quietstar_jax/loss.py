@@ -142,20 +142,22 @@ def quietstar_objective(
         ok = shift_left(mask.astype(bool), k) & (t != pad)
         return jnp.where(ok, t, 0), ok
 
-    # Base step: z0[i] predicts x[i + 1].
-    t1, ok1 = targets(1)
-    base_tok = hidden_nll(params, cfg, ro.base_hidden, t1)
-    base_tok = jnp.where(ok1, base_tok, 0.0)
+    # Base step: z0[i] predicts x[i + 1]; talk step k (s = n_ahead - 1 + k): the mixed
+    # hidden predicts x[i + k + 1]. All NLLs in one vocabulary pass.
+    mixes = [mixed_hidden(params, tc, ro.base_hidden, ro.step_hidden[s - 1], s)
+             for s in range(tc.n_ahead - 1, tc.n_ahead - 1 + tc.n_ahead_talk)]
+    tgt = [targets(k + 1) for k in range(tc.n_ahead_talk)]
+    nll = hidden_nll(params, cfg, jnp.stack([ro.base_hidden] + [m for m, _ in mixes]),
+                     jnp.stack([tgt[0][0]] + [t for t, _ in tgt]))
+    t1, ok1 = tgt[0]
+    base_tok = jnp.where(ok1, nll[0], 0.0)
     nll_base = masked_mean(base_tok, ok1)
 
     n_reward = seq - 1 - tc.n_ahead_talk  # positions i < L - 1 - n_ahead_talk carry a reward
     reward = jnp.zeros((rows, n_reward), jnp.float32)
     nll_talk, w_means, nll_talk_tok = [], [], []
-    for k in range(tc.n_ahead_talk):
-        s = tc.n_ahead - 1 + k
-        mixed, w = mixed_hidden(params, tc, ro.base_hidden, ro.step_hidden[s - 1], s)
-        tk, okk = targets(k + 1)
-        nll_k = jnp.where(okk, hidden_nll(params, cfg, mixed, tk), 0.0)
+    for k, ((_, w), (_, okk)) in enumerate(zip(mixes, tgt, strict=True)):
+        nll_k = jnp.where(okk, nll[k + 1], 0.0)
         nll_talk.append(masked_mean(nll_k, okk))
         nll_talk_tok.append(nll_k)
         w_means.append(masked_mean(w, okk))

@@ -298,8 +298,13 @@ def rollout(
             vis = vis & (s - key_steps < cfg.sliding_window)
         return vis
 
-    thought_toks, thought_logp, fed = [], [], []
+    thought_toks, fed = [], []
+    drawn: list[tuple[jax.Array, vocab.Draw]] = []  # (hidden drawn from, draw) per step
     logp_pending = []  # block steps whose token's log-prob needs a block hidden state
+    w_out = model.output_matrix(params, cfg)
+    vocab_kw = dict(logp_temperature=tc.reinforce_temperature,
+                    masked_ids=tc.sampled_masked_ids, chunk_size=cfg.vocab_chunk,
+                    dtype=cfg.dtype)
 
     def feed(s: int, prev_h: jax.Array | None) -> jax.Array:
         """Step s's input embedding `[rows, seq, hidden]`; records its token."""
@@ -314,14 +319,11 @@ def rollout(
                     logp_pending.append(s)
             else:
                 greedy = tc.sampling == "greedy"
-                tok, logp = vocab.sample_with_logp(
-                    prev_h, model.output_matrix(params, cfg),
-                    None if greedy else jax.random.fold_in(rng, s),
-                    sample_temperature=tc.thought_temperature,
-                    logp_temperature=tc.reinforce_temperature,
-                    masked_ids=tc.sampled_masked_ids, greedy=greedy,
-                    chunk_size=cfg.vocab_chunk, dtype=cfg.dtype)
-                thought_logp.append(logp)
+                d = vocab.draw(prev_h, w_out, None if greedy else jax.random.fold_in(rng, s),
+                               sample_temperature=tc.thought_temperature, greedy=greedy,
+                               **vocab_kw)
+                drawn.append((prev_h, d))
+                tok = d.tok
             thought_toks.append(tok)
             emb = model.embed_tokens(params, cfg, tok)
         elif s == tc.n_ahead - 1:
@@ -364,8 +366,17 @@ def rollout(
             ctx=(kv0, ctx_mask), own=(tuple(own), own_mask),
         )
         step_hidden.extend(jnp.moveaxis(h.reshape(rows, group, seq, -1), 1, 0))
-    for s in logp_pending:
-        thought_logp.append(token_logp(params, cfg, tc, step_hidden[s - 2], thought_toks[s - 2]))
+    # The REINFORCE log-probs, all drawn steps in one call and all given ones in another:
+    # one backward vocabulary pass (and one output-matrix gradient) for each.
+    thought_logp = []
+    if drawn:
+        hs = jnp.stack([h for h, _ in drawn])
+        ds = vocab.Draw(*(jnp.stack(x) for x in zip(*(d for _, d in drawn), strict=True)))
+        thought_logp.extend(vocab.logp_of_draws(hs, w_out, ds, **vocab_kw))
+    if logp_pending:
+        hs = jnp.stack([step_hidden[s - 2] for s in logp_pending])
+        toks = jnp.stack([thought_toks[s - 2] for s in logp_pending])
+        thought_logp.extend(token_logp(params, cfg, tc, hs, toks))
 
     empty = jnp.zeros((0, rows, seq), jnp.int32)
     return Rollout(

@@ -34,6 +34,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -354,6 +355,65 @@ def _logp_of_drawn_bwd(spec, res, g):
 _logp_of_drawn.defvjp(_logp_of_drawn_fwd, _logp_of_drawn_bwd)
 
 
+class Draw(NamedTuple):
+    """Tokens drawn by `draw`, with what their log-prob needs: token int32 `[...]`, its
+    logit divided by the log-prob temperature and the log-sum-exp of those logits over
+    the unmasked vocabulary, float32 `[...]` (no gradient)."""
+
+    tok: jax.Array
+    picked: jax.Array
+    lse: jax.Array
+
+
+def draw(
+    h: jax.Array,
+    w: jax.Array,
+    key: jax.Array | None,
+    *,
+    sample_temperature: float = 1.0,
+    logp_temperature: float = 1.0,
+    masked_ids: tuple[int, ...] = (),
+    greedy: bool = False,
+    chunk_size: int = DEFAULT_CHUNK,
+    dtype: str | None = None,
+) -> Draw:
+    """One token per row of `h @ w` (h `[..., H]`, w `[H, V]`), no gradient: an exact
+    sample from `softmax(z / sample_temperature)` (or its argmax when `greedy`),
+    `masked_ids` never drawn; plus the statistics `logp_of_draws` needs for its
+    log-prob at `logp_temperature`, all from one vocabulary pass."""
+    if key is None and not greedy:
+        raise ValueError("vocab.draw needs a key unless greedy=True")
+    hf, lead = _flat(h)
+    spec = _spec(w, chunk_size, 1.0 / logp_temperature, masked_ids, dtype or h.dtype,
+                 hf.shape[0])
+    tok, picked, lse = _sample_pass(
+        jax.lax.stop_gradient(hf.astype(spec.dtype)), jax.lax.stop_gradient(w), key, spec,
+        sample_temperature, greedy)
+    return Draw(tok.reshape(lead), picked.reshape(lead), lse.reshape(lead))
+
+
+def logp_of_draws(
+    h: jax.Array,
+    w: jax.Array,
+    d: Draw,
+    *,
+    logp_temperature: float = 1.0,
+    masked_ids: tuple[int, ...] = (),
+    chunk_size: int = DEFAULT_CHUNK,
+    dtype: str | None = None,
+) -> jax.Array:
+    """`log softmax((h @ w) / logp_temperature)[d.tok]` over the vocabulary less
+    `masked_ids`, float32 `[...]`, with gradient in h `[..., H]` and w, for tokens drawn
+    by `draw` from the same h, w and settings: its value needs no vocabulary pass.
+    Draws of several steps can be stacked into one call (one backward pass)."""
+    hf, lead = _flat(h)
+    spec = _spec(w, chunk_size, 1.0 / logp_temperature, masked_ids, dtype or h.dtype,
+                 hf.shape[0])
+    logp = _logp_of_drawn(hf.astype(spec.dtype), w, d.tok.reshape(-1), d.picked.reshape(-1),
+                          d.lse.reshape(-1), spec)
+    return logp.reshape(lead)
+
+
 def sample_with_logp(
     h: jax.Array,
     w: jax.Array,
@@ -366,22 +426,9 @@ def sample_with_logp(
     chunk_size: int = DEFAULT_CHUNK,
     dtype: str | None = None,
 ) -> tuple[jax.Array, jax.Array]:
-    """Draw one token per row of `h @ w` and give its log-prob, in one vocab pass.
-
-    h: `[..., H]`; w: `[H, V]`. The token is an exact sample from
-    `softmax(z / sample_temperature)` (or its argmax when `greedy`), `masked_ids`
-    never drawn, no gradient through the choice. Its log-prob is
-    `log softmax(z / logp_temperature)[token]` over the vocab less `masked_ids`, with
-    gradient in h and w. Returns (int32 `[...]`, float32 `[...]`).
-    """
-    if key is None and not greedy:
-        raise ValueError("sample_with_logp needs a key unless greedy=True")
-    hf, lead = _flat(h)
-    spec = _spec(w, chunk_size, 1.0 / logp_temperature, masked_ids, dtype or h.dtype,
-                 hf.shape[0])
-    hf = hf.astype(spec.dtype)
-    tok, picked, lse = _sample_pass(
-        jax.lax.stop_gradient(hf), jax.lax.stop_gradient(w), key, spec, sample_temperature,
-        greedy)
-    logp = _logp_of_drawn(hf, w, tok, picked, lse, spec)
-    return tok.reshape(lead), logp.reshape(lead)
+    """`draw` then `logp_of_draws`: (token int32 `[...]`, its log-prob float32 `[...]`
+    with gradient in h and w), from one vocabulary pass."""
+    kw = dict(logp_temperature=logp_temperature, masked_ids=masked_ids, chunk_size=chunk_size,
+              dtype=dtype)
+    d = draw(h, w, key, sample_temperature=sample_temperature, greedy=greedy, **kw)
+    return d.tok, logp_of_draws(h, w, d, **kw)

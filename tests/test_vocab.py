@@ -174,6 +174,31 @@ def test_small_projections_walk_the_vocabulary_in_one_step(monkeypatch) -> None:
     assert vocab._spec(w, 100, 1.0, (), "float32", n_tokens=1 << 20).lay.n_chunks > 1
 
 
+def test_stacked_draws_give_each_steps_logp_and_gradient() -> None:
+    """Draws of several steps, their log-probs taken in one stacked call, equal the
+    per-step log-probs (value and gradient)."""
+    hid, w, _ = _problem(514, seed=11)
+    steps = jnp.stack([hid, hid * 0.5, -hid])
+    kw = dict(logp_temperature=3.0, masked_ids=(512, 513), chunk_size=100)
+    draws = [vocab.draw(steps[i], w, jax.random.key(i), **kw) for i in range(3)]
+    stacked = vocab.Draw(*(jnp.stack(x) for x in zip(*draws, strict=True)))
+    cot = jax.random.normal(jax.random.key(12), steps.shape[:-1])
+
+    def one_call(steps, w):
+        return jnp.sum(cot * vocab.logp_of_draws(steps, w, stacked, **kw))
+
+    def per_step(steps, w):
+        return sum(jnp.sum(cot[i] * vocab.token_logp(steps[i], w, draws[i].tok, temperature=3.0,
+                                                      masked_ids=(512, 513), chunk_size=514))
+                   for i in range(3))
+
+    (a, ga), (b, gb) = (jax.value_and_grad(f, argnums=(0, 1))(steps, w)
+                        for f in (one_call, per_step))
+    np.testing.assert_allclose(a, b, rtol=1e-5)
+    for x, y in zip(ga, gb, strict=True):
+        np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-5)
+
+
 def test_bad_chunk_size_is_rejected_naming_the_field() -> None:
     with pytest.raises(ValueError, match="ModelConfig.vocab_chunk"):
         ModelConfig(vocab_size=64, hidden_size=8, intermediate_size=16, num_layers=1,
