@@ -22,9 +22,11 @@ Ops:
 - `token_nll(h, w, targets)`: cross-entropy `[N]` (the base and talk-step NLLs).
 - `token_logp(h, w, ids, temperature, masked_ids)`: `log softmax(z / T)[id]` with
   `masked_ids` excluded (REINFORCE log-probs of given thought tokens).
-- `sample_with_logp(h, w, key, ...)`: an exact draw from `softmax(z / T_sample)` with
-  `masked_ids` excluded (or the argmax), and its REINFORCE log-prob at `T_reinforce`
-  with gradient, from one pass over the vocabulary.
+- `draw(h, w, key, ...)`: an exact draw from `softmax(z / T_sample)` with `masked_ids`
+  excluded (or the argmax), no gradient, with the statistics of its log-prob at
+  `T_reinforce`, from one pass over the vocabulary; `logp_of_draws(h, w, draws)` gives
+  that log-prob with gradient and no further forward pass (draws of several steps
+  stacked: one backward pass); `sample_with_logp` is the two together.
 - `sample_categorical(key, logits)`: the same draw from logits already in memory
   (generation's last token); with one chunk the chunked sampler gives its tokens.
 """
@@ -404,7 +406,8 @@ def logp_of_draws(
 ) -> jax.Array:
     """`log softmax((h @ w) / logp_temperature)[d.tok]` over the vocabulary less
     `masked_ids`, float32 `[...]`, with gradient in h `[..., H]` and w, for tokens drawn
-    by `draw` from the same h, w and settings: its value needs no vocabulary pass.
+    by `draw` from the same h, w and settings: its value needs no vocabulary pass. A draw made
+    with another chunk size or stack is fine (the statistics do not depend on them).
     Draws of several steps can be stacked into one call (one backward pass)."""
     hf, lead = _flat(h)
     spec = _spec(w, chunk_size, 1.0 / logp_temperature, masked_ids, dtype or h.dtype,
