@@ -67,6 +67,10 @@ def base_config() -> ConfigDict:
     c.model.attention = "xla"
 
     c.thought = _thought_defaults()
+    # Thought-length curriculum: "step:n_ahead,..." (e.g. "0:4,200:8,400:12"); from the
+    # update that starts at `step` on, n_ahead is that value (before the first entry,
+    # config.thought.n_ahead). Empty: config.thought.n_ahead throughout.
+    c.thought_schedule = ""
 
     c.data = ConfigDict()
     c.data.source = "generated"  # generated | files | tfds | hf
@@ -214,10 +218,16 @@ def validate_config(config: ConfigDict) -> None:
         _check(c.model.tokenizer == "byte",
                f"config.model.tokenizer={c.model.tokenizer!r}: an inline model (no "
                "config.model.hf_path) supports only the 'byte' tokenizer")
+    probe_ids = {"start_token_id": 0, "end_token_id": 1, "pad_token_id": 0}
     try:
-        thought_config(c, {"start_token_id": 0, "end_token_id": 1, "pad_token_id": 0})
+        thought_config(c, probe_ids)
     except ValueError as e:
         raise ConfigError(f"config.thought: {e}") from None
+    for _, n_ahead in parse_thought_schedule(c.thought_schedule):
+        try:
+            thought_config(c, probe_ids).replace(n_ahead=n_ahead)
+        except ValueError as e:
+            raise ConfigError(f"config.thought_schedule={c.thought_schedule!r}: {e}") from None
 
 
 def thought_config(config: ConfigDict, token_ids: dict[str, int]) -> ThoughtConfig:
@@ -229,3 +239,37 @@ def thought_config(config: ConfigDict, token_ids: dict[str, int]) -> ThoughtConf
         if kw.get(k) is None:
             kw[k] = token_ids[k]
     return ThoughtConfig(**kw)
+
+
+def parse_thought_schedule(text: str) -> tuple[tuple[int, int], ...]:
+    """`"0:4,200:8"` -> `((0, 4), (200, 8))`: (first update, n_ahead) pairs, steps
+    strictly increasing. "" -> (). Raises ConfigError naming config.thought_schedule."""
+    text = (text or "").strip()
+    if not text:
+        return ()
+    points: list[tuple[int, int]] = []
+    for item in text.split(","):
+        step, sep, n_ahead = item.strip().partition(":")
+        try:
+            if not sep:
+                raise ValueError
+            point = (int(step), int(n_ahead))
+        except ValueError:
+            raise ConfigError(f"config.thought_schedule={text!r}: entry {item.strip()!r} is "
+                              "not step:n_ahead (e.g. '0:4,200:8')") from None
+        _check(point[0] >= 0, f"config.thought_schedule={text!r}: step {point[0]} must be "
+                              ">= 0")
+        _check(not points or point[0] > points[-1][0],
+               f"config.thought_schedule={text!r}: steps must be strictly increasing")
+        points.append(point)
+    return tuple(points)
+
+
+def n_ahead_at(schedule: tuple[tuple[int, int], ...], step: int, default: int) -> int:
+    """n_ahead of the update that starts with `step` updates done: the value of the last
+    schedule entry at or before `step`, else `default`."""
+    n = default
+    for first, n_ahead in schedule:
+        if first <= step:
+            n = n_ahead
+    return n

@@ -36,7 +36,13 @@ from quietstar_jax.model import ModelConfig, Params
 from quietstar_jax.thoughts import ThoughtConfig
 from quietstar_jax.train import reward_page
 from quietstar_jax.train.checkpoint import Checkpointer
-from quietstar_jax.train.config import ConfigError, thought_config, validate_config
+from quietstar_jax.train.config import (
+    ConfigError,
+    n_ahead_at,
+    parse_thought_schedule,
+    thought_config,
+    validate_config,
+)
 from quietstar_jax.train.data import TokenBatches, make_source, window
 from quietstar_jax.train.metrics import MetricsWriter, ProgressBar, format_metrics, to_python
 from quietstar_jax.train.model_setup import LoadedModel, count_params, load_model
@@ -119,9 +125,11 @@ class _Setup:
                                                     .thought_token_ids())
             self.tc.check_token_ids(cfg.vocab_size)
             sharding.check_parallelism(self.mesh, cfg, config.batch_size // config.grad_accum)
-            if config.data.seq_len + self.tc.num_steps > cfg.max_position_embeddings:
+            longest = max([n for _, n in parse_thought_schedule(config.thought_schedule)]
+                          + [self.tc.n_ahead]) + self.tc.n_ahead_talk - 2
+            if config.data.seq_len + longest > cfg.max_position_embeddings:
                 print(f"warning: seq_len {config.data.seq_len} + thought steps "
-                      f"{self.tc.num_steps} exceeds max_position_embeddings "
+                      f"{longest} exceeds max_position_embeddings "
                       f"{cfg.max_position_embeddings}", file=sys.stderr)
         except (ValueError, KeyError, TypeError, OSError) as e:
             raise SetupError(_one_line(e)) from e
@@ -141,10 +149,23 @@ class _Setup:
         self.state_sharding = state_shardings(self.mesh, self.optimizer, params,
                                               self.param_sharding)
         self.batch_sharding = sharding.batch_sharding(self.mesh)
-        self.train_step = make_train_step(
-            cfg, self.tc, self.optimizer, schedule=self.schedule, grad_accum=config.grad_accum,
-            seed=config.seed, mesh=self.mesh, state_sharding=self.state_sharding,
-            batch_sharding=self.batch_sharding)
+        self.thought_schedule = parse_thought_schedule(config.thought_schedule)
+        self._steps: dict[int, Callable[..., Any]] = {}  # compiled step per n_ahead
+
+    def n_ahead_at(self, step: int) -> int:
+        """n_ahead of the update that starts with `step` updates done (the curriculum)."""
+        return n_ahead_at(self.thought_schedule, step, self.tc.n_ahead)
+
+    def train_step(self, step: int) -> Callable[..., Any]:
+        """The jitted update for the update starting at `step`; one per n_ahead, cached."""
+        n = self.n_ahead_at(step)
+        if n not in self._steps:
+            self._steps[n] = make_train_step(
+                self.model.cfg, self.tc.replace(n_ahead=n), self.optimizer,
+                schedule=self.schedule, grad_accum=self.config.grad_accum,
+                seed=self.config.seed, mesh=self.mesh, state_sharding=self.state_sharding,
+                batch_sharding=self.batch_sharding)
+        return self._steps[n]
 
     def _encode(self, text: str) -> list[int]:
         return self.model.tokenizer.encode(text, add_bos=self.config.data.add_bos)
@@ -308,7 +329,7 @@ def _train(config: ConfigDict, workdir: str, setup: _Setup, ckpt: Checkpointer,
             compile_time = dt
         host["step_time_s"] = dt
         host["tokens_per_s"] = host["tokens"] / dt if dt > 0 else 0.0
-        record = {"step": s, **host, "batch_hash": bhash}
+        record = {"step": s, **host, "batch_hash": bhash, "n_ahead": setup.n_ahead_at(s - 1)}
         history.append(record)
         if not first:  # the compile is not a training step's time
             window.append(host)
@@ -330,7 +351,7 @@ def _train(config: ConfigDict, workdir: str, setup: _Setup, ckpt: Checkpointer,
         while step < config.num_steps:
             local = next(setup.data)
             bhash = _batch_hash(local)
-            state, metrics = setup.train_step(state, setup.global_batch(local))
+            state, metrics = setup.train_step(step)(state, setup.global_batch(local))
             step += 1
             flush()
             pending = (step, metrics, bhash)
