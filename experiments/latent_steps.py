@@ -90,7 +90,7 @@ class Protocol:
 
 
 FULL = Protocol()
-QUICK = Protocol(pretrain_steps=1500, steps=100, sweep=(4,), seeds=(0, 1), eval_docs=48,
+QUICK = Protocol(pretrain_steps=2000, steps=100, sweep=(4,), seeds=(0, 1), eval_docs=48,
                  curve_docs=24, curve_points=3)
 
 
