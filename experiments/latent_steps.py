@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import os
 import sys
@@ -191,8 +192,10 @@ def make_plain_step(cfg: ModelConfig, optimizer: optax.GradientTransformation
     return jax.jit(step, donate_argnums=(0,))
 
 
+@functools.cache
 def make_eval_fn(cfg: ModelConfig, tc: ThoughtConfig) -> Callable[..., dict]:
-    """Jitted: answer-position NLL, argmax hit and thought of base and thinking.
+    """Jitted, one per configuration (cached): answer-position NLL, argmax hit and
+    thought of base and thinking.
 
     Inputs ids, mask `[rows, seq]`, positions `[rows, P]`; outputs `[rows, P]` arrays
     (`thought`: `[T, rows, P]`). Thinking = the mixed logits after the end-of-thought

@@ -16,7 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from experiments import latent_corpus as corpus  # noqa: E402
 from quietstar_jax import model  # noqa: E402
-from quietstar_jax.loss import quietstar_details  # noqa: E402
+from quietstar_jax.loss import quietstar_details, quietstar_loss  # noqa: E402
 from quietstar_jax.thoughts import ThoughtConfig, init_thought_params  # noqa: E402
 
 
@@ -83,14 +83,15 @@ def tiny_model():
 
 def test_pause_thoughts_are_the_fixed_token_and_have_no_policy_loss():
     cfg, params = tiny_model()
+    details = jax.jit(quietstar_details, static_argnums=(1, 2))
     pause = 7
     tc = ThoughtConfig(n_ahead=6, n_ahead_talk=2, n_passes=2, sampling="pause",
                        pause_token_id=pause, start_token_id=38, end_token_id=39,
                        pad_token_id=0, policy_loss_beta=1e6)
     ids = jax.random.randint(jax.random.key(3), (2, 12), 1, 38)
     mask = jnp.ones_like(ids)
-    a = quietstar_details(params, cfg, tc, ids, mask, jax.random.key(4))
-    b = quietstar_details(params, cfg, tc, ids, mask, jax.random.key(5))
+    a = details(params, cfg, tc, ids, mask, jax.random.key(4))
+    b = details(params, cfg, tc, ids, mask, jax.random.key(5))
     ro = a["rollout"]
     assert ro.thought_tokens.shape == (tc.n_ahead - 3, 4, 12)
     assert np.all(np.asarray(ro.thought_tokens) == pause)
@@ -104,24 +105,23 @@ def test_pause_thoughts_are_the_fixed_token_and_have_no_policy_loss():
     # The same as feeding the pause token as given thought tokens to the sampling mode.
     given = jnp.full((tc.n_ahead - 3, 4, 12), pause, jnp.int32)
     sample = tc.replace(sampling="sample", pause_token_id=None)
-    c = quietstar_details(params, cfg, sample, ids, mask, None, thought_tokens=given)
+    c = details(params, cfg, sample, ids, mask, None, given)
     np.testing.assert_allclose(float(a["metrics"]["nll_thought"]),
                                float(c["metrics"]["nll_thought"]), rtol=1e-6)
     # There the same tokens would be reinforced (without the baseline, which cancels
     # identical passes), in pause mode never.
     no_base = dict(use_baseline=False)
-    d = quietstar_details(params, cfg, sample.replace(**no_base), ids, mask, None,
-                          thought_tokens=given)
-    e = quietstar_details(params, cfg, tc.replace(**no_base), ids, mask, jax.random.key(4))
+    d = details(params, cfg, sample.replace(**no_base), ids, mask, None, given)
+    e = details(params, cfg, tc.replace(**no_base), ids, mask, jax.random.key(4))
     assert float(d["metrics"]["policy_loss"]) != 0.0
     assert float(e["metrics"]["policy_loss"]) == 0.0
     # Gradients: the huge policy weight adds nothing (only the NLL trains the model).
     def loss(p, t):
-        from quietstar_jax.loss import quietstar_loss
         return quietstar_loss(p, cfg, t, ids, mask, jax.random.key(4))[0]
 
-    g_big = jax.grad(loss)(params, tc)
-    g_none = jax.grad(loss)(params, tc.replace(policy_loss_beta=0.0))
+    grad = jax.jit(jax.grad(loss), static_argnums=1)
+    g_big = grad(params, tc)
+    g_none = grad(params, tc.replace(policy_loss_beta=0.0))
     for x, y in zip(jax.tree.leaves(g_big), jax.tree.leaves(g_none), strict=True):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
