@@ -72,6 +72,10 @@ def base_config() -> ConfigDict:
     # True: thoughts never draw the tokenizer's special tokens (eos, bos, pad, ...),
     # added to thought.masked_token_ids. Off by default, as the authors.
     c.thought.mask_special_tokens = False
+    # Thought-length curriculum: "step:n_ahead,..." (e.g. "0:4,200:8,400:12"); from the
+    # update that starts at `step` on, n_ahead is that value (before the first entry,
+    # config.thought.n_ahead). Empty: config.thought.n_ahead throughout.
+    c.thought_schedule = ""
 
     c.data = ConfigDict()
     c.data.source = "generated"  # generated | files | tfds | hf
@@ -220,10 +224,16 @@ def validate_config(config: ConfigDict) -> None:
         _check(c.model.tokenizer == "byte",
                f"config.model.tokenizer={c.model.tokenizer!r}: an inline model (no "
                "config.model.hf_path) supports only the 'byte' tokenizer")
+    probe_ids = {"start_token_id": 0, "end_token_id": 1, "pad_token_id": 0}
     try:
-        thought_config(c, {"start_token_id": 0, "end_token_id": 1, "pad_token_id": 0})
+        thought_config(c, probe_ids)
     except ValueError as e:
         raise ConfigError(f"config.thought: {e}") from None
+    for _, n_ahead in parse_thought_schedule(c.thought_schedule):
+        try:
+            thought_config(c, probe_ids).replace(n_ahead=n_ahead)
+        except ValueError as e:
+            raise ConfigError(f"config.thought_schedule={c.thought_schedule!r}: {e}") from None
 
 
 def _max_positions(config: ConfigDict) -> tuple[int, str] | None:
@@ -266,3 +276,37 @@ def thought_config(config: ConfigDict, token_ids: dict[str, int],
         kw["masked_token_ids"] = tuple(sorted(set(kw.get("masked_token_ids") or ())
                                               | set(special_token_ids)))
     return ThoughtConfig(**kw)
+
+
+def parse_thought_schedule(text: str) -> tuple[tuple[int, int], ...]:
+    """`"0:4,200:8"` -> `((0, 4), (200, 8))`: (first update, n_ahead) pairs, steps
+    strictly increasing. "" -> (). Raises ConfigError naming config.thought_schedule."""
+    text = (text or "").strip()
+    if not text:
+        return ()
+    points: list[tuple[int, int]] = []
+    for item in text.split(","):
+        step, sep, n_ahead = item.strip().partition(":")
+        try:
+            if not sep:
+                raise ValueError
+            point = (int(step), int(n_ahead))
+        except ValueError:
+            raise ConfigError(f"config.thought_schedule={text!r}: entry {item.strip()!r} is "
+                              "not step:n_ahead (e.g. '0:4,200:8')") from None
+        _check(point[0] >= 0, f"config.thought_schedule={text!r}: step {point[0]} must be "
+                              ">= 0")
+        _check(not points or point[0] > points[-1][0],
+               f"config.thought_schedule={text!r}: steps must be strictly increasing")
+        points.append(point)
+    return tuple(points)
+
+
+def n_ahead_at(schedule: tuple[tuple[int, int], ...], step: int, default: int) -> int:
+    """n_ahead of the update that starts with `step` updates done: the value of the last
+    schedule entry at or before `step`, else `default`."""
+    n = default
+    for first, n_ahead in schedule:
+        if first <= step:
+            n = n_ahead
+    return n

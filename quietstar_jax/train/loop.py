@@ -39,7 +39,13 @@ from quietstar_jax.model import ModelConfig, Params
 from quietstar_jax.thoughts import ThoughtConfig
 from quietstar_jax.train import reward_page
 from quietstar_jax.train.checkpoint import Checkpointer, CheckpointError
-from quietstar_jax.train.config import ConfigError, thought_config, validate_config
+from quietstar_jax.train.config import (
+    ConfigError,
+    n_ahead_at,
+    parse_thought_schedule,
+    thought_config,
+    validate_config,
+)
 from quietstar_jax.train.data import TokenBatches, make_source, window
 from quietstar_jax.train.metrics import MetricsWriter, ProgressBar, format_metrics, to_python
 from quietstar_jax.train.model_setup import LoadedModel, count_params, load_model
@@ -123,9 +129,11 @@ class _Setup:
                                                     tok.special_token_ids())
             self.tc.check_token_ids(cfg.vocab_size)
             sharding.check_parallelism(self.mesh, cfg, config.batch_size // config.grad_accum)
-            if config.data.seq_len + self.tc.num_steps > cfg.max_position_embeddings:
+            longest = max([n for _, n in parse_thought_schedule(config.thought_schedule)]
+                          + [self.tc.n_ahead]) + self.tc.n_ahead_talk - 2
+            if config.data.seq_len + longest > cfg.max_position_embeddings:
                 print(f"warning: seq_len {config.data.seq_len} + thought steps "
-                      f"{self.tc.num_steps} exceeds max_position_embeddings "
+                      f"{longest} exceeds max_position_embeddings "
                       f"{cfg.max_position_embeddings}", file=sys.stderr)
         except (ValueError, KeyError, TypeError, OSError) as e:
             raise SetupError(_one_line(e)) from e
@@ -145,10 +153,23 @@ class _Setup:
         self.state_sharding = state_shardings(self.mesh, self.optimizer, params,
                                               self.param_sharding)
         self.batch_sharding = sharding.batch_sharding(self.mesh)
-        self.train_step = make_train_step(
-            cfg, self.tc, self.optimizer, schedule=self.schedule, grad_accum=config.grad_accum,
-            seed=config.seed, mesh=self.mesh, state_sharding=self.state_sharding,
-            batch_sharding=self.batch_sharding)
+        self.thought_schedule = parse_thought_schedule(config.thought_schedule)
+        self._steps: dict[int, Callable[..., Any]] = {}  # compiled step per n_ahead
+
+    def n_ahead_at(self, step: int) -> int:
+        """n_ahead of the update that starts with `step` updates done (the curriculum)."""
+        return n_ahead_at(self.thought_schedule, step, self.tc.n_ahead)
+
+    def train_step(self, step: int) -> Callable[..., Any]:
+        """The jitted update for the update starting at `step`; one per n_ahead, cached."""
+        n = self.n_ahead_at(step)
+        if n not in self._steps:
+            self._steps[n] = make_train_step(
+                self.model.cfg, self.tc.replace(n_ahead=n), self.optimizer,
+                schedule=self.schedule, grad_accum=self.config.grad_accum,
+                seed=self.config.seed, mesh=self.mesh, state_sharding=self.state_sharding,
+                batch_sharding=self.batch_sharding)
+        return self._steps[n]
 
     def _encode(self, text: str) -> list[int]:
         return self.model.tokenizer.encode(text, add_bos=self.config.data.add_bos)
@@ -283,8 +304,22 @@ def _train(config: ConfigDict, workdir: str, setup: _Setup, ckpt: Checkpointer,
         say(f"note: the pad id {eos} is the tokenizer's eos id, so eos targets are ignored in "
             "the loss like padding (as in the authors' code; see docs/TRAINING.md)")
 
-    step_fn, compile_time = (_compile_step(setup, state, say) if start_step < config.num_steps
-                             else (setup.train_step, None))
+    compiled: dict[int, Callable[..., Any]] = {}
+    compile_time = None
+
+    def step_fn(s: int) -> Callable[..., Any]:
+        """The compiled update starting at `s` updates done: compiled ahead of its first
+        use, once per n_ahead of the curriculum (a later one's compile is part of the
+        time of the step that first needs it)."""
+        nonlocal compile_time
+        n = setup.n_ahead_at(s)
+        if n not in compiled:
+            compiled[n], seconds = _compile_step(setup, state, say, s)
+            compile_time = seconds if compile_time is None else compile_time
+        return compiled[n]
+
+    if start_step < config.num_steps:
+        step_fn(start_step)
     stop = _StopFlag()
     stop.install()
     history: list[dict[str, Any]] = []
@@ -306,7 +341,8 @@ def _train(config: ConfigDict, workdir: str, setup: _Setup, ckpt: Checkpointer,
     def log(s: int, host: dict[str, Any], dt: float, bhash: str) -> None:
         host["step_time_s"] = dt
         host["tokens_per_s"] = host["tokens"] / dt if dt > 0 else 0.0
-        history.append({"step": s, **host, "batch_hash": bhash})
+        history.append({"step": s, **host, "batch_hash": bhash,
+                        "n_ahead": setup.n_ahead_at(s - 1)})
         window.append(host)
         bar.update(1, host)
         if s % config.log_every == 0 or s == config.num_steps:
@@ -324,7 +360,7 @@ def _train(config: ConfigDict, workdir: str, setup: _Setup, ckpt: Checkpointer,
         while step < config.num_steps:
             local = next(setup.data)
             bhash = _batch_hash(local)
-            state, metrics = step_fn(state, setup.global_batch(local))
+            state, metrics = step_fn(step)(state, setup.global_batch(local))
             jax.block_until_ready((state, metrics))
             step += 1
             host = check(step, metrics)
@@ -399,19 +435,22 @@ def _keep_earlier(path: str, summary: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _compile_step(setup: _Setup, state: TrainState,
-                  say: Callable[[str], None]) -> tuple[Callable[..., Any], float | None]:
-    """(the compiled train step, seconds it took) — compiled ahead of the first step,
-    saying so, so that no step's time holds the compile."""
-    lower = getattr(setup.train_step, "lower", None)
+def _compile_step(setup: _Setup, state: TrainState, say: Callable[[str], None],
+                  step: int) -> tuple[Callable[..., Any], float | None]:
+    """(the compiled update starting at `step`, seconds it took) — compiled ahead of
+    its first use, saying so, so that no step's time holds the first compile."""
+    fn = setup.train_step(step)
+    lower = getattr(fn, "lower", None)
     if lower is None:  # not a jitted function (a test's stand-in)
-        return setup.train_step, None
+        return fn, None
     shape = (setup.config.batch_size, setup.config.data.seq_len)
     batch = {k: jax.ShapeDtypeStruct(shape, np.int32, sharding=setup.batch_sharding)
              for k in ("input_ids", "attention_mask")}
     abstract = jax.tree.map(
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
-    say("compiling the train step ...")
+    n = setup.n_ahead_at(step)
+    say("compiling the train step ..." if n == setup.tc.n_ahead and not setup.thought_schedule
+        else f"compiling the train step (n_ahead {n}) ...")
     t0 = time.time()
     compiled = lower(abstract, batch).compile()
     seconds = time.time() - t0
