@@ -7,6 +7,7 @@ import json
 import os
 import signal
 
+import _tiny_train
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -14,7 +15,6 @@ import pytest
 
 from quietstar_jax.train import loop
 from quietstar_jax.train.checkpoint import Checkpointer
-from quietstar_jax.train.config import base_config
 
 # Timing and host-side values differ between runs by nature; everything else must not.
 UNTIMED = ("step_time_s", "tokens_per_s")
@@ -27,35 +27,9 @@ def cache_dir(tmp_path_factory):
 
 
 def tiny_config(cache_dir, **overrides):
-    c = base_config()
-    c.model.hidden_size = 16
-    c.model.intermediate_size = 24
-    c.model.num_layers = 1
-    c.model.num_heads = 2
-    c.model.num_kv_heads = 1
-    c.thought.n_ahead = 4
-    c.thought.n_ahead_talk = 2
-    c.thought.policy_loss_beta = 10.0
-    c.data.seq_len = 24
-    c.data.num_documents = 64
-    c.optim.lr = 1e-2
-    c.optim.warmup_steps = 2
-    c.batch_size = 4
-    c.grad_accum = 2
-    c.num_steps = 6
-    c.log_every = 1
-    c.checkpoint_every = 2
-    c.keep_checkpoints = 2
-    c.eval_examples = 0
-    c.progress_bar = False
-    c.compilation_cache_dir = cache_dir
-    for k, v in overrides.items():
-        node = c
-        *parents, leaf = k.split(".")
-        for p in parents:
-            node = node[p]
-        node[leaf] = v
-    return c
+    """Two micro-batches per update, the last 2 checkpoints kept."""
+    return _tiny_train.tiny_config(
+        cache_dir, **{"grad_accum": 2, "keep_checkpoints": 2, **overrides})
 
 
 def records(summary):

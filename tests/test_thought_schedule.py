@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import signal
 
+import _tiny_train
 import jax
 import numpy as np
 import pytest
@@ -13,7 +14,6 @@ import pytest
 from quietstar_jax.train import loop
 from quietstar_jax.train.config import (
     ConfigError,
-    base_config,
     n_ahead_at,
     parse_thought_schedule,
     validate_config,
@@ -24,34 +24,8 @@ SCHEDULE = "0:4,2:5,4:6"
 
 
 def tiny_config(cache_dir, **overrides):
-    c = base_config()
-    c.model.hidden_size = 16
-    c.model.intermediate_size = 24
-    c.model.num_layers = 1
-    c.model.num_heads = 2
-    c.model.num_kv_heads = 1
-    c.thought.n_ahead = 4
-    c.thought.n_ahead_talk = 2
-    c.thought.policy_loss_beta = 10.0
-    c.thought_schedule = SCHEDULE
-    c.data.seq_len = 24
-    c.data.num_documents = 64
-    c.optim.lr = 1e-2
-    c.optim.warmup_steps = 2
-    c.batch_size = 4
-    c.num_steps = 6
-    c.log_every = 1
-    c.checkpoint_every = 2
-    c.eval_examples = 0
-    c.progress_bar = False
-    c.compilation_cache_dir = cache_dir
-    for k, v in overrides.items():
-        node = c
-        *parents, leaf = k.split(".")
-        for p in parents:
-            node = node[p]
-        node[leaf] = v
-    return c
+    """The shared tiny config with the curriculum SCHEDULE."""
+    return _tiny_train.tiny_config(cache_dir, **{"thought_schedule": SCHEDULE, **overrides})
 
 
 def test_parse_and_lookup():
