@@ -327,14 +327,9 @@ def sample(
     chunk_size: int = DEFAULT_CHUNK,
     dtype: str | None = None,
 ) -> jax.Array:
-    """The tokens of `sample_with_logp` without the log-prob (no gradient): h `[..., H]`
-    -> int32 `[...]`."""
-    if key is None and not greedy:
-        raise ValueError("vocab.sample needs a key unless greedy=True")
-    hf, lead = _flat(h)
-    spec = _spec(w, chunk_size, 1.0, masked_ids, dtype or h.dtype, hf.shape[0])
-    tok, _, _ = _sample_pass(hf.astype(spec.dtype), w, key, spec, temperature, greedy)
-    return tok.reshape(lead)
+    """The tokens of `draw` alone (no gradient): h `[..., H]` -> int32 `[...]`."""
+    return draw(h, w, key, sample_temperature=temperature, masked_ids=masked_ids,
+                greedy=greedy, chunk_size=chunk_size, dtype=dtype).tok
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
@@ -384,7 +379,7 @@ def draw(
     `masked_ids` never drawn; plus the statistics `logp_of_draws` needs for its
     log-prob at `logp_temperature`, all from one vocabulary pass."""
     if key is None and not greedy:
-        raise ValueError("vocab.draw needs a key unless greedy=True")
+        raise ValueError("vocab.draw/sample needs a key unless greedy=True")
     hf, lead = _flat(h)
     spec = _spec(w, chunk_size, 1.0 / logp_temperature, masked_ids, dtype or h.dtype,
                  hf.shape[0])
