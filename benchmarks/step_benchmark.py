@@ -356,8 +356,10 @@ def build(c: dict[str, Any]) -> dict[str, Any]:
     from quietstar_jax import model
     from quietstar_jax.loss import hidden_nll, masked_mean, quietstar_loss
     from quietstar_jax.thoughts import init_thought_params, shift_left
+    from quietstar_jax.train.step import make_optimizer
 
-    opt = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(1e-6, weight_decay=0.001))
+    # The trainer's own optimizer: global-norm clipping, AdamW with its decay mask.
+    opt, _ = make_optimizer(1e-6, total_steps=1000, weight_decay=0.001)
     if c["hf_path"]:
         cfg, tc, params, ids = _pretrained(c)
     else:
@@ -436,6 +438,9 @@ class Stepper:
         t1 = time.perf_counter()
         self.compiled = lowered.compile()
         t2 = time.perf_counter()
+        from quietstar_jax.train.host_memory import release_freed_heap
+
+        release_freed_heap()  # as the trainer does after compiling
         self.lower_s, self.compile_s = t1 - t0, t2 - t1
         self.state = state
         self.n = 0

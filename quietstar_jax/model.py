@@ -30,6 +30,7 @@ import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
 from quietstar_jax.sharding import constrain
+from quietstar_jax.vocab import zeros_after
 
 Params = dict[str, Any]
 
@@ -137,6 +138,14 @@ class KV(NamedTuple):
 
     k: jax.Array
     v: jax.Array
+
+
+class LayerTrace(NamedTuple):
+    """What a forward kept for `replay_layers`: every layer's input `[layers, batch, t,
+    hidden]` and the last layer's output `[batch, t, hidden]` (before the final norm)."""
+
+    inputs: jax.Array
+    last: jax.Array
 
 
 # --------------------------------------------------------------------------- params
@@ -495,7 +504,8 @@ def decoder(
     self_mask: jax.Array | FusedCausal | None = None,
     ctx: tuple[KV, jax.Array] | None = None,
     own: tuple[Sequence[KV], jax.Array] | None = None,
-) -> tuple[jax.Array, KV]:
+    trace: bool = False,
+) -> tuple[jax.Array, KV] | tuple[jax.Array, KV, LayerTrace]:
     """Run all layers and the final norm.
 
     h: input embeddings `[batch, t, hidden]`; positions `[batch, t]` int.
@@ -511,7 +521,8 @@ def decoder(
       `[layers, batch, p, kv_heads, head_dim]`, mask `[batch, p, group, slots + group]`
       (the block's own new keys are the last `group` columns).
     Returns (final hidden `[batch, t, hidden]` after the final norm, the new tokens'
-    KV `[layers, batch, t, kv_heads, head_dim]`).
+    KV `[layers, batch, t, kv_heads, head_dim]`), and with `trace` also a `LayerTrace`
+    (every layer's input and the last layer's output: what `replay_layers` needs).
     """
     h = constrain(h.astype(cfg.compute_dtype), HIDDEN_AXES)
     ctx_mask = ctx[1] if ctx is not None else None
@@ -524,8 +535,9 @@ def decoder(
         lp, ck, cv, oks, ovs = xs
         c = (ck, cv, ctx_mask) if ctx is not None else None
         o = (oks, ovs, own_mask) if own is not None else None
+        h_in = h
         h, k, v = _layer(lp, cfg, h, rope_tabs, self_mask, c, o)
-        return constrain(h, HIDDEN_AXES), (k, v)
+        return constrain(h, HIDDEN_AXES), (k, v, h_in if trace else None)
 
     body = _remat(body, cfg)
     xs = (
@@ -536,15 +548,17 @@ def decoder(
         [kv.v for kv in own[0]] if own is not None else None,
     )
     if cfg.scan_layers:
-        h, (ks, vs) = jax.lax.scan(body, h, xs)
+        h, (ks, vs, ins) = jax.lax.scan(body, h, xs)
     else:
-        ks, vs = [], []
+        per_layer = []
         for i in range(cfg.num_layers):
-            h, (k, v) = body(h, jax.tree.map(lambda a, i=i: a[i], xs))
-            ks.append(k)
-            vs.append(v)
-        ks, vs = jnp.stack(ks), jnp.stack(vs)
+            h, y = body(h, jax.tree.map(lambda a, i=i: a[i], xs))
+            per_layer.append(y)
+        ks, vs, ins = jax.tree.map(lambda *a: jnp.stack(a), *per_layer)
+    last = h
     h = rms_norm(h, params["final_norm"], cfg.rms_norm_eps)
+    if trace:
+        return h, KV(ks, vs), LayerTrace(ins, last)
     return h, KV(ks, vs)
 
 
@@ -584,7 +598,8 @@ def forward(
     input_ids: jax.Array,
     attention_mask: jax.Array | None = None,
     positions: jax.Array | None = None,
-) -> tuple[jax.Array, KV]:
+    trace: bool = False,
+) -> tuple[jax.Array, KV] | tuple[jax.Array, KV, LayerTrace]:
     """Causal forward over `input_ids` `[batch, seq]`.
 
     Returns (final hidden `[batch, seq, hidden]`, KV `[layers, batch, seq, kv_heads, head_dim]`).
@@ -595,15 +610,22 @@ def forward(
     """
     if attention_mask is None:
         attention_mask = jnp.ones(input_ids.shape, jnp.int32)
-    valid = attention_mask.astype(bool)
     if positions is None:
         positions = default_positions(attention_mask)
-    if cfg.attention == "cudnn":
-        mask = FusedCausal(jnp.sum(valid, axis=-1).astype(jnp.int32))
-    else:
-        mask = causal_mask(positions, valid, cfg.sliding_window)
     h = embed_tokens(params, cfg, input_ids)
-    return decoder(params, cfg, h, positions, self_mask=mask)
+    return decoder(params, cfg, h, positions, self_mask=self_attention_mask(
+        cfg, positions, attention_mask), trace=trace)
+
+
+def self_attention_mask(
+    cfg: ModelConfig, positions: jax.Array, attention_mask: jax.Array
+) -> jax.Array | FusedCausal:
+    """The causal self-attention mask `forward` uses for `[batch, seq]` positions and
+    attention mask: `causal_mask`, or a `FusedCausal` with `cfg.attention == "cudnn"`."""
+    valid = attention_mask.astype(bool)
+    if cfg.attention == "cudnn":
+        return FusedCausal(jnp.sum(valid, axis=-1).astype(jnp.int32))
+    return causal_mask(positions, valid, cfg.sliding_window)
 
 
 def lm_logits(
@@ -615,3 +637,106 @@ def lm_logits(
     """Float32 logits `[batch, seq, vocab]` of the plain LM (no thoughts)."""
     h, _ = forward(params, cfg, input_ids, attention_mask)
     return logits_from_hidden(params, cfg, h)
+
+
+# --------------------------------------------------------------------------- replayed backward
+
+
+class JointGeometry(NamedTuple):
+    """Where the queries of a base sequence and of its block of thought steps sit.
+
+    base_positions `[batch, seq]`, base_mask: its self-attention mask (`self_attention_mask`);
+    step_positions `[batch, steps * seq]` (step-major); ctx_mask `[batch, steps * seq, seq]`:
+    which base keys each step query sees; own_mask `[batch, seq, steps, steps]`: which of
+    its position's steps each step query sees (see `attend`'s grouped own block).
+    """
+
+    base_positions: jax.Array
+    base_mask: jax.Array | FusedCausal
+    step_positions: jax.Array
+    ctx_mask: jax.Array
+    own_mask: jax.Array
+
+
+def joint_layer(
+    lp: Params, cfg: ModelConfig, h_base: jax.Array, h_steps: jax.Array, geo: JointGeometry
+) -> tuple[jax.Array, jax.Array]:
+    """One layer over a base sequence and all its thought steps at once.
+
+    h_base `[batch, seq, hidden]`; h_steps `[batch, steps * seq, hidden]` (step-major).
+    The base queries attend causally among themselves; every step query attends to the
+    base keys of this layer (`geo.ctx_mask`) and to its position's steps
+    (`geo.own_mask`). Returns the two outputs, shaped like the inputs.
+    """
+    rope_b = rope_tables(geo.base_positions, cfg.dim_per_head, cfg.rope_theta)
+    rope_s = rope_tables(geo.step_positions, cfg.dim_per_head, cfg.rope_theta)
+    out_b, k, v = _layer(lp, cfg, h_base, rope_b, geo.base_mask, None, None)
+    out_s, _, _ = _layer(lp, cfg, h_steps, rope_s, None, (k, v, geo.ctx_mask),
+                         ((), (), geo.own_mask))
+    return out_b, out_s
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def replay_layers(
+    cfg: ModelConfig,
+    layers: Params,
+    h_base: jax.Array,
+    h_steps: jax.Array,
+    base_trace: LayerTrace,
+    step_traces: Sequence[LayerTrace],
+    geo: JointGeometry,
+) -> tuple[jax.Array, jax.Array]:
+    """The layer stack over a base sequence and its thought steps, differentiated by
+    replaying each layer once over all steps together (`joint_layer`).
+
+    A rollout computes the base pass and its thought steps one decoder call after
+    another (a sampled token needs the step before it), without gradient, tracing every
+    layer's input. This function returns those traced outputs (`[batch, seq, hidden]`,
+    `[batch, steps * seq, hidden]`, before the final norm) with a backward pass that
+    walks the layers in reverse and, per layer, recomputes and differentiates the base
+    and all steps in one `joint_layer` call: full rematerialisation's memory (layer
+    inputs) and FLOPs, but one weight-gradient pass instead of one per decoder call,
+    whose `[layers, ...]` buffers a backward would otherwise hold all at once.
+
+    h_base, h_steps: the embeddings fed to layer 0 (the gradient flows back to them).
+    step_traces: the traces of the decoder calls that ran the steps, in step order
+    (their `t` axes concatenated are the `steps * seq` of h_steps); kept apart, and
+    joined one layer at a time, so that no `[layers, ...]` copy of them is made.
+    """
+    del layers, h_base, h_steps, geo
+    return base_trace.last, _join_steps([t.last for t in step_traces])
+
+
+def _join_steps(pieces: Sequence[jax.Array]) -> jax.Array:
+    return pieces[0] if len(pieces) == 1 else jnp.concatenate(pieces, axis=1)
+
+
+def _replay_fwd(cfg, layers, h_base, h_steps, base_trace, step_traces, geo):
+    del h_base, h_steps
+    out = (base_trace.last, _join_steps([t.last for t in step_traces]))
+    return out, (layers, base_trace.inputs, [t.inputs for t in step_traces], geo)
+
+
+def _replay_bwd(cfg, res, cts):
+    layers, in_base, in_steps, geo = res
+    # The weight gradients are written layer by layer into accumulators that exist only
+    # from here on (a scan's stacked outputs would be allocated with the forward pass).
+    grads = jax.tree.map(lambda x: zeros_after(x.shape, cts[0]).astype(x.dtype), layers)
+
+    def body(carry, i):
+        ct, grads = carry
+        at = lambda x: jax.lax.dynamic_index_in_dim(x, i, keepdims=False)
+        _, vjp = jax.vjp(lambda p, b, s: joint_layer(p, cfg, b, s, geo), jax.tree.map(
+            at, layers), at(in_base), _join_steps([at(x) for x in in_steps]))
+        d_lp, d_b, d_s = vjp(ct)
+        grads = jax.tree.map(
+            lambda g, d: jax.lax.dynamic_update_index_in_dim(g, d.astype(g.dtype), i, 0),
+            grads, d_lp)
+        return ((d_b, d_s), grads), None
+
+    ((d_base, d_steps), d_layers), _ = jax.lax.scan(
+        body, (cts, grads), jnp.arange(cfg.num_layers), reverse=True)
+    return d_layers, d_base, d_steps, None, None, None
+
+
+replay_layers.defvjp(_replay_fwd, _replay_bwd)

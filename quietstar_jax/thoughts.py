@@ -275,9 +275,14 @@ def rollout(
     rows, seq = input_ids.shape
     if tc.sampling == "pause" and thought_tokens is None:
         thought_tokens = jnp.full((tc.num_sampled, rows, seq), tc.pause_token_id, jnp.int32)
+    # With full rematerialisation the steps run without gradient and the backward pass
+    # replays all of them together, layer by layer (`model.replay_layers`).
+    replay = cfg.remat == "full" and num_steps > 0
+    run_params = jax.lax.stop_gradient(params) if replay else params
     valid = attention_mask.astype(bool)
     positions = model.default_positions(attention_mask)
-    h0, kv0 = model.forward(params, cfg, input_ids, attention_mask, positions)
+    base = model.forward(run_params, cfg, input_ids, attention_mask, positions, trace=replay)
+    h0, kv0 = base[:2]
 
     idx = jnp.arange(seq)
     base_ctx = (idx[None, :] <= idx[:, None])[None] & valid[:, None, :]  # [rows, q, k]
@@ -298,87 +303,111 @@ def rollout(
             vis = vis & (s - key_steps < cfg.sliding_window)
         return vis
 
-    thought_toks, fed = [], []
-    drawn: list[tuple[jax.Array, vocab.Draw]] = []  # (hidden drawn from, draw) per step
-    logp_pending = []  # block steps whose token's log-prob needs a block hidden state
-    w_out = model.output_matrix(params, cfg)
+    fed: list[jax.Array] = []  # the token fed on each step
+    drawn: dict[int, vocab.Draw] = {}  # step -> its sampled token's draw
+    w_out = model.output_matrix(run_params, cfg)
     vocab_kw = dict(logp_temperature=tc.reinforce_temperature,
                     masked_ids=tc.sampled_masked_ids, chunk_size=cfg.vocab_chunk,
                     dtype=cfg.dtype)
 
-    def feed(s: int, prev_h: jax.Array | None) -> jax.Array:
-        """Step s's input embedding `[rows, seq, hidden]`; records its token."""
+    def token_at(s: int, prev_h: jax.Array | None) -> jax.Array:
+        """Step s's fed token `[rows, seq]` (drawing it from `prev_h` when sampled)."""
         if s == 1:
-            emb = jnp.broadcast_to(thought_embedding(params, tc, "start_emb"), hidden_shape)
-            tok = jnp.full((rows, seq), tc.start_token_id, jnp.int32)
-        elif s <= tc.n_ahead - 2:
-            t = s - 2
-            if thought_tokens is not None:  # given; log-prob once step s - 1 has run
-                tok = thought_tokens[t].astype(jnp.int32)
-                if tc.sampling != "pause":  # pause thoughts have no policy
-                    logp_pending.append(s)
-            else:
-                greedy = tc.sampling == "greedy"
-                d = vocab.draw(prev_h, w_out, None if greedy else jax.random.fold_in(rng, s),
-                               sample_temperature=tc.thought_temperature, greedy=greedy,
-                               **vocab_kw)
-                drawn.append((prev_h, d))
-                tok = d.tok
-            thought_toks.append(tok)
-            emb = model.embed_tokens(params, cfg, tok)
+            return jnp.full((rows, seq), tc.start_token_id, jnp.int32)
+        if s <= tc.n_ahead - 2:
+            if thought_tokens is not None:
+                return thought_tokens[s - 2].astype(jnp.int32)
+            greedy = tc.sampling == "greedy"
+            drawn[s] = vocab.draw(prev_h, w_out,
+                                  None if greedy else jax.random.fold_in(rng, s),
+                                  sample_temperature=tc.thought_temperature, greedy=greedy,
+                                  **vocab_kw)
+            return drawn[s].tok
+        if s == tc.n_ahead - 1:
+            return jnp.full((rows, seq), tc.end_token_id, jnp.int32)
+        return teacher_forced_tokens(input_ids, s - tc.n_ahead + 1, tc.pad_token_id)
+
+    def embedding_at(p: Params, s: int) -> jax.Array:
+        """Step s's input embedding `[rows, seq, hidden]` under params p."""
+        if s == 1:
+            emb = jnp.broadcast_to(thought_embedding(p, tc, "start_emb"), hidden_shape)
         elif s == tc.n_ahead - 1:
-            emb = jnp.broadcast_to(thought_embedding(params, tc, "end_emb"), hidden_shape)
-            tok = jnp.full((rows, seq), tc.end_token_id, jnp.int32)
+            emb = jnp.broadcast_to(thought_embedding(p, tc, "end_emb"), hidden_shape)
         else:
-            tok = teacher_forced_tokens(input_ids, s - tc.n_ahead + 1, tc.pad_token_id)
-            emb = model.embed_tokens(params, cfg, tok)
-        fed.append(tok)
+            emb = model.embed_tokens(p, cfg, fed[s - 1])
         return emb.astype(dt)
 
     own: list[KV] = []
-    step_hidden = []
+    step_hidden, traces = [], []
     prev_h = None
     for s in range(1, sequential + 1):
-        emb = feed(s, prev_h)
+        fed.append(token_at(s, prev_h))
         # Own keys: steps 1..s-1, then the step's own new key; masked for padding queries.
         own_vis = own_visible(s, jnp.arange(1, s + 1))
         own_mask = valid[:, :, None] & own_vis[None, None, :]
-        h, kv = model.decoder(
-            params, cfg, emb, positions + s,
-            ctx=(kv0, ctx_mask_at(s)), own=(tuple(own), own_mask),
+        out = model.decoder(
+            run_params, cfg, embedding_at(run_params, s), positions + s,
+            ctx=(kv0, ctx_mask_at(s)), own=(tuple(own), own_mask), trace=replay,
         )
-        own.append(kv)
-        step_hidden.append(h)
-        prev_h = h
+        own.append(out[1])
+        step_hidden.append(out[0])
+        traces.append(out[2:])
+        prev_h = out[0]
 
     block_steps = list(range(sequential + 1, num_steps + 1))
+    key_steps = jnp.arange(1, num_steps + 1)
     if block_steps:
         group = len(block_steps)
-        emb = jnp.stack([feed(s, prev_h if s == sequential + 1 else None) for s in block_steps])
-        key_steps = jnp.arange(1, num_steps + 1)
+        for s in block_steps:
+            fed.append(token_at(s, prev_h if s == sequential + 1 else None))
+        emb = jnp.stack([embedding_at(run_params, s) for s in block_steps])
         own_mask = jnp.stack([own_visible(s, key_steps) for s in block_steps])  # [g, slots]
         own_mask = valid[:, :, None, None] & own_mask[None, None]  # [rows, seq, g, slots]
         ctx_mask = jnp.concatenate([ctx_mask_at(s) for s in block_steps], axis=1)
         blk_pos = (positions[:, None, :] + jnp.asarray(block_steps)[None, :, None])
-        h, _ = model.decoder(
-            params, cfg, jnp.moveaxis(emb, 0, 1).reshape(rows, group * seq, -1),
+        out = model.decoder(
+            run_params, cfg, jnp.moveaxis(emb, 0, 1).reshape(rows, group * seq, -1),
             blk_pos.reshape(rows, group * seq),
-            ctx=(kv0, ctx_mask), own=(tuple(own), own_mask),
+            ctx=(kv0, ctx_mask), own=(tuple(own), own_mask), trace=replay,
         )
-        step_hidden.extend(jnp.moveaxis(h.reshape(rows, group, seq, -1), 1, 0))
-    # The REINFORCE log-probs, all drawn steps in one call and all given ones in another:
-    # one backward vocabulary pass (and one output-matrix gradient) for each.
+        step_hidden.extend(jnp.moveaxis(out[0].reshape(rows, group, seq, -1), 1, 0))
+        traces.append(out[2:])
+
+    if replay:  # the differentiable outputs: the traced ones, with the replayed backward
+        steps = jnp.arange(1, num_steps + 1)
+        own_mask = jnp.stack([own_visible(s, key_steps) for s in range(1, num_steps + 1)])
+        geo = model.JointGeometry(
+            base_positions=positions,
+            base_mask=model.self_attention_mask(cfg, positions, attention_mask),
+            step_positions=(positions[:, None, :] + steps[None, :, None]).reshape(rows, -1),
+            ctx_mask=jnp.concatenate([ctx_mask_at(s) for s in range(1, num_steps + 1)], 1),
+            own_mask=valid[:, :, None, None] & own_mask[None, None],
+        )
+        emb_steps = jnp.stack([embedding_at(params, s) for s in range(1, num_steps + 1)], 1)
+        out_b, out_s = model.replay_layers(
+            cfg, params["layers"], model.embed_tokens(params, cfg, input_ids).astype(dt),
+            emb_steps.reshape(rows, num_steps * seq, -1), base[2], [t for (t,) in traces], geo)
+        norm = lambda x: model.rms_norm(x, params["final_norm"], cfg.rms_norm_eps)
+        h0 = norm(out_b)
+        step_hidden = list(jnp.moveaxis(norm(out_s).reshape(rows, num_steps, seq, -1), 1, 0))
+
+    # The REINFORCE log-probs (the token fed on step s was drawn from step s - 1's
+    # hidden state), all drawn steps in one call and all given ones in another: one
+    # backward vocabulary pass (and one output-matrix gradient) for each.
+    w_grad = model.output_matrix(params, cfg)
     thought_logp = []
     if drawn:
-        hs = jnp.stack([h for h, _ in drawn])
-        ds = vocab.Draw(*(jnp.stack(x) for x in zip(*(d for _, d in drawn), strict=True)))
-        thought_logp.extend(vocab.logp_of_draws(hs, w_out, ds, **vocab_kw))
-    if logp_pending:
-        hs = jnp.stack([step_hidden[s - 2] for s in logp_pending])
-        toks = jnp.stack([thought_toks[s - 2] for s in logp_pending])
+        hs = jnp.stack([step_hidden[s - 2] for s in drawn])
+        ds = vocab.Draw(*(jnp.stack(x) for x in zip(*drawn.values(), strict=True)))
+        thought_logp.extend(vocab.logp_of_draws(hs, w_grad, ds, **vocab_kw))
+    given = [s for s in range(2, last_sampled + 1) if s not in drawn]
+    if given and tc.sampling != "pause":  # pause thoughts have no policy
+        hs = jnp.stack([step_hidden[s - 2] for s in given])
+        toks = jnp.stack([fed[s - 1] for s in given])
         thought_logp.extend(token_logp(params, cfg, tc, hs, toks))
 
     empty = jnp.zeros((0, rows, seq), jnp.int32)
+    thought_toks = fed[1:last_sampled]
     return Rollout(
         base_hidden=h0,
         base_kv=kv0,

@@ -90,20 +90,24 @@ class _Spec:
 
 
 def _blocked(w: jax.Array, spec: _Spec) -> jax.Array:
-    """`[H, V]` -> `[H, blocks, block]` in the compute dtype, blocks on the vocab axis."""
-    w = constrain(w.astype(spec.dtype), ("embed", "vocab"))
-    w3 = w.reshape(w.shape[0], spec.lay.blocks, spec.lay.block)
-    return constrain(w3, ("embed", "vocab", None))
+    """`[H, V]` -> `[blocks, block, H]` in the compute dtype, blocks on the vocab axis.
+
+    Vocabulary-major, like an embedding table: for a tied head (`w = embed.T`) the two
+    transposes cancel, and no transposed copy of the table is made for each op.
+    """
+    wt = constrain(w.T.astype(spec.dtype), ("vocab", "embed"))
+    w3 = wt.reshape(spec.lay.blocks, spec.lay.block, wt.shape[1])
+    return constrain(w3, ("vocab", None, "embed"))
 
 
 def _chunk(h: jax.Array, w3: jax.Array, i: jax.Array, spec: _Spec, scale: float):
-    """Chunk i: its columns `[H, blocks, chunk]`, their ids `[blocks, chunk]`, which of
+    """Chunk i: its columns `[blocks, chunk, H]`, their ids `[blocks, chunk]`, which of
     them count `[blocks, chunk]`, and the logits times `scale` `[N, blocks, chunk]`
     (float32, `_NEG` where they do not count)."""
     lay = spec.lay
     start = lay.start(i)
-    wc = jax.lax.dynamic_slice_in_dim(w3, start, lay.chunk, axis=2)
-    z = jnp.dot(h, wc.reshape(wc.shape[0], -1), preferred_element_type=jnp.float32)
+    wc = jax.lax.dynamic_slice_in_dim(w3, start, lay.chunk, axis=1)
+    z = jnp.dot(h, wc.reshape(-1, wc.shape[-1]).T, preferred_element_type=jnp.float32)
     z = constrain(z.reshape(h.shape[0], lay.blocks, lay.chunk), ("batch", "vocab", None))
     col = start + jnp.arange(lay.chunk)
     ids = jnp.arange(lay.blocks)[:, None] * lay.block + col[None, :]
@@ -113,6 +117,15 @@ def _chunk(h: jax.Array, w3: jax.Array, i: jax.Array, spec: _Spec, scale: float)
     if scale != 1.0:
         z = z * scale
     return wc, ids, valid, jnp.where(valid, z, _NEG)
+
+
+def zeros_after(shape: tuple[int, ...], x: jax.Array) -> jax.Array:
+    """float32 zeros of `shape` that depend on `x`: a backward pass's gradient
+    accumulator, which XLA then allocates once the pass reaches it (`x` is one of its
+    cotangents) instead of at the start of the program, where it would sit beside all
+    of the forward pass's live arrays. NaN where `x` has a NaN (the gradient is then
+    NaN anyway)."""
+    return jnp.broadcast_to(0.0 * jnp.sum(x).astype(jnp.float32), shape)
 
 
 def _over_chunks(xs: jax.Array) -> jax.Array:
@@ -149,16 +162,16 @@ def _grads(h, w, ids, lse, g_lse, g_pick, spec):
         dz = g_lse[:, None, None] * jnp.exp(z - lse[:, None, None])
         dz = (dz + jnp.where(hit, g_pick[:, None, None], 0.0)) * spec.scale
         dz = dz.reshape(h.shape[0], -1).astype(h.dtype)
-        dh = dh + jnp.dot(dz, wc.reshape(wc.shape[0], -1).T, preferred_element_type=jnp.float32)
-        dwc = jnp.dot(h.T, dz, preferred_element_type=jnp.float32).reshape(wc.shape)
+        dh = dh + jnp.dot(dz, wc.reshape(-1, wc.shape[-1]), preferred_element_type=jnp.float32)
+        dwc = jnp.dot(dz.T, h, preferred_element_type=jnp.float32).reshape(wc.shape)
         start = lay.start(i)
-        old = jax.lax.dynamic_slice_in_dim(dw3, start, lay.chunk, axis=2)
-        dw3 = jax.lax.dynamic_update_slice_in_dim(dw3, old + dwc, start, axis=2)
+        old = jax.lax.dynamic_slice_in_dim(dw3, start, lay.chunk, axis=1)
+        dw3 = jax.lax.dynamic_update_slice_in_dim(dw3, old + dwc, start, axis=1)
         return (dh, dw3), None
 
-    init = (jnp.zeros(h.shape, jnp.float32), jnp.zeros(w3.shape, jnp.float32))
+    init = (jnp.zeros(h.shape, jnp.float32), zeros_after(w3.shape, g_lse))
     (dh, dw3), _ = jax.lax.scan(body, init, jnp.arange(lay.n_chunks))
-    return dh.astype(h.dtype), dw3.reshape(w.shape).astype(w.dtype)
+    return dh.astype(h.dtype), dw3.reshape(w.shape[::-1]).T.astype(w.dtype)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))

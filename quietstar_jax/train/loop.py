@@ -47,6 +47,7 @@ from quietstar_jax.train.config import (
     validate_config,
 )
 from quietstar_jax.train.data import TokenBatches, make_source, window
+from quietstar_jax.train.host_memory import release_freed_heap
 from quietstar_jax.train.metrics import MetricsWriter, ProgressBar, format_metrics, to_python
 from quietstar_jax.train.model_setup import LoadedModel, count_params, load_model
 from quietstar_jax.train.step import (
@@ -454,6 +455,7 @@ def _compile_step(setup: _Setup, state: TrainState, say: Callable[[str], None],
     t0 = time.time()
     compiled = lower(abstract, batch).compile()
     seconds = time.time() - t0
+    release_freed_heap()
     say(f"compiled the train step in {seconds:.1f} s")
     return compiled, seconds
 
