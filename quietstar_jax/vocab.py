@@ -74,8 +74,12 @@ def layout(vocab_size: int, chunk_size: int = DEFAULT_CHUNK) -> Layout:
         raise ValueError(f"vocab chunk size must be >= 1, got {chunk_size}")
     blocks = math.gcd(vocab_size, VOCAB_BLOCKS)
     block = vocab_size // blocks
-    chunk = max(1, min(block, -(-chunk_size // blocks)))
-    return Layout(vocab_size, blocks, block, chunk, -(-block // chunk))
+    n_chunks = -(-block // max(1, min(block, -(-chunk_size // blocks))))
+    # The same number of steps, split evenly: the last chunk overlaps the one before
+    # it by less than n_chunks columns (with `chunk` columns per step kept as asked,
+    # up to a chunk less one of each block would be computed twice).
+    chunk = -(-block // n_chunks)
+    return Layout(vocab_size, blocks, block, chunk, n_chunks)
 
 
 @dataclasses.dataclass(frozen=True)
