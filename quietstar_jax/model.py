@@ -697,13 +697,24 @@ class _Blueprint(NamedTuple):
 @functools.lru_cache(maxsize=64)
 def _blueprint(cls: type[nnx.Module], cfg: ModelConfig) -> _Blueprint:
     """The graphdef of `cls(cfg, rngs=...)` and (path, abstract value, logical axes) of
-    every param, from an abstract module (nothing is allocated)."""
-    graphdef, state = nnx.split(nnx.eval_shape(lambda: cls(cfg, rngs=nnx.Rngs(0))))
-    leaves = tuple(
-        (tuple(path), var.get_value(), tuple(var.get_metadata("out_sharding")))
-        for path, var in nnx.to_flat_state(state)
-    )
-    return _Blueprint(graphdef, leaves)
+    every param, from an abstract module (nothing is allocated).
+
+    By `jax.eval_shape` rather than `nnx.eval_shape`, which under an active mesh would
+    turn the logical axis names into mesh axes as they stand (without the rules).
+    """
+    static: dict[str, Any] = {}
+
+    def build() -> list[jax.Array]:
+        graphdef, state = nnx.split(cls(cfg, rngs=nnx.Rngs(0)))
+        flat = list(nnx.to_flat_state(state))
+        static["graphdef"] = graphdef
+        static["meta"] = [(tuple(p), tuple(v.get_metadata("out_sharding"))) for p, v in flat]
+        return [v.get_value() for _, v in flat]
+
+    values = jax.eval_shape(build)
+    leaves = tuple((path, value, axes)
+                   for (path, axes), value in zip(static["meta"], values, strict=True))
+    return _Blueprint(static["graphdef"], leaves)
 
 
 def _nest(pairs: Any) -> Params:
@@ -728,14 +739,11 @@ def from_params(params: Params, cfg: ModelConfig, cls: type[nnx.Module] | None =
     of `params` that the module does not have (e.g. `thought` for a CausalLM) are
     ignored; a missing or extra param inside raises."""
     bp = _blueprint(CausalLM if cls is None else cls, cfg)
-    top = dict.fromkeys(path[0] for path, _, _ in bp.leaves)
-    missing = [k for k in top if k not in params]
-    sub = {k: params[k] for k in top if k in params}
+    sub = {k: params[k] for k in dict.fromkeys(p[0] for p, _, _ in bp.leaves) if k in params}
     want = [path for path, _, _ in bp.leaves]
     got = sorted(_paths(sub))
-    if missing or got != want:
-        lack = sorted(set(want) - set(got)) or [(k,) for k in missing]
-        extra = sorted(set(got) - set(want))
+    if got != want:  # (nnx.merge would pair the leaves up in sorted order regardless)
+        lack, extra = sorted(set(want) - set(got)), sorted(set(got) - set(want))
         raise ValueError(
             f"params do not fit {(cls or CausalLM).__name__} of this config: missing "
             f"{['/'.join(p) for p in lack]}, unexpected {['/'.join(p) for p in extra]}")
