@@ -343,7 +343,7 @@ def dense(x: jax.Array, w: jax.Array, n_in: int = 1, **kw: Any) -> jax.Array:
 # mlp_norm, gate, up, down[, q_bias, k_bias, v_bias]}` stacked on a leading `layers`
 # axis, `final_norm`, `lm_head` when untied), and `from_params` (`nnx.merge`) gives the
 # module back. Shapes (`param_shapes`) and logical axes (`param_logical_axes`, hence
-# every mesh sharding) are read off the abstract module (`nnx.eval_shape`).
+# every mesh sharding) are read off the abstract module (under `jax.eval_shape`).
 
 Init = Callable[[jax.Array, tuple[int, ...], Any], jax.Array]
 
@@ -748,12 +748,6 @@ def from_params(params: Params, cfg: ModelConfig, cls: type[nnx.Module] | None =
             f"params do not fit {(cls or CausalLM).__name__} of this config: missing "
             f"{['/'.join(p) for p in lack]}, unexpected {['/'.join(p) for p in extra]}")
     return nnx.merge(bp.graphdef, sub)
-
-
-def abstract_params(cfg: ModelConfig, cls: type[nnx.Module] | None = None) -> Params:
-    """`jax.ShapeDtypeStruct` of every param of `cls` (default `CausalLM`), a pytree
-    shaped like `init_params`."""
-    return _nest((p, v) for p, v, _ in _blueprint(CausalLM if cls is None else cls, cfg).leaves)
 
 
 def param_shapes(cfg: ModelConfig, cls: type[nnx.Module] | None = None) -> Params:
