@@ -10,11 +10,12 @@ import importlib
 from typing import Any
 
 from quietstar_jax.loss import quietstar_details, quietstar_loss
-from quietstar_jax.model import ModelConfig, init_params, lm_logits
-from quietstar_jax.thoughts import ThoughtConfig, init_thought_params, rollout
+from quietstar_jax.model import CausalLM, ModelConfig, init_params, lm_logits
+from quietstar_jax.thoughts import QuietStarLM, ThoughtConfig, init_thought_params, rollout
 
 _LAZY = {
     "load_pretrained": "quietstar_jax.hf",
+    "load_model": "quietstar_jax.hf",
     "save_pretrained": "quietstar_jax.hf",
     "export_pretrained": "quietstar_jax.hf",
     "load_tokenizer": "quietstar_jax.hf",
@@ -27,7 +28,9 @@ _LAZY = {
 }
 
 __all__ = [
+    "CausalLM",
     "ModelConfig",
+    "QuietStarLM",
     "ThoughtConfig",
     "init_params",
     "init_thought_params",

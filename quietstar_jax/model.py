@@ -1,7 +1,12 @@
-"""The Llama-family causal decoder (Llama, Mistral, Qwen2) as pure functions.
+"""The Llama-family causal decoder (Llama, Mistral, Qwen2) as Flax NNX modules, with
+pure functions of a params pytree at every boundary.
 
-Params are a plain pytree of arrays (see `init_params` and `param_logical_axes`).
-Layers are stacked on a leading `layers` axis so they can be scanned.
+The modules (`CausalLM` > `DecoderLayer` = `Attention` + `MLP`, `RMSNorm`) declare
+every parameter once: shape, initialiser and logical axis names together. Their
+attribute names are the keys of the params pytree, a plain dict of arrays
+(`init_params`, `to_params`), with the layers stacked on a leading `layers` axis so
+they can be scanned. The functions (`forward`, `decoder`, `lm_logits`, ...) take that
+pytree, merge the module (`from_params`) and call it.
 
 Attention is written for Quiet-STaR's needs: besides ordinary causal
 self-attention, a forward can attend to
@@ -22,11 +27,12 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
 from quietstar_jax.sharding import constrain
@@ -146,87 +152,6 @@ class LayerTrace(NamedTuple):
 
     inputs: jax.Array
     last: jax.Array
-
-
-# --------------------------------------------------------------------------- params
-
-
-# Logical axes of one layer's params (the stacked params add a leading "layers").
-LAYER_AXES: dict[str, tuple[str, ...]] = {
-    "attn_norm": ("norm",),
-    "q": ("embed", "heads", "head_dim"),
-    "k": ("embed", "kv_heads", "head_dim"),
-    "v": ("embed", "kv_heads", "head_dim"),
-    "o": ("heads", "head_dim", "embed"),
-    "mlp_norm": ("norm",),
-    "gate": ("embed", "mlp"),
-    "up": ("embed", "mlp"),
-    "down": ("mlp", "embed"),
-}
-LAYER_BIAS_AXES: dict[str, tuple[str, ...]] = {
-    "q_bias": ("heads", "head_dim"),
-    "k_bias": ("kv_heads", "head_dim"),
-    "v_bias": ("kv_heads", "head_dim"),
-}
-
-
-def param_logical_axes(cfg: ModelConfig) -> Params:
-    """Logical axis names of every parameter, a pytree shaped like `init_params`."""
-    layer = {name: ("layers", *a) for name, a in LAYER_AXES.items()}
-    if cfg.attention_bias:
-        layer |= {name: ("layers", *a) for name, a in LAYER_BIAS_AXES.items()}
-    axes: Params = {"embed": ("vocab", "embed"), "layers": layer, "final_norm": ("norm",)}
-    if not cfg.tie_word_embeddings:
-        axes["lm_head"] = ("embed", "vocab")
-    return axes
-
-
-def param_shapes(cfg: ModelConfig) -> Params:
-    """Shape of every parameter, a pytree shaped like `init_params`."""
-    n, h, d = cfg.num_layers, cfg.hidden_size, cfg.dim_per_head
-    nh, nkv, m = cfg.num_heads, cfg.num_kv_heads, cfg.intermediate_size
-    layer = {
-        "attn_norm": (n, h),
-        "q": (n, h, nh, d),
-        "k": (n, h, nkv, d),
-        "v": (n, h, nkv, d),
-        "o": (n, nh, d, h),
-        "mlp_norm": (n, h),
-        "gate": (n, h, m),
-        "up": (n, h, m),
-        "down": (n, m, h),
-    }
-    if cfg.attention_bias:
-        layer |= {"q_bias": (n, nh, d), "k_bias": (n, nkv, d), "v_bias": (n, nkv, d)}
-    shapes: Params = {"embed": (cfg.vocab_size, h), "layers": layer, "final_norm": (h,)}
-    if not cfg.tie_word_embeddings:
-        shapes["lm_head"] = (h, cfg.vocab_size)
-    return shapes
-
-
-def init_params(cfg: ModelConfig, rng: jax.Array) -> Params:
-    """Random params: normal(0, initializer_range) matrices, ones for norms, zero biases."""
-    shapes = param_shapes(cfg)
-    is_shape = lambda x: isinstance(x, tuple)
-    leaves, treedef = jax.tree.flatten(shapes, is_leaf=is_shape)
-    with_path = jax.tree_util.tree_flatten_with_path(shapes, is_leaf=is_shape)[0]
-    paths = [jax.tree_util.keystr(p) for p, _ in with_path]
-    keys = jax.random.split(rng, len(leaves))
-    dtype = jnp.dtype(cfg.param_dtype)
-    out = []
-    for path, shape, key in zip(paths, leaves, keys, strict=True):
-        if "norm" in path:
-            out.append(jnp.ones(shape, dtype))
-        elif "bias" in path:
-            out.append(jnp.zeros(shape, dtype))
-        else:
-            out.append((cfg.initializer_range * jax.random.normal(key, shape)).astype(dtype))
-    return jax.tree.unflatten(treedef, out)
-
-
-def output_matrix(params: Params, cfg: ModelConfig) -> jax.Array:
-    """The `[hidden, vocab]` output projection (the embedding table when tied)."""
-    return params["embed"].T if cfg.tie_word_embeddings else params["lm_head"]
 
 
 # --------------------------------------------------------------------------- pieces
@@ -418,70 +343,326 @@ def dense(x: jax.Array, w: jax.Array, n_in: int = 1, **kw: Any) -> jax.Array:
     return y.reshape(*lead, *outs)
 
 
-# --------------------------------------------------------------------------- decoder
+# --------------------------------------------------------------------------- modules
+#
+# Every parameter is declared once, in the module that uses it: shape, initialiser and
+# logical axis names (its nnx.Param's `out_sharding` metadata) together. Attribute names
+# are the keys of the params pytree, so `to_params(CausalLM(cfg, rngs=...))` is the
+# plain dict the functions below take (`embed`, `layers/{attn_norm, q, k, v, o,
+# mlp_norm, gate, up, down[, q_bias, k_bias, v_bias]}` stacked on a leading `layers`
+# axis, `final_norm`, `lm_head` when untied), and `from_params` (`nnx.merge`) gives the
+# module back. Shapes (`param_shapes`) and logical axes (`param_logical_axes`, hence
+# every mesh sharding) are read off the abstract module (under `jax.eval_shape`).
+
+Init = Callable[[jax.Array, tuple[int, ...], Any], jax.Array]
 
 
-def _weight(lp: Params, name: str, cfg: ModelConfig) -> jax.Array:
-    """Layer weight `name` in the compute dtype, pinned to the param's own sharding, so
-    that under FSDP the all-gather for the matmul moves compute-dtype (e.g. bfloat16)
-    bytes rather than float32 master weights."""
-    return constrain(lp[name].astype(cfg.compute_dtype), LAYER_AXES[name])
+def normal_init(stddev: float) -> Init:
+    """normal(0, stddev), drawn in float32 and cast (the same numbers for every dtype)."""
+
+    def init(key: jax.Array, shape: tuple[int, ...], dtype: Any) -> jax.Array:
+        return (stddev * jax.random.normal(key, shape)).astype(dtype)
+
+    return init
 
 
-def _layer(
-    lp: Params,
-    cfg: ModelConfig,
-    h: jax.Array,
-    rope_tabs: tuple[jax.Array, jax.Array],
-    self_mask: jax.Array | FusedCausal | None,
-    ctx: tuple[jax.Array, jax.Array, jax.Array] | None,
-    own: tuple[Sequence[jax.Array], Sequence[jax.Array], jax.Array] | None,
-) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """One decoder layer. h: `[batch, t, hidden]`.
+def ones_init(key: jax.Array, shape: tuple[int, ...], dtype: Any) -> jax.Array:
+    del key
+    return jnp.ones(shape, dtype)
 
-    With `ctx is None` and `own is None`: causal self-attention under `self_mask`.
-    Otherwise the queries attend to `ctx`, to the `own` slots and to their own new
-    key, which is appended as the last own slot (its mask is own's last column). With
-    a grouped own mask `[batch, t // group, group, slots + group]` (see `attend`), the
-    `group` new keys of a position are appended as its last `group` slots.
-    Returns (h_out, k_new, v_new), k/v `[batch, t, kv_heads, head_dim]`.
+
+def zeros_init(key: jax.Array, shape: tuple[int, ...], dtype: Any) -> jax.Array:
+    del key
+    return jnp.zeros(shape, dtype)
+
+
+def declare(
+    rngs: nnx.Rngs,
+    init: Init,
+    shape: tuple[int, ...],
+    axes: tuple[str, ...],
+    dtype: Any,
+    cls: type[nnx.Variable] = nnx.Param,
+    **metadata: Any,
+) -> nnx.Variable:
+    """A parameter: `init(key, shape, dtype)` with its logical axis names.
+
+    `eager_sharding=False`: Flax does not place the value at construction; the
+    params are created or loaded straight into the shardings that
+    `sharding.logical_to_spec` derives from these axes (which leaves a dimension its
+    mesh axes do not divide replicated).
     """
-    dt = cfg.compute_dtype
-    x = rms_norm(h, lp["attn_norm"], cfg.rms_norm_eps)
-    q = dense(x, _weight(lp, "q", cfg))
-    k = dense(x, _weight(lp, "k", cfg))
-    v = dense(x, _weight(lp, "v", cfg))
-    if cfg.attention_bias:
-        q = q + lp["q_bias"].astype(dt)
-        k = k + lp["k_bias"].astype(dt)
-        v = v + lp["v_bias"].astype(dt)
-    q = constrain(apply_rope(q, rope_tabs), ("batch", "seq", "heads", "head_dim"))
-    k = constrain(apply_rope(k, rope_tabs), KV_AXES)
-    v = constrain(v, KV_AXES)
-    if isinstance(self_mask, FusedCausal):
-        a = fused_causal_attention(q, k, v, self_mask.key_lengths, cfg.sliding_window)
-    elif ctx is None and own is None:
-        a = attend(q, (k, v, self_mask), None)
-    else:
-        if ctx is not None:
-            ctx = (ctx[0].astype(dt), ctx[1].astype(dt), ctx[2])
-        ks, vs, om = own
-        if om.ndim == 3:
-            new_k, new_v = [k], [v]
-        else:  # a block of `group` queries per position, group-major
-            grp = om.shape[2]
-            kb = k.reshape(k.shape[0], grp, -1, *k.shape[2:])
-            vb = v.reshape(v.shape[0], grp, -1, *v.shape[2:])
-            new_k, new_v = [kb[:, i] for i in range(grp)], [vb[:, i] for i in range(grp)]
-        own = ([*(x.astype(dt) for x in ks), *new_k], [*(x.astype(dt) for x in vs), *new_v], om)
-        a = attend(q, ctx, own)
-    h = h + dense(a, _weight(lp, "o", cfg), 2)
-    x = rms_norm(h, lp["mlp_norm"], cfg.rms_norm_eps)
-    g = checkpoint_name(dense(x, _weight(lp, "gate", cfg)), "mlp_gate")
-    u = checkpoint_name(dense(x, _weight(lp, "up", cfg)), "mlp_up")
-    g, u = constrain(g, ("batch", "seq", "mlp")), constrain(u, ("batch", "seq", "mlp"))
-    h = h + dense(jax.nn.silu(g) * u, _weight(lp, "down", cfg))
-    return h, k, v
+    if len(axes) != len(shape):
+        raise ValueError(f"logical axes {axes} do not match shape {shape}")
+    return cls(init(rngs.params(), shape, dtype), out_sharding=tuple(axes),
+               eager_sharding=False, **metadata)
+
+
+def _compute(w: nnx.Variable, cfg: ModelConfig) -> jax.Array:
+    """Weight `w` in the compute dtype, pinned to the param's own sharding, so that under
+    FSDP the all-gather for the matmul moves compute-dtype (e.g. bfloat16) bytes rather
+    than float32 master weights."""
+    return constrain(w[...].astype(cfg.compute_dtype), w.get_metadata("out_sharding"))
+
+
+class RMSNorm(nnx.Param):
+    """An RMSNorm weight `[hidden]` (ones at init) that applies itself: `norm(x)`.
+
+    A Param rather than a Module holding one, so that each norm is one array of the
+    params pytree (`layers/attn_norm`, `final_norm`), as in Hugging Face checkpoints.
+    Float32 inside, returned in x's dtype (HF Llama semantics).
+    """
+
+    def __call__(self, x: jax.Array) -> jax.Array:  # type: ignore[override]
+        return rms_norm(x, self[...], self.get_metadata("eps"))
+
+
+def _norm(cfg: ModelConfig, rngs: nnx.Rngs) -> RMSNorm:
+    return declare(rngs, ones_init, (cfg.hidden_size,), ("norm",), jnp.dtype(cfg.param_dtype),
+                   cls=RMSNorm, eps=cfg.rms_norm_eps)
+
+
+class Attention(nnx.Module):
+    """Grouped-query attention with rotary embeddings: projections q, k, v, o (and q/k/v
+    biases with `cfg.attention_bias`), over the causal sequence, or over a shared
+    context block plus a per-query own block (see `attend`).
+
+    `DecoderLayer` inherits it (and `MLP`), so that the projections sit beside the
+    norms in one layer's params: `layers/{q, k, v, o, ...}`.
+    """
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        self.cfg = cfg
+        h, d, nh, nkv = cfg.hidden_size, cfg.dim_per_head, cfg.num_heads, cfg.num_kv_heads
+        dt, w = jnp.dtype(cfg.param_dtype), normal_init(cfg.initializer_range)
+        self.q = declare(rngs, w, (h, nh, d), ("embed", "heads", "head_dim"), dt)
+        self.k = declare(rngs, w, (h, nkv, d), ("embed", "kv_heads", "head_dim"), dt)
+        self.v = declare(rngs, w, (h, nkv, d), ("embed", "kv_heads", "head_dim"), dt)
+        self.o = declare(rngs, w, (nh, d, h), ("heads", "head_dim", "embed"), dt)
+        if cfg.attention_bias:
+            self.q_bias = declare(rngs, zeros_init, (nh, d), ("heads", "head_dim"), dt)
+            self.k_bias = declare(rngs, zeros_init, (nkv, d), ("kv_heads", "head_dim"), dt)
+            self.v_bias = declare(rngs, zeros_init, (nkv, d), ("kv_heads", "head_dim"), dt)
+
+    def attention(
+        self,
+        x: jax.Array,
+        rope_tabs: tuple[jax.Array, jax.Array],
+        self_mask: jax.Array | FusedCausal | None = None,
+        ctx: tuple[jax.Array, jax.Array, jax.Array] | None = None,
+        own: tuple[Sequence[jax.Array], Sequence[jax.Array], jax.Array] | None = None,
+    ) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """x `[batch, t, hidden]` (normed) -> (output projection `[batch, t, hidden]`,
+        the new keys and values `[batch, t, kv_heads, head_dim]`). See `DecoderLayer`."""
+        cfg = self.cfg
+        dt = cfg.compute_dtype
+        q = dense(x, _compute(self.q, cfg))
+        k = dense(x, _compute(self.k, cfg))
+        v = dense(x, _compute(self.v, cfg))
+        if cfg.attention_bias:
+            q = q + self.q_bias[...].astype(dt)
+            k = k + self.k_bias[...].astype(dt)
+            v = v + self.v_bias[...].astype(dt)
+        q = constrain(apply_rope(q, rope_tabs), ("batch", "seq", "heads", "head_dim"))
+        k = constrain(apply_rope(k, rope_tabs), KV_AXES)
+        v = constrain(v, KV_AXES)
+        if isinstance(self_mask, FusedCausal):
+            a = fused_causal_attention(q, k, v, self_mask.key_lengths, cfg.sliding_window)
+        elif ctx is None and own is None:
+            a = attend(q, (k, v, self_mask), None)
+        else:
+            if ctx is not None:
+                ctx = (ctx[0].astype(dt), ctx[1].astype(dt), ctx[2])
+            ks, vs, om = own
+            if om.ndim == 3:
+                new_k, new_v = [k], [v]
+            else:  # a block of `group` queries per position, group-major
+                grp = om.shape[2]
+                kb = k.reshape(k.shape[0], grp, -1, *k.shape[2:])
+                vb = v.reshape(v.shape[0], grp, -1, *v.shape[2:])
+                new_k, new_v = [kb[:, i] for i in range(grp)], [vb[:, i] for i in range(grp)]
+            own = ([*(x.astype(dt) for x in ks), *new_k], [*(x.astype(dt) for x in vs), *new_v],
+                   om)
+            a = attend(q, ctx, own)
+        return dense(a, _compute(self.o, cfg), 2), k, v
+
+    __call__ = attention
+
+
+class MLP(nnx.Module):
+    """The SwiGLU MLP: `down(silu(gate(x)) * up(x))`, params gate, up, down."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        self.cfg = cfg
+        h, m = cfg.hidden_size, cfg.intermediate_size
+        dt, w = jnp.dtype(cfg.param_dtype), normal_init(cfg.initializer_range)
+        self.gate = declare(rngs, w, (h, m), ("embed", "mlp"), dt)
+        self.up = declare(rngs, w, (h, m), ("embed", "mlp"), dt)
+        self.down = declare(rngs, w, (m, h), ("mlp", "embed"), dt)
+
+    def mlp(self, x: jax.Array) -> jax.Array:
+        """x `[batch, t, hidden]` (normed) -> `[batch, t, hidden]`. The gate and up
+        projections are named for the "mlp" remat policy."""
+        cfg = self.cfg
+        g = checkpoint_name(dense(x, _compute(self.gate, cfg)), "mlp_gate")
+        u = checkpoint_name(dense(x, _compute(self.up, cfg)), "mlp_up")
+        g, u = constrain(g, ("batch", "seq", "mlp")), constrain(u, ("batch", "seq", "mlp"))
+        return dense(jax.nn.silu(g) * u, _compute(self.down, cfg))
+
+    __call__ = mlp
+
+
+class DecoderLayer(Attention, MLP):
+    """One pre-norm decoder layer: `h + attention(attn_norm(h))`, then `h + mlp(mlp_norm(h))`.
+
+    Its params (one layer's, `params["layers"]` sliced at a layer index) are
+    attn_norm, q, k, v, o (q_bias, k_bias, v_bias), mlp_norm, gate, up, down.
+    """
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        self.attn_norm = _norm(cfg, rngs)
+        Attention.__init__(self, cfg, rngs=rngs)
+        self.mlp_norm = _norm(cfg, rngs)
+        MLP.__init__(self, cfg, rngs=rngs)
+
+    def __call__(  # type: ignore[override]
+        self,
+        h: jax.Array,
+        rope_tabs: tuple[jax.Array, jax.Array],
+        self_mask: jax.Array | FusedCausal | None = None,
+        ctx: tuple[jax.Array, jax.Array, jax.Array] | None = None,
+        own: tuple[Sequence[jax.Array], Sequence[jax.Array], jax.Array] | None = None,
+    ) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """h: `[batch, t, hidden]`; rope_tabs: `rope_tables` of the t positions.
+
+        With `ctx is None` and `own is None`: causal self-attention under `self_mask`.
+        Otherwise the queries attend to `ctx`, to the `own` slots and to their own new
+        key, which is appended as the last own slot (its mask is own's last column).
+        With a grouped own mask `[batch, t // group, group, slots + group]` (see
+        `attend`), the `group` new keys of a position are appended as its last `group`
+        slots. Returns (h_out, k_new, v_new), k/v `[batch, t, kv_heads, head_dim]`.
+        """
+        a, k, v = self.attention(self.attn_norm(h), rope_tabs, self_mask, ctx, own)
+        h = h + a
+        h = h + self.mlp(self.mlp_norm(h))
+        return h, k, v
+
+
+def _stacked_layers(cfg: ModelConfig, rngs: nnx.Rngs) -> DecoderLayer:
+    """`cfg.num_layers` DecoderLayers as one, every param with a leading "layers" axis
+    (`nnx.vmap` adds it to the shapes and to the logical axes), for `lax.scan`."""
+
+    @nnx.split_rngs(splits=cfg.num_layers)
+    @nnx.vmap(in_axes=0, out_axes=0, axis_size=cfg.num_layers,
+              transform_metadata={nnx.PARTITION_NAME: "layers"})
+    def make(rngs: nnx.Rngs) -> DecoderLayer:
+        return DecoderLayer(cfg, rngs=rngs)
+
+    return make(rngs)
+
+
+class CausalLM(nnx.Module):
+    """The Llama-family causal LM: embedding, the stacked decoder layers, final norm and
+    output head (the embedding, transposed, when tied).
+
+    `model(input_ids, attention_mask)` gives the same float32 logits as `lm_logits`; the
+    methods are the module forms of the functions of the same names below, which merge
+    a module from a params pytree and call it.
+    """
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        self.cfg = cfg
+        h, vocab = cfg.hidden_size, cfg.vocab_size
+        dt, w = jnp.dtype(cfg.param_dtype), normal_init(cfg.initializer_range)
+        self.embed = declare(rngs, w, (vocab, h), ("vocab", "embed"), dt)
+        self.layers = _stacked_layers(cfg, rngs)
+        self.final_norm = _norm(cfg, rngs)
+        if not cfg.tie_word_embeddings:
+            self.lm_head = declare(rngs, w, (h, vocab), ("embed", "vocab"), dt)
+
+    def embed_tokens(self, ids: jax.Array) -> jax.Array:
+        """Token embeddings by table lookup: ids `[...]` -> `[..., hidden]` in compute dtype."""
+        h = jnp.take(self.embed[...], ids, axis=0).astype(self.cfg.compute_dtype)
+        return constrain(h, HIDDEN_AXES) if ids.ndim == 2 else h
+
+    def output_matrix(self) -> jax.Array:
+        """The `[hidden, vocab]` output projection (the embedding table when tied)."""
+        return self.embed[...].T if self.cfg.tie_word_embeddings else self.lm_head[...]
+
+    def logits(self, h: jax.Array) -> jax.Array:
+        """`[..., hidden]` -> float32 logits `[..., vocab]` (see `logits_from_hidden`)."""
+        return _logits(self.output_matrix(), h, self.cfg)
+
+    def decoder(
+        self,
+        h: jax.Array,
+        positions: jax.Array,
+        *,
+        self_mask: jax.Array | FusedCausal | None = None,
+        ctx: tuple[KV, jax.Array] | None = None,
+        own: tuple[Sequence[KV], jax.Array] | None = None,
+        trace: bool = False,
+    ) -> tuple[jax.Array, KV] | tuple[jax.Array, KV, LayerTrace]:
+        """All layers (scanned over the stacked layer params) and the final norm; see
+        the function `decoder`."""
+        cfg = self.cfg
+        h = constrain(h.astype(cfg.compute_dtype), HIDDEN_AXES)
+        ctx_mask = ctx[1] if ctx is not None else None
+        if ctx is not None and own is None:
+            own = ((), jnp.ones(h.shape[:2] + (1,), bool))
+        own_mask = own[1] if own is not None else None
+        rope_tabs = rope_tables(positions, cfg.dim_per_head, cfg.rope_theta)
+
+        def body(h, xs):
+            lp, ck, cv, oks, ovs = xs
+            c = (ck, cv, ctx_mask) if ctx is not None else None
+            o = (oks, ovs, own_mask) if own is not None else None
+            h_in = h
+            h, k, v = layer(lp, cfg, h, rope_tabs, self_mask, c, o)
+            return constrain(h, HIDDEN_AXES), (k, v, h_in if trace else None)
+
+        body = _remat(body, cfg)
+        xs = (
+            to_params(self.layers),
+            ctx[0].k if ctx is not None else None,
+            ctx[0].v if ctx is not None else None,
+            [kv.k for kv in own[0]] if own is not None else None,
+            [kv.v for kv in own[0]] if own is not None else None,
+        )
+        if cfg.scan_layers:
+            h, (ks, vs, ins) = jax.lax.scan(body, h, xs)
+        else:
+            per_layer = []
+            for i in range(cfg.num_layers):
+                h, y = body(h, jax.tree.map(lambda a, i=i: a[i], xs))
+                per_layer.append(y)
+            ks, vs, ins = jax.tree.map(lambda *a: jnp.stack(a), *per_layer)
+        last = h
+        h = self.final_norm(h)
+        if trace:
+            return h, KV(ks, vs), LayerTrace(ins, last)
+        return h, KV(ks, vs)
+
+    def forward(
+        self,
+        input_ids: jax.Array,
+        attention_mask: jax.Array | None = None,
+        positions: jax.Array | None = None,
+        trace: bool = False,
+    ) -> tuple[jax.Array, KV] | tuple[jax.Array, KV, LayerTrace]:
+        """Causal forward over `input_ids` `[batch, seq]`; see the function `forward`."""
+        if attention_mask is None:
+            attention_mask = jnp.ones(input_ids.shape, jnp.int32)
+        if positions is None:
+            positions = default_positions(attention_mask)
+        mask = self_attention_mask(self.cfg, positions, attention_mask)
+        h = self.embed_tokens(input_ids)
+        return self.decoder(h, positions, self_mask=mask, trace=trace)
+
+    def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None) -> jax.Array:
+        """Float32 logits `[batch, seq, vocab]` of the plain LM (no thoughts)."""
+        h, _ = self.forward(input_ids, attention_mask)
+        return self.logits(h)
 
 
 def _remat(fn: Any, cfg: ModelConfig) -> Any:
@@ -493,6 +674,135 @@ def _remat(fn: Any, cfg: ModelConfig) -> Any:
         return jax.checkpoint(
             fn, policy=jax.checkpoint_policies.save_only_these_names("mlp_gate", "mlp_up"))
     return fn
+
+
+@functools.partial(jax.checkpoint, static_argnums=(2,))
+def _logits(w: jax.Array, h: jax.Array, cfg: ModelConfig) -> jax.Array:
+    w = constrain(w.astype(cfg.compute_dtype), ("embed", "vocab"))
+    logits = dense(h.astype(cfg.compute_dtype), w, preferred_element_type=jnp.float32)
+    return constrain(logits, ("batch", "seq", "vocab")) if logits.ndim == 3 else logits
+
+
+def default_positions(attention_mask: jax.Array) -> jax.Array:
+    """Position ids `[batch, seq]`: `arange(seq)` shifted so that the first real token
+    is position 0 (plain arange for right padding; left padding is skipped)."""
+    first = jnp.argmax(attention_mask.astype(bool), axis=-1)
+    return jnp.maximum(jnp.arange(attention_mask.shape[-1])[None, :] - first[:, None], 0)
+
+
+# --------------------------------------------------------------------------- params <-> modules
+
+
+def to_params(module: nnx.Module) -> Params:
+    """The plain params pytree of `module`: its nnx.Params' arrays as nested dicts."""
+    return nnx.to_pure_dict(nnx.state(module, nnx.Param))
+
+
+class _Blueprint(NamedTuple):
+    graphdef: Any  # nnx.GraphDef
+    leaves: tuple[tuple[tuple[str, ...], jax.ShapeDtypeStruct, tuple[str, ...]], ...]
+
+
+@functools.lru_cache(maxsize=64)
+def _blueprint(cls: type[nnx.Module], cfg: ModelConfig) -> _Blueprint:
+    """The graphdef of `cls(cfg, rngs=...)` and (path, abstract value, logical axes) of
+    every param, from an abstract module (nothing is allocated).
+
+    By `jax.eval_shape` rather than `nnx.eval_shape`, which under an active mesh would
+    turn the logical axis names into mesh axes as they stand (without the rules).
+    """
+    static: dict[str, Any] = {}
+
+    def build() -> list[jax.Array]:
+        graphdef, state = nnx.split(cls(cfg, rngs=nnx.Rngs(0)))
+        flat = list(nnx.to_flat_state(state))
+        static["graphdef"] = graphdef
+        static["meta"] = [(tuple(p), tuple(v.get_metadata("out_sharding"))) for p, v in flat]
+        return [v.get_value() for _, v in flat]
+
+    values = jax.eval_shape(build)
+    leaves = tuple((path, value, axes)
+                   for (path, axes), value in zip(static["meta"], values, strict=True))
+    return _Blueprint(static["graphdef"], leaves)
+
+
+def _nest(pairs: Any) -> Params:
+    out: Params = {}
+    for path, leaf in pairs:
+        node = out
+        for key in path[:-1]:
+            node = node.setdefault(key, {})
+        node[path[-1]] = leaf
+    return out
+
+
+def _paths(tree: Any, prefix: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
+    if isinstance(tree, Mapping):
+        return [p for k, v in tree.items() for p in _paths(v, prefix + (k,))]
+    return [prefix]
+
+
+def from_params(params: Params, cfg: ModelConfig, cls: type[nnx.Module] | None = None) -> Any:
+    """The module `cls` (default `CausalLM`) of `cfg` holding the arrays of `params`
+    (`nnx.merge` of its graphdef with the pytree: no copies, works on tracers). Keys
+    of `params` that the module does not have (e.g. `thought` for a CausalLM) are
+    ignored; a missing or extra param inside raises."""
+    bp = _blueprint(CausalLM if cls is None else cls, cfg)
+    sub = {k: params[k] for k in dict.fromkeys(p[0] for p, _, _ in bp.leaves) if k in params}
+    want = [path for path, _, _ in bp.leaves]
+    got = sorted(_paths(sub))
+    if got != want:  # (nnx.merge would pair the leaves up in sorted order regardless)
+        lack, extra = sorted(set(want) - set(got)), sorted(set(got) - set(want))
+        raise ValueError(
+            f"params do not fit {(cls or CausalLM).__name__} of this config: missing "
+            f"{['/'.join(p) for p in lack]}, unexpected {['/'.join(p) for p in extra]}")
+    return nnx.merge(bp.graphdef, sub)
+
+
+def param_shapes(cfg: ModelConfig, cls: type[nnx.Module] | None = None) -> Params:
+    """Shape of every param, a pytree shaped like `init_params` (tuples as leaves)."""
+    bp = _blueprint(CausalLM if cls is None else cls, cfg)
+    return _nest((p, tuple(v.shape)) for p, v, _ in bp.leaves)
+
+
+def param_logical_axes(cfg: ModelConfig, cls: type[nnx.Module] | None = None) -> Params:
+    """Logical axis names of every param (its `out_sharding` metadata), a pytree shaped
+    like `init_params`; the stacked layers' start with "layers"."""
+    bp = _blueprint(CausalLM if cls is None else cls, cfg)
+    return _nest((p, axes) for p, _, axes in bp.leaves)
+
+
+def init_params(cfg: ModelConfig, rng: jax.Array) -> Params:
+    """Random params: normal(0, initializer_range) matrices, ones for norms, zero biases."""
+    return to_params(CausalLM(cfg, rngs=nnx.Rngs(params=rng)))
+
+
+# --------------------------------------------------------------------------- functions
+#
+# The pure functions of a params pytree: each merges the module (`from_params`) and
+# calls it, so the math is the modules' and the traced program is the same.
+
+
+def layer(
+    lp: Params,
+    cfg: ModelConfig,
+    h: jax.Array,
+    rope_tabs: tuple[jax.Array, jax.Array],
+    self_mask: jax.Array | FusedCausal | None,
+    ctx: tuple[jax.Array, jax.Array, jax.Array] | None,
+    own: tuple[Sequence[jax.Array], Sequence[jax.Array], jax.Array] | None,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """One decoder layer (`DecoderLayer.__call__`) as a pure function of one layer's
+    params `lp` (`params["layers"]` at a layer index, e.g. a `lax.scan` slice)."""
+    return from_params(lp, cfg, DecoderLayer)(h, rope_tabs, self_mask, ctx, own)
+
+
+_layer = layer
+
+
+def output_matrix(params: Params, cfg: ModelConfig) -> jax.Array:
+    """The `[hidden, vocab]` output projection (the embedding table when tied)."""
+    return from_params(params, cfg).output_matrix()
 
 
 def decoder(
@@ -524,48 +834,13 @@ def decoder(
     KV `[layers, batch, t, kv_heads, head_dim]`), and with `trace` also a `LayerTrace`
     (every layer's input and the last layer's output: what `replay_layers` needs).
     """
-    h = constrain(h.astype(cfg.compute_dtype), HIDDEN_AXES)
-    ctx_mask = ctx[1] if ctx is not None else None
-    if ctx is not None and own is None:
-        own = ((), jnp.ones(h.shape[:2] + (1,), bool))
-    own_mask = own[1] if own is not None else None
-    rope_tabs = rope_tables(positions, cfg.dim_per_head, cfg.rope_theta)
-
-    def body(h, xs):
-        lp, ck, cv, oks, ovs = xs
-        c = (ck, cv, ctx_mask) if ctx is not None else None
-        o = (oks, ovs, own_mask) if own is not None else None
-        h_in = h
-        h, k, v = _layer(lp, cfg, h, rope_tabs, self_mask, c, o)
-        return constrain(h, HIDDEN_AXES), (k, v, h_in if trace else None)
-
-    body = _remat(body, cfg)
-    xs = (
-        params["layers"],
-        ctx[0].k if ctx is not None else None,
-        ctx[0].v if ctx is not None else None,
-        [kv.k for kv in own[0]] if own is not None else None,
-        [kv.v for kv in own[0]] if own is not None else None,
-    )
-    if cfg.scan_layers:
-        h, (ks, vs, ins) = jax.lax.scan(body, h, xs)
-    else:
-        per_layer = []
-        for i in range(cfg.num_layers):
-            h, y = body(h, jax.tree.map(lambda a, i=i: a[i], xs))
-            per_layer.append(y)
-        ks, vs, ins = jax.tree.map(lambda *a: jnp.stack(a), *per_layer)
-    last = h
-    h = rms_norm(h, params["final_norm"], cfg.rms_norm_eps)
-    if trace:
-        return h, KV(ks, vs), LayerTrace(ins, last)
-    return h, KV(ks, vs)
+    return from_params(params, cfg).decoder(h, positions, self_mask=self_mask, ctx=ctx, own=own,
+                                               trace=trace)
 
 
 def embed_tokens(params: Params, cfg: ModelConfig, ids: jax.Array) -> jax.Array:
     """Token embeddings by table lookup: ids `[...]` -> `[..., hidden]` in compute dtype."""
-    h = jnp.take(params["embed"], ids, axis=0).astype(cfg.compute_dtype)
-    return constrain(h, HIDDEN_AXES) if ids.ndim == 2 else h
+    return from_params(params, cfg).embed_tokens(ids)
 
 
 def logits_from_hidden(params: Params, cfg: ModelConfig, h: jax.Array) -> jax.Array:
@@ -575,21 +850,7 @@ def logits_from_hidden(params: Params, cfg: ModelConfig, h: jax.Array) -> jax.Ar
     gathered compute-dtype copy of the matrix, which Quiet-STaR would otherwise hold
     once per logits call (up to n_ahead + n_ahead_talk of them).
     """
-    return _logits(output_matrix(params, cfg), h, cfg)
-
-
-@functools.partial(jax.checkpoint, static_argnums=(2,))
-def _logits(w: jax.Array, h: jax.Array, cfg: ModelConfig) -> jax.Array:
-    w = constrain(w.astype(cfg.compute_dtype), ("embed", "vocab"))
-    logits = dense(h.astype(cfg.compute_dtype), w, preferred_element_type=jnp.float32)
-    return constrain(logits, ("batch", "seq", "vocab")) if logits.ndim == 3 else logits
-
-
-def default_positions(attention_mask: jax.Array) -> jax.Array:
-    """Position ids `[batch, seq]`: `arange(seq)` shifted so that the first real token
-    is position 0 (plain arange for right padding; left padding is skipped)."""
-    first = jnp.argmax(attention_mask.astype(bool), axis=-1)
-    return jnp.maximum(jnp.arange(attention_mask.shape[-1])[None, :] - first[:, None], 0)
+    return from_params(params, cfg).logits(h)
 
 
 def forward(
@@ -608,13 +869,8 @@ def forward(
     the evaluation batches are); left-padded prompts need `attention="xla"`, which
     generation selects itself.
     """
-    if attention_mask is None:
-        attention_mask = jnp.ones(input_ids.shape, jnp.int32)
-    if positions is None:
-        positions = default_positions(attention_mask)
-    h = embed_tokens(params, cfg, input_ids)
-    return decoder(params, cfg, h, positions, self_mask=self_attention_mask(
-        cfg, positions, attention_mask), trace=trace)
+    return from_params(params, cfg).forward(input_ids, attention_mask, positions,
+                                             trace=trace)
 
 
 def self_attention_mask(
@@ -635,8 +891,7 @@ def lm_logits(
     attention_mask: jax.Array | None = None,
 ) -> jax.Array:
     """Float32 logits `[batch, seq, vocab]` of the plain LM (no thoughts)."""
-    h, _ = forward(params, cfg, input_ids, attention_mask)
-    return logits_from_hidden(params, cfg, h)
+    return from_params(params, cfg)(input_ids, attention_mask)
 
 
 # --------------------------------------------------------------------------- replayed backward

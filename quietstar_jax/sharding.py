@@ -3,7 +3,8 @@
 The mesh has three named axes: `data` (pure data parallelism), `fsdp` (data
 parallelism with parameters and optimiser state sharded) and `tensor`
 (Megatron-style tensor parallelism: attention heads and the MLP hidden split).
-Every parameter carries logical axis names (`model.param_logical_axes`,
+Every parameter carries logical axis names, declared with it in the model's NNX
+modules (its Param's `out_sharding` metadata, read back by `model.param_logical_axes`,
 `thoughts.thought_logical_axes`); a rules table (`DEFAULT_RULES`) maps them onto
 mesh axes. The batch is split over `data` and `fsdp`.
 

@@ -1,4 +1,5 @@
-"""Quiet-STaR thoughts: ThoughtConfig, thought embeddings, mixing head, parallel rollout."""
+"""Quiet-STaR thoughts: ThoughtConfig, the thought params (`ThoughtParams`: start/end
+embeddings, `MixingHead`), the parallel rollout."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+from flax import nnx
 
 from quietstar_jax import model, vocab
 from quietstar_jax.model import KV, ModelConfig, Params
@@ -123,24 +125,87 @@ class ThoughtConfig:
         return tuple(dict.fromkeys(i for i in ids if i is not None))
 
 
+class MixingHead(nnx.Module):
+    """The mixing head: `[..., hidden]` x2 -> scalar weight `[...]` (float32, no sigmoid).
+
+    relu(w0 [base, thought] + b0) -> relu(w1 . + b1) -> w2 .; torch-Linear default init
+    (uniform +-1/sqrt(fan_in)) for the two hidden layers, zeros for the last, so the
+    model starts as the base LM.
+    """
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        h = cfg.hidden_size
+        dt = jnp.dtype(cfg.param_dtype)
+        hidden_in, hidden_out = uniform_init(2 * h), uniform_init(h)
+        self.w0 = model.declare(rngs, hidden_in, (2 * h, h), ("mix_in", "embed"), dt)
+        self.b0 = model.declare(rngs, hidden_in, (h,), ("embed",), dt)
+        self.w1 = model.declare(rngs, hidden_out, (h, h), ("mix_in", "embed"), dt)
+        self.b1 = model.declare(rngs, hidden_out, (h,), ("embed",), dt)
+        self.w2 = model.declare(rngs, model.zeros_init, (h, 1), ("embed", "mix_out"), dt)
+
+    def __call__(self, base_h: jax.Array, thought_h: jax.Array) -> jax.Array:
+        f32 = lambda p: p[...].astype(jnp.float32)  # noqa: E731
+        x = jnp.concatenate([base_h, thought_h], axis=-1).astype(jnp.float32)
+        x = jax.nn.relu(x @ f32(self.w0) + f32(self.b0))
+        x = jax.nn.relu(x @ f32(self.w1) + f32(self.b1))
+        return (x @ f32(self.w2))[..., 0]
+
+
+def uniform_init(fan_in: int) -> model.Init:
+    """torch.nn.Linear's default: uniform(-1/sqrt(fan_in), 1/sqrt(fan_in)), drawn in float32."""
+    bound = 1.0 / math.sqrt(fan_in)
+
+    def init(key: jax.Array, shape: tuple[int, ...], dtype: Any) -> jax.Array:
+        return jax.random.uniform(key, shape, jnp.float32, -bound, bound).astype(dtype)
+
+    return init
+
+
+class ThoughtParams(nnx.Module):
+    """The thought params (`params["thought"]`): the start/end-of-thought embeddings
+    (stored divided by `embedding_scale`) and the mixing head.
+
+    `init_embedding` `[hidden]`: both embeddings' initial value, already divided (the
+    authors': the embedding row of the first token of "---"); zeros when None.
+    """
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs,
+                 init_embedding: jax.Array | None = None):
+        dt = jnp.dtype(cfg.param_dtype)
+        row = jnp.zeros((cfg.hidden_size,), dt) if init_embedding is None else init_embedding
+        given = lambda key, shape, dtype: row.astype(dtype)  # noqa: E731
+        # end_emb gets its own buffer (the train state is donated).
+        copied = lambda key, shape, dtype: row.astype(dtype).copy()  # noqa: E731
+        self.start_emb = model.declare(rngs, given, (cfg.hidden_size,), ("embed",), dt)
+        self.end_emb = model.declare(rngs, copied, (cfg.hidden_size,), ("embed",), dt)
+        self.mix = MixingHead(cfg, rngs=rngs)
+
+
+class QuietStarLM(model.CausalLM):
+    """A CausalLM with its thought params (`thought`): `to_params` of it is the whole
+    params pytree the trainer, `quietstar_loss` and `generate` take. Its call is the
+    plain LM's (`lm_logits`)."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, init_token_id: int = 0,
+                 embedding_scale: float = 100.0):
+        super().__init__(cfg, rngs=rngs)
+        row = self.embed[...][init_token_id].astype(jnp.float32) / embedding_scale
+        self.thought = ThoughtParams(cfg, rngs=rngs, init_embedding=row)
+
+
+# Any config gives the same logical axes and the same mixing-head graph.
+_PROBE = ModelConfig(vocab_size=1, hidden_size=1, intermediate_size=1, num_layers=1,
+                     num_heads=1, num_kv_heads=1)
+
+
 def thought_param_shapes(cfg: ModelConfig) -> Params:
     """Shapes of the thought params (`params["thought"]`)."""
-    h = cfg.hidden_size
-    return {
-        "start_emb": (h,),
-        "end_emb": (h,),
-        "mix": {"w0": (2 * h, h), "b0": (h,), "w1": (h, h), "b1": (h,), "w2": (h, 1)},
-    }
+    return model.param_shapes(cfg, ThoughtParams)
 
 
 def thought_logical_axes() -> Params:
-    """Logical axis names of the thought params."""
-    return {
-        "start_emb": ("embed",),
-        "end_emb": ("embed",),
-        "mix": {"w0": ("mix_in", "embed"), "b0": ("embed",), "w1": ("mix_in", "embed"),
-                "b1": ("embed",), "w2": ("embed", "mix_out")},
-    }
+    """Logical axis names of the thought params (their `out_sharding` metadata)."""
+    return model.param_logical_axes(_PROBE, ThoughtParams)
 
 
 def init_thought_params(
@@ -150,42 +215,21 @@ def init_thought_params(
     init_token_id: int,
     embedding_scale: float = 100.0,
 ) -> Params:
-    """Fresh thought params, as the authors initialise them.
+    """Fresh thought params (`ThoughtParams`), as the authors initialise them.
 
     start/end embeddings: the embedding row of `init_token_id` (the first token of
     "---"), stored divided by `embedding_scale`. Mixing head: torch-Linear default
     init (uniform +-1/sqrt(fan_in)) for the two hidden layers, zeros for the last,
     so the model starts as the base LM.
     """
-    h = cfg.hidden_size
-    dtype = jnp.dtype(cfg.param_dtype)
     row = params["embed"][init_token_id].astype(jnp.float32) / embedding_scale
-    k0, k1, k2, k3 = jax.random.split(rng, 4)
-
-    def uniform(key, shape, fan_in):
-        bound = 1.0 / math.sqrt(fan_in)
-        return jax.random.uniform(key, shape, jnp.float32, -bound, bound).astype(dtype)
-
-    return {
-        "start_emb": row.astype(dtype),
-        "end_emb": row.astype(dtype).copy(),  # its own buffer (state is donated)
-        "mix": {
-            "w0": uniform(k0, (2 * h, h), 2 * h),
-            "b0": uniform(k1, (h,), 2 * h),
-            "w1": uniform(k2, (h, h), h),
-            "b1": uniform(k3, (h,), h),
-            "w2": jnp.zeros((h, 1), dtype),
-        },
-    }
+    return model.to_params(ThoughtParams(cfg, rngs=nnx.Rngs(params=rng), init_embedding=row))
 
 
 def mixing_weight(mix: Params, base_h: jax.Array, thought_h: jax.Array) -> jax.Array:
-    """The mixing head: `[..., hidden]` x2 -> scalar weight `[...]` (float32, no sigmoid)."""
-    x = jnp.concatenate([base_h, thought_h], axis=-1).astype(jnp.float32)
-    x = jax.nn.relu(x @ mix["w0"].astype(jnp.float32) + mix["b0"].astype(jnp.float32))
-    x = jax.nn.relu(x @ mix["w1"].astype(jnp.float32) + mix["b1"].astype(jnp.float32))
-    return (x @ mix["w2"].astype(jnp.float32))[..., 0]
-
+    """The mixing head (`MixingHead`) of params `mix`: `[..., hidden]` x2 -> scalar
+    weight `[...]` (float32, no sigmoid)."""
+    return model.from_params(mix, _PROBE, MixingHead)(base_h, thought_h)
 
 
 def mask_thought_logits(logits: jax.Array, tc: ThoughtConfig) -> jax.Array:
