@@ -67,6 +67,7 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
     from quietstar_jax.loss import quietstar_loss
     from quietstar_jax.model import ModelConfig, init_params
     from quietstar_jax.thoughts import ThoughtConfig, init_thought_params
+    from quietstar_jax.train.step import make_optimizer
 
     m = dict(spec["model"])
     batch, seq = m.pop("batch"), m.pop("seq")
@@ -83,7 +84,7 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
     # 4 sequences cannot be split 8 ways, their 8 rows can).
     sharding.check_parallelism(mesh, cfg, batch * tc.n_passes)
     axes = sharding.params_logical_axes(cfg)
-    opt = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(1e-6, weight_decay=1e-3))
+    opt, _ = make_optimizer(1e-6, total_steps=1000, weight_decay=1e-3)  # the trainer's
 
     def init():
         p = init_params(cfg, jax.random.key(0))
