@@ -124,7 +124,7 @@ def sample_thought_token(
     plain LM logits with the thought ids masked, argmax (tc.sampling == "greedy") or a
     sample at tc.thought_temperature."""
     greedy = tc.sampling == "greedy"
-    return vocab.sample(h, model.output_matrix(params, cfg), None if greedy else key,
+    return vocab.sample(h, model.vocab_table(params, cfg), None if greedy else key,
                         temperature=tc.thought_temperature, masked_ids=tc.sampled_masked_ids,
                         greedy=greedy, chunk_size=cfg.vocab_chunk, dtype=cfg.dtype)
 

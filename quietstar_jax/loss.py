@@ -30,7 +30,7 @@ def token_nll(logits: jax.Array, targets: jax.Array) -> jax.Array:
 def hidden_nll(params: Params, cfg: ModelConfig, h: jax.Array, targets: jax.Array) -> jax.Array:
     """Per-token cross-entropy of the LM head on hidden `h` `[..., hidden]` against
     `targets` `[...]` -> float32 `[...]`, fused (vocab.token_nll: no logits kept)."""
-    return vocab.token_nll(h, model.output_matrix(params, cfg), targets,
+    return vocab.token_nll(h, model.vocab_table(params, cfg), targets,
                            chunk_size=cfg.vocab_chunk, dtype=cfg.dtype)
 
 

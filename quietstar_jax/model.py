@@ -36,7 +36,7 @@ from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
 from quietstar_jax.sharding import constrain
-from quietstar_jax.vocab import zeros_after
+from quietstar_jax.vocab import VocabMajor, zeros_after
 
 Params = dict[str, Any]
 
@@ -798,6 +798,12 @@ def layer(
 
 
 _layer = layer
+
+
+def vocab_table(params: Params, cfg: ModelConfig) -> jax.Array | VocabMajor:
+    """The output projection as `quietstar_jax.vocab`'s ops take it: `lm_head` `[hidden,
+    vocab]`, or the tied embedding table `[vocab, hidden]` as it is stored."""
+    return VocabMajor(params["embed"]) if cfg.tie_word_embeddings else params["lm_head"]
 
 
 def output_matrix(params: Params, cfg: ModelConfig) -> jax.Array:

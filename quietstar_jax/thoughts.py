@@ -252,7 +252,7 @@ def token_logp(
     of hidden `h` `[..., hidden]`: `log softmax(r / reinforce_temperature)[tok]` with the
     thought ids masked, float32 `[...]` (fused: no `[..., vocab]` logits kept)."""
     return vocab.token_logp(
-        h, model.output_matrix(params, cfg), tok, temperature=tc.reinforce_temperature,
+        h, model.vocab_table(params, cfg), tok, temperature=tc.reinforce_temperature,
         masked_ids=tc.sampled_masked_ids, chunk_size=cfg.vocab_chunk, dtype=cfg.dtype)
 
 
@@ -349,7 +349,7 @@ def rollout(
 
     fed: list[jax.Array] = []  # the token fed on each step
     drawn: dict[int, vocab.Draw] = {}  # step -> its sampled token's draw
-    w_out = model.output_matrix(run_params, cfg)
+    w_out = model.vocab_table(run_params, cfg)
     vocab_kw = dict(logp_temperature=tc.reinforce_temperature,
                     masked_ids=tc.sampled_masked_ids, chunk_size=cfg.vocab_chunk,
                     dtype=cfg.dtype)
@@ -438,7 +438,7 @@ def rollout(
     # The REINFORCE log-probs (the token fed on step s was drawn from step s - 1's
     # hidden state), all drawn steps in one call and all given ones in another: one
     # backward vocabulary pass (and one output-matrix gradient) for each.
-    w_grad = model.output_matrix(params, cfg)
+    w_grad = model.vocab_table(params, cfg)
     thought_logp = []
     if drawn:
         hs = jnp.stack([step_hidden[s - 2] for s in drawn])

@@ -18,6 +18,9 @@ block is fine: the last chunk starts earlier (`block - chunk`) and masks the
 columns the chunk before it already covered. Since the layout does not depend on
 the mesh, neither do the numbers (sampled tokens included).
 
+`w` is the output matrix `[H, V]`, or `VocabMajor(table)` for a table stored `[V, H]`
+(a tied embedding), which the ops then walk as it lies.
+
 Ops:
 - `token_nll(h, w, targets)`: cross-entropy `[N]` (the base and talk-step NLLs).
 - `token_logp(h, w, ids, temperature, masked_ids)`: `log softmax(z / T)[id]` with
@@ -91,27 +94,51 @@ class _Spec:
     scale: float
     masked: tuple[int, ...]
     dtype: str
+    vocab_major: bool = False  # the matrix is stored `[V, H]` (see VocabMajor)
+
+
+class VocabMajor(NamedTuple):
+    """An output matrix stored vocabulary-major, `table` `[V, H]`: a tied embedding
+    table. Passed in place of `w` `[H, V]`, the ops walk it as it lies; `embed.T` would
+    make XLA copy the whole table into `[H, V]` order for each op (113 MB for SmolLM2)."""
+
+    table: jax.Array
+
+
+def _raw(w: jax.Array | VocabMajor) -> tuple[jax.Array, bool]:
+    return (w.table, True) if isinstance(w, VocabMajor) else (w, False)
 
 
 def _blocked(w: jax.Array, spec: _Spec) -> jax.Array:
-    """`[H, V]` -> `[blocks, block, H]` in the compute dtype, blocks on the vocab axis.
+    """The matrix in blocks, in the compute dtype, blocks on the vocab axis: `[H, V]` ->
+    `[H, blocks, block]`, or vocabulary-major `[V, H]` -> `[blocks, block, H]`."""
+    lay = spec.lay
+    if spec.vocab_major:
+        w = constrain(w.astype(spec.dtype), ("vocab", "embed"))
+        return constrain(w.reshape(lay.blocks, lay.block, w.shape[1]), ("vocab", None, "embed"))
+    w = constrain(w.astype(spec.dtype), ("embed", "vocab"))
+    return constrain(w.reshape(w.shape[0], lay.blocks, lay.block), ("embed", "vocab", None))
 
-    Vocabulary-major, like an embedding table: for a tied head (`w = embed.T`) the two
-    transposes cancel, and no transposed copy of the table is made for each op.
-    """
-    wt = constrain(w.T.astype(spec.dtype), ("vocab", "embed"))
-    w3 = wt.reshape(spec.lay.blocks, spec.lay.block, wt.shape[1])
-    return constrain(w3, ("vocab", None, "embed"))
+
+def _vocab_axis(spec: _Spec) -> int:
+    """The in-block column axis of `_blocked`'s output."""
+    return 1 if spec.vocab_major else 2
+
+
+def _as_matrix(wc: jax.Array, spec: _Spec) -> jax.Array:
+    """A chunk of columns as an `[H, blocks * chunk]` matrix (a view of a vocab-major
+    chunk `[blocks, chunk, H]` transposed: the dots take it as it lies)."""
+    return wc.reshape(-1, wc.shape[-1]).T if spec.vocab_major else wc.reshape(wc.shape[0], -1)
 
 
 def _chunk(h: jax.Array, w3: jax.Array, i: jax.Array, spec: _Spec, scale: float):
-    """Chunk i: its columns `[blocks, chunk, H]`, their ids `[blocks, chunk]`, which of
+    """Chunk i: its columns (`_blocked`'s layout), their ids `[blocks, chunk]`, which of
     them count `[blocks, chunk]`, and the logits times `scale` `[N, blocks, chunk]`
     (float32, `_NEG` where they do not count)."""
     lay = spec.lay
     start = lay.start(i)
-    wc = jax.lax.dynamic_slice_in_dim(w3, start, lay.chunk, axis=1)
-    z = jnp.dot(h, wc.reshape(-1, wc.shape[-1]).T, preferred_element_type=jnp.float32)
+    wc = jax.lax.dynamic_slice_in_dim(w3, start, lay.chunk, axis=_vocab_axis(spec))
+    z = jnp.dot(h, _as_matrix(wc, spec), preferred_element_type=jnp.float32)
     z = constrain(z.reshape(h.shape[0], lay.blocks, lay.chunk), ("batch", "vocab", None))
     col = start + jnp.arange(lay.chunk)
     ids = jnp.arange(lay.blocks)[:, None] * lay.block + col[None, :]
@@ -166,16 +193,19 @@ def _grads(h, w, ids, lse, g_lse, g_pick, spec):
         dz = g_lse[:, None, None] * jnp.exp(z - lse[:, None, None])
         dz = (dz + jnp.where(hit, g_pick[:, None, None], 0.0)) * spec.scale
         dz = dz.reshape(h.shape[0], -1).astype(h.dtype)
-        dh = dh + jnp.dot(dz, wc.reshape(-1, wc.shape[-1]), preferred_element_type=jnp.float32)
-        dwc = jnp.dot(dz.T, h, preferred_element_type=jnp.float32).reshape(wc.shape)
-        start = lay.start(i)
-        old = jax.lax.dynamic_slice_in_dim(dw3, start, lay.chunk, axis=1)
-        dw3 = jax.lax.dynamic_update_slice_in_dim(dw3, old + dwc, start, axis=1)
+        dh = dh + jnp.dot(dz, _as_matrix(wc, spec).T, preferred_element_type=jnp.float32)
+        if spec.vocab_major:
+            dwc = jnp.dot(dz.T, h, preferred_element_type=jnp.float32).reshape(wc.shape)
+        else:
+            dwc = jnp.dot(h.T, dz, preferred_element_type=jnp.float32).reshape(wc.shape)
+        start, axis = lay.start(i), _vocab_axis(spec)
+        old = jax.lax.dynamic_slice_in_dim(dw3, start, lay.chunk, axis=axis)
+        dw3 = jax.lax.dynamic_update_slice_in_dim(dw3, old + dwc, start, axis=axis)
         return (dh, dw3), None
 
     init = (jnp.zeros(h.shape, jnp.float32), zeros_after(w3.shape, g_lse))
     (dh, dw3), _ = jax.lax.scan(body, init, jnp.arange(lay.n_chunks))
-    return dh.astype(h.dtype), dw3.reshape(w.shape[::-1]).T.astype(w.dtype)
+    return dh.astype(h.dtype), dw3.reshape(w.shape).astype(w.dtype)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
@@ -197,12 +227,14 @@ def _lse_pick_bwd(spec, res, g):
 _lse_pick.defvjp(_lse_pick_fwd, _lse_pick_bwd)
 
 
-def _spec(w: jax.Array, chunk_size: int, scale: float, masked, dtype, n_tokens: int) -> _Spec:
+def _spec(w: jax.Array, chunk_size: int, scale: float, masked, dtype, n_tokens: int,
+          vocab_major: bool = False) -> _Spec:
     masked = tuple(dict.fromkeys(int(m) for m in masked))
-    v = w.shape[1]
+    v = w.shape[0] if vocab_major else w.shape[1]
     if n_tokens * v <= SMALL_LOGITS:  # e.g. generation: one step, no chunk copies
         chunk_size = max(chunk_size, v)
-    return _Spec(layout(v, chunk_size), float(scale), masked, jnp.dtype(dtype).name)
+    return _Spec(layout(v, chunk_size), float(scale), masked, jnp.dtype(dtype).name,
+                 vocab_major)
 
 
 def _flat(h: jax.Array) -> tuple[jax.Array, tuple[int, ...]]:
@@ -211,7 +243,7 @@ def _flat(h: jax.Array) -> tuple[jax.Array, tuple[int, ...]]:
 
 def lse_and_picked(
     h: jax.Array,
-    w: jax.Array,
+    w: jax.Array | VocabMajor,
     ids: jax.Array,
     *,
     scale: float = 1.0,
@@ -225,13 +257,15 @@ def lse_and_picked(
     h: `[..., H]` (compute dtype); w: `[H, V]`; ids: int `[...]` in `[0, V)`.
     """
     hf, lead = _flat(h)
-    spec = _spec(w, chunk_size, scale, masked_ids, dtype or h.dtype, hf.shape[0])
+    w, vocab_major = _raw(w)
+    spec = _spec(w, chunk_size, scale, masked_ids, dtype or h.dtype, hf.shape[0],
+                 vocab_major)
     lse, picked = _lse_pick(hf.astype(spec.dtype), w, ids.reshape(-1).astype(jnp.int32), spec)
     return lse.reshape(lead), picked.reshape(lead)
 
 
 def token_nll(
-    h: jax.Array, w: jax.Array, targets: jax.Array, *, chunk_size: int = DEFAULT_CHUNK,
+    h: jax.Array, w: jax.Array | VocabMajor, targets: jax.Array, *, chunk_size: int = DEFAULT_CHUNK,
     dtype: str | None = None,
 ) -> jax.Array:
     """Cross-entropy of `h @ w` against `targets`: h `[..., H]`, targets `[...]` ->
@@ -242,7 +276,7 @@ def token_nll(
 
 def token_logp(
     h: jax.Array,
-    w: jax.Array,
+    w: jax.Array | VocabMajor,
     ids: jax.Array,
     *,
     temperature: float = 1.0,
@@ -335,7 +369,7 @@ def _sample_pass(h, w, key, spec: _Spec, sample_temperature: float, greedy: bool
 
 def sample(
     h: jax.Array,
-    w: jax.Array,
+    w: jax.Array | VocabMajor,
     key: jax.Array | None,
     *,
     temperature: float = 1.0,
@@ -381,7 +415,7 @@ class Draw(NamedTuple):
 
 def draw(
     h: jax.Array,
-    w: jax.Array,
+    w: jax.Array | VocabMajor,
     key: jax.Array | None,
     *,
     sample_temperature: float = 1.0,
@@ -398,8 +432,9 @@ def draw(
     if key is None and not greedy:
         raise ValueError("vocab.draw/sample needs a key unless greedy=True")
     hf, lead = _flat(h)
+    w, vocab_major = _raw(w)
     spec = _spec(w, chunk_size, 1.0 / logp_temperature, masked_ids, dtype or h.dtype,
-                 hf.shape[0])
+                 hf.shape[0], vocab_major)
     tok, picked, lse = _sample_pass(
         jax.lax.stop_gradient(hf.astype(spec.dtype)), jax.lax.stop_gradient(w), key, spec,
         sample_temperature, greedy)
@@ -408,7 +443,7 @@ def draw(
 
 def logp_of_draws(
     h: jax.Array,
-    w: jax.Array,
+    w: jax.Array | VocabMajor,
     d: Draw,
     *,
     logp_temperature: float = 1.0,
@@ -422,8 +457,9 @@ def logp_of_draws(
     with another chunk size or stack is fine (the statistics do not depend on them).
     Draws of several steps can be stacked into one call (one backward pass)."""
     hf, lead = _flat(h)
+    w, vocab_major = _raw(w)
     spec = _spec(w, chunk_size, 1.0 / logp_temperature, masked_ids, dtype or h.dtype,
-                 hf.shape[0])
+                 hf.shape[0], vocab_major)
     logp = _logp_of_drawn(hf.astype(spec.dtype), w, d.tok.reshape(-1), d.picked.reshape(-1),
                           d.lse.reshape(-1), spec)
     return logp.reshape(lead)
@@ -431,7 +467,7 @@ def logp_of_draws(
 
 def sample_with_logp(
     h: jax.Array,
-    w: jax.Array,
+    w: jax.Array | VocabMajor,
     key: jax.Array | None,
     *,
     sample_temperature: float = 1.0,

@@ -43,6 +43,11 @@ def _problem(v: int, n: int = 12, h: int = 8, seed: int = 0):
     return hid, w, ids
 
 
+def _oriented(w, vocab_major: bool):
+    """w `[H, V]` as the ops take it: as is, or stored vocabulary-major `[V, H]`."""
+    return vocab.VocabMajor(w.T) if vocab_major else w
+
+
 def _masked_logits(hid, w, scale, masked):
     z = jnp.einsum("...h,hv->...v", hid, w) * scale
     for m in masked:
@@ -50,13 +55,16 @@ def _masked_logits(hid, w, scale, masked):
     return z
 
 
+@pytest.mark.parametrize("vocab_major", [False, True], ids=["hv", "vocab_major"])
 @pytest.mark.parametrize(("v", "chunk"), CASES)
-def test_token_nll_value_and_grads_match_materialised(v: int, chunk: int) -> None:
+def test_token_nll_value_and_grads_match_materialised(v: int, chunk: int,
+                                                      vocab_major: bool) -> None:
     hid, w, ids = _problem(v)
     weight = jnp.arange(ids.size, dtype=jnp.float32).reshape(ids.shape) % 3  # 0 = padding
 
     def fused(hid, w):
-        return jnp.sum(weight * vocab.token_nll(hid, w, ids, chunk_size=chunk))
+        return jnp.sum(weight * vocab.token_nll(hid, _oriented(w, vocab_major), ids,
+                                                chunk_size=chunk))
 
     def dense(hid, w):
         logp = jax.nn.log_softmax(jnp.einsum("...h,hv->...v", hid, w), axis=-1)
@@ -68,15 +76,18 @@ def test_token_nll_value_and_grads_match_materialised(v: int, chunk: int) -> Non
         np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("vocab_major", [False, True], ids=["hv", "vocab_major"])
 @pytest.mark.parametrize(("v", "chunk"), CASES)
-def test_token_logp_with_temperature_and_masked_ids(v: int, chunk: int) -> None:
+def test_token_logp_with_temperature_and_masked_ids(v: int, chunk: int,
+                                                    vocab_major: bool) -> None:
     hid, w, ids = _problem(v, seed=1)
     masked = (v - 1, 3)
     ids = jnp.where(jnp.isin(ids, jnp.array(masked)), 0, ids)
     cot = jax.random.normal(jax.random.key(7), ids.shape)
 
     def fused(hid, w):
-        lp = vocab.token_logp(hid, w, ids, temperature=3.0, masked_ids=masked, chunk_size=chunk)
+        lp = vocab.token_logp(hid, _oriented(w, vocab_major), ids, temperature=3.0,
+                              masked_ids=masked, chunk_size=chunk)
         return jnp.sum(cot * lp)
 
     def dense(hid, w):
@@ -89,9 +100,10 @@ def test_token_logp_with_temperature_and_masked_ids(v: int, chunk: int) -> None:
         np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("vocab_major", [False, True], ids=["hv", "vocab_major"])
 @pytest.mark.parametrize(("v", "chunk"), CASES)
 def test_greedy_draw_is_the_masked_argmax_and_its_logp_has_the_right_gradient(
-    v: int, chunk: int
+    v: int, chunk: int, vocab_major: bool
 ) -> None:
     hid, w, _ = _problem(v, seed=2)
     hid = jnp.round(hid * 2) / 2  # ties between columns: the first one wins, as argmax
@@ -100,8 +112,9 @@ def test_greedy_draw_is_the_masked_argmax_and_its_logp_has_the_right_gradient(
     want_tok = jnp.argmax(_masked_logits(hid, w, 1.0, masked), axis=-1)
 
     def fused(hid, w):
-        tok, lp = vocab.sample_with_logp(hid, w, None, greedy=True, logp_temperature=3.0,
-                                         masked_ids=masked, chunk_size=chunk)
+        tok, lp = vocab.sample_with_logp(hid, _oriented(w, vocab_major), None, greedy=True,
+                                         logp_temperature=3.0, masked_ids=masked,
+                                         chunk_size=chunk)
         return jnp.sum(cot * lp), tok
 
     def dense(hid, w):
@@ -280,3 +293,13 @@ def test_token_ids_outside_the_vocabulary_are_rejected_before_compiling() -> Non
     ids[0, 3] = 64
     with pytest.raises(ValueError, match=r"input_ids has token id 64, outside the vocabulary"):
         quietstar_loss(params, cfg, tc, ids, None, jax.random.key(0))
+
+
+@pytest.mark.parametrize(("v", "chunk"), [(514, 100), (97, 10)])
+def test_a_vocab_major_table_draws_the_same_tokens(v: int, chunk: int) -> None:
+    hid, w, _ = _problem(v, seed=4)
+    kw = dict(logp_temperature=3.0, masked_ids=(1,), chunk_size=chunk)
+    a = vocab.draw(hid, w, jax.random.key(5), **kw)
+    b = vocab.draw(hid, vocab.VocabMajor(w.T), jax.random.key(5), **kw)
+    np.testing.assert_array_equal(np.asarray(b.tok), np.asarray(a.tok))
+    np.testing.assert_allclose(np.asarray(b.lse), np.asarray(a.lse), rtol=1e-5)
