@@ -19,7 +19,9 @@ self-attention, a forward can attend to
   tokens), with a mask `[batch, q, slots]`; the query's own new key is always
   appended to it.
 
-Both blocks enter one softmax. This module knows nothing of thoughts or losses.
+Both blocks enter one softmax. `position_decoder` is that forward for the queries of
+one position (its row's context, its own slots), and `positions_decoder` maps it over
+positions and rows with `jax.vmap`. This module knows nothing of thoughts or losses.
 """
 
 from __future__ import annotations
@@ -894,6 +896,97 @@ def lm_logits(
     return from_params(params, cfg)(input_ids, attention_mask)
 
 
+# --------------------------------------------------------------------------- one position's queries
+#
+# A thought belongs to one position: its queries (one thought step, or a block of steps
+# causal among themselves) read the base keys/values of that position's row and the
+# position's own earlier keys. `position_decoder` is that computation for one position;
+# `positions_decoder` maps it over positions and rows with `jax.vmap`. The rollout's
+# thought steps, its block of steps with known inputs, and generation's `think_at`
+# (thinking at chosen positions) all run it.
+
+# Logical axes of `positions_decoder`'s outputs, pinned outside the vmapped function
+# (inside it the mapped dimensions are left unconstrained).
+STEP_HIDDEN_AXES = ("batch", "seq", "steps", "act_embed")
+STEP_KV_AXES = ("layers", "batch", "seq", "steps", "kv_heads", "head_dim")
+
+
+def position_decoder(
+    params: Params,
+    cfg: ModelConfig,
+    h: jax.Array,
+    positions: jax.Array,
+    ctx: tuple[KV, jax.Array],
+    own: Sequence[KV],
+    own_mask: jax.Array,
+    trace: bool = False,
+) -> tuple[jax.Array, KV] | tuple[jax.Array, KV, LayerTrace]:
+    """All layers and the final norm for the queries of ONE position.
+
+    h: `[t, hidden]`, the position's t queries (one thought step, or a block of t steps
+      that see each other causally through `own_mask`); positions `[t]` int.
+    ctx: (KV `[layers, ctx, kv_heads, head_dim]`, mask `[t, ctx]`): the base keys and
+      values of the position's row, and which of them each query sees.
+    own: a sequence of `slots` KVs `[layers, kv_heads, head_dim]`, the keys of the
+      position's earlier steps; own_mask `[t, slots + t]`: which of them and of the t
+      new keys each query sees.
+    Returns (hidden `[t, hidden]`, the queries' KV `[layers, t, kv_heads, head_dim]`),
+    and with `trace` a `LayerTrace` (`[layers, t, hidden]`, `[t, hidden]`).
+
+    The layers are `decoder`'s over a batch of this one position (the own slots of a
+    position sit beside its queries: `attend`'s own block with one position), so the
+    math is the one of every other forward; `positions_decoder` maps it with `jax.vmap`.
+    """
+    t = h.shape[0]
+    kv, cmask = ctx
+    c = (KV(kv.k[:, None], kv.v[:, None]), cmask[None])  # a batch of one row
+    slots = tuple(KV(x.k[:, None, None], x.v[:, None, None]) for x in own)  # [L, 1, 1, kv, d]
+    om = own_mask[None] if t == 1 else own_mask[None, None]  # one query, or a group of t
+    out = decoder(params, cfg, h[None], positions[None], ctx=c, own=(slots, om), trace=trace)
+    h_out, new = out[0][0], KV(out[1].k[:, 0], out[1].v[:, 0])
+    if trace:
+        return h_out, new, LayerTrace(out[2].inputs[:, 0], out[2].last[0])
+    return h_out, new
+
+
+def positions_decoder(
+    params: Params,
+    cfg: ModelConfig,
+    h: jax.Array,
+    positions: jax.Array,
+    ctx: tuple[KV, jax.Array],
+    own: Sequence[KV],
+    own_mask: jax.Array,
+    trace: bool = False,
+) -> tuple[jax.Array, KV] | tuple[jax.Array, KV, LayerTrace]:
+    """`position_decoder` mapped over P positions of each row, and over the rows
+    (`jax.vmap` twice; the context is per row, shared by the row's positions).
+
+    h `[rows, P, t, hidden]`, positions `[rows, P, t]`; ctx: (KV `[layers, rows, ctx,
+    kv_heads, head_dim]`, mask `[rows, P, t, ctx]`); own: a sequence of KVs `[layers,
+    rows, P, kv_heads, head_dim]`; own_mask `[rows, P, t, slots + t]`.
+    Returns (hidden `[rows, P, t, hidden]`, KV `[layers, rows, P, t, kv_heads,
+    head_dim]`), and with `trace` a `LayerTrace` (`[layers, rows, P, t, hidden]`,
+    `[rows, P, t, hidden]`): the mapped axes sit where the layer scan puts them, so no
+    output is transposed.
+
+    Every projection of the mapped function is a 2-D matmul over all rows x positions x
+    queries at once (a matmul with an unmapped weight); the context attention is a
+    matmul batched over (rows, kv heads) whose query rows are the row's positions'
+    queries, against the row's keys, which are not copied per position.
+    """
+    def one(h, pos, ctx_kv, ctx_mask, own, own_mask):
+        return position_decoder(params, cfg, h, pos, (ctx_kv, ctx_mask), own, own_mask, trace)
+
+    out_axes = (0, 1, LayerTrace(1, 0)) if trace else (0, 1)
+    over_positions = jax.vmap(one, in_axes=(0, 0, None, 0, 1, 0), out_axes=out_axes)
+    over_rows = jax.vmap(over_positions, in_axes=(0, 0, 1, 0, 1, 0), out_axes=out_axes)
+    out = over_rows(h, positions, ctx[0], ctx[1], list(own), own_mask)
+    h_out = constrain(out[0], STEP_HIDDEN_AXES)
+    new = KV(constrain(out[1].k, STEP_KV_AXES), constrain(out[1].v, STEP_KV_AXES))
+    return (h_out, new, *out[2:])
+
+
 # --------------------------------------------------------------------------- replayed backward
 
 
@@ -955,14 +1048,21 @@ def replay_layers(
 
     h_base, h_steps: the embeddings fed to layer 0 (the gradient flows back to them).
     step_traces: the traces of the decoder calls that ran the steps, in step order
-    (their `t` axes concatenated are the `steps * seq` of h_steps); kept apart, and
-    joined one layer at a time, so that no `[layers, ...]` copy of them is made.
+    (their `t` axes concatenated are the `steps * seq` of h_steps; a block of steps
+    from `positions_decoder` is position-major, `[layers, batch, seq, group, hidden]`);
+    kept apart, and joined one layer at a time, so that no `[layers, ...]` copy of them
+    is made.
     """
     del layers, h_base, h_steps, geo
     return base_trace.last, _join_steps([t.last for t in step_traces])
 
 
 def _join_steps(pieces: Sequence[jax.Array]) -> jax.Array:
+    """Step traces -> `[batch, steps * seq, hidden]` (step-major). A piece is one step
+    `[batch, seq, hidden]` or a block of steps as `positions_decoder` gives it,
+    position-major `[batch, seq, group, hidden]` (reordered here, one layer at a time)."""
+    pieces = [x if x.ndim == 3 else jnp.moveaxis(x, 2, 1).reshape(x.shape[0], -1, x.shape[-1])
+              for x in pieces]
     return pieces[0] if len(pieces) == 1 else jnp.concatenate(pieces, axis=1)
 
 
