@@ -921,32 +921,25 @@ def position_decoder(
     own_mask: jax.Array,
     trace: bool = False,
 ) -> tuple[jax.Array, KV] | tuple[jax.Array, KV, LayerTrace]:
-    """All layers and the final norm for the queries of ONE position.
+    """All layers and the final norm for the queries of ONE position, held as a batch
+    of one (a row of one position), so that it is `decoder` itself.
 
-    h: `[t, hidden]`, the position's t queries (one thought step, or a block of t steps
-      that see each other causally through `own_mask`); positions `[t]` int.
-    ctx: (KV `[layers, ctx, kv_heads, head_dim]`, mask `[t, ctx]`): the base keys and
-      values of the position's row, and which of them each query sees.
-    own: a sequence of `slots` KVs `[layers, kv_heads, head_dim]`, the keys of the
-      position's earlier steps; own_mask `[t, slots + t]`: which of them and of the t
-      new keys each query sees.
-    Returns (hidden `[t, hidden]`, the queries' KV `[layers, t, kv_heads, head_dim]`),
-    and with `trace` a `LayerTrace` (`[layers, t, hidden]`, `[t, hidden]`).
+    h: `[1, t, hidden]`, the position's t queries (one thought step, or a block of t
+      steps that see each other causally through `own_mask`); positions `[1, t]` int.
+    ctx: (KV `[layers, 1, ctx, kv_heads, head_dim]`, mask `[1, t, ctx]`): the base keys
+      and values of the position's row, and which of them each query sees.
+    own: a sequence of `slots` KVs `[layers, 1, 1, kv_heads, head_dim]`, the keys of the
+      position's earlier steps; own_mask `[1, 1, slots + 1]` (t = 1) or
+      `[1, 1, t, slots + t]`: which of them and of the t new keys each query sees.
+    Returns (hidden `[1, t, hidden]`, the queries' KV `[layers, 1, t, kv_heads,
+    head_dim]`), and with `trace` a `LayerTrace` (`[layers, 1, t, hidden]`,
+    `[1, t, hidden]`).
 
-    The layers are `decoder`'s over a batch of this one position (the own slots of a
-    position sit beside its queries: `attend`'s own block with one position), so the
-    math is the one of every other forward; `positions_decoder` maps it with `jax.vmap`.
+    The unit axes are part of the function's shapes, and added and removed outside
+    `positions_decoder`'s vmap: a reshape inside would make the vmap move the mapped
+    axes to the front (a transposed copy of every key/value array it touches).
     """
-    t = h.shape[0]
-    kv, cmask = ctx
-    c = (KV(kv.k[:, None], kv.v[:, None]), cmask[None])  # a batch of one row
-    slots = tuple(KV(x.k[:, None, None], x.v[:, None, None]) for x in own)  # [L, 1, 1, kv, d]
-    om = own_mask[None] if t == 1 else own_mask[None, None]  # one query, or a group of t
-    out = decoder(params, cfg, h[None], positions[None], ctx=c, own=(slots, om), trace=trace)
-    h_out, new = out[0][0], KV(out[1].k[:, 0], out[1].v[:, 0])
-    if trace:
-        return h_out, new, LayerTrace(out[2].inputs[:, 0], out[2].last[0])
-    return h_out, new
+    return decoder(params, cfg, h, positions, ctx=ctx, own=(own, own_mask), trace=trace)
 
 
 def positions_decoder(
@@ -975,16 +968,24 @@ def positions_decoder(
     matmul batched over (rows, kv heads) whose query rows are the row's positions'
     queries, against the row's keys, which are not copied per position.
     """
-    def one(h, pos, ctx_kv, ctx_mask, own, own_mask):
-        return position_decoder(params, cfg, h, pos, (ctx_kv, ctx_mask), own, own_mask, trace)
-
+    t = h.shape[2]
+    one_position = functools.partial(position_decoder, params, cfg, trace=trace)
     out_axes = (0, 1, LayerTrace(1, 0)) if trace else (0, 1)
-    over_positions = jax.vmap(one, in_axes=(0, 0, None, 0, 1, 0), out_axes=out_axes)
-    over_rows = jax.vmap(over_positions, in_axes=(0, 0, 1, 0, 1, 0), out_axes=out_axes)
-    out = over_rows(h, positions, ctx[0], ctx[1], list(own), own_mask)
-    h_out = constrain(out[0], STEP_HIDDEN_AXES)
-    new = KV(constrain(out[1].k, STEP_KV_AXES), constrain(out[1].v, STEP_KV_AXES))
-    return (h_out, new, *out[2:])
+    # Arguments: h, positions, ctx (KV, mask), own, own_mask.
+    over_positions = jax.vmap(one_position, in_axes=(0, 0, (None, 0), 1, 0), out_axes=out_axes)
+    over_rows = jax.vmap(over_positions, in_axes=(0, 0, (1, 0), 1, 0), out_axes=out_axes)
+    # The unit batch axis of one position, added (and removed below) outside the vmap.
+    ctx_kv = KV(ctx[0].k[:, :, None], ctx[0].v[:, :, None])  # [L, rows, 1, ctx, kv, d]
+    own1 = [KV(x.k[:, :, :, None, None], x.v[:, :, :, None, None]) for x in own]
+    om = own_mask[:, :, None] if t == 1 else own_mask[:, :, None, None]
+    out = over_rows(h[:, :, None], positions[:, :, None], (ctx_kv, ctx[1][:, :, None]), own1,
+                    om)
+    h_out = constrain(out[0][:, :, 0], STEP_HIDDEN_AXES)
+    new = KV(*(constrain(x[:, :, :, 0], STEP_KV_AXES) for x in out[1]))
+    if trace:
+        tr = out[2]
+        return h_out, new, LayerTrace(tr.inputs[:, :, :, 0], tr.last[:, :, 0])
+    return h_out, new
 
 
 # --------------------------------------------------------------------------- replayed backward
