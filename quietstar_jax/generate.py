@@ -10,10 +10,12 @@ tokens live in a key/value cache:
 * prefill: one causal `model.forward` over the left-padded prompts `[B, P]`, whose
   KV fill slots `0..P-1` of a fixed buffer `[layers, B, P + N, kv_heads, head_dim]`
   (with a validity mask `[B, P + N]` and the position id of every slot);
-* per new token t: `n_ahead - 1` one-query `model.decoder` calls that see the cache as
-  the shared context block and the thought's earlier tokens as own keys, then one
-  call for the sampled real token (context = cache, own = itself), whose KV is written
-  into slot `P + t`. The loop is a `jax.lax.while_loop` under `jax.jit`.
+* per new token t: `think_at`, `n_ahead - 1` thought steps of the last position, each
+  the rollout's per-position function (`model.position_decoder`, vmapped over the
+  rows by `model.positions_decoder`) seeing the cache as its row's context and the
+  thought's earlier tokens as own keys; then one call for the sampled real token
+  (context = cache, own = itself), whose KV is written into slot `P + t`. The loop is
+  a `jax.lax.while_loop` under `jax.jit`.
 
 `generate_reference.generate_recompute` is the reference the authors' code
 implements: for every new token it runs the whole parallel rollout
@@ -231,8 +233,11 @@ def think_at(
     h_base `[B, Q, hidden]` the base hidden states of the chosen positions; q_pos
     `[B, Q]` their position ids. Thought step s (1 .. n_ahead - 1) is fed at position
     q_pos + s and sees the visible context (and the sliding window) plus its own earlier
-    steps, exactly as position i of `thoughts.rollout`. Thought tokens are drawn from
-    `[B * Q, vocab]` logits with key `fold_in(key, s)`.
+    steps, exactly as position i of `thoughts.rollout`: each step is the rollout's
+    per-position function (`model.position_decoder`) vmapped over the B x Q chosen
+    positions (`model.positions_decoder`), in a `lax.scan` over the steps with
+    fixed-size own-key buffers. Thought tokens are drawn outside the vmap, from
+    `[B * Q, vocab]` logits (one chunked pass) with key `fold_in(key, s)`.
     Returns (mixed hidden `[B, Q, hidden]`, thought tokens `[B, Q, n_ahead - 3]`,
     mixing weight `[B, Q]`).
     """
@@ -266,11 +271,14 @@ def think_at(
         own_vis = jnp.concatenate([own_vis, jnp.ones((1,), bool)])  # + the step's own key
         own_mask = own_ok[:, :, None] & own_vis[None, None, :]
         own = tuple(KV(own_k[j], own_v[j]) for j in range(n_own))
-        h, kv = model.decoder(params, cfg, emb, pos, ctx=(ctx_kv, ctx_mask),
-                              own=(own, own_mask))
-        own_k = own_k.at[s - 1].set(kv.k.astype(dt))
-        own_v = own_v.at[s - 1].set(kv.v.astype(dt))
-        return (own_k, own_v, h, toks), None
+        # The thought step of one position (`model.position_decoder`), vmapped over the
+        # rows and their Q chosen positions: the rollout's per-position function.
+        h, kv = model.positions_decoder(params, cfg, emb[:, :, None], pos[:, :, None],
+                                        (ctx_kv, ctx_mask[:, :, None]), own,
+                                        own_mask[:, :, None])
+        own_k = own_k.at[s - 1].set(kv.k[:, :, :, 0].astype(dt))
+        own_v = own_v.at[s - 1].set(kv.v[:, :, :, 0].astype(dt))
+        return (own_k, own_v, h[:, :, 0], toks), None
 
     init = (jnp.zeros(kv_shape, dt), jnp.zeros(kv_shape, dt), jnp.zeros(hidden, dt),
             jnp.zeros((n_sampled, b, q), jnp.int32))

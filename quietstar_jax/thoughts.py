@@ -309,11 +309,17 @@ def rollout(
     at position id `pos[i] + s`; its query sees the base keys j <= i (causal mask,
     padding, sliding window) and position i's own keys from steps 1..s.
 
+    The thought of one position is one function, `model.position_decoder` (its queries
+    read the base keys/values of its row and its own earlier keys), mapped over the
+    positions and rows with `jax.vmap` (`model.positions_decoder`); generation's
+    `think_at` maps the same function over its chosen positions.
+
     A step whose token is sampled needs the previous step's output, so the steps up to
-    the one before the last sampled token run one after another. The remaining steps
-    (the last sampled token, end, talk; all steps when `thought_tokens` are given) have
-    known inputs and run as one block: a single decoder call over `block * seq` queries
-    per row, causal among a position's steps.
+    the one before the last sampled token run one after another (one vmapped call each;
+    the token is drawn outside the vmap, for all positions in one chunked vocabulary
+    pass). The remaining steps (the last sampled token, end, talk; all steps when
+    `thought_tokens` are given) have known inputs and run as one block: one vmapped call
+    whose function takes a position's `block` queries at once, causal among themselves.
     """
     num_steps = tc.num_steps if num_steps is None else num_steps
     rows, seq = input_ids.shape
@@ -381,6 +387,10 @@ def rollout(
             emb = model.embed_tokens(p, cfg, fed[s - 1])
         return emb.astype(dt)
 
+    # Every step runs `model.positions_decoder`: the queries of one position (reading its
+    # row's base keys and its own earlier keys) as one function, vmapped over positions
+    # and rows. The loop below is over steps; the vocabulary ops (draws, log-probs) run
+    # outside the vmap, on all positions at once, a vocabulary chunk at a time.
     own: list[KV] = []
     step_hidden, traces = [], []
     prev_h = None
@@ -389,33 +399,34 @@ def rollout(
         # Own keys: steps 1..s-1, then the step's own new key; masked for padding queries.
         own_vis = own_visible(s, jnp.arange(1, s + 1))
         own_mask = valid[:, :, None] & own_vis[None, None, :]
-        out = model.decoder(
-            run_params, cfg, embedding_at(run_params, s), positions + s,
-            ctx=(kv0, ctx_mask_at(s)), own=(tuple(own), own_mask), trace=replay,
+        out = model.positions_decoder(  # one query per position: t = 1
+            run_params, cfg, embedding_at(run_params, s)[:, :, None],
+            (positions + s)[:, :, None], (kv0, ctx_mask_at(s)[:, :, None]), own,
+            own_mask[:, :, None], trace=replay,
         )
-        own.append(out[1])
-        step_hidden.append(out[0])
-        traces.append(out[2:])
-        prev_h = out[0]
+        own.append(KV(out[1].k[:, :, :, 0], out[1].v[:, :, :, 0]))
+        step_hidden.append(out[0][:, :, 0])
+        if replay:
+            traces.append(model.LayerTrace(out[2].inputs[:, :, :, 0], out[2].last[:, :, 0]))
+        prev_h = step_hidden[-1]
 
     block_steps = list(range(sequential + 1, num_steps + 1))
     key_steps = jnp.arange(1, num_steps + 1)
     if block_steps:
-        group = len(block_steps)
+        # One call for the steps with known inputs: per position a group of queries,
+        # causal among themselves, position-major `[rows, seq, group, ...]`.
         for s in block_steps:
             fed.append(token_at(s, prev_h if s == sequential + 1 else None))
-        emb = jnp.stack([embedding_at(run_params, s) for s in block_steps])
+        emb = jnp.stack([embedding_at(run_params, s) for s in block_steps], axis=2)
         own_mask = jnp.stack([own_visible(s, key_steps) for s in block_steps])  # [g, slots]
         own_mask = valid[:, :, None, None] & own_mask[None, None]  # [rows, seq, g, slots]
-        ctx_mask = jnp.concatenate([ctx_mask_at(s) for s in block_steps], axis=1)
-        blk_pos = (positions[:, None, :] + jnp.asarray(block_steps)[None, :, None])
-        out = model.decoder(
-            run_params, cfg, jnp.moveaxis(emb, 0, 1).reshape(rows, group * seq, -1),
-            blk_pos.reshape(rows, group * seq),
-            ctx=(kv0, ctx_mask), own=(tuple(own), own_mask), trace=replay,
-        )
-        step_hidden.extend(jnp.moveaxis(out[0].reshape(rows, group, seq, -1), 1, 0))
-        traces.append(out[2:])
+        ctx_mask = jnp.stack([ctx_mask_at(s) for s in block_steps], axis=2)  # [rows, seq, g, L]
+        blk_pos = positions[:, :, None] + jnp.asarray(block_steps)[None, None, :]
+        out = model.positions_decoder(run_params, cfg, emb, blk_pos, (kv0, ctx_mask), own,
+                                      own_mask, trace=replay)
+        step_hidden.extend(jnp.moveaxis(out[0], 2, 0))
+        if replay:
+            traces.append(out[2])
 
     if replay:  # the differentiable outputs: the traced ones, with the replayed backward
         steps = jnp.arange(1, num_steps + 1)
@@ -430,7 +441,7 @@ def rollout(
         emb_steps = jnp.stack([embedding_at(params, s) for s in range(1, num_steps + 1)], 1)
         out_b, out_s = model.replay_layers(
             cfg, params["layers"], model.embed_tokens(params, cfg, input_ids).astype(dt),
-            emb_steps.reshape(rows, num_steps * seq, -1), base[2], [t for (t,) in traces], geo)
+            emb_steps.reshape(rows, num_steps * seq, -1), base[2], traces, geo)
         norm = lambda x: model.rms_norm(x, params["final_norm"], cfg.rms_norm_eps)
         h0 = norm(out_b)
         step_hidden = list(jnp.moveaxis(norm(out_s).reshape(rows, num_steps, seq, -1), 1, 0))
