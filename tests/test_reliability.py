@@ -61,7 +61,8 @@ def test_truncated_safetensors_in_train_cli_is_one_line(tmp_path):
 
 @pytest.mark.parametrize("cli", ["generate", "evaluate"])
 def test_truncated_safetensors_in_inference_clis_is_one_line(cli, tmp_path, capsys):
-    from quietstar_jax import evaluate, generate_cli
+    from quietstar_jax.evaluation import cli as evaluate
+    from quietstar_jax.generation import cli as generate_cli
 
     bad = truncated_copy(shared_path("data", "stories260K-hf"), tmp_path / "m")
     if cli == "generate":

@@ -18,9 +18,9 @@ from typing import Any
 import jax
 import numpy as np
 
-from quietstar_jax.eval_data import COT_FINAL_ANSWER, cot_prompt
-from quietstar_jax.eval_metrics import extract_first_integer, majority_vote
-from quietstar_jax.generate import generate
+from quietstar_jax.evaluation.data import COT_FINAL_ANSWER, cot_prompt
+from quietstar_jax.evaluation.metrics import extract_first_integer, majority_vote
+from quietstar_jax.generation.cached import generate
 from quietstar_jax.model import ModelConfig, Params
 from quietstar_jax.thoughts import ThoughtConfig
 
