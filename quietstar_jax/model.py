@@ -37,7 +37,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
-from quietstar_jax.sharding import constrain
+from quietstar_jax.axes import constrain
 from quietstar_jax.vocab import VocabMajor, zeros_after
 
 Params = dict[str, Any]
@@ -48,7 +48,7 @@ MODEL_TYPES = ("llama", "mistral", "qwen2")
 # ("mlp": the largest matmuls are not recomputed, attention is), or everything ("none").
 REMAT_POLICIES = ("none", "full", "dots", "mlp")
 _NEG_INF = -1e30
-# Logical axes of activations (see sharding.constrain; no-ops without an active mesh).
+# Logical axes of activations (see axes.constrain; no-ops without an active mesh).
 HIDDEN_AXES = ("batch", "seq", "act_embed")
 KV_AXES = ("batch", "seq", "kv_heads", "head_dim")
 
