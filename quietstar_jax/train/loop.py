@@ -34,7 +34,7 @@ import numpy as np
 from ml_collections import ConfigDict
 
 from quietstar_jax import sharding
-from quietstar_jax.loss import check_finite, quietstar_details
+from quietstar_jax.loss import quietstar_details
 from quietstar_jax.model import ModelConfig, Params
 from quietstar_jax.thoughts import ThoughtConfig
 from quietstar_jax.train import reward_page
@@ -48,7 +48,13 @@ from quietstar_jax.train.config import (
 )
 from quietstar_jax.train.data import TokenBatches, make_source, window
 from quietstar_jax.train.host_memory import release_freed_heap
-from quietstar_jax.train.metrics import MetricsWriter, ProgressBar, format_metrics, to_python
+from quietstar_jax.train.metrics import (
+    MetricsWriter,
+    ProgressBar,
+    check_finite,
+    format_metrics,
+    to_python,
+)
 from quietstar_jax.train.model_setup import LoadedModel, count_params, load_model
 from quietstar_jax.train.step import (
     TrainState,
