@@ -15,15 +15,18 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from quietstar_jax.console import show_logs
 from quietstar_jax.model import ModelConfig, Params
 from quietstar_jax.thoughts import ThoughtConfig
 
 
 def run_cli(run: Callable[[Sequence[str] | None], int], argv: Sequence[str] | None) -> int:
     """Run a command-line entry point; bad input ends with one `error: ...` line on
-    stderr and exit status 2 instead of a traceback."""
+    stderr and exit status 2 instead of a traceback. The library's log records are
+    shown meanwhile (`console.show_logs`)."""
     try:
-        return run(argv)
+        with show_logs():
+            return run(argv)
     except (ValueError, OSError, ImportError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
