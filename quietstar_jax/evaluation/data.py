@@ -171,11 +171,6 @@ def csqa_text(question: str, labels: Sequence[str], texts: Sequence[str], key: s
     return "Q: " + question + "\n" + choices + ANSWER_MARKER + " " + key + "\n"
 
 
-def gsm8k_final_answer(answer: str) -> str:
-    """The text after the last `####` of a GSM8K answer, stripped ("72")."""
-    return answer.split("####")[-1].strip()
-
-
 def cot_prompt(question: str) -> str:
     """The authors' zero-shot chain-of-thought prompt."""
     return "Q: " + question + COT_PROMPT

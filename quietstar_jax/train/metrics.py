@@ -100,12 +100,6 @@ class MetricsWriter:
             self._tb = None
 
 
-def read_metrics(workdir: str) -> list[dict[str, Any]]:
-    """The records of `<workdir>/metrics.jsonl`."""
-    with open(os.path.join(workdir, "metrics.jsonl"), encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
-
-
 def format_metrics(metrics: Mapping[str, Any], names: tuple[str, ...] = SCALARS_SHOWN) -> str:
     parts = []
     for name in names:
