@@ -17,7 +17,8 @@ from typing import Any
 
 from quietstar_jax.console import show_logs
 from quietstar_jax.model import ModelConfig, Params
-from quietstar_jax.thoughts import ThoughtConfig
+from quietstar_jax.protocols import Tokenizer
+from quietstar_jax.thoughts import SamplingMode, ThoughtConfig
 
 
 def run_cli(run: Callable[[Sequence[str] | None], int], argv: Sequence[str] | None) -> int:
@@ -122,10 +123,10 @@ def load_model(
 
 
 def thought_config(
-    tokenizer: Any,
+    tokenizer: Tokenizer,
     base: ThoughtConfig | None,
     n_ahead: int | None,
-    sampling: str,
+    sampling: SamplingMode,
     temperature: float | None = None,
     *,
     mask_special_tokens: bool = False,
@@ -164,7 +165,7 @@ def printable(text: str) -> str:
     return "".join(out)
 
 
-def show_tokens(tokenizer: Any, ids: Sequence[int]) -> str:
+def show_tokens(tokenizer: Tokenizer, ids: Sequence[int]) -> str:
     """Token ids as one line of text: special tokens (eos, bos, pad, ...) as their
     names, e.g. `</s>`, never dropped; everything non-printable escaped."""
     special = set(tokenizer.all_special_ids)

@@ -39,12 +39,15 @@ from quietstar_jax.evaluation.scoring import (
     token_nlls,
 )
 from quietstar_jax.model import ModelConfig, Params
+from quietstar_jax.protocols import Tokenizer
 from quietstar_jax.thoughts import ThoughtConfig
 
 TASKS = ("gsm8k", "csqa", "perplexity", "cot")
 
 
-def _prepare_tc(tc: ThoughtConfig | None, tokenizer: Any, cfg: ModelConfig) -> ThoughtConfig | None:
+def _prepare_tc(
+    tc: ThoughtConfig | None, tokenizer: Tokenizer, cfg: ModelConfig
+) -> ThoughtConfig | None:
     if tc is None:
         return None
     if tc.start_token_id is None or tc.end_token_id is None or tc.pad_token_id is None:
@@ -56,7 +59,7 @@ def _prepare_tc(tc: ThoughtConfig | None, tokenizer: Any, cfg: ModelConfig) -> T
     return tc
 
 
-def _pad_id(tokenizer: Any, tc: ThoughtConfig | None) -> int:
+def _pad_id(tokenizer: Tokenizer, tc: ThoughtConfig | None) -> int:
     if tc is not None and tc.pad_token_id is not None:
         return tc.pad_token_id
     for t in (tokenizer.pad_token_id, tokenizer.eos_token_id):
@@ -136,7 +139,7 @@ def _direct_answer(
     params: Params,
     cfg: ModelConfig,
     tc: ThoughtConfig | None,
-    tokenizer: Any,
+    tokenizer: Tokenizer,
     source: str | Path,
     *,
     limit: int | None,
@@ -186,7 +189,7 @@ def evaluate_gsm8k(
     params: Params,
     cfg: ModelConfig,
     tc: ThoughtConfig | None,
-    tokenizer: Any,
+    tokenizer: Tokenizer,
     source: str | Path = "hf",
     *,
     limit: int | None = None,
@@ -213,7 +216,7 @@ def evaluate_csqa(
     params: Params,
     cfg: ModelConfig,
     tc: ThoughtConfig | None,
-    tokenizer: Any,
+    tokenizer: Tokenizer,
     source: str | Path = "hf",
     *,
     limit: int | None = None,
@@ -231,7 +234,7 @@ def evaluate_csqa(
 
 
 def text_chunks(
-    tokenizer: Any, text: str, chunk_len: int, *, bos: bool = False,
+    tokenizer: Tokenizer, text: str, chunk_len: int, *, bos: bool = False,
     join_paragraphs: bool = True, max_chunks: int | None = None,
 ) -> list[list[int]]:
     """Token chunks for perplexity, each with `chunk_len` predicted tokens.
@@ -273,7 +276,7 @@ def evaluate_perplexity(
     params: Params,
     cfg: ModelConfig,
     tc: ThoughtConfig | None,
-    tokenizer: Any,
+    tokenizer: Tokenizer,
     text: str | Path,
     *,
     chunk_len: int = 256,
@@ -336,7 +339,7 @@ def evaluate_cot(
     params: Params,
     cfg: ModelConfig,
     tc: ThoughtConfig | None,
-    tokenizer: Any,
+    tokenizer: Tokenizer,
     source: str | Path = "hf",
     *,
     limit: int | None = 128,

@@ -47,6 +47,7 @@ from quietstar_jax.generation.sampling import (
     sample_token,
 )
 from quietstar_jax.model import KV, ModelConfig, Params
+from quietstar_jax.protocols import Tokenizer
 from quietstar_jax.thoughts import ThoughtConfig, mixed_hidden, thought_embedding
 
 
@@ -425,7 +426,7 @@ def generate_text(
     params: Params,
     cfg: ModelConfig,
     tc: ThoughtConfig | None,
-    tokenizer: Any,
+    tokenizer: Tokenizer,
     texts: Sequence[str],
     **kwargs: Any,
 ) -> list[dict[str, Any]]:

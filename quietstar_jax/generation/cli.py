@@ -32,6 +32,7 @@ from quietstar_jax.cli_common import (
     write_json,
 )
 from quietstar_jax.generation.cached import generate_text
+from quietstar_jax.protocols import Tokenizer
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -62,7 +63,7 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _show(item: dict[str, Any], tokenizer: Any, show_thoughts: bool) -> str:
+def _show(item: dict[str, Any], tokenizer: Tokenizer, show_thoughts: bool) -> str:
     lines = [item["prompt"] + "\u2502" + item["completion"]]
     if show_thoughts and "thoughts" in item:
         shown = ([show_tokens(tokenizer, ids) for ids in item["thought_ids"]]
