@@ -176,3 +176,13 @@ def test_no_import_cycle() -> None:
     assert not cycles, "import cycles in quietstar_jax/:\n" + "\n".join(
         " -> ".join(c) + f"   (modules in this knot: {', '.join(k)})"
         for c, k in zip(cycles, knots(graph), strict=True))
+
+
+def test_every_package_is_shipped() -> None:
+    """pyproject.toml lists the packages explicitly: a new subpackage must be named."""
+    import tomllib
+
+    listed = set(tomllib.loads((ROOT.parent / "pyproject.toml").read_text())
+                 ["tool"]["setuptools"]["packages"])
+    found = {".".join(p.parent.relative_to(ROOT.parent).parts) for p in ROOT.rglob("__init__.py")}
+    assert found == listed
