@@ -369,3 +369,18 @@ def test_python_m_evaluation_runs_its_main_once():
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.startswith("usage: python -m quietstar_jax.evaluation"), out.stdout
     assert "RuntimeWarning" not in out.stderr, out.stderr
+
+
+def test_the_module_run_by_python_m_evaluation_is_not_imported_again(monkeypatch, capsys):
+    """The body `python -m quietstar_jax.evaluation` runs as `__main__` is not also imported
+    under its own name (which would run it a second time)."""
+    import runpy
+
+    name = "quietstar_jax.evaluation.__main__"
+    monkeypatch.delitem(sys.modules, name, raising=False)
+    monkeypatch.setattr(sys, "argv", ["prog", "--help"])
+    with pytest.raises(SystemExit) as exit_:
+        runpy.run_module("quietstar_jax.evaluation", run_name="__main__")
+    assert exit_.value.code == 0
+    assert name not in sys.modules
+    assert "usage: python -m quietstar_jax.evaluation" in capsys.readouterr().out

@@ -306,3 +306,18 @@ def test_generate_cli_from_training_checkpoint(stories, tmp_path, capsys):
     assert main([str(wd)]) == 2  # no prompt
     with pytest.raises(FileNotFoundError):
         load_model(tmp_path / "nowhere")
+
+
+def test_the_module_run_by_python_m_generation_is_not_imported_again(monkeypatch, capsys):
+    """The body `python -m quietstar_jax.generation` runs as `__main__` is not also imported
+    under its own name (which would run it a second time)."""
+    import runpy
+
+    name = "quietstar_jax.generation.__main__"
+    monkeypatch.delitem(sys.modules, name, raising=False)
+    monkeypatch.setattr(sys, "argv", ["prog", "--help"])
+    with pytest.raises(SystemExit) as exit_:
+        runpy.run_module("quietstar_jax.generation", run_name="__main__")
+    assert exit_.value.code == 0
+    assert name not in sys.modules
+    assert "usage: python -m quietstar_jax.generation" in capsys.readouterr().out
