@@ -65,7 +65,7 @@ from quietstar_jax.train.step import (
 )
 from quietstar_jax.train.tokenizer import TextTokenizer, token_pieces
 
-log = logging.getLogger(__name__)
+logger = logging.getLogger(__name__)
 
 _EVAL_KEY_OFFSET = 1 << 30  # eval thoughts use a key stream apart from training's
 
@@ -141,7 +141,7 @@ class _Setup:
             longest = max([n for _, n in parse_thought_schedule(config.thought_schedule)]
                           + [self.tc.n_ahead]) + self.tc.n_ahead_talk - 2
             if config.data.seq_len + longest > cfg.max_position_embeddings:
-                log.warning(f"warning: seq_len {config.data.seq_len} + thought steps "
+                logger.warning(f"warning: seq_len {config.data.seq_len} + thought steps "
                             f"{longest} exceeds max_position_embeddings "
                             f"{cfg.max_position_embeddings}")
         except (ValueError, KeyError, TypeError, OSError) as e:
@@ -302,7 +302,7 @@ def _train(config: ConfigDict, workdir: str, setup: _Setup, ckpt: Checkpointer,
 
     def say(line: str) -> None:
         if lead:
-            (bar.write if config.progress_bar else log.info)(line)
+            (bar.write if config.progress_bar else logger.info)(line)
 
     say(f"quietstar: {num_params:,} params, {jax.device_count()} devices, mesh "
         f"{dict(setup.mesh.shape)}, {len(setup.source):,} documents, "
@@ -473,7 +473,7 @@ def _resume(setup: _Setup, ckpt: Checkpointer) -> tuple[int, TrainState]:
     reported and moved aside), else the initial state."""
     def warn(line: str) -> None:
         if setup.process_index == 0:
-            log.warning(line)
+            logger.warning(line)
 
     try:
         restored = ckpt.restore_latest(setup.abstract_state(), warn)
