@@ -142,8 +142,8 @@ class _Setup:
                           + [self.tc.n_ahead]) + self.tc.n_ahead_talk - 2
             if config.data.seq_len + longest > cfg.max_position_embeddings:
                 logger.warning(f"warning: seq_len {config.data.seq_len} + thought steps "
-                            f"{longest} exceeds max_position_embeddings "
-                            f"{cfg.max_position_embeddings}")
+                               f"{longest} exceeds max_position_embeddings "
+                               f"{cfg.max_position_embeddings}")
         except (ValueError, KeyError, TypeError, OSError) as e:
             raise SetupError(_one_line(e)) from e
         self.data = TokenBatches(
