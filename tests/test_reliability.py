@@ -203,10 +203,12 @@ def test_seq_len_past_max_positions_is_rejected_at_validation(tmp_path, monkeypa
 @pytest.fixture(scope="module")
 def timed_run(tmp_path_factory):
     """Ten steps with a (synchronous) checkpoint after each and a reward page every
-    third, recording when the loop asks for each batch; stdout captured."""
+    third, recording when the loop asks for each batch; stdout captured (the loop's
+    lines as train.py shows them: `console.show_logs`)."""
     import contextlib
     import io
 
+    from quietstar_jax.console import show_logs
     from quietstar_jax.train import data
 
     cache = str(tmp_path_factory.mktemp("xla_cache"))
@@ -220,7 +222,7 @@ def timed_run(tmp_path_factory):
     data.TokenBatches.__next__ = timed_next
     out = io.StringIO()
     try:
-        with contextlib.redirect_stdout(out):
+        with contextlib.redirect_stdout(out), show_logs():
             config = tiny_config(cache, num_steps=10, checkpoint_every=1,
                                  async_checkpointing=False, eval_examples=1, eval_every=3,
                                  keep_checkpoints=2)
