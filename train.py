@@ -46,11 +46,6 @@ flags.DEFINE_string("workdir", None, "Checkpoints, metrics and reward pages go h
                     "(default ./workdir/<config name>); an existing one is resumed.")
 
 
-def _fail(message: str) -> None:
-    sys.stderr.write(f"train.py: error: {message}\n")
-    sys.exit(2)
-
-
 def _parse_flags(argv: list[str]) -> list[str]:
     """absl flag parsing, with config errors reported in one line."""
     try:
@@ -81,10 +76,12 @@ def main(argv: list[str]) -> None:
     workdir = flags.FLAGS.workdir or os.path.join(
         "workdir", os.path.splitext(os.path.basename(config_file))[0])
 
+    from quietstar_jax.console import show_logs
     from quietstar_jax.train import SetupError, run
 
     try:
-        summary = run(config, workdir)
+        with show_logs():  # the loop's progress lines (stdout) and warnings (stderr)
+            summary = run(config, workdir)
     except SetupError as e:
         _fail(str(e))
     except FloatingPointError as e:

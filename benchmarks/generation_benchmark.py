@@ -28,8 +28,8 @@ from typing import Any
 import jax
 import numpy as np
 
-from quietstar_jax import generate as G
-from quietstar_jax import generate_reference as R
+from quietstar_jax.generation import cached as G
+from quietstar_jax.generation import reference as R
 from quietstar_jax.model import ModelConfig, init_params
 from quietstar_jax.thoughts import ThoughtConfig, init_thought_params
 

@@ -20,11 +20,11 @@ _LAZY = {
     "export_pretrained": "quietstar_jax.hf",
     "load_tokenizer": "quietstar_jax.hf",
     "thought_token_ids": "quietstar_jax.hf",
-    "generate": "quietstar_jax.generate",
-    "evaluate_gsm8k": "quietstar_jax.evaluate",
-    "evaluate_csqa": "quietstar_jax.evaluate",
-    "evaluate_perplexity": "quietstar_jax.evaluate",
-    "evaluate_cot": "quietstar_jax.evaluate",
+    "generate": "quietstar_jax.generation.cached",
+    "evaluate_gsm8k": "quietstar_jax.evaluation.tasks",
+    "evaluate_csqa": "quietstar_jax.evaluation.tasks",
+    "evaluate_perplexity": "quietstar_jax.evaluation.tasks",
+    "evaluate_cot": "quietstar_jax.evaluation.tasks",
 }
 
 __all__ = [

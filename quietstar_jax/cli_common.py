@@ -15,15 +15,19 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from quietstar_jax.console import show_logs
 from quietstar_jax.model import ModelConfig, Params
-from quietstar_jax.thoughts import ThoughtConfig
+from quietstar_jax.protocols import Tokenizer
+from quietstar_jax.thoughts import SamplingMode, ThoughtConfig
 
 
 def run_cli(run: Callable[[Sequence[str] | None], int], argv: Sequence[str] | None) -> int:
     """Run a command-line entry point; bad input ends with one `error: ...` line on
-    stderr and exit status 2 instead of a traceback."""
+    stderr and exit status 2 instead of a traceback. The library's log records are
+    shown meanwhile (`console.show_logs`)."""
     try:
-        return run(argv)
+        with show_logs():
+            return run(argv)
     except (ValueError, OSError, ImportError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -119,10 +123,10 @@ def load_model(
 
 
 def thought_config(
-    tokenizer: Any,
+    tokenizer: Tokenizer,
     base: ThoughtConfig | None,
     n_ahead: int | None,
-    sampling: str,
+    sampling: SamplingMode,
     temperature: float | None = None,
     *,
     mask_special_tokens: bool = False,
@@ -161,7 +165,7 @@ def printable(text: str) -> str:
     return "".join(out)
 
 
-def show_tokens(tokenizer: Any, ids: Sequence[int]) -> str:
+def show_tokens(tokenizer: Tokenizer, ids: Sequence[int]) -> str:
     """Token ids as one line of text: special tokens (eos, bos, pad, ...) as their
     names, e.g. `</s>`, never dropped; everything non-printable escaped."""
     special = set(tokenizer.all_special_ids)

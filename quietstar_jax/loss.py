@@ -6,7 +6,6 @@ consecutively; a label equal to `pad_id` (or masked out) is ignored everywhere.
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import jax
@@ -246,17 +245,3 @@ def quietstar_details(
         params, config, thought_config, input_ids, attention_mask, rng, thought_tokens
     )
     return details | {"metrics": metrics}
-
-
-def check_finite(metrics: dict[str, Any], step: int) -> None:
-    """Raise FloatingPointError naming the step and the first non-finite loss component."""
-    for name in (*LOSS_COMPONENTS, "nll_talk", "loss"):
-        if name not in metrics:
-            continue
-        vals = jnp.atleast_1d(jnp.asarray(metrics[name]))
-        bad = [i for i, v in enumerate(vals.tolist()) if not math.isfinite(v)]
-        if bad:
-            where = f"{name}[{bad[0]}]" if vals.size > 1 else name
-            raise FloatingPointError(
-                f"non-finite loss at step {step}: component {where} = {vals[bad[0]]}"
-            )

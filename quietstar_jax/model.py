@@ -30,25 +30,29 @@ import dataclasses
 import functools
 import math
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, NamedTuple
+from typing import Any, Literal, NamedTuple, get_args
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
-from quietstar_jax.sharding import constrain
+from quietstar_jax.axes import constrain
 from quietstar_jax.vocab import VocabMajor, zeros_after
 
 Params = dict[str, Any]
 
-MODEL_TYPES = ("llama", "mistral", "qwen2")
+ModelType = Literal["llama", "mistral", "qwen2"]
+MODEL_TYPES: tuple[ModelType, ...] = get_args(ModelType)
 # Rematerialisation of each layer in the backward pass: nothing saved but the layer
 # input ("full"), every matmul output ("dots"), the MLP's gate/up projections only
 # ("mlp": the largest matmuls are not recomputed, attention is), or everything ("none").
-REMAT_POLICIES = ("none", "full", "dots", "mlp")
+RematPolicy = Literal["none", "full", "dots", "mlp"]
+REMAT_POLICIES: tuple[RematPolicy, ...] = get_args(RematPolicy)
+# The plain causal pass's attention: this module's `attend`, or cuDNN's flash kernel.
+AttentionImpl = Literal["xla", "cudnn"]
 _NEG_INF = -1e30
-# Logical axes of activations (see sharding.constrain; no-ops without an active mesh).
+# Logical axes of activations (see axes.constrain; no-ops without an active mesh).
 HIDDEN_AXES = ("batch", "seq", "act_embed")
 KV_AXES = ("batch", "seq", "kv_heads", "head_dim")
 
@@ -74,15 +78,15 @@ class ModelConfig:
     tie_word_embeddings: bool = False
     attention_bias: bool = False  # q/k/v bias (Qwen2)
     sliding_window: int | None = None  # Mistral
-    model_type: str = "llama"
+    model_type: ModelType = "llama"
     dtype: str = "float32"
     param_dtype: str = "float32"
     scan_layers: bool = True
-    remat: str = "none"  # none | full | dots (save matmul outputs) | mlp (save gate/up)
+    remat: RematPolicy = "none"  # see REMAT_POLICIES
     # Attention of the plain causal pass: "xla" (this module's `attend`) or "cudnn"
     # (jax.nn.dot_product_attention's cuDNN flash kernel, GPU only; right-padded or
     # unpadded batches only, see `forward`). Thought steps always use `attend`.
-    attention: str = "xla"
+    attention: AttentionImpl = "xla"
     # Vocabulary columns per step of the fused, chunked output projections (vocab.py):
     # the largest `[tokens, chunk]` logits slab alive; any size works (the last chunk
     # is shifted back). Smaller saves memory, larger amortises the scan.

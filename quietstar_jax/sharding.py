@@ -1,16 +1,16 @@
-"""Device mesh, logical-axis sharding rules, and activation constraints.
+"""Device mesh, and the shardings of params, optimiser state and batches.
 
 The mesh has three named axes: `data` (pure data parallelism), `fsdp` (data
 parallelism with parameters and optimiser state sharded) and `tensor`
 (Megatron-style tensor parallelism: attention heads and the MLP hidden split).
 Every parameter carries logical axis names, declared with it in the model's NNX
 modules (its Param's `out_sharding` metadata, read back by `model.param_logical_axes`,
-`thoughts.thought_logical_axes`); a rules table (`DEFAULT_RULES`) maps them onto
+`thoughts.thought_logical_axes`); a rules table (`axes.DEFAULT_RULES`) maps them onto
 mesh axes. The batch is split over `data` and `fsdp`.
 
-Activations are pinned with `constrain(x, logical_axes)`, which the model code can
-call unconditionally: it is a no-op unless a mesh is active (`use_mesh(mesh)`
-around tracing/calling the jitted step), so single-device code is unaffected.
+The rules, `use_mesh` and the activation constraint `constrain` live in the leaf
+module `axes` (the model imports it; this module imports the model) and are
+re-exported here.
 
 Typical use::
 
@@ -27,49 +27,26 @@ Typical use::
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
 import math
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
-if TYPE_CHECKING:  # model.py calls `constrain`, so this module must not import it eagerly
-    from quietstar_jax.model import ModelConfig
-
-MESH_AXES = ("data", "fsdp", "tensor")
-BATCH_AXES = ("data", "fsdp")
-
-Rules = Mapping[str, str | tuple[str, ...] | None]
-
-# logical axis -> mesh axis, tuple of mesh axes, or None (replicated)
-DEFAULT_RULES: dict[str, str | tuple[str, ...] | None] = {
-    # parameters
-    "vocab": "tensor",
-    "embed": "fsdp",
-    "heads": "tensor",
-    "kv_heads": "tensor",
-    "mlp": "tensor",
-    "head_dim": None,
-    "layers": None,
-    "norm": None,
-    "mix_in": None,
-    "mix_out": None,
-    # activations
-    "batch": BATCH_AXES,
-    "seq": None,
-    "act_embed": None,  # the residual stream: replicated over `tensor` (Megatron)
-    "steps": None,  # the thought-step axis of stacked rollout outputs
-    "slots": None,
-}
-
-_RULES: contextvars.ContextVar[Rules] = contextvars.ContextVar(
-    "quietstar_sharding_rules", default=DEFAULT_RULES
+from quietstar_jax.axes import (  # noqa: F401  (re-exported: the mesh's rules live in axes)
+    BATCH_AXES,
+    DEFAULT_RULES,
+    MESH_AXES,
+    Rules,
+    constrain,
+    current_rules,
+    logical_to_spec,
+    use_mesh,
 )
-
+from quietstar_jax.model import ModelConfig, param_logical_axes
+from quietstar_jax.thoughts import thought_logical_axes
 
 # --------------------------------------------------------------------------- the mesh
 
@@ -155,53 +132,11 @@ def make_mesh(
                 axis_types=(AxisType.Auto,) * len(MESH_AXES))
 
 
-# --------------------------------------------------------------------------- rules
-
-
-def logical_to_spec(
-    logical: Sequence[str | None],
-    shape: Sequence[int],
-    mesh: Mesh | jax.sharding.AbstractMesh,
-    rules: Rules | None = None,
-) -> PartitionSpec:
-    """PartitionSpec of an array of `shape` with these logical axes.
-
-    A dimension whose size its mesh axes do not divide stays replicated (e.g. a
-    vocabulary of 32002 on tensor=4), mesh axes of size 1 are dropped, and a mesh
-    axis is used at most once per array (first come, first served).
-    """
-    rules = current_rules() if rules is None else rules
-    if len(logical) != len(shape):
-        raise ValueError(f"logical axes {tuple(logical)} do not match shape {tuple(shape)}")
-    used: set[str] = set()
-    spec: list[Any] = []
-    for name, dim in zip(logical, shape, strict=True):
-        if name is not None and name not in rules:
-            raise ValueError(f"logical axis {name!r} has no sharding rule; known: {sorted(rules)}")
-        target = rules.get(name) if name is not None else None
-        names = (target,) if isinstance(target, str) else tuple(target or ())
-        names = tuple(n for n in names if n not in used and mesh.shape[n] > 1)
-        size = math.prod(mesh.shape[n] for n in names)
-        if not names or dim % size:
-            spec.append(None)
-            continue
-        used.update(names)
-        spec.append(names[0] if len(names) == 1 else names)
-    while spec and spec[-1] is None:
-        spec.pop()
-    return PartitionSpec(*spec)
-
-
-def current_rules() -> Rules:
-    """The rules `constrain` and `logical_to_spec` use (set by `use_mesh`)."""
-    return _RULES.get()
+# --------------------------------------------------------------------------- param shardings
 
 
 def params_logical_axes(cfg: ModelConfig, with_thought: bool = True) -> dict[str, Any]:
     """Logical axes of the full params pytree (model, and `thought` when present)."""
-    from quietstar_jax.model import param_logical_axes
-    from quietstar_jax.thoughts import thought_logical_axes
-
     axes = param_logical_axes(cfg)
     if with_thought:
         axes["thought"] = thought_logical_axes()
@@ -217,8 +152,6 @@ def sharding_by_path(
     sharding=sharding_by_path(mesh))`): the lookup covers every param name any
     config can have (attention biases, an untied `lm_head`, `thought`).
     """
-    from quietstar_jax.model import ModelConfig
-
     probe = ModelConfig(vocab_size=1, hidden_size=1, intermediate_size=1, num_layers=1,
                         num_heads=1, num_kv_heads=1, attention_bias=True)
     axes = params_logical_axes(probe)
@@ -355,38 +288,3 @@ def process_rows(sharding: jax.sharding.Sharding, global_batch: int) -> slice:
             "order the devices process-major (make_mesh does)"
         )
     return slice(rows[0], rows[-1] + 1)
-
-
-# --------------------------------------------------------------------------- activations
-
-
-@contextlib.contextmanager
-def use_mesh(mesh: Mesh, rules: Rules | None = None) -> Iterator[Mesh]:
-    """Make `mesh` (and `rules`) current, so `constrain` pins activations.
-
-    Trace, lower and call the jitted step inside this context; jit caches per mesh.
-    """
-    token = _RULES.set(DEFAULT_RULES if rules is None else rules)
-    try:
-        with jax.set_mesh(mesh):
-            yield mesh
-    finally:
-        _RULES.reset(token)
-
-
-def constrain(x: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:
-    """Pin `x`'s sharding by logical axis names; a no-op when no mesh is active.
-
-    E.g. hidden states `[batch, seq, hidden]` -> `("batch", "seq", "act_embed")`,
-    logits `[batch, seq, vocab]` -> `("batch", "seq", "vocab")`, keys
-    `[layers, batch, seq, kv_heads, head_dim]` -> `("layers", "batch", "seq",
-    "kv_heads", "head_dim")`. Safe inside jit, scan and grad.
-    """
-    mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty or not set(MESH_AXES) <= set(mesh.axis_names):
-        return x
-    if len(logical_axes) != x.ndim:
-        raise ValueError(f"constrain: logical axes {tuple(logical_axes)} do not match the "
-                         f"shape {tuple(x.shape)} of the array")
-    spec = logical_to_spec(logical_axes, x.shape, mesh)
-    return jax.lax.with_sharding_constraint(x, spec)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, NamedTuple
+from typing import Any, Literal, NamedTuple, get_args
 
 import jax
 import jax.numpy as jnp
@@ -15,7 +15,8 @@ from quietstar_jax import model, vocab
 from quietstar_jax.model import KV, ModelConfig, Params
 from quietstar_jax.vocab import sample_categorical  # noqa: F401  (re-export)
 
-SAMPLING_MODES = ("sample", "greedy", "pause")
+SamplingMode = Literal["sample", "greedy", "pause"]
+SAMPLING_MODES: tuple[SamplingMode, ...] = get_args(SamplingMode)
 THOUGHT_LOGIT_MASK = -1e10
 
 
@@ -47,7 +48,7 @@ class ThoughtConfig:
     policy_loss_beta: float = 1e6
     remove_negative_rewards: bool = True
     use_baseline: bool = True
-    sampling: str = "sample"
+    sampling: SamplingMode = "sample"
     start_token_id: int | None = None
     end_token_id: int | None = None
     pad_token_id: int | None = None

@@ -44,7 +44,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from quietstar_jax.sharding import constrain
+from quietstar_jax.axes import constrain
 
 VOCAB_BLOCKS = 16  # blocks = gcd(V, 16): the most ways the vocab is split over devices
 DEFAULT_CHUNK = 8192

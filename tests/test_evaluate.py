@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import math
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -11,9 +13,11 @@ import numpy as np
 import pytest
 from conftest import shared_path
 
-from quietstar_jax import eval_data, evaluate
-from quietstar_jax.eval_cot import cut_at_repeat
-from quietstar_jax.eval_metrics import (
+from quietstar_jax.evaluation import cli as evaluate_cli
+from quietstar_jax.evaluation import data as eval_data
+from quietstar_jax.evaluation import tasks as evaluate
+from quietstar_jax.evaluation.cot import cut_at_repeat
+from quietstar_jax.evaluation.metrics import (
     answer_score,
     extract_first_integer,
     majority_vote,
@@ -109,7 +113,7 @@ def test_cot_answer_extraction_and_vote():
 
 
 def test_length_batches_cover_each_example_once_with_one_shape_per_width():
-    from quietstar_jax.eval_scoring import length_batches
+    from quietstar_jax.evaluation.scoring import length_batches
 
     lengths = [5, 70, 64, 130, 65, 3, 66, 200]
     seen, shapes = [], {}
@@ -337,7 +341,7 @@ def test_cli_writes_json_and_rejects_bad_tasks(tmp_path, capsys):
     model = str(shared_path("data", "stories260K-hf"))
     data = shared_path("data")
     out = tmp_path / "r.json"
-    rc = evaluate.main([model, "--tasks", "gsm8k,csqa,perplexity", "--limit", "3",
+    rc = evaluate_cli.main([model, "--tasks", "gsm8k,csqa,perplexity", "--limit", "3",
                         "--gsm8k", str(data / "gsm8k"), "--csqa", str(data / "commonsenseqa"),
                         "--text", str(data / "tinystories" / "tinystories_val_head.txt"),
                         "--max-chunks", "2", "--n-ahead", "4", "--out", str(out)])
@@ -348,9 +352,35 @@ def test_cli_writes_json_and_rejects_bad_tasks(tmp_path, capsys):
     table = capsys.readouterr().out
     assert "authors acc" in table and "nll/token" in table
     capsys.readouterr()
-    assert evaluate.main([model, "--tasks", "mmlu"]) == 2
-    assert evaluate.main([model, "--tasks", "perplexity"]) == 2
+    assert evaluate_cli.main([model, "--tasks", "mmlu"]) == 2
+    assert evaluate_cli.main([model, "--tasks", "perplexity"]) == 2
     capsys.readouterr()
-    assert evaluate.main([str(tmp_path / "nowhere"), "--tasks", "gsm8k"]) == 2
+    assert evaluate_cli.main([str(tmp_path / "nowhere"), "--tasks", "gsm8k"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: model path")
+
+
+def test_python_m_evaluation_runs_its_main_once():
+    """`python -m quietstar_jax.evaluation` works, without runpy's warning that the
+    module it runs was already imported (a body run twice)."""
+    out = subprocess.run([sys.executable, "-W", "error::RuntimeWarning", "-m",
+                          "quietstar_jax.evaluation", "--help"],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.startswith("usage: python -m quietstar_jax.evaluation"), out.stdout
+    assert "RuntimeWarning" not in out.stderr, out.stderr
+
+
+def test_the_module_run_by_python_m_evaluation_is_not_imported_again(monkeypatch, capsys):
+    """The body `python -m quietstar_jax.evaluation` runs as `__main__` is not also imported
+    under its own name (which would run it a second time)."""
+    import runpy
+
+    name = "quietstar_jax.evaluation.__main__"
+    monkeypatch.delitem(sys.modules, name, raising=False)
+    monkeypatch.setattr(sys, "argv", ["prog", "--help"])
+    with pytest.raises(SystemExit) as exit_:
+        runpy.run_module("quietstar_jax.evaluation", run_name="__main__")
+    assert exit_.value.code == 0
+    assert name not in sys.modules
+    assert "usage: python -m quietstar_jax.evaluation" in capsys.readouterr().out

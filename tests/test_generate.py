@@ -8,14 +8,17 @@ a KV cache of the real tokens and thinks only at the last position.
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from quietstar_jax import generate as G
-from quietstar_jax import generate_reference as R
+from quietstar_jax.generation import cached as G
+from quietstar_jax.generation import reference as R
+from quietstar_jax.generation import sampling as S
 from quietstar_jax.model import ModelConfig, init_params, lm_logits
 from quietstar_jax.thoughts import ThoughtConfig, init_thought_params
 
@@ -137,7 +140,7 @@ def test_eos_stops_rows_and_pads(tiny):
 
 def test_top_p_filter_hand_computed():
     logits = jnp.log(jnp.asarray([[0.05, 0.5, 0.15, 0.3]]))
-    kept = lambda p: np.asarray(G.top_p_filter(logits, p)) > -1e29
+    kept = lambda p: np.asarray(S.top_p_filter(logits, p)) > -1e29
     assert kept(0.5).tolist() == [[False, True, False, False]]
     assert kept(0.7).tolist() == [[False, True, False, True]]
     assert kept(0.81).tolist() == [[False, True, True, True]]
@@ -147,22 +150,32 @@ def test_top_p_filter_hand_computed():
 def test_sampling_frequencies_follow_temperature():
     probs = np.array([0.1, 0.2, 0.3, 0.4])
     logits = jnp.log(jnp.asarray(np.tile(probs, (4000, 1))))
-    sc = G.SamplingConfig(temperature=0.5)
-    draws = np.asarray(G.sample_token(jax.random.key(0), logits, sc))
+    sc = S.SamplingConfig(temperature=0.5)
+    draws = np.asarray(S.sample_token(jax.random.key(0), logits, sc))
     want = probs ** 2 / (probs ** 2).sum()  # temperature 0.5 squares the probabilities
     np.testing.assert_allclose(np.bincount(draws, minlength=4) / draws.size, want, atol=0.03)
 
 
-def test_package_generate_is_callable_after_submodule_import(tiny):
-    """`quietstar_jax.generate(...)` works although the submodule shares the name."""
+def test_package_generate_is_the_generation_function():
+    """The notebook API's `quietstar_jax.generate` is `generation.cached.generate`, also
+    once the generation modules are imported (no module shares its name)."""
     import quietstar_jax
-    import quietstar_jax.generate  # noqa: F401  (sets the package attribute to the module)
+    import quietstar_jax.generation
+    import quietstar_jax.generation.cli  # noqa: F401
 
-    cfg, params, tc = tiny
-    tcg = tc.replace(sampling="greedy")
-    a = quietstar_jax.generate(params, cfg, tcg, PROMPTS, max_new_tokens=N_NEW, greedy=True)
-    b = G.generate(params, cfg, tcg, PROMPTS, max_new_tokens=N_NEW, greedy=True)
-    np.testing.assert_array_equal(np.asarray(a.tokens), np.asarray(b.tokens))
+    assert quietstar_jax.generate is G.generate
+    assert quietstar_jax.generation.generate is G.generate
+
+
+def test_python_m_generation_runs_its_main_once():
+    """`python -m quietstar_jax.generation` works, without runpy's warning that the
+    module it runs was already imported (a body run twice)."""
+    out = subprocess.run([sys.executable, "-W", "error::RuntimeWarning", "-m",
+                          "quietstar_jax.generation", "--help"],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.startswith("usage: python -m quietstar_jax.generation"), out.stdout
+    assert "RuntimeWarning" not in out.stderr, out.stderr
 
 
 def test_bad_inputs(tiny):
@@ -255,7 +268,7 @@ def test_generate_cli_from_training_checkpoint(stories, tmp_path, capsys):
 
     from quietstar_jax import hf
     from quietstar_jax.cli_common import load_model
-    from quietstar_jax.generate_cli import main
+    from quietstar_jax.generation.cli import main
 
     cfg, params, tok, _ = stories
     hf_dir = shared_path_str("data", "stories260K-hf")
@@ -293,3 +306,18 @@ def test_generate_cli_from_training_checkpoint(stories, tmp_path, capsys):
     assert main([str(wd)]) == 2  # no prompt
     with pytest.raises(FileNotFoundError):
         load_model(tmp_path / "nowhere")
+
+
+def test_the_module_run_by_python_m_generation_is_not_imported_again(monkeypatch, capsys):
+    """The body `python -m quietstar_jax.generation` runs as `__main__` is not also imported
+    under its own name (which would run it a second time)."""
+    import runpy
+
+    name = "quietstar_jax.generation.__main__"
+    monkeypatch.delitem(sys.modules, name, raising=False)
+    monkeypatch.setattr(sys, "argv", ["prog", "--help"])
+    with pytest.raises(SystemExit) as exit_:
+        runpy.run_module("quietstar_jax.generation", run_name="__main__")
+    assert exit_.value.code == 0
+    assert name not in sys.modules
+    assert "usage: python -m quietstar_jax.generation" in capsys.readouterr().out

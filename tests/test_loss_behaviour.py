@@ -9,13 +9,13 @@ import pytest
 
 from quietstar_jax import model
 from quietstar_jax.loss import (
-    check_finite,
     quietstar_loss,
     quietstar_objective,
     reinforce_loss,
     training_reward,
 )
 from quietstar_jax.thoughts import ThoughtConfig, init_thought_params, mixed_hidden
+from quietstar_jax.train.metrics import check_finite
 
 VOCAB, START, END, PAD = 67, 65, 66, 0
 TC = ThoughtConfig(n_ahead=5, n_ahead_talk=2, n_passes=2, start_token_id=START,

@@ -61,7 +61,8 @@ def test_truncated_safetensors_in_train_cli_is_one_line(tmp_path):
 
 @pytest.mark.parametrize("cli", ["generate", "evaluate"])
 def test_truncated_safetensors_in_inference_clis_is_one_line(cli, tmp_path, capsys):
-    from quietstar_jax import evaluate, generate_cli
+    from quietstar_jax.evaluation import cli as evaluate
+    from quietstar_jax.generation import cli as generate_cli
 
     bad = truncated_copy(shared_path("data", "stories260K-hf"), tmp_path / "m")
     if cli == "generate":
@@ -108,7 +109,7 @@ def _damage(step_dir: Path, kind: str) -> None:
 
 @pytest.mark.parametrize("kind", ["truncated array file", "_METADATA deleted",
                                   "item directory deleted"])
-def test_damaged_newest_checkpoint_falls_back_and_is_kept(finished, kind, tmp_path, capfd):
+def test_damaged_newest_checkpoint_falls_back_and_is_kept(finished, kind, tmp_path, caplog):
     config, work, _ = finished
     wd = tmp_path / "run"
     shutil.copytree(work, wd)
@@ -117,7 +118,7 @@ def test_damaged_newest_checkpoint_falls_back_and_is_kept(finished, kind, tmp_pa
     c = config.copy_and_resolve_references()
     c.num_steps = 6
     summary = loop.run(c, str(wd))
-    err = capfd.readouterr().err
+    err = caplog.text  # the loop logs its warnings (train.py shows them on stderr)
     assert summary["start_step"] == 2 and summary["final_step"] == 6
     assert "checkpoint step 4" in err and "damaged and skipped" in err, err
     assert summary["checkpoints"] == [2, 4, 6]  # step 4 written anew from the resumed run
@@ -202,10 +203,12 @@ def test_seq_len_past_max_positions_is_rejected_at_validation(tmp_path, monkeypa
 @pytest.fixture(scope="module")
 def timed_run(tmp_path_factory):
     """Ten steps with a (synchronous) checkpoint after each and a reward page every
-    third, recording when the loop asks for each batch; stdout captured."""
+    third, recording when the loop asks for each batch; stdout captured (the loop's
+    lines as train.py shows them: `console.show_logs`)."""
     import contextlib
     import io
 
+    from quietstar_jax.console import show_logs
     from quietstar_jax.train import data
 
     cache = str(tmp_path_factory.mktemp("xla_cache"))
@@ -219,7 +222,7 @@ def timed_run(tmp_path_factory):
     data.TokenBatches.__next__ = timed_next
     out = io.StringIO()
     try:
-        with contextlib.redirect_stdout(out):
+        with contextlib.redirect_stdout(out), show_logs():
             config = tiny_config(cache, num_steps=10, checkpoint_every=1,
                                  async_checkpointing=False, eval_examples=1, eval_every=3,
                                  keep_checkpoints=2)

@@ -15,8 +15,11 @@ import jax
 import pytest
 from conftest import REPO_ROOT, shared_path
 
-from quietstar_jax import evaluate, generate_cli, hf
-from quietstar_jax import generate as G
+from quietstar_jax import hf
+from quietstar_jax.evaluation import cli as evaluate_cli
+from quietstar_jax.evaluation import tasks as evaluate
+from quietstar_jax.generation import cached as G
+from quietstar_jax.generation import cli as generate_cli
 from quietstar_jax.thoughts import ThoughtConfig
 
 
@@ -67,7 +70,7 @@ def test_evaluate_chunk_len_past_max_positions_is_an_error(stories, stories_dir,
     text.write_text("Once upon a time there was a cat. " * 200)
     with pytest.raises(ValueError, match="chunk_len=600.*max_position_embeddings=512"):
         evaluate.evaluate_perplexity(params, cfg, None, tok, text, chunk_len=600)
-    rc = evaluate.main([str(stories_dir), "--tasks", "perplexity", "--text", str(text),
+    rc = evaluate_cli.main([str(stories_dir), "--tasks", "perplexity", "--text", str(text),
                         "--chunk-len", "600", "--out", str(tmp_path / "e.json")])
     assert rc == 2
     _one_error(capsys, "chunk_len=600", "max_position_embeddings=512")
@@ -88,14 +91,14 @@ def test_evaluate_chunk_len_past_max_positions_is_an_error(stories, stories_dir,
     (["generate", "--prompt", "Hi", "--top-p", "0"], "--top-p=0.0 must be in (0, 1]"),
 ])
 def test_bad_input_exits_2_with_one_line(argv, needle, stories_dir, capsys):
-    main = evaluate.main if argv[0] == "evaluate" else generate_cli.main
+    main = evaluate_cli.main if argv[0] == "evaluate" else generate_cli.main
     assert main([str(stories_dir), *argv[1:]]) == 2
     _one_error(capsys, needle)
 
 
-@pytest.mark.parametrize("module", ["evaluate", "generate"])
+@pytest.mark.parametrize("module", ["evaluation", "generation"])
 def test_exit_status_of_the_module_commands(module, stories_dir):
-    extra = ["--tasks", "mmlu"] if module == "evaluate" else []
+    extra = ["--tasks", "mmlu"] if module == "evaluation" else []
     out = subprocess.run([sys.executable, "-m", f"quietstar_jax.{module}", str(stories_dir),
                           *extra], capture_output=True, text=True, timeout=300,
                          env=dict(os.environ, JAX_PLATFORMS="cpu"), cwd=REPO_ROOT)
@@ -108,7 +111,7 @@ def test_exit_status_of_the_module_commands(module, stories_dir):
 
 def test_evaluate_prints_progress_while_a_task_runs(stories_dir, tmp_path, capsys):
     data = shared_path("data")
-    rc = evaluate.main([str(stories_dir), "--tasks", "gsm8k,perplexity", "--limit", "3",
+    rc = evaluate_cli.main([str(stories_dir), "--tasks", "gsm8k,perplexity", "--limit", "3",
                         "--gsm8k", str(data / "gsm8k"), "--no-thinking",
                         "--text", str(data / "tinystories" / "tinystories_val_head.txt"),
                         "--max-chunks", "2", "--out", str(tmp_path / "e.json")])

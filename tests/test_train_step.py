@@ -8,9 +8,10 @@ import numpy as np
 import optax
 import pytest
 
-from quietstar_jax.loss import check_finite, quietstar_loss
+from quietstar_jax.loss import quietstar_loss
 from quietstar_jax.model import ModelConfig, init_params
 from quietstar_jax.thoughts import ThoughtConfig, init_thought_params
+from quietstar_jax.train.metrics import check_finite
 from quietstar_jax.train.step import (
     decay_mask,
     init_state,

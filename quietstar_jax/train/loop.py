@@ -22,9 +22,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import signal
-import sys
 import time
 from collections.abc import Callable
 from typing import Any
@@ -34,7 +34,7 @@ import numpy as np
 from ml_collections import ConfigDict
 
 from quietstar_jax import sharding
-from quietstar_jax.loss import check_finite, quietstar_details
+from quietstar_jax.loss import quietstar_details
 from quietstar_jax.model import ModelConfig, Params
 from quietstar_jax.thoughts import ThoughtConfig
 from quietstar_jax.train import reward_page
@@ -48,7 +48,13 @@ from quietstar_jax.train.config import (
 )
 from quietstar_jax.train.data import TokenBatches, make_source, window
 from quietstar_jax.train.host_memory import release_freed_heap
-from quietstar_jax.train.metrics import MetricsWriter, ProgressBar, format_metrics, to_python
+from quietstar_jax.train.metrics import (
+    MetricsWriter,
+    ProgressBar,
+    check_finite,
+    format_metrics,
+    to_python,
+)
 from quietstar_jax.train.model_setup import LoadedModel, count_params, load_model
 from quietstar_jax.train.step import (
     TrainState,
@@ -58,6 +64,8 @@ from quietstar_jax.train.step import (
     state_shardings,
 )
 from quietstar_jax.train.tokenizer import TextTokenizer, token_pieces
+
+logger = logging.getLogger(__name__)
 
 _EVAL_KEY_OFFSET = 1 << 30  # eval thoughts use a key stream apart from training's
 
@@ -133,9 +141,9 @@ class _Setup:
             longest = max([n for _, n in parse_thought_schedule(config.thought_schedule)]
                           + [self.tc.n_ahead]) + self.tc.n_ahead_talk - 2
             if config.data.seq_len + longest > cfg.max_position_embeddings:
-                print(f"warning: seq_len {config.data.seq_len} + thought steps "
-                      f"{longest} exceeds max_position_embeddings "
-                      f"{cfg.max_position_embeddings}", file=sys.stderr)
+                logger.warning(f"warning: seq_len {config.data.seq_len} + thought steps "
+                               f"{longest} exceeds max_position_embeddings "
+                               f"{cfg.max_position_embeddings}")
         except (ValueError, KeyError, TypeError, OSError) as e:
             raise SetupError(_one_line(e)) from e
         self.data = TokenBatches(
@@ -294,7 +302,7 @@ def _train(config: ConfigDict, workdir: str, setup: _Setup, ckpt: Checkpointer,
 
     def say(line: str) -> None:
         if lead:
-            (bar.write if config.progress_bar else print)(line)
+            (bar.write if config.progress_bar else logger.info)(line)
 
     say(f"quietstar: {num_params:,} params, {jax.device_count()} devices, mesh "
         f"{dict(setup.mesh.shape)}, {len(setup.source):,} documents, "
@@ -465,7 +473,7 @@ def _resume(setup: _Setup, ckpt: Checkpointer) -> tuple[int, TrainState]:
     reported and moved aside), else the initial state."""
     def warn(line: str) -> None:
         if setup.process_index == 0:
-            print(line, file=sys.stderr, flush=True)
+            logger.warning(line)
 
     try:
         restored = ckpt.restore_latest(setup.abstract_state(), warn)

@@ -13,10 +13,27 @@ from typing import Any
 
 import numpy as np
 
+from quietstar_jax.loss import LOSS_COMPONENTS
+
 # loss = nll_loss + policy_term (policy_loss_beta x policy_loss): the policy term is
 # shown beside the total, whose scale (beta = 1e6) it dominates.
 SCALARS_SHOWN = ("loss", "nll_loss", "policy_term", "nll_base", "nll_thought", "reward_mean",
                  "mixing_weight_mean")
+
+
+def check_finite(metrics: dict[str, Any], step: int) -> None:
+    """Raise FloatingPointError naming the step and the first non-finite loss component
+    of a step's host metrics (the loop stops before checkpointing it)."""
+    for name in (*LOSS_COMPONENTS, "nll_talk", "loss"):
+        if name not in metrics:
+            continue
+        vals = np.atleast_1d(np.asarray(metrics[name]))
+        bad = [i for i, v in enumerate(vals.tolist()) if not math.isfinite(v)]
+        if bad:
+            where = f"{name}[{bad[0]}]" if vals.size > 1 else name
+            raise FloatingPointError(
+                f"non-finite loss at step {step}: component {where} = {vals[bad[0]]}"
+            )
 
 
 def to_python(value: Any) -> Any:
@@ -81,12 +98,6 @@ class MetricsWriter:
         if self._tb is not None:
             self._tb.close()
             self._tb = None
-
-
-def read_metrics(workdir: str) -> list[dict[str, Any]]:
-    """The records of `<workdir>/metrics.jsonl`."""
-    with open(os.path.join(workdir, "metrics.jsonl"), encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
 
 
 def format_metrics(metrics: Mapping[str, Any], names: tuple[str, ...] = SCALARS_SHOWN) -> str:

@@ -18,10 +18,11 @@ from typing import Any
 import jax
 import numpy as np
 
-from quietstar_jax.eval_data import COT_FINAL_ANSWER, cot_prompt
-from quietstar_jax.eval_metrics import extract_first_integer, majority_vote
-from quietstar_jax.generate import generate
+from quietstar_jax.evaluation.data import COT_FINAL_ANSWER, cot_prompt
+from quietstar_jax.evaluation.metrics import extract_first_integer, majority_vote
+from quietstar_jax.generation.cached import generate
 from quietstar_jax.model import ModelConfig, Params
+from quietstar_jax.protocols import Tokenizer
 from quietstar_jax.thoughts import ThoughtConfig
 
 STOP_STRINGS = ("Q:", "\n\n\n")
@@ -40,7 +41,7 @@ def cut_at_repeat(text: str, stops: Sequence[str] = STOP_STRINGS) -> str:
     return text[:cut]
 
 
-def _stop_ids(tokenizer: Any) -> set[int]:
+def _stop_ids(tokenizer: Tokenizer) -> set[int]:
     return {int(t) for t in (tokenizer.eos_token_id, tokenizer.bos_token_id,
                              tokenizer.pad_token_id) if t is not None}
 
@@ -85,7 +86,7 @@ def run_cot(
     params: Params,
     cfg: ModelConfig,
     tc: ThoughtConfig | None,
-    tokenizer: Any,
+    tokenizer: Tokenizer,
     rows: Sequence[dict[str, str]],
     *,
     think: bool,

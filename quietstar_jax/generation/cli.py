@@ -1,6 +1,6 @@
-"""`python -m quietstar_jax.generate`: generate text with thoughts from the command line.
+"""`python -m quietstar_jax.generation`: generate text with thoughts from the command line.
 
-    python -m quietstar_jax.generate MODEL --prompt "Once upon a time" [--prompt ...]
+    python -m quietstar_jax.generation MODEL --prompt "Once upon a time" [--prompt ...]
         [--max-new-tokens 64] [--n-ahead 12] [--greedy | --temperature 1 --top-p 1]
         [--mode thinking|base|both] [--show-thoughts] [--ignore-eos]
         [--mask-special-thought-tokens] [--seed 0] [--out generations.json]
@@ -31,11 +31,12 @@ from quietstar_jax.cli_common import (
     thought_config,
     write_json,
 )
-from quietstar_jax.generate import generate_text
+from quietstar_jax.generation.cached import generate_text
+from quietstar_jax.protocols import Tokenizer
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m quietstar_jax.generate",
+    p = argparse.ArgumentParser(prog="python -m quietstar_jax.generation",
                                 description="Generate text with Quiet-STaR thoughts.")
     p.add_argument("model", help="Hugging Face model directory or training checkpoint")
     p.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
@@ -62,7 +63,7 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _show(item: dict[str, Any], tokenizer: Any, show_thoughts: bool) -> str:
+def _show(item: dict[str, Any], tokenizer: Tokenizer, show_thoughts: bool) -> str:
     lines = [item["prompt"] + "\u2502" + item["completion"]]
     if show_thoughts and "thoughts" in item:
         shown = ([show_tokens(tokenizer, ids) for ids in item["thought_ids"]]

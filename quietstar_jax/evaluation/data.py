@@ -32,6 +32,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from quietstar_jax.protocols import Tokenizer
+
 ANSWER_MARKER = "\nA:"
 LETTERS = "ABCDE"
 DIGITS = "0123456789"
@@ -171,11 +173,6 @@ def csqa_text(question: str, labels: Sequence[str], texts: Sequence[str], key: s
     return "Q: " + question + "\n" + choices + ANSWER_MARKER + " " + key + "\n"
 
 
-def gsm8k_final_answer(answer: str) -> str:
-    """The text after the last `####` of a GSM8K answer, stripped ("72")."""
-    return answer.split("####")[-1].strip()
-
-
 def cot_prompt(question: str) -> str:
     """The authors' zero-shot chain-of-thought prompt."""
     return "Q: " + question + COT_PROMPT
@@ -184,11 +181,11 @@ def cot_prompt(question: str) -> str:
 # --------------------------------------------------------------------------- tokens
 
 
-def _encode(tokenizer: Any, text: str) -> list[int]:
+def _encode(tokenizer: Tokenizer, text: str) -> list[int]:
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
-def _char_token(tokenizer: Any, text: str, char: str) -> int:
+def _char_token(tokenizer: Tokenizer, text: str, char: str) -> int:
     """The last id of `text`'s encoding, which must decode to `char` alone."""
     ids = _encode(tokenizer, text)
     if not ids:
@@ -200,12 +197,12 @@ def _char_token(tokenizer: Any, text: str, char: str) -> int:
     return int(ids[-1])
 
 
-def newline_token_id(tokenizer: Any) -> int:
+def newline_token_id(tokenizer: Tokenizer) -> int:
     """Id of "\\n" (for SentencePiece byte fallback, the piece <0x0A>)."""
     return _char_token(tokenizer, "\n", "\n")
 
 
-def gsm8k_valid_ids(tokenizer: Any) -> list[int]:
+def gsm8k_valid_ids(tokenizer: Tokenizer) -> list[int]:
     """Ids of the digits 0..9 then newline; raises if the tokenizer merges digits."""
     digits = [_char_token(tokenizer, d, d) for d in DIGITS]
     run = _encode(tokenizer, DIGITS)
@@ -215,7 +212,7 @@ def gsm8k_valid_ids(tokenizer: Any) -> list[int]:
     return digits + [newline_token_id(tokenizer)]
 
 
-def csqa_valid_ids(tokenizer: Any) -> list[int]:
+def csqa_valid_ids(tokenizer: Tokenizer) -> list[int]:
     """Ids of " A" .. " E" (their letter-carrying last token) then newline."""
     letters = [_char_token(tokenizer, " " + c, c) for c in LETTERS]
     if len(set(letters)) != len(letters):
@@ -223,7 +220,7 @@ def csqa_valid_ids(tokenizer: Any) -> list[int]:
     return letters + [newline_token_id(tokenizer)]
 
 
-def marker_end(tokenizer: Any, ids: Sequence[int], marker: str = ANSWER_MARKER) -> int:
+def marker_end(tokenizer: Tokenizer, ids: Sequence[int], marker: str = ANSWER_MARKER) -> int:
     """Index of the token that completes the LAST occurrence of `marker`.
 
     As the authors find it: the largest i such that `decode(ids[:i])` holds fewer
@@ -276,7 +273,7 @@ def answer_targets(
 
 
 def build_examples(
-    tokenizer: Any,
+    tokenizer: Tokenizer,
     texts: Sequence[str],
     valid_ids: Sequence[int],
     *,

@@ -5,7 +5,7 @@ at position i is the mixed logits after the end token (n_ahead - 1 thought steps
 start, sampled tokens, end), the base prediction the step-0 logits (the model with
 no thought). Perplexity needs every position: one `thoughts.rollout` (all positions
 think in parallel). Direct answering needs only the few answer positions: one causal
-forward, then thoughts only there (`generate.think_at`, the same computation as the
+forward, then thoughts only there (`generation.cached.think_at`, the same computation as the
 rollout's at those positions). Prompts are right-padded into batches bucketed by
 length, one compiled program per bucket shape.
 """
@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from quietstar_jax import model
-from quietstar_jax.generate import think_at
+from quietstar_jax.generation.cached import think_at
 from quietstar_jax.loss import hidden_nll
 from quietstar_jax.model import ModelConfig, Params
 from quietstar_jax.thoughts import ThoughtConfig, mixed_hidden, rollout

@@ -1,17 +1,17 @@
 """Evaluations of a Quiet-STaR model, base (no thoughts) and thinking side by side.
 
-Functions (for notebooks) and `python -m quietstar_jax.evaluate` (tasks gsm8k, csqa,
-perplexity, cot):
+Functions for notebooks and for the command line (`python -m quietstar_jax.evaluation`,
+`evaluation.cli`; tasks gsm8k, csqa, perplexity, cot):
 
 * `evaluate_gsm8k`, `evaluate_csqa`: zero-shot direct answering with the authors'
-  metric (ALGORITHM.md section 5; see `eval_data` for the prompts and valid tokens and
-  `eval_metrics.answer_score`): `accuracy` is the mean over examples of the product
+  metric (ALGORITHM.md section 5; see `evaluation.data` for the prompts and valid tokens and
+  `evaluation.metrics.answer_score`): `accuracy` is the mean over examples of the product
   of renormalised true-token probabilities, `exact_match` the share of examples whose
   every scored token is the argmax over the valid tokens, `first_token_match` the
   share whose first scored token is (CommonsenseQA: the choice letter).
 * `evaluate_perplexity`: base and thought-mixed NLL per token of held-out text, and
   the improvement binned by the base NLL of each token.
-* `evaluate_cot`: chain-of-thought majority vote on GSM8K (`eval_cot`).
+* `evaluate_cot`: chain-of-thought majority vote on GSM8K (`evaluation.cot`).
 
 The thinking model is the given ThoughtConfig with `n_ahead_talk = n_passes = 1`;
 thought tokens are sampled (`tc.sampling == "sample"`, keys from `seed`) or greedy.
@@ -19,8 +19,6 @@ thought tokens are sampled (`tc.sampling == "sample"`, keys from `seed`) or gree
 
 from __future__ import annotations
 
-import argparse
-import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -30,11 +28,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from quietstar_jax import eval_data
-from quietstar_jax.cli_common import format_table, load_model, run_cli, thought_config, write_json
-from quietstar_jax.eval_cot import run_cot
-from quietstar_jax.eval_metrics import DEFAULT_NLL_EDGES, answer_score, nll_bins
-from quietstar_jax.eval_scoring import (
+from quietstar_jax.evaluation import data as eval_data
+from quietstar_jax.evaluation.cot import run_cot
+from quietstar_jax.evaluation.metrics import DEFAULT_NLL_EDGES, answer_score, nll_bins
+from quietstar_jax.evaluation.scoring import (
     answer_logits,
     eval_thought_config,
     length_batches,
@@ -42,12 +39,15 @@ from quietstar_jax.eval_scoring import (
     token_nlls,
 )
 from quietstar_jax.model import ModelConfig, Params
+from quietstar_jax.protocols import Tokenizer
 from quietstar_jax.thoughts import ThoughtConfig
 
 TASKS = ("gsm8k", "csqa", "perplexity", "cot")
 
 
-def _prepare_tc(tc: ThoughtConfig | None, tokenizer: Any, cfg: ModelConfig) -> ThoughtConfig | None:
+def _prepare_tc(
+    tc: ThoughtConfig | None, tokenizer: Tokenizer, cfg: ModelConfig
+) -> ThoughtConfig | None:
     if tc is None:
         return None
     if tc.start_token_id is None or tc.end_token_id is None or tc.pad_token_id is None:
@@ -59,7 +59,7 @@ def _prepare_tc(tc: ThoughtConfig | None, tokenizer: Any, cfg: ModelConfig) -> T
     return tc
 
 
-def _pad_id(tokenizer: Any, tc: ThoughtConfig | None) -> int:
+def _pad_id(tokenizer: Tokenizer, tc: ThoughtConfig | None) -> int:
     if tc is not None and tc.pad_token_id is not None:
         return tc.pad_token_id
     for t in (tokenizer.pad_token_id, tokenizer.eos_token_id):
@@ -139,7 +139,7 @@ def _direct_answer(
     params: Params,
     cfg: ModelConfig,
     tc: ThoughtConfig | None,
-    tokenizer: Any,
+    tokenizer: Tokenizer,
     source: str | Path,
     *,
     limit: int | None,
@@ -189,7 +189,7 @@ def evaluate_gsm8k(
     params: Params,
     cfg: ModelConfig,
     tc: ThoughtConfig | None,
-    tokenizer: Any,
+    tokenizer: Tokenizer,
     source: str | Path = "hf",
     *,
     limit: int | None = None,
@@ -201,7 +201,7 @@ def evaluate_gsm8k(
     log: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     """Zero-shot direct-answer GSM8K (test): base and thinking `accuracy` (the authors'
-    metric) and `exact_match`. tc None: base only. source: see `eval_data.load_rows`.
+    metric) and `exact_match`. tc None: base only. source: see `evaluation.data.load_rows`.
     Prompts longer than max_length keep their last max_length tokens; batching: see
     `score_examples`; `log` gets a progress line per batch. Returns {"task", "examples",
     "n_ahead", "thought_tokens", "valid_token_ids", "valid_tokens", "base": {"accuracy",
@@ -216,7 +216,7 @@ def evaluate_csqa(
     params: Params,
     cfg: ModelConfig,
     tc: ThoughtConfig | None,
-    tokenizer: Any,
+    tokenizer: Tokenizer,
     source: str | Path = "hf",
     *,
     limit: int | None = None,
@@ -234,7 +234,7 @@ def evaluate_csqa(
 
 
 def text_chunks(
-    tokenizer: Any, text: str, chunk_len: int, *, bos: bool = False,
+    tokenizer: Tokenizer, text: str, chunk_len: int, *, bos: bool = False,
     join_paragraphs: bool = True, max_chunks: int | None = None,
 ) -> list[list[int]]:
     """Token chunks for perplexity, each with `chunk_len` predicted tokens.
@@ -276,7 +276,7 @@ def evaluate_perplexity(
     params: Params,
     cfg: ModelConfig,
     tc: ThoughtConfig | None,
-    tokenizer: Any,
+    tokenizer: Tokenizer,
     text: str | Path,
     *,
     chunk_len: int = 256,
@@ -292,7 +292,7 @@ def evaluate_perplexity(
 
     text: the text itself (str) or a text file (Path). Chunking: see `text_chunks`. Returns
     {"tokens", "chunks", "chunking", "base": {"nll", "perplexity"}, "thinking": {...},
-    "bins": `eval_metrics.nll_bins` of base vs thinking per token}. A chunk (with its
+    "bins": `evaluation.metrics.nll_bins` of base vs thinking per token}. A chunk (with its
     context token or BOS) must fit the model's `max_position_embeddings`. `log` gets a
     progress line per batch.
     """
@@ -339,7 +339,7 @@ def evaluate_cot(
     params: Params,
     cfg: ModelConfig,
     tc: ThoughtConfig | None,
-    tokenizer: Any,
+    tokenizer: Tokenizer,
     source: str | Path = "hf",
     *,
     limit: int | None = 128,
@@ -382,133 +382,3 @@ def evaluate_cot(
             out[name]["per_question"] = res["per_question"]
     out["seconds"] = time.perf_counter() - t0
     return out
-
-
-# --------------------------------------------------------------------------- CLI
-
-
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m quietstar_jax.evaluate",
-        description="Evaluate a Quiet-STaR model: base (no thoughts) and thinking side by side.")
-    p.add_argument("model", help="Hugging Face model directory or training checkpoint")
-    p.add_argument("--tasks", default="gsm8k,csqa",
-                   help=f"comma-separated subset of {','.join(TASKS)}")
-    p.add_argument("--gsm8k", default="hf", help="GSM8K test jsonl, a folder with test.jsonl, "
-                   "hf[:name] or tfds:name")
-    p.add_argument("--csqa", default="hf", help="CommonsenseQA validation jsonl, folder, "
-                   "hf[:name] or tfds:name")
-    p.add_argument("--text", help="held-out text file for perplexity")
-    p.add_argument("--n-ahead", type=int, default=None,
-                   help="thought length: n_ahead (start + n_ahead-3 tokens + end); default: "
-                   "the checkpoint's, else 12")
-    p.add_argument("--thought-sampling", choices=("sample", "greedy"), default="sample")
-    p.add_argument("--no-thinking", action="store_true", help="evaluate the base model only")
-    p.add_argument("--mask-special-thought-tokens", action="store_true",
-                   help="thoughts never draw the tokenizer's special tokens (eos, bos, pad, "
-                   "...); off by default, as the authors")
-    p.add_argument("--limit", type=int, default=None, help="first N examples (gsm8k, csqa)")
-    p.add_argument("--batch-tokens", type=int, default=8192, help="tokens per scoring batch")
-    p.add_argument("--max-length", type=int, default=None,
-                   help="keep the last N tokens of longer prompts")
-    p.add_argument("--chunk-len", type=int, default=256, help="perplexity chunk length")
-    p.add_argument("--max-chunks", type=int, default=None, help="perplexity: first N chunks")
-    p.add_argument("--bos", action="store_true",
-                   help="perplexity: BOS before each chunk (else its first token is context)")
-    p.add_argument("--cot-limit", type=int, default=128)
-    p.add_argument("--cot-votes", type=int, default=8)
-    p.add_argument("--cot-temperature", type=float, default=0.9)
-    p.add_argument("--cot-solution-tokens", type=int, default=384)
-    p.add_argument("--cot-batch-size", type=int, default=64)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
-    p.add_argument("--out", default="eval_results.json", help="JSON output path")
-    return p
-
-
-def _table_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
-    rows = []
-    for task, r in results.items():
-        for name in ("base", "thinking"):
-            if name not in r:
-                continue
-            m = r[name]
-            row = {"task": task, "model": name,
-                   "n_ahead": 1 if name == "base" else r["n_ahead"]}
-            if task == "perplexity":
-                row |= {"metric": "nll/token", "value": m["nll"], "exact_match": "",
-                        "n": r["tokens"]}
-            elif task == "cot":
-                row |= {"metric": "maj-vote acc", "value": m["accuracy"], "exact_match": "",
-                        "n": r["questions"]}
-            else:
-                row |= {"metric": "authors acc", "value": m["accuracy"],
-                        "exact_match": m["exact_match"],
-                        "first_token": m["first_token_match"], "n": r["examples"]}
-            row["seconds"] = r["seconds"]
-            rows.append(row)
-    return rows
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """Command-line entry point; bad input ends with one `error: ...` line (exit 2)."""
-    return run_cli(_run, argv)
-
-
-def _run(argv: Sequence[str] | None) -> int:
-    args = _parser().parse_args(argv)
-    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
-    bad = [t for t in tasks if t not in TASKS]
-    if bad or not tasks:
-        raise ValueError(f"unknown task(s) {bad}; choose from {','.join(TASKS)}")
-    if "perplexity" in tasks and not args.text:
-        raise ValueError("the perplexity task needs --text FILE")
-    if "perplexity" in tasks and not Path(args.text).is_file():
-        raise FileNotFoundError(f"--text {args.text!r} is not a file")
-    cfg, params, tok, ckpt_tc = load_model(args.model, args.dtype)
-    if "perplexity" in tasks:
-        _check_chunk_len(args.chunk_len, cfg)
-    tc = None if args.no_thinking else thought_config(
-        tok, ckpt_tc, args.n_ahead, args.thought_sampling,
-        mask_special_tokens=args.mask_special_thought_tokens)
-    results: dict[str, Any] = {}
-    common = dict(batch_tokens=args.batch_tokens, seed=args.seed, max_length=args.max_length,
-                  limit=args.limit)
-    for task in tasks:
-        def log(line: str, task: str = task) -> None:
-            print(f"[{task}] {line}", file=sys.stderr, flush=True)
-
-        log("running" + ("" if tc is None else f" (base and thinking, n_ahead {tc.n_ahead})")
-            + "; each new prompt length compiles first")
-        if task == "gsm8k":
-            results[task] = evaluate_gsm8k(params, cfg, tc, tok, args.gsm8k, log=log, **common)
-        elif task == "csqa":
-            results[task] = evaluate_csqa(params, cfg, tc, tok, args.csqa, log=log, **common)
-        elif task == "perplexity":
-            results[task] = evaluate_perplexity(params, cfg, tc, tok, Path(args.text),
-                                                chunk_len=args.chunk_len,
-                                                max_chunks=args.max_chunks, bos=args.bos,
-                                                seed=args.seed, log=log)
-        else:
-            results[task] = evaluate_cot(params, cfg, tc, tok, args.gsm8k, limit=args.cot_limit,
-                                         n_votes=args.cot_votes,
-                                         temperature=args.cot_temperature,
-                                         max_solution_tokens=args.cot_solution_tokens,
-                                         batch_size=args.cot_batch_size, seed=args.seed,
-                                         log=lambda m: print(m, file=sys.stderr, flush=True))
-        print(f"[{task}] done in {results[task]['seconds']:.1f}s", file=sys.stderr)
-    print(format_table(_table_rows(results),
-                       ["task", "model", "n_ahead", "metric", "value", "exact_match",
-                        "first_token", "n", "seconds"]))
-    if "perplexity" in results and "bins" in results["perplexity"]:
-        print("\nperplexity: improvement (base - thinking NLL) by base-NLL bin")
-        print(format_table(results["perplexity"]["bins"],
-                           ["lo", "hi", "tokens", "share", "base_nll", "thought_nll",
-                            "improvement"]))
-    write_json(args.out, {"model": str(args.model), "results": results})
-    print(f"\nwrote {args.out}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

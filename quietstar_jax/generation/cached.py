@@ -1,4 +1,4 @@
-"""Generation with thoughts (ALGORITHM.md section 6): cached, and the recompute reference.
+"""Cached generation with thoughts (ALGORITHM.md section 6).
 
 For each new token the model thinks at the last position (start-of-thought,
 `n_ahead - 3` sampled thought tokens, end-of-thought), mixes the end step's hidden
@@ -17,23 +17,20 @@ tokens live in a key/value cache:
   (context = cache, own = itself), whose KV is written into slot `P + t`. The loop is
   a `jax.lax.while_loop` under `jax.jit`.
 
-`generate_reference.generate_recompute` is the reference the authors' code
+`generation.reference.generate_recompute` is the reference the authors' code
 implements: for every new token it runs the whole parallel rollout
 (`thoughts.rollout`, every position thinks) over the whole current sequence and reads
 the last position's mixed logits.
 
-Random keys: the key of new token t is `fold_in(rng, t)`; thought token s (the token
-fed on thought step s, 2 <= s <= n_ahead - 2) is drawn with `fold_in(key_t, s)` from
-`[B, vocab]` logits, and the real token with `fold_in(key_t, 0)`. Both generators
-consume keys this way, so with the same rng they draw the same tokens.
+Random keys (`generation.sampling`): the key of new token t is `fold_in(rng, t)`; thought
+token s (the token fed on thought step s, 2 <= s <= n_ahead - 2) is drawn with
+`fold_in(key_t, s)` from `[B, vocab]` logits, and the real token with `fold_in(key_t, 0)`.
+Both generators consume keys this way, so with the same rng they draw the same tokens.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import functools
-import sys
-import types
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
@@ -41,38 +38,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from quietstar_jax import model, vocab
-from quietstar_jax.model import KV, ModelConfig, Params
-from quietstar_jax.thoughts import (
-    ThoughtConfig,
-    mask_thought_logits,
-    mixed_hidden,
-    sample_categorical,
-    thought_embedding,
+from quietstar_jax import model
+from quietstar_jax.generation.sampling import (
+    SamplingConfig,
+    _mask_real_logits,
+    _token_key,
+    sample_thought_token,
+    sample_token,
 )
-
-_NEG_INF = -1e30
-
-
-@dataclasses.dataclass(frozen=True)
-class SamplingConfig:
-    """How the real (non-thought) tokens are drawn.
-
-    greedy: argmax (temperature and top_p are then ignored).
-    temperature: logits are divided by it (> 0).
-    top_p: nucleus sampling; keep the smallest set of most likely tokens whose
-      probability reaches top_p (1.0 keeps all).
-    """
-
-    greedy: bool = False
-    temperature: float = 1.0
-    top_p: float = 1.0
-
-    def __post_init__(self) -> None:
-        if not self.temperature > 0:
-            raise ValueError(f"temperature={self.temperature}: must be > 0 (use greedy=True)")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p={self.top_p}: must be in (0, 1]")
+from quietstar_jax.model import KV, ModelConfig, Params
+from quietstar_jax.protocols import Tokenizer
+from quietstar_jax.thoughts import ThoughtConfig, mixed_hidden, thought_embedding
 
 
 class Generation(NamedTuple):
@@ -91,52 +67,6 @@ class Generation(NamedTuple):
     lengths: jax.Array
     thoughts: jax.Array | None
     mixing_weights: jax.Array | None
-
-
-# --------------------------------------------------------------------------- sampling
-
-
-def top_p_filter(logits: jax.Array, top_p: float) -> jax.Array:
-    """Keep the most likely tokens whose cumulative probability first reaches top_p.
-
-    logits: `[..., vocab]` float32; the other entries become -1e30. The most likely
-    token is always kept; ties at the threshold are kept.
-    """
-    if top_p >= 1.0:
-        return logits
-    desc = jnp.flip(jnp.sort(logits, axis=-1), axis=-1)
-    probs = jax.nn.softmax(desc, axis=-1)
-    before = jnp.cumsum(probs, axis=-1) - probs  # mass strictly above each sorted token
-    keep = before < top_p
-    threshold = jnp.min(jnp.where(keep, desc, jnp.inf), axis=-1, keepdims=True)
-    return jnp.where(logits >= threshold, logits, _NEG_INF)
-
-
-def sample_token(key: jax.Array, logits: jax.Array, sc: SamplingConfig) -> jax.Array:
-    """One token per row: logits `[B, vocab]` float32 -> int32 `[B]`."""
-    if sc.greedy:
-        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    return sample_categorical(key, top_p_filter(logits / sc.temperature, sc.top_p))
-
-
-def sample_thought_token(
-    params: Params, cfg: ModelConfig, tc: ThoughtConfig, key: jax.Array | None, h: jax.Array
-) -> jax.Array:
-    """The next thought token from the previous step's hidden `[B, hidden]` -> `[B]`:
-    plain LM logits with the thought ids masked, argmax (tc.sampling == "greedy") or a
-    sample at tc.thought_temperature."""
-    greedy = tc.sampling == "greedy"
-    return vocab.sample(h, model.vocab_table(params, cfg), None if greedy else key,
-                        temperature=tc.thought_temperature, masked_ids=tc.sampled_masked_ids,
-                        greedy=greedy, chunk_size=cfg.vocab_chunk, dtype=cfg.dtype)
-
-
-def _token_key(rng: jax.Array, t: jax.Array | int) -> jax.Array:
-    return jax.random.fold_in(rng, t)
-
-
-def _mask_real_logits(logits: jax.Array, tc: ThoughtConfig | None) -> jax.Array:
-    return logits if tc is None else mask_thought_logits(logits, tc)
 
 
 # --------------------------------------------------------------------------- inputs
@@ -496,7 +426,7 @@ def generate_text(
     params: Params,
     cfg: ModelConfig,
     tc: ThoughtConfig | None,
-    tokenizer: Any,
+    tokenizer: Tokenizer,
     texts: Sequence[str],
     **kwargs: Any,
 ) -> list[dict[str, Any]]:
@@ -526,20 +456,3 @@ def generate_text(
             item["mixing_weights"] = np.asarray(gen.mixing_weights)[i, : lengths[i]].tolist()
         out.append(item)
     return out
-
-
-class _CallableModule(types.ModuleType):
-    """`quietstar_jax.generate` is both this module (`python -m quietstar_jax.generate`)
-    and, in the notebook API, the function `generate`: once the submodule is imported,
-    the package attribute `generate` is the module, so calling it calls `generate`."""
-
-    def __call__(self, *args: Any, **kwargs: Any) -> Generation:
-        return generate(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule
-
-if __name__ == "__main__":
-    from quietstar_jax.generate_cli import main
-
-    sys.exit(main())

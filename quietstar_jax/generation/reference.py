@@ -3,7 +3,7 @@
 The authors' approach (their code reruns the model over the whole prefix for each
 new token): `thoughts.rollout`, in which every position thinks, over the current
 sequence, then the last position's mixed logits. Used to check the cached generator
-(`quietstar_jax.generate.generate`) and as the baseline of the generation benchmark.
+(`quietstar_jax.generation.cached.generate`) and as the baseline of the generation benchmark.
 """
 
 from __future__ import annotations
@@ -16,13 +16,11 @@ import jax
 import jax.numpy as jnp
 
 from quietstar_jax import model
-from quietstar_jax.generate import (
-    Generation,
+from quietstar_jax.generation.cached import Generation, _finish, prepare_request
+from quietstar_jax.generation.sampling import (
     SamplingConfig,
-    _finish,
     _mask_real_logits,
     _token_key,
-    prepare_request,
     sample_thought_token,
     sample_token,
 )

@@ -1,0 +1,155 @@
+"""`python -m quietstar_jax.evaluation`: evaluate a model from the command line.
+
+    python -m quietstar_jax.evaluation MODEL --tasks gsm8k,csqa,perplexity,cot
+        [--gsm8k hf|FILE] [--csqa hf|FILE] [--text FILE] [--n-ahead 12] [--limit N]
+        [--no-thinking] [--out eval_results.json]
+
+MODEL is a Hugging Face directory or a training workdir / checkpoint step directory.
+Runs each task base and thinking side by side (`evaluation.tasks`), reports progress
+on stderr, prints a table of the results and writes them as JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from quietstar_jax.cli_common import format_table, load_model, run_cli, thought_config, write_json
+from quietstar_jax.evaluation.tasks import (
+    TASKS,
+    _check_chunk_len,
+    evaluate_cot,
+    evaluate_csqa,
+    evaluate_gsm8k,
+    evaluate_perplexity,
+)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m quietstar_jax.evaluation",
+        description="Evaluate a Quiet-STaR model: base (no thoughts) and thinking side by side.")
+    p.add_argument("model", help="Hugging Face model directory or training checkpoint")
+    p.add_argument("--tasks", default="gsm8k,csqa",
+                   help=f"comma-separated subset of {','.join(TASKS)}")
+    p.add_argument("--gsm8k", default="hf", help="GSM8K test jsonl, a folder with test.jsonl, "
+                   "hf[:name] or tfds:name")
+    p.add_argument("--csqa", default="hf", help="CommonsenseQA validation jsonl, folder, "
+                   "hf[:name] or tfds:name")
+    p.add_argument("--text", help="held-out text file for perplexity")
+    p.add_argument("--n-ahead", type=int, default=None,
+                   help="thought length: n_ahead (start + n_ahead-3 tokens + end); default: "
+                   "the checkpoint's, else 12")
+    p.add_argument("--thought-sampling", choices=("sample", "greedy"), default="sample")
+    p.add_argument("--no-thinking", action="store_true", help="evaluate the base model only")
+    p.add_argument("--mask-special-thought-tokens", action="store_true",
+                   help="thoughts never draw the tokenizer's special tokens (eos, bos, pad, "
+                   "...); off by default, as the authors")
+    p.add_argument("--limit", type=int, default=None, help="first N examples (gsm8k, csqa)")
+    p.add_argument("--batch-tokens", type=int, default=8192, help="tokens per scoring batch")
+    p.add_argument("--max-length", type=int, default=None,
+                   help="keep the last N tokens of longer prompts")
+    p.add_argument("--chunk-len", type=int, default=256, help="perplexity chunk length")
+    p.add_argument("--max-chunks", type=int, default=None, help="perplexity: first N chunks")
+    p.add_argument("--bos", action="store_true",
+                   help="perplexity: BOS before each chunk (else its first token is context)")
+    p.add_argument("--cot-limit", type=int, default=128)
+    p.add_argument("--cot-votes", type=int, default=8)
+    p.add_argument("--cot-temperature", type=float, default=0.9)
+    p.add_argument("--cot-solution-tokens", type=int, default=384)
+    p.add_argument("--cot-batch-size", type=int, default=64)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+    p.add_argument("--out", default="eval_results.json", help="JSON output path")
+    return p
+
+
+def _table_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
+    rows = []
+    for task, r in results.items():
+        for name in ("base", "thinking"):
+            if name not in r:
+                continue
+            m = r[name]
+            row = {"task": task, "model": name,
+                   "n_ahead": 1 if name == "base" else r["n_ahead"]}
+            if task == "perplexity":
+                row |= {"metric": "nll/token", "value": m["nll"], "exact_match": "",
+                        "n": r["tokens"]}
+            elif task == "cot":
+                row |= {"metric": "maj-vote acc", "value": m["accuracy"], "exact_match": "",
+                        "n": r["questions"]}
+            else:
+                row |= {"metric": "authors acc", "value": m["accuracy"],
+                        "exact_match": m["exact_match"],
+                        "first_token": m["first_token_match"], "n": r["examples"]}
+            row["seconds"] = r["seconds"]
+            rows.append(row)
+    return rows
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Command-line entry point; bad input ends with one `error: ...` line (exit 2)."""
+    return run_cli(_run, argv)
+
+
+def _run(argv: Sequence[str] | None) -> int:
+    args = _parser().parse_args(argv)
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    bad = [t for t in tasks if t not in TASKS]
+    if bad or not tasks:
+        raise ValueError(f"unknown task(s) {bad}; choose from {','.join(TASKS)}")
+    if "perplexity" in tasks and not args.text:
+        raise ValueError("the perplexity task needs --text FILE")
+    if "perplexity" in tasks and not Path(args.text).is_file():
+        raise FileNotFoundError(f"--text {args.text!r} is not a file")
+    cfg, params, tok, ckpt_tc = load_model(args.model, args.dtype)
+    if "perplexity" in tasks:
+        _check_chunk_len(args.chunk_len, cfg)
+    tc = None if args.no_thinking else thought_config(
+        tok, ckpt_tc, args.n_ahead, args.thought_sampling,
+        mask_special_tokens=args.mask_special_thought_tokens)
+    results: dict[str, Any] = {}
+    common = dict(batch_tokens=args.batch_tokens, seed=args.seed, max_length=args.max_length,
+                  limit=args.limit)
+    for task in tasks:
+        def log(line: str, task: str = task) -> None:
+            print(f"[{task}] {line}", file=sys.stderr, flush=True)
+
+        log("running" + ("" if tc is None else f" (base and thinking, n_ahead {tc.n_ahead})")
+            + "; each new prompt length compiles first")
+        if task == "gsm8k":
+            results[task] = evaluate_gsm8k(params, cfg, tc, tok, args.gsm8k, log=log, **common)
+        elif task == "csqa":
+            results[task] = evaluate_csqa(params, cfg, tc, tok, args.csqa, log=log, **common)
+        elif task == "perplexity":
+            results[task] = evaluate_perplexity(params, cfg, tc, tok, Path(args.text),
+                                                chunk_len=args.chunk_len,
+                                                max_chunks=args.max_chunks, bos=args.bos,
+                                                seed=args.seed, log=log)
+        else:
+            results[task] = evaluate_cot(params, cfg, tc, tok, args.gsm8k, limit=args.cot_limit,
+                                         n_votes=args.cot_votes,
+                                         temperature=args.cot_temperature,
+                                         max_solution_tokens=args.cot_solution_tokens,
+                                         batch_size=args.cot_batch_size, seed=args.seed,
+                                         log=lambda m: print(m, file=sys.stderr, flush=True))
+        print(f"[{task}] done in {results[task]['seconds']:.1f}s", file=sys.stderr)
+    print(format_table(_table_rows(results),
+                       ["task", "model", "n_ahead", "metric", "value", "exact_match",
+                        "first_token", "n", "seconds"]))
+    if "perplexity" in results and "bins" in results["perplexity"]:
+        print("\nperplexity: improvement (base - thinking NLL) by base-NLL bin")
+        print(format_table(results["perplexity"]["bins"],
+                           ["lo", "hi", "tokens", "share", "base_nll", "thought_nll",
+                            "improvement"]))
+    write_json(args.out, {"model": str(args.model), "results": results})
+    print(f"\nwrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
