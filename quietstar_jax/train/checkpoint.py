@@ -218,7 +218,7 @@ def training_step_dir(path: str | os.PathLike) -> tuple[Path, Path]:
         "(config.json + checkpoints/) nor a checkpoints/<step> directory")
 
 
-def load_checkpoint_params(path: str | os.PathLike) -> Any:
+def load_checkpoint_params(path: str | os.PathLike) -> dict[str, Any]:
     """The params of a training checkpoint: of `path`'s newest finished step when it
     is a workdir, else of the step directory `path` (see `training_step_dir`),
     restored by orbax without a target (host-local arrays, the saved dtypes). An
