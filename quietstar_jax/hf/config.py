@@ -4,8 +4,14 @@ Reads the Llama, Mistral and Qwen2 configs of transformers 4 and 5 (RoPE base in
 `rope_theta`, `rope_scaling` or `rope_parameters`, maybe nested per attention type;
 Qwen2's `use_sliding_window`/`max_window_layers`/`layer_types`), rejecting what the
 decoder does not implement (scaled RoPE, partial rotary, per-layer attention types,
-Llama biases) with one line naming the file and the field. Writes the dict that
-transformers' own config class of the model type produces.
+Llama biases) with one line naming the file and the field: the support check is
+this module's job, so it reads the plain dict rather than a transformers config class.
+
+Writes a dict that both transformers 4 and 5 read (`rope_theta` and
+`rope_parameters`, `torch_dtype` and `dtype`). It is written out here, not by
+`transformers.AutoConfig.for_model(...).to_dict()`: transformers 5's `to_dict` drops
+`rope_theta` and `torch_dtype` (a transformers 4 reader would fall back to
+`rope_theta=10000`), and its defaults and extra fields change between versions.
 """
 
 from __future__ import annotations
