@@ -17,7 +17,6 @@ _LAZY = {
     "load_pretrained": "quietstar_jax.hf",
     "load_model": "quietstar_jax.hf",
     "save_pretrained": "quietstar_jax.hf",
-    "export_pretrained": "quietstar_jax.hf",
     "load_tokenizer": "quietstar_jax.hf",
     "thought_token_ids": "quietstar_jax.hf",
     "generate": "quietstar_jax.generation.cached",

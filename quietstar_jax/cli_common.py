@@ -2,8 +2,10 @@
 
 `load_model` opens a Hugging Face directory (`config.json` + safetensors +
 tokenizer, via `hf.load_pretrained`) or a training checkpoint: a workdir of
-`quietstar_jax.train.run` (its latest `checkpoints/<step>`) or one step directory,
-for models trained from a Hugging Face checkpoint (`model.hf_path`).
+`quietstar_jax.train.run` (its latest finished step) or one step directory, for
+models trained from a Hugging Face checkpoint (`model.hf_path`). The checkpoints'
+layout and format are `train.checkpoint`'s (`training_step_dir`,
+`load_checkpoint_params`); this module only reads the run's `config.json`.
 """
 
 from __future__ import annotations
@@ -33,35 +35,18 @@ def run_cli(run: Callable[[Sequence[str] | None], int], argv: Sequence[str] | No
         return 2
 
 
-def _training_step_dir(path: Path) -> tuple[Path, Path]:
-    """(workdir, checkpoints/<step> directory) of a training workdir (latest step) or
-    of one of its step directories."""
-    if (path / "checkpoints").is_dir():
-        steps = sorted((int(p.name) for p in (path / "checkpoints").iterdir()
-                        if p.name.isdigit() and (p / "state").is_dir()), reverse=True)
-        if not steps:
-            raise FileNotFoundError(f"{path}/checkpoints holds no finished checkpoint")
-        return path, path / "checkpoints" / str(steps[0])
-    if (path / "state").is_dir() and (path.parent.parent / "config.json").is_file():
-        return path.parent.parent, path
-    raise FileNotFoundError(
-        f"{path} is neither a Hugging Face directory (config.json) nor a training workdir "
-        "(config.json + checkpoints/) nor a checkpoints/<step> directory")
-
-
 def _restore_training_checkpoint(
     path: Path, dtype: str
 ) -> tuple[ModelConfig, Params, Any, ThoughtConfig]:
-    """Params of a training checkpoint (orbax `checkpoints/<step>/state`, restored
-    without a target), with the architecture and tokenizer of the workdir config's
-    `model.hf_path` and the ThoughtConfig of its `thought` group."""
+    """Params of a training checkpoint (`train.checkpoint.load_checkpoint_params`),
+    with the architecture and tokenizer of the workdir config's `model.hf_path` and
+    the ThoughtConfig of its `thought` group."""
     import dataclasses
 
-    import orbax.checkpoint as ocp
-
     from quietstar_jax import hf
+    from quietstar_jax.train.checkpoint import load_checkpoint_params, training_step_dir
 
-    workdir, step_dir = _training_step_dir(path)
+    workdir, step_dir = training_step_dir(path)
     config = json.loads((workdir / "config.json").read_text(encoding="utf-8"))
     model = config.get("model", {})
     hf_path = model.get("hf_path")
@@ -78,12 +63,7 @@ def _restore_training_checkpoint(
         raise ValueError(f"{hf_path}: no tokenizer files")
     ids = hf.add_thought_tokens(tok)
     cfg = cfg.replace(vocab_size=max(cfg.vocab_size, len(tok)))
-    try:
-        params = ocp.StandardCheckpointer().restore(str((step_dir / "state").resolve()))["params"]
-    except Exception as e:  # noqa: BLE001 - a damaged checkpoint fails in many ways
-        reason = " ".join(str(e).split())[:200]
-        raise ValueError(f"{step_dir}: the checkpoint cannot be read ({type(e).__name__}: "
-                         f"{reason}); pass an intact checkpoints/<step> directory") from None
+    params = load_checkpoint_params(step_dir)
     if "thought" not in params:
         raise ValueError(f"{step_dir}: the checkpoint has no thought params")
     rows = params["embed"].shape[0]
@@ -109,10 +89,12 @@ def load_model(
     or `checkpoints/<step>` directory is a training checkpoint, whose ThoughtConfig
     comes with it.
     """
+    from quietstar_jax.train.checkpoint import CHECKPOINTS_DIR
+
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"model path {str(path)!r} does not exist")
-    if (path / "config.json").is_file() and not (path / "checkpoints").is_dir():
+    if (path / "config.json").is_file() and not (path / CHECKPOINTS_DIR).is_dir():
         from quietstar_jax import hf
 
         cfg, params, tok = hf.load_pretrained(path, dtype=dtype)

@@ -133,7 +133,7 @@ def test_export_round_trip(stories, tmp_path):
     import transformers
 
     cfg, params, tok = stories["cfg"], stories["params"], stories["tok"]
-    out = hf.export_pretrained(tmp_path / "export", params, cfg, tok)
+    out = hf.save_pretrained(tmp_path / "export", params, cfg, tok)
     assert (out / "tokenizer.json").is_file()
     cfg2, params2, tok2 = hf.load_pretrained(out)
     assert cfg2 == cfg and len(tok2) == 514

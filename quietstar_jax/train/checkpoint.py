@@ -21,11 +21,18 @@ import logging
 import os
 import uuid
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
 from etils import epath
+
+CHECKPOINTS_DIR = "checkpoints"  # under the workdir
+STATE_ITEM = "state"  # the TrainState item of a step directory
+DATA_ITEM = "data"  # the data position item of a step directory
+
+logger = logging.getLogger(__name__)
 
 
 class CheckpointError(ValueError):
@@ -51,19 +58,12 @@ def _quiet_absl() -> Iterator[None]:
         logger.setLevel(level)
 
 
-def _key_name(entry: Any) -> str:
-    for attr in ("key", "name", "idx"):
-        if hasattr(entry, attr):
-            return str(getattr(entry, attr))
-    return str(entry)
-
-
 def _shapes_by_path(tree: Any) -> dict[str, tuple[int, ...] | None]:
     """`"params.layers.q" -> shape` of every leaf (dict keys, attributes and indices
     alike, so a TrainState and its orbax metadata tree give the same names)."""
     leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
-    return {".".join(_key_name(k) for k in path): (tuple(leaf.shape) if hasattr(leaf, "shape")
-                                                  else None)
+    return {jax.tree_util.keystr(path, simple=True, separator="."):
+            (tuple(leaf.shape) if hasattr(leaf, "shape") else None)
             for path, leaf in leaves}
 
 
@@ -80,13 +80,15 @@ class Checkpointer:
         )
         self.manager = ocp.CheckpointManager(
             self.directory, options=options,
-            item_handlers={"state": ocp.StandardCheckpointHandler(),
-                           "data": ocp.JsonCheckpointHandler()})
+            item_handlers={STATE_ITEM: ocp.StandardCheckpointHandler(),
+                           DATA_ITEM: ocp.JsonCheckpointHandler()})
 
     def latest_step(self) -> int | None:
+        """The newest saved step, or None."""
         return self.manager.latest_step()
 
     def all_steps(self) -> list[int]:
+        """Every saved step."""
         return list(self.manager.all_steps())
 
     def save(self, step: int, state: Any, data_state: dict[str, Any]) -> None:
@@ -125,7 +127,7 @@ class Checkpointer:
                                       "model (a different architecture or config?)")
 
     def restore_latest(
-        self, abstract_state: Any, say: Callable[[str], None] = print
+        self, abstract_state: Any, say: Callable[[str], None] = logger.warning
     ) -> tuple[int, Any, dict[str, Any]] | None:
         """(step, state, data_state) of the newest step that restores, or None when
         there is no checkpoint. Damaged newer steps are reported through `say` (step
@@ -180,6 +182,7 @@ class Checkpointer:
         self.manager.wait_until_finished()
 
     def close(self) -> None:
+        """Wait for pending saves, then release the manager."""
         self.manager.wait_until_finished()
         self.manager.close()
 
@@ -189,3 +192,45 @@ def abstract_like(tree: Any) -> Any:
     return jax.tree.map(
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)),
         tree)
+
+
+def checkpoints_dir(workdir: str | os.PathLike) -> str:
+    """The checkpoint directory of a training workdir (`<workdir>/checkpoints`)."""
+    return os.path.join(workdir, CHECKPOINTS_DIR)
+
+
+def training_step_dir(path: str | os.PathLike) -> tuple[Path, Path]:
+    """(workdir, `checkpoints/<step>` directory) of a training workdir (its newest
+    finished step) or of one of its step directories. A path that is neither is a
+    FileNotFoundError; the workdir is the one holding the run's `config.json`."""
+    path = Path(path)
+    ckpts = path / CHECKPOINTS_DIR
+    if ckpts.is_dir():
+        steps = sorted((int(p.name) for p in ckpts.iterdir()
+                        if p.name.isdigit() and (p / STATE_ITEM).is_dir()), reverse=True)
+        if not steps:
+            raise FileNotFoundError(f"{ckpts} holds no finished checkpoint")
+        return path, ckpts / str(steps[0])
+    if (path / STATE_ITEM).is_dir() and (path.parent.parent / "config.json").is_file():
+        return path.parent.parent, path
+    raise FileNotFoundError(
+        f"{path} is neither a Hugging Face directory (config.json) nor a training workdir "
+        "(config.json + checkpoints/) nor a checkpoints/<step> directory")
+
+
+def load_checkpoint_params(path: str | os.PathLike) -> dict[str, Any]:
+    """The params of a training checkpoint: of `path`'s newest finished step when it
+    is a workdir, else of the step directory `path` (see `training_step_dir`),
+    restored by orbax without a target (host-local arrays, the saved dtypes). An
+    unreadable step is one ValueError line naming it."""
+    _, step_dir = training_step_dir(path)
+    try:
+        with _quiet_absl():
+            state = ocp.StandardCheckpointer().restore(str((step_dir / STATE_ITEM).resolve()))
+    except Exception as e:  # noqa: BLE001 - a damaged checkpoint fails in many ways
+        reason = " ".join(str(e).split())[:200]
+        raise ValueError(f"{step_dir}: the checkpoint cannot be read ({type(e).__name__}: "
+                         f"{reason}); pass an intact checkpoints/<step> directory") from None
+    if not isinstance(state, dict) or "params" not in state:
+        raise ValueError(f"{step_dir}: the checkpoint holds no params")
+    return state["params"]

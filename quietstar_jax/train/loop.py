@@ -38,7 +38,7 @@ from quietstar_jax.loss import quietstar_details
 from quietstar_jax.model import ModelConfig, Params
 from quietstar_jax.thoughts import ThoughtConfig
 from quietstar_jax.train import reward_page
-from quietstar_jax.train.checkpoint import Checkpointer, CheckpointError
+from quietstar_jax.train.checkpoint import Checkpointer, CheckpointError, checkpoints_dir
 from quietstar_jax.train.config import (
     ConfigError,
     n_ahead_at,
@@ -274,7 +274,7 @@ def run(
     if config.get("compilation_cache_dir"):
         _enable_compilation_cache(config.compilation_cache_dir)
     setup = _Setup(config, workdir)
-    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"),
+    ckpt = Checkpointer(checkpoints_dir(workdir),
                         max_to_keep=config.keep_checkpoints,
                         async_save=config.async_checkpointing)
     try:
