@@ -82,8 +82,9 @@ def load_hf_model(model: Any, mesh: Mesh, seed: int) -> LoadedModel:
                                 "directory")
     cfg, params, hf_tok = hf.load_pretrained(
         path, dtype=model.dtype, param_dtype=model.param_dtype,
-        sharding=sharding.sharding_by_path(mesh), rng=jax.random.key(seed), scan_layers=model.scan_layers, remat=model.remat,
-        attention=model.attention, vocab_chunk=model.vocab_chunk)
+        sharding=sharding.sharding_by_path(mesh), rng=jax.random.key(seed),
+        scan_layers=model.scan_layers, remat=model.remat, attention=model.attention,
+        vocab_chunk=model.vocab_chunk)
     if hf_tok is None:
         raise FileNotFoundError(f"config.model.hf_path={path!r} has no tokenizer files; the "
                                 "trainer needs the checkpoint's tokenizer")
