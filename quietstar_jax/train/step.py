@@ -260,9 +260,10 @@ def make_train_step(
             grads = jax.tree.map(lambda g, p: (g / grad_accum).astype(p.dtype), g_sum,
                                  state.params)
             metrics = jax.tree.map(lambda m: m / grad_accum, m_sum)
-        grad_norm = optax.tree.norm(grads)
-        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
+        with jax.named_scope("optimizer"):
+            grad_norm = optax.tree.norm(grads)
+            updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+            params = optax.apply_updates(state.params, updates)
         metrics = dict(metrics)
         metrics["grad_norm"] = grad_norm
         metrics["tokens"] = jnp.sum(batch["attention_mask"]).astype(jnp.float32)
