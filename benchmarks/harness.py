@@ -147,6 +147,7 @@ class Stepper:
         release_freed_heap()  # as the trainer does after compiling
         self.lower_s, self.compile_s = t1 - t0, t2 - t1
         self.loss: float | None = None
+        self.metrics: dict[str, Any] = {}  # the last call's metrics (device arrays)
         self.cpu_times: list[float] = []  # process CPU seconds of each call
 
     def __call__(self) -> float:
@@ -160,6 +161,7 @@ class Stepper:
         dt = time.perf_counter() - t0
         c1 = os.times()
         self.cpu_times.append(c1.user + c1.system - c0.user - c0.system)
+        self.metrics = metrics
         self.loss = float(metrics["loss"])
         return dt
 

@@ -72,7 +72,6 @@ def op_seconds(trace_dir: str) -> dict[str, float]:
 def profile(spec: dict[str, Any], steps: int = 2) -> dict[str, Any]:
     """Trace `steps` Quiet-STaR updates; their op seconds per step by phase."""
     import jax
-
     from step_benchmark import build
 
     c = spec["config"]
