@@ -1,12 +1,13 @@
-"""What every benchmark shares: the trainer's step and state, a timing Stepper, memory
-and CPU readings, the machine/version/source record, and a subprocess runner.
+"""What every benchmark shares: the trainer's step and state, a timing Stepper, memory and
+CPU readings, the machine/version/source record, and a subprocess runner.
 
 The update step is the trainer's own (`quietstar_jax.train.step.make_train_step`), with
 its optimizer (`config.optim` of the trainer's `base_config`: global-norm clipping,
 AdamW with its decay mask, the warm-up schedule), its state (`init_state`, donated) and
 its shardings (`state_shardings`, on a mesh the step is traced under, as the trainer
-does); the plain baseline is the same step with `loss_fn=next_token_loss_fn`.
-Thought configs come from the trainer's builder (`train.config.thought_config`).
+does; step_benchmark.py uses a one-device mesh, the memory plans their simulated ones);
+the plain baseline is the same step with `loss_fn=next_token_loss_fn`. Thought configs
+come from the trainer's builder (`train.config.thought_config`).
 """
 
 from __future__ import annotations

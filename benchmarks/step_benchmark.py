@@ -142,7 +142,8 @@ def build(c: dict[str, Any]) -> dict[str, Any]:
 
     from quietstar_jax import sharding
 
-    mesh = sharding.make_mesh((1, -1, 1))  # the trainer's default mesh
+    # One device (the figures are per chip), as a mesh made current like the trainer's.
+    mesh = sharding.make_mesh((1, 1, 1), jax.devices()[:1])
     if c["hf_path"]:
         cfg, tc, params, ids = _pretrained(c)
     else:
