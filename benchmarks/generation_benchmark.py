@@ -25,13 +25,14 @@ import time
 from pathlib import Path
 from typing import Any
 
+import harness as H
 import jax
 import numpy as np
 
 from quietstar_jax.generation import cached as G
 from quietstar_jax.generation import reference as R
-from quietstar_jax.model import ModelConfig, init_params
-from quietstar_jax.thoughts import ThoughtConfig, init_thought_params
+from quietstar_jax.model import ModelConfig
+from quietstar_jax.sharding import make_mesh
 
 DEFAULT_MODEL = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "stories260K-hf"
 DEFAULT_TEXT = DEFAULT_MODEL.parent / "tinystories" / "tinystories_val_head.txt"
@@ -44,8 +45,8 @@ def _load(model: str | None, n_ahead: int, prompt_len: int, batch: int, seed: in
         from quietstar_jax import hf
 
         cfg, params, tok = hf.load_pretrained(path)
-        tc = ThoughtConfig(n_ahead=n_ahead, n_ahead_talk=1, n_passes=1, sampling="greedy",
-                           **hf.thought_token_ids(tok))
+        tc = H.thought_config(hf.thought_token_ids(tok), n_ahead=n_ahead, n_ahead_talk=1,
+                              n_passes=1, sampling="greedy")
         text = DEFAULT_TEXT.read_text() if DEFAULT_TEXT.is_file() else "Once upon a time. " * 200
         ids = tok(text, add_special_tokens=False)["input_ids"]
         prompts = [[tok.bos_token_id] + ids[b * prompt_len:(b + 1) * prompt_len - 1]
@@ -55,10 +56,9 @@ def _load(model: str | None, n_ahead: int, prompt_len: int, batch: int, seed: in
         raise SystemExit(f"error: model directory {model} does not exist")
     cfg = ModelConfig(vocab_size=514, hidden_size=64, intermediate_size=172, num_layers=5,
                       num_heads=8, num_kv_heads=4, eos_token_id=None)
-    params = init_params(cfg, jax.random.key(seed))
-    params["thought"] = init_thought_params(params, cfg, jax.random.key(seed + 1), 5)
-    tc = ThoughtConfig(n_ahead=n_ahead, n_ahead_talk=1, n_passes=1, sampling="greedy",
-                       start_token_id=512, end_token_id=513, pad_token_id=0)
+    params = H.init_model(cfg, seed, make_mesh((1, -1, 1)))
+    tc = H.thought_config(cfg.vocab_size, n_ahead=n_ahead, n_ahead_talk=1, n_passes=1,
+                          sampling="greedy")  # thought ids 512, 513; pad 0
     rng = np.random.default_rng(seed)
     prompts = rng.integers(3, 512, (batch, prompt_len)).tolist()
     return cfg, params, tc, prompts, "tiny random llama (stories260K shape)"

@@ -7,10 +7,11 @@
 
 Each variant runs in a subprocess with `--xla_force_host_platform_device_count=N`
 simulated CPU devices. Parameters and the AdamW state are abstract
-(`jax.eval_shape` ShapeDtypeStructs carrying the FSDP shardings of
-`sharding.param_shardings` / `sharding.state_shardings`); the update step
-(`value_and_grad(quietstar_loss)`, global-norm clipping 1.0, AdamW with weight decay
-0.001, state donated) is lowered and compiled, never run, and
+(`jax.eval_shape` ShapeDtypeStructs carrying the trainer's shardings,
+`train.step.state_shardings`); the trainer's update step (`train.step.make_train_step`
+with its default optimizer: global-norm clipping 1.0, AdamW with weight decay 0.001 and
+its decay mask, state donated; benchmarks/harness.py) is lowered and compiled, never
+run, and
 `compiled.memory_analysis()` gives per-device argument, output, alias and temporary
 bytes. Per-device peak = arguments + outputs - aliased (donated) + temporaries.
 
@@ -26,10 +27,11 @@ import argparse
 import json
 import math
 import os
-import subprocess
 import sys
 import time
 from typing import Any
+
+import harness as H
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -57,66 +59,38 @@ ACCELERATORS = {"80 GB GPU (A100/H100)": 80e9, "32 GB TPU v4 core": 32 * 2**30}
 
 
 def worker(spec: dict[str, Any]) -> dict[str, Any]:
-    """Compile the update step on this process's devices; return the memory analysis."""
+    """Compile the trainer's update step on this process's devices; return the memory
+    analysis."""
     import jax
     import jax.numpy as jnp
-    import numpy as np
-    import optax
 
     from quietstar_jax import sharding
-    from quietstar_jax.loss import quietstar_loss
-    from quietstar_jax.model import ModelConfig, init_params
-    from quietstar_jax.thoughts import ThoughtConfig, init_thought_params
-    from quietstar_jax.train.step import make_optimizer
+    from quietstar_jax.model import ModelConfig
+    from quietstar_jax.train.step import abstract_state
 
     m = dict(spec["model"])
     batch, seq = m.pop("batch"), m.pop("seq")
     m["num_layers"] = spec["layers"]
     cfg = ModelConfig(**m, dtype=spec["dtype"], param_dtype=spec["param_dtype"],
                       remat=spec["remat"], scan_layers=True)
-    v = cfg.vocab_size
-    tc = ThoughtConfig(n_ahead=spec["n_ahead"], n_ahead_talk=spec["n_ahead_talk"],
-                       n_passes=spec["n_passes"], start_token_id=v - 2, end_token_id=v - 1,
-                       pad_token_id=2)
+    tc = H.thought_config(cfg.vocab_size, n_ahead=spec["n_ahead"],
+                          n_ahead_talk=spec["n_ahead_talk"], n_passes=spec["n_passes"])
     mesh = sharding.make_mesh(tuple(spec.get("mesh") or (1, -1, 1)))
     # The loss repeats the `batch` sequences n_passes times; the model's activation
     # constraints split those rows over the mesh (the token ids themselves are replicated:
     # 4 sequences cannot be split 8 ways, their 8 rows can).
     sharding.check_parallelism(mesh, cfg, batch * tc.n_passes)
-    axes = sharding.params_logical_axes(cfg)
-    opt, _ = make_optimizer(1e-6, total_steps=1000, weight_decay=1e-3)  # the trainer's
-
-    def init():
-        p = init_params(cfg, jax.random.key(0))
-        return {**p, "thought": init_thought_params(p, cfg, jax.random.key(1), 5)}
-
-    abstract_params = jax.eval_shape(init)
-    p_sh = sharding.param_shardings(mesh, abstract_params, axes)
-    abstract_opt = jax.eval_shape(opt.init, abstract_params)
-    o_sh = sharding.state_shardings(mesh, abstract_opt, axes)
-    rep = sharding.replicated(mesh)
+    abstract_params = H.init_model(cfg, 0)  # shapes only
+    setup = H.train_setup(cfg, mesh, abstract_params)  # the trainer's optimizer, shardings
     b_sh = sharding.batch_sharding(mesh) if batch % sharding.data_parallel_size(mesh) == 0 \
-        else rep
-
-    def update(params, opt_state, ids, mask, step):
-        rng = jax.random.fold_in(jax.random.key(0), step)
-        (loss, _), grads = jax.value_and_grad(quietstar_loss, has_aux=True)(
-            params, cfg, tc, ids, mask, rng)
-        updates, opt_state = opt.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, loss
-
-    def with_sh(tree, shardings):
-        return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                            tree, shardings)
-
+        else sharding.replicated(mesh)
+    step = H.make_step(cfg, tc, setup, batch_sharding=b_sh)
+    st_sh = setup["state_sharding"]
+    state = abstract_state(setup["optimizer"], abstract_params, st_sh)
     ids = jax.ShapeDtypeStruct((batch, seq), jnp.int32, sharding=b_sh)
-    step = jax.ShapeDtypeStruct((), jnp.int32, sharding=rep)
     t0 = time.perf_counter()
     with sharding.use_mesh(mesh):
-        fn = jax.jit(update, in_shardings=(p_sh, o_sh, b_sh, b_sh, rep),
-                     out_shardings=(p_sh, o_sh, rep), donate_argnums=(0, 1))
-        lowered = fn.lower(with_sh(abstract_params, p_sh), with_sh(abstract_opt, o_sh),
-                           ids, ids, step)
+        lowered = step.lower(state, {"input_ids": ids, "attention_mask": ids})
         t1 = time.perf_counter()
         compiled = lowered.compile()
     t2 = time.perf_counter()
@@ -126,11 +100,6 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
         with open(spec["dump_hlo"], "w") as f:
             f.write(hlo)
 
-    def shard_bytes(tree, shardings):
-        return sum(math.prod(s.shard_shape(x.shape)) * np.dtype(x.dtype).itemsize
-                   for x, s in zip(jax.tree.leaves(tree), jax.tree.leaves(shardings),
-                                   strict=True))
-
     n_params = sum(math.prod(x.shape) for x in jax.tree.leaves(abstract_params))
     arg, out, alias, temp = (int(getattr(ma, f"{k}_size_in_bytes"))
                              for k in ("argument", "output", "alias", "temp"))
@@ -139,8 +108,8 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
         "mesh": dict(mesh.shape),
         "layers": spec["layers"],
         "n_params": n_params,
-        "param_bytes_per_device": shard_bytes(abstract_params, p_sh),
-        "opt_state_bytes_per_device": shard_bytes(abstract_opt, o_sh),
+        "param_bytes_per_device": H.shard_bytes(state.params, st_sh.params),
+        "opt_state_bytes_per_device": H.shard_bytes(state.opt_state, st_sh.opt_state),
         "argument_bytes": arg,
         "output_bytes": out,
         "alias_bytes": alias,
@@ -178,21 +147,12 @@ def largest_buffers(hlo_text: str, n: int = 15) -> list[dict[str, Any]]:
 
 
 def run(spec: dict[str, Any], devices: int, timeout: float) -> dict[str, Any]:
+
     env = dict(os.environ, JAX_PLATFORMS="cpu",
                XLA_FLAGS=(os.environ.get("XLA_FLAGS", "")
                           + f" --xla_force_host_platform_device_count={devices}").strip())
-    cmd = [sys.executable, os.path.abspath(__file__), "--worker", json.dumps(spec)]
-    t0 = time.perf_counter()
-    try:
-        p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout,
-                           check=False)
-    except subprocess.TimeoutExpired:
-        return {"error": f"timed out after {timeout:.0f} s"}
-    lines = [x for x in p.stdout.splitlines() if x.startswith("RESULT ")]
-    if p.returncode or not lines:
-        return {"error": (p.stderr or p.stdout)[-3000:], "wall_s": time.perf_counter() - t0}
-    r = json.loads(lines[-1][7:])
-    r["wall_s"] = time.perf_counter() - t0
+    r = H.run_worker(__file__, ["--worker", json.dumps(spec)], env=env, timeout=timeout)
+    r.pop("returncode", None)
     return r
 
 
@@ -232,12 +192,10 @@ def main() -> None:
     ap.add_argument("--timeout", type=float, default=3600.0, help="per compile, seconds")
     ap.add_argument("--out", default=None)
     ap.add_argument("--dump_hlo", default=None, help="write each compiled HLO to this folder")
-    ap.add_argument("--worker", help=argparse.SUPPRESS)
-    args = ap.parse_args()
 
-    if args.worker:
-        print("RESULT " + json.dumps(worker(json.loads(args.worker))), flush=True)
+    if H.worker_main(sys.argv, worker):
         return
+    args = ap.parse_args()
 
     if args.mesh:
         args.devices = math.prod(args.mesh)

@@ -5,8 +5,8 @@
 
 For each device count N it starts a subprocess with N simulated CPU devices,
 builds the mesh (data=1, fsdp=N/tensor, tensor), lowers and compiles (never runs)
-the jitted Quiet-STaR update step (quietstar_loss + AdamW, params and optimiser
-state sharded by the logical-axis rules) on abstract inputs, and reads XLA's
+the trainer's Quiet-STaR update step (`train.step.make_train_step` with its default
+optimizer, state and shardings; benchmarks/harness.py) on abstract inputs, and reads XLA's
 `compiled.memory_analysis()`. It prints per-device argument bytes (parameters +
 optimiser state + batch), the parameter + optimiser bytes the shardings ask for
 (computed independently from the shard shapes), temporaries, and the largest
@@ -22,7 +22,6 @@ import json
 import math
 import os
 import re
-import subprocess
 import sys
 
 PRESETS = {
@@ -60,16 +59,14 @@ def all_gather_shapes(hlo: str) -> list[tuple[str, tuple[int, ...]]]:
 
 
 def worker(args: argparse.Namespace) -> dict:
-    """Compile the step on this process's devices; return one table row."""
+    """Compile the trainer's step on this process's devices; return one table row."""
+    import harness as H
     import jax
     import jax.numpy as jnp
-    import numpy as np
-    import optax
 
     from quietstar_jax import sharding
-    from quietstar_jax.loss import quietstar_loss
-    from quietstar_jax.model import ModelConfig, init_params
-    from quietstar_jax.thoughts import ThoughtConfig, init_thought_params
+    from quietstar_jax.model import ModelConfig
+    from quietstar_jax.train.step import abstract_state
 
     if args.no_constraints:  # to see what XLA does without the activation constraints
         import quietstar_jax.model
@@ -83,51 +80,24 @@ def worker(args: argparse.Namespace) -> dict:
         preset["num_layers"] = args.layers
     cfg = ModelConfig(**preset, dtype=args.dtype, param_dtype=args.dtype, remat=args.remat)
     v = cfg.vocab_size
-    tc = ThoughtConfig(n_ahead=args.n_ahead, n_ahead_talk=args.n_ahead_talk, n_passes=2,
-                       start_token_id=v - 2, end_token_id=v - 1, pad_token_id=0)
+    tc = H.thought_config(v, n_ahead=args.n_ahead, n_ahead_talk=args.n_ahead_talk, n_passes=2)
     mesh = sharding.make_mesh((1, -1, args.tensor), jax.devices()[:n])
     sharding.check_parallelism(mesh, cfg, args.batch)
-    axes = sharding.params_logical_axes(cfg)
-    opt = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(1e-6, weight_decay=1e-3))
-
-    def init():
-        p = init_params(cfg, jax.random.key(0))
-        return {**p, "thought": init_thought_params(p, cfg, jax.random.key(1), 5)}
-
-    abstract_params = jax.eval_shape(init)
-    p_sh = sharding.param_shardings(mesh, abstract_params, axes)
-    abstract_opt = jax.eval_shape(opt.init, abstract_params)
-    o_sh = sharding.state_shardings(mesh, abstract_opt, axes)
+    abstract_params = H.init_model(cfg, 0)  # shapes only
+    setup = H.train_setup(cfg, mesh, abstract_params)  # the trainer's optimizer, shardings
+    st_sh = setup["state_sharding"]
+    state = abstract_state(setup["optimizer"], abstract_params, st_sh)
     b_sh = sharding.batch_sharding(mesh)
-    rep = sharding.replicated(mesh)
-
-    def update(params, opt_state, ids, mask, step):
-        rng = jax.random.fold_in(jax.random.key(0), step)
-        (_, metrics), grads = jax.value_and_grad(quietstar_loss, has_aux=True)(
-            params, cfg, tc, ids, mask, rng)
-        updates, opt_state = opt.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, metrics["loss"]
-
-    with_sh = lambda t, s: jax.tree.map(
-        lambda x, y: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=y), t, s)
     batch = jax.ShapeDtypeStruct((args.batch, args.seq), jnp.int32, sharding=b_sh)
-    step = jax.ShapeDtypeStruct((), jnp.int32, sharding=rep)
     with sharding.use_mesh(mesh):
-        fn = jax.jit(update, in_shardings=(p_sh, o_sh, b_sh, b_sh, rep),
-                     out_shardings=(p_sh, o_sh, rep), donate_argnums=(0, 1))
-        compiled = fn.lower(with_sh(abstract_params, p_sh), with_sh(abstract_opt, o_sh),
-                            batch, batch, step).compile()
+        step = H.make_step(cfg, tc, setup)
+        compiled = step.lower(state, {"input_ids": batch, "attention_mask": batch}).compile()
     mem = compiled.memory_analysis()
 
-    def shard_bytes(tree, shardings):
-        total = 0
-        for x, s in zip(jax.tree.leaves(tree), jax.tree.leaves(shardings), strict=True):
-            total += math.prod(s.shard_shape(x.shape)) * np.dtype(x.dtype).itemsize
-        return total
-
-    state_bytes = shard_bytes(abstract_params, p_sh) + shard_bytes(abstract_opt, o_sh)
-    full_state = sum(math.prod(x.shape) * np.dtype(x.dtype).itemsize
-                     for x in jax.tree.leaves((abstract_params, abstract_opt)))
+    state_bytes = (H.shard_bytes(state.params, st_sh.params)
+                   + H.shard_bytes(state.opt_state, st_sh.opt_state))
+    full_state = sum(math.prod(x.shape) * jnp.dtype(x.dtype).itemsize
+                     for x in jax.tree.leaves((state.params, state.opt_state)))
     rows = args.batch * tc.n_passes
     gathers = all_gather_shapes(compiled.as_text())
     # Logits gathered along the vocabulary: an all-gather whose result has the whole
@@ -186,6 +156,7 @@ def main() -> None:
     if args.worker:
         print("ROW " + json.dumps(worker(args)), flush=True)
         return
+    import harness as H
 
     rows = []
     for n in args.devices:
@@ -194,12 +165,12 @@ def main() -> None:
             env.update(JAX_PLATFORMS="cpu",
                        XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} "
                                  f"--xla_force_host_platform_device_count={n}")
-        cmd = [sys.executable, __file__, "--worker", "--n_devices", str(n), *sys.argv[1:]]
-        res = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
-        line = [x for x in res.stdout.splitlines() if x.startswith("ROW ")]
-        if res.returncode or not line:
-            sys.exit(f"worker with {n} devices failed:\n{res.stderr[-3000:]}")
-        rows.append(json.loads(line[-1][4:]))
+        row = H.run_worker(__file__, ["--worker", "--n_devices", str(n), *sys.argv[1:]],
+                           env=env, tag="ROW")
+        if "error" in row:
+            sys.exit(f"worker with {n} devices failed:\n{row['error'][-3000:]}")
+        row.pop("wall_s", None)
+        rows.append(row)
 
     base = rows[0]
     print(f"preset={args.preset} dtype={args.dtype} batch={args.batch} seq={args.seq} "

@@ -45,7 +45,7 @@ def main() -> None:
     except ImportError:
         sys.exit("plot.py needs matplotlib: pip install --target /tmp/plotdeps matplotlib, "
                  "then PYTHONPATH=/tmp/plotdeps python benchmarks/plot.py ...")
-    from step_benchmark import analytic_flops
+    from flops import analytic_flops
 
     with open(args.json) as f:
         res = json.load(f)

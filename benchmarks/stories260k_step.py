@@ -1,7 +1,9 @@
-"""Compile and step time of jit(value_and_grad(quietstar_loss)) on stories260K.
+"""Compile and step time of the trainer's update step on stories260K.
 
 The real pretrained 260K-parameter TinyStories Llama, the default ThoughtConfig
-(n_ahead=12, n_ahead_talk=4, n_passes=2), TinyStories text cut to `--seq` tokens.
+(n_ahead=12, n_ahead_talk=4, n_passes=2), TinyStories text cut to `--seq` tokens; the
+step is `train.step.make_train_step` with the trainer's optimizer, state and shardings
+(benchmarks/harness.py).
 
     python benchmarks/stories260k_step.py [--model DIR] [--text FILE] [--batch 4] [--seq 128]
 """
@@ -11,14 +13,14 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import time
 from pathlib import Path
 
+import harness as H
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 import quietstar_jax as qs
+from quietstar_jax import sharding
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 
@@ -33,34 +35,31 @@ def main() -> None:
     args = p.parse_args()
 
     cfg, params, tok = qs.load_pretrained(args.model)
-    tc = qs.ThoughtConfig(**qs.thought_token_ids(tok))
+    tc = H.thought_config(qs.thought_token_ids(tok))
     text = Path(args.text).read_text()[: 200 * args.seq * args.batch]
     ids = tok(text, add_special_tokens=False)["input_ids"]
     need = args.batch * args.seq
-    batch = jnp.asarray(np.asarray(ids[:need]).reshape(args.batch, args.seq))
-    mask = jnp.ones_like(batch)
-
-    def loss_fn(p, key):
-        return qs.quietstar_loss(p, cfg, tc, batch, mask, key)
-
-    step = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))
-    t0 = time.perf_counter()
-    compiled = step.lower(params, jax.random.key(0)).compile()
-    compile_s = time.perf_counter() - t0
+    rows = np.asarray(ids[:need], np.int32).reshape(args.batch, args.seq)
+    mesh = sharding.make_mesh((1, -1, 1))
+    setup = H.train_setup(cfg, mesh, params)
+    b_sh = sharding.batch_sharding(mesh)
+    holder = {"state": H.initial_state(setup, params), "mesh": mesh,
+              "batch": {"input_ids": jax.device_put(rows, b_sh),
+                        "attention_mask": jax.device_put(np.ones_like(rows), b_sh)}}
+    st = H.Stepper(H.make_step(cfg, tc, setup), holder, "qs")
     times, losses = [], []
-    for i in range(args.steps):
-        t0 = time.perf_counter()
-        (loss, metrics), grads = jax.block_until_ready(compiled(params, jax.random.key(i)))
-        times.append(time.perf_counter() - t0)
-        losses.append(float(loss))
+    for _ in range(args.steps):
+        times.append(st())
+        losses.append(st.loss)
     out = {
         "model": args.model, "batch": args.batch, "seq": args.seq,
         "thought_config": {"n_ahead": tc.n_ahead, "n_ahead_talk": tc.n_ahead_talk,
                            "n_passes": tc.n_passes},
-        "compile_s": round(compile_s, 2), "step_s_median": round(statistics.median(times), 4),
+        "compile_s": round(st.lower_s + st.compile_s, 2),
+        "step_s_median": round(statistics.median(times), 4),
         "input_tokens_per_s": round(need / statistics.median(times), 1),
-        "loss": losses[-1], "nll_base": float(metrics["nll_base"]),
-        "nll_thought": float(metrics["nll_thought"]), "backend": jax.default_backend(),
+        "loss": losses[-1], "nll_base": float(st.metrics["nll_base"]),
+        "nll_thought": float(st.metrics["nll_thought"]), "backend": jax.default_backend(),
     }
     print(json.dumps(out, indent=1))
 

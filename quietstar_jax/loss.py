@@ -143,11 +143,13 @@ def quietstar_objective(
 
     # Base step: z0[i] predicts x[i + 1]; talk step k (s = n_ahead - 1 + k): the mixed
     # hidden predicts x[i + k + 1]. All NLLs in one vocabulary pass.
-    mixes = [mixed_hidden(params, tc, ro.base_hidden, ro.step_hidden[s - 1], s)
-             for s in range(tc.n_ahead - 1, tc.n_ahead - 1 + tc.n_ahead_talk)]
+    with jax.named_scope("mixing_head"):
+        mixes = [mixed_hidden(params, tc, ro.base_hidden, ro.step_hidden[s - 1], s)
+                 for s in range(tc.n_ahead - 1, tc.n_ahead - 1 + tc.n_ahead_talk)]
     tgt = [targets(k + 1) for k in range(tc.n_ahead_talk)]
-    nll = hidden_nll(params, cfg, jnp.stack([ro.base_hidden] + [m for m, _ in mixes]),
-                     jnp.stack([tgt[0][0]] + [t for t, _ in tgt]))
+    with jax.named_scope("nll"):
+        nll = hidden_nll(params, cfg, jnp.stack([ro.base_hidden] + [m for m, _ in mixes]),
+                         jnp.stack([tgt[0][0]] + [t for t, _ in tgt]))
     t1, ok1 = tgt[0]
     base_tok = jnp.where(ok1, nll[0], 0.0)
     nll_base = masked_mean(base_tok, ok1)
@@ -167,10 +169,11 @@ def quietstar_objective(
     nll_loss = tc.original_loss_weight * nll_base + (1 - tc.original_loss_weight) * nll_thought
 
     train_reward = training_reward(reward, tc)
-    if tc.sampling == "pause":  # fixed thoughts: nothing to reinforce
-        policy_loss, policy_per_token = reinforce_loss(train_reward, ro.thought_logp[:0])
-    else:
-        policy_loss, policy_per_token = reinforce_loss(train_reward, ro.thought_logp)
+    with jax.named_scope("policy_loss"):
+        if tc.sampling == "pause":  # fixed thoughts: nothing to reinforce
+            policy_loss, policy_per_token = reinforce_loss(train_reward, ro.thought_logp[:0])
+        else:
+            policy_loss, policy_per_token = reinforce_loss(train_reward, ro.thought_logp)
     logp = ro.thought_logp[:, :, :n_reward]
 
     loss = tc.base_loss_beta * nll_loss + tc.policy_loss_beta * policy_loss

@@ -19,10 +19,11 @@ Typical use::
     axes = params_logical_axes(cfg)
     params = sharded_init(lambda k: init(k), mesh, axes, rng)   # never whole on one device
     p_sh = param_shardings(mesh, params, axes)
-    o_sh = state_shardings(mesh, jax.eval_shape(opt.init, params), axes)
+    st_sh = train.step.state_shardings(mesh, optimizer, params, p_sh)  # + optimiser state
     with use_mesh(mesh):
-        step = jax.jit(update, in_shardings=(p_sh, o_sh, batch_sharding(mesh), ...), ...)
-        params, opt_state, metrics = step(params, opt_state, batch, ...)
+        step = train.step.make_train_step(cfg, tc, optimizer, mesh=mesh, state_sharding=st_sh,
+                                          batch_sharding=batch_sharding(mesh))
+        state, metrics = step(state, batch)
 """
 
 from __future__ import annotations
@@ -184,40 +185,6 @@ def param_shardings(
         params,
         is_leaf=_is_axes,
     )
-
-
-def state_shardings(
-    mesh: Mesh,
-    abstract_state: Any,
-    logical_axes: Any,
-    rules: Rules | None = None,
-) -> Any:
-    """Shardings of an optimiser state (e.g. `jax.eval_shape(opt.init, abstract_params)`).
-
-    `logical_axes` is the params' logical-axes pytree (`params_logical_axes`). Every
-    subtree of the state shaped like the params (Adam's `mu` and `nu`, ...) is
-    sharded like the params, leaf by leaf where the leaf has the param's rank (a
-    factored statistic of another rank is replicated); every other leaf (step
-    counts, scalars) is replicated.
-    """
-    axes_leaves, axes_def = jax.tree.flatten(logical_axes, is_leaf=_is_axes)
-    rep = NamedSharding(mesh, PartitionSpec())
-
-    def like_params(node: Any) -> bool:
-        return len(axes_leaves) > 1 and jax.tree.structure(node) == axes_def
-
-    def shard(node: Any) -> Any:
-        if not like_params(node):
-            return rep
-        out = []
-        for leaf, axes in zip(jax.tree.leaves(node), axes_leaves, strict=True):
-            shape = tuple(leaf.shape)
-            ok = len(shape) == len(axes)
-            spec = logical_to_spec(axes, shape, mesh, rules) if ok else PartitionSpec()
-            out.append(NamedSharding(mesh, spec))
-        return jax.tree.unflatten(axes_def, out)
-
-    return jax.tree.map(shard, abstract_state, is_leaf=like_params)
 
 
 def sharded_init(

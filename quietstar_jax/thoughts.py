@@ -332,7 +332,8 @@ def rollout(
     run_params = jax.lax.stop_gradient(params) if replay else params
     valid = attention_mask.astype(bool)
     positions = model.default_positions(attention_mask)
-    base = model.forward(run_params, cfg, input_ids, attention_mask, positions, trace=replay)
+    with jax.named_scope("base_pass"):
+        base = model.forward(run_params, cfg, input_ids, attention_mask, positions, trace=replay)
     h0, kv0 = base[:2]
 
     idx = jnp.arange(seq)
@@ -369,10 +370,11 @@ def rollout(
             if thought_tokens is not None:
                 return thought_tokens[s - 2].astype(jnp.int32)
             greedy = tc.sampling == "greedy"
-            drawn[s] = vocab.draw(prev_h, w_out,
-                                  None if greedy else jax.random.fold_in(rng, s),
-                                  sample_temperature=tc.thought_temperature, greedy=greedy,
-                                  **vocab_kw)
+            with jax.named_scope("sampling"):
+                drawn[s] = vocab.draw(prev_h, w_out,
+                                      None if greedy else jax.random.fold_in(rng, s),
+                                      sample_temperature=tc.thought_temperature, greedy=greedy,
+                                      **vocab_kw)
             return drawn[s].tok
         if s == tc.n_ahead - 1:
             return jnp.full((rows, seq), tc.end_token_id, jnp.int32)
@@ -400,11 +402,12 @@ def rollout(
         # Own keys: steps 1..s-1, then the step's own new key; masked for padding queries.
         own_vis = own_visible(s, jnp.arange(1, s + 1))
         own_mask = valid[:, :, None] & own_vis[None, None, :]
-        out = model.positions_decoder(  # one query per position: t = 1
-            run_params, cfg, embedding_at(run_params, s)[:, :, None],
-            (positions + s)[:, :, None], (kv0, ctx_mask_at(s)[:, :, None]), own,
-            own_mask[:, :, None], trace=replay,
-        )
+        with jax.named_scope("thought_steps"):
+            out = model.positions_decoder(  # one query per position: t = 1
+                run_params, cfg, embedding_at(run_params, s)[:, :, None],
+                (positions + s)[:, :, None], (kv0, ctx_mask_at(s)[:, :, None]), own,
+                own_mask[:, :, None], trace=replay,
+            )
         own.append(KV(out[1].k[:, :, :, 0], out[1].v[:, :, :, 0]))
         step_hidden.append(out[0][:, :, 0])
         if replay:
@@ -423,8 +426,9 @@ def rollout(
         own_mask = valid[:, :, None, None] & own_mask[None, None]  # [rows, seq, g, slots]
         ctx_mask = jnp.stack([ctx_mask_at(s) for s in block_steps], axis=2)  # [rows, seq, g, L]
         blk_pos = positions[:, :, None] + jnp.asarray(block_steps)[None, None, :]
-        out = model.positions_decoder(run_params, cfg, emb, blk_pos, (kv0, ctx_mask), own,
-                                      own_mask, trace=replay)
+        with jax.named_scope("thought_block"):
+            out = model.positions_decoder(run_params, cfg, emb, blk_pos, (kv0, ctx_mask), own,
+                                          own_mask, trace=replay)
         step_hidden.extend(jnp.moveaxis(out[0], 2, 0))
         if replay:
             traces.append(out[2])
@@ -440,9 +444,10 @@ def rollout(
             own_mask=valid[:, :, None, None] & own_mask[None, None],
         )
         emb_steps = jnp.stack([embedding_at(params, s) for s in range(1, num_steps + 1)], 1)
-        out_b, out_s = model.replay_layers(
-            cfg, params["layers"], model.embed_tokens(params, cfg, input_ids).astype(dt),
-            emb_steps.reshape(rows, num_steps * seq, -1), base[2], traces, geo)
+        with jax.named_scope("replayed_backward"):
+            out_b, out_s = model.replay_layers(
+                cfg, params["layers"], model.embed_tokens(params, cfg, input_ids).astype(dt),
+                emb_steps.reshape(rows, num_steps * seq, -1), base[2], traces, geo)
         norm = lambda x: model.rms_norm(x, params["final_norm"], cfg.rms_norm_eps)
         h0 = norm(out_b)
         step_hidden = list(jnp.moveaxis(norm(out_s).reshape(rows, num_steps, seq, -1), 1, 0))
@@ -455,12 +460,14 @@ def rollout(
     if drawn:
         hs = jnp.stack([step_hidden[s - 2] for s in drawn])
         ds = vocab.Draw(*(jnp.stack(x) for x in zip(*drawn.values(), strict=True)))
-        thought_logp.extend(vocab.logp_of_draws(hs, w_grad, ds, **vocab_kw))
+        with jax.named_scope("reinforce_logp"):
+            thought_logp.extend(vocab.logp_of_draws(hs, w_grad, ds, **vocab_kw))
     given = [s for s in range(2, last_sampled + 1) if s not in drawn]
     if given and tc.sampling != "pause":  # pause thoughts have no policy
         hs = jnp.stack([step_hidden[s - 2] for s in given])
         toks = jnp.stack([fed[s - 1] for s in given])
-        thought_logp.extend(token_logp(params, cfg, tc, hs, toks))
+        with jax.named_scope("reinforce_logp"):
+            thought_logp.extend(token_logp(params, cfg, tc, hs, toks))
 
     empty = jnp.zeros((0, rows, seq), jnp.int32)
     thought_toks = fed[1:last_sampled]

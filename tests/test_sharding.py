@@ -206,7 +206,7 @@ def test_check_parallelism_names_the_numbers() -> None:
 
 
 def test_state_shardings_follow_params() -> None:
-    import optax
+    from quietstar_jax.train.step import make_optimizer, state_shardings
 
     mesh = sharding.make_mesh((1, 1, 1), jax.devices()[:1])
     cfg = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=1,
@@ -215,15 +215,20 @@ def test_state_shardings_follow_params() -> None:
     shapes = {**param_shapes(cfg), "thought": thought_param_shapes(cfg)}
     abstract = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s, np.float32), shapes,
                             is_leaf=lambda x: isinstance(x, tuple))
-    opt = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(1e-3))
-    st = sharding.state_shardings(mesh, jax.eval_shape(opt.init, abstract), axes)
-    adam = st[1][0]
+    opt, _ = make_optimizer(1e-3, 10, weight_decay=1e-3)
     p_sh = sharding.param_shardings(mesh, abstract, axes)
+    st = state_shardings(mesh, opt, abstract, p_sh)
+    adam = st.opt_state[1][0]
     assert jax.tree.structure(adam.mu) == jax.tree.structure(p_sh)
     assert jax.tree.leaves(adam.mu) == jax.tree.leaves(p_sh)
     assert adam.count.spec == PartitionSpec()
-    n_leaves = len(jax.tree.leaves(st))
-    assert n_leaves == 2 * len(jax.tree.leaves(p_sh)) + 1
+    assert st.step.spec == PartitionSpec()
+    # Besides the two moments only counters (Adam's, the schedule's), all replicated.
+    leaves = jax.tree.leaves(st.opt_state)
+    n_params = len(jax.tree.leaves(p_sh))
+    assert len(leaves) == 2 * n_params + 2
+    moments = {id(x) for x in jax.tree.leaves((adam.mu, adam.nu))}
+    assert all(x.spec == PartitionSpec() for x in leaves if id(x) not in moments)
 
 
 def test_constrain_is_a_noop_without_mesh() -> None:

@@ -191,3 +191,27 @@ def test_bfloat16_compute_keeps_float32_master_weights():
     assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(state.params))
     assert int(state.step) == 1
     check_finite(jax.device_get(metrics), 1)
+
+
+def test_plain_loss_hook_is_the_base_nll_of_the_same_rows():
+    """`loss_fn=next_token_loss_fn` (the benchmarks' plain baseline) runs the same update
+    machinery on the next-token NLL: its loss is the Quiet-STaR loss's `nll_base` of the
+    same batch (same rows, same ignored labels), and the default loss_fn is
+    `quietstar_loss_fn` (the same lowered program)."""
+    from quietstar_jax.train.step import next_token_loss_fn, quietstar_loss_fn
+
+    opt, _ = make_optimizer(1e-3, 10)
+    params, batch = tiny_params(), tiny_batch(pad_tail=3)
+    state = init_state(params, opt)
+    plain = make_train_step(CFG, TC, opt, donate=False, compiler_options=FAST,
+                            loss_fn=next_token_loss_fn(CFG, TC))
+    new_state, metrics = plain(state, batch)
+    _, qs_metrics = quietstar_loss(params, CFG, TC, batch["input_ids"],
+                                   batch["attention_mask"], jax.random.key(0))
+    np.testing.assert_allclose(float(metrics["loss"]), float(qs_metrics["nll_base"]),
+                               rtol=1e-5)
+    assert int(new_state.step) == 1 and np.isfinite(float(metrics["grad_norm"]))
+    assert max_diff(new_state.params, params) > 0
+    default = make_train_step(CFG, TC, opt, donate=False)
+    explicit = make_train_step(CFG, TC, opt, donate=False, loss_fn=quietstar_loss_fn(CFG, TC))
+    assert default.lower(state, batch).as_text() == explicit.lower(state, batch).as_text()

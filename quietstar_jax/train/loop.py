@@ -33,7 +33,7 @@ import jax
 import numpy as np
 from ml_collections import ConfigDict
 
-from quietstar_jax import sharding
+from quietstar_jax import distributed, sharding
 from quietstar_jax.loss import quietstar_details
 from quietstar_jax.model import ModelConfig, Params
 from quietstar_jax.thoughts import ThoughtConfig
@@ -58,9 +58,10 @@ from quietstar_jax.train.metrics import (
 from quietstar_jax.train.model_setup import LoadedModel, count_params, load_model
 from quietstar_jax.train.step import (
     TrainState,
+    abstract_state,
     init_state,
-    make_optimizer,
     make_train_step,
+    optimizer_from_config,
     state_shardings,
 )
 from quietstar_jax.train.tokenizer import TextTokenizer, token_pieces
@@ -151,11 +152,7 @@ class _Setup:
             local_batch=config.batch_size // self.process_count, pad_id=self.tc.pad_token_id,
             seed=config.data.seed, shuffle=config.data.shuffle,
             process_index=self.process_index, process_count=self.process_count)
-        o = config.optim
-        self.optimizer, self.schedule = make_optimizer(
-            o.lr, config.num_steps, warmup_steps=o.warmup_steps, end_lr_ratio=o.end_lr_ratio,
-            weight_decay=o.weight_decay, decay_norms_and_biases=o.decay_norms_and_biases,
-            clip_norm=o.clip_norm, b1=o.b1, b2=o.b2, eps=o.eps)
+        self.optimizer, self.schedule = optimizer_from_config(config.optim, config.num_steps)
         params = self.model.params
         self.param_sharding = sharding.param_shardings(
             self.mesh, params, sharding.params_logical_axes(cfg))
@@ -191,14 +188,10 @@ class _Setup:
         return state
 
     def abstract_state(self) -> TrainState:
-        shapes = jax.eval_shape(lambda p: init_state(p, self.optimizer), self.model.params)
-        return jax.tree.map(
-            lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-            shapes, self.state_sharding)
+        return abstract_state(self.optimizer, self.model.params, self.state_sharding)
 
     def global_batch(self, local: dict[str, np.ndarray]) -> dict[str, jax.Array]:
-        shape = (self.config.batch_size, self.config.data.seq_len)
-        return {k: jax.make_array_from_process_local_data(self.batch_sharding, v, shape)
+        return {k: distributed.global_batch(v, self.batch_sharding, self.config.batch_size)
                 for k, v in local.items()}
 
 

@@ -12,11 +12,11 @@ import os
 from typing import Any
 
 import jax
-from jax.sharding import Mesh, NamedSharding
+from jax.sharding import Mesh
 
 from quietstar_jax import sharding
-from quietstar_jax.model import ModelConfig, Params, init_params, param_logical_axes
-from quietstar_jax.thoughts import init_thought_params, thought_logical_axes
+from quietstar_jax.model import ModelConfig, Params, init_params
+from quietstar_jax.thoughts import init_thought_params
 from quietstar_jax.train.tokenizer import ByteTokenizer, HFTokenizer, TextTokenizer
 
 
@@ -54,26 +54,6 @@ def inline_model_config(model: Any, vocab_size: int) -> ModelConfig:
     )
 
 
-def _all_logical_axes() -> dict[str, Any]:
-    """Logical axes of every param name any config can have (biases, untied head)."""
-    probe = ModelConfig(vocab_size=1, hidden_size=1, intermediate_size=1, num_layers=1,
-                        num_heads=1, num_kv_heads=1, attention_bias=True)
-    return param_logical_axes(probe) | {"thought": thought_logical_axes()}
-
-
-def sharding_by_path(mesh: Mesh) -> Any:
-    """`(path, shape) -> NamedSharding` of a param, for `hf.load_pretrained`."""
-    axes = _all_logical_axes()
-
-    def lookup(path: tuple[str, ...], shape: tuple[int, ...]) -> NamedSharding:
-        node: Any = axes
-        for key in path:
-            node = node[key]
-        return NamedSharding(mesh, sharding.logical_to_spec(node, shape, mesh))
-
-    return lookup
-
-
 def build_inline_model(model: Any, thought: Any, mesh: Mesh, seed: int) -> LoadedModel:
     """A random-init Llama with the byte tokenizer and fresh thought params."""
     tok = ByteTokenizer()
@@ -87,10 +67,8 @@ def build_inline_model(model: Any, thought: Any, mesh: Mesh, seed: int) -> Loade
                                                 thought.embedding_scale)
         return params
 
-    key = jax.random.key(seed)
-    abstract = jax.eval_shape(init, key)
-    shardings = sharding.param_shardings(mesh, abstract, sharding.params_logical_axes(cfg))
-    params = jax.jit(init, out_shardings=shardings)(key)
+    params = sharding.sharded_init(init, mesh, sharding.params_logical_axes(cfg),
+                                   jax.random.key(seed))
     return LoadedModel(cfg, params, tok, None)
 
 
@@ -103,9 +81,10 @@ def load_hf_model(model: Any, mesh: Mesh, seed: int) -> LoadedModel:
         raise FileNotFoundError(f"config.model.hf_path={path!r} does not exist or is not a "
                                 "directory")
     cfg, params, hf_tok = hf.load_pretrained(
-        path, dtype=model.dtype, param_dtype=model.param_dtype, sharding=sharding_by_path(mesh),
-        rng=jax.random.key(seed), scan_layers=model.scan_layers, remat=model.remat,
-        attention=model.attention, vocab_chunk=model.vocab_chunk)
+        path, dtype=model.dtype, param_dtype=model.param_dtype,
+        sharding=sharding.sharding_by_path(mesh), rng=jax.random.key(seed),
+        scan_layers=model.scan_layers, remat=model.remat, attention=model.attention,
+        vocab_chunk=model.vocab_chunk)
     if hf_tok is None:
         raise FileNotFoundError(f"config.model.hf_path={path!r} has no tokenizer files; the "
                                 "trainer needs the checkpoint's tokenizer")

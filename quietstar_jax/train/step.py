@@ -18,12 +18,15 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from quietstar_jax.loss import quietstar_loss
+from quietstar_jax import model
+from quietstar_jax.loss import hidden_nll, masked_mean, quietstar_loss
 from quietstar_jax.model import ModelConfig, Params
 from quietstar_jax.sharding import BATCH_AXES, replicated
-from quietstar_jax.thoughts import ThoughtConfig
+from quietstar_jax.thoughts import ThoughtConfig, shift_left
 
 Batch = dict[str, jax.Array]  # input_ids, attention_mask: int32 [batch, seq]
+# (params, micro-batch, thought-sampling key) -> (loss, metrics): what one step minimises.
+LossFn = Callable[[Params, Batch, jax.Array], tuple[jax.Array, dict[str, jax.Array]]]
 
 
 class TrainState(NamedTuple):
@@ -98,6 +101,16 @@ def make_optimizer(
     return optimizer, schedule
 
 
+def optimizer_from_config(optim: Any, total_steps: int) -> tuple[
+        optax.GradientTransformation, optax.Schedule]:
+    """`make_optimizer` with the fields of `config.optim` (the trainer's schema)."""
+    return make_optimizer(
+        optim.lr, total_steps, warmup_steps=optim.warmup_steps,
+        end_lr_ratio=optim.end_lr_ratio, weight_decay=optim.weight_decay,
+        decay_norms_and_biases=optim.decay_norms_and_biases, clip_norm=optim.clip_norm,
+        b1=optim.b1, b2=optim.b2, eps=optim.eps)
+
+
 def unalias(tree: Any) -> Any:
     """Copy any leaf that is the same array object as an earlier leaf (e.g. start and
     end embeddings initialised from one row): a donated state must not hold one buffer
@@ -131,6 +144,42 @@ def state_shardings(
     return TrainState(rep, param_shardings, opt)
 
 
+def abstract_state(optimizer: optax.GradientTransformation, params: Any,
+                   state_sharding: TrainState) -> TrainState:
+    """The TrainState of `init_state(params, optimizer)` as ShapeDtypeStructs carrying
+    `state_sharding` (`params` may be abstract): to lower, compile or restore into."""
+    shapes = jax.eval_shape(lambda p: init_state(p, optimizer), params)
+    return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                        shapes, state_sharding)
+
+
+def quietstar_loss_fn(model_cfg: ModelConfig, thought_cfg: ThoughtConfig) -> LossFn:
+    """The trainer's objective: `quietstar_loss` of a micro-batch."""
+    def loss_fn(params: Params, micro: Batch, key: jax.Array) -> tuple[jax.Array, dict]:
+        return quietstar_loss(params, model_cfg, thought_cfg, micro["input_ids"],
+                              micro["attention_mask"], key)
+
+    return loss_fn
+
+
+def next_token_loss_fn(model_cfg: ModelConfig, thought_cfg: ThoughtConfig) -> LossFn:
+    """The plain baseline: mean next-token NLL of `model.forward` on the rows the
+    Quiet-STaR loss sees (each sequence repeated `n_passes` times), with its rule for
+    ignored labels (padding, the pad id); no thoughts. metrics: `loss`, `nll_base`."""
+    def loss_fn(params: Params, micro: Batch, key: jax.Array) -> tuple[jax.Array, dict]:
+        del key
+        x = jnp.repeat(micro["input_ids"], thought_cfg.n_passes, axis=0)
+        m = jnp.repeat(micro["attention_mask"], thought_cfg.n_passes, axis=0)
+        h, _ = model.forward(params, model_cfg, x, m)
+        t = shift_left(x, 1)
+        ok = shift_left(m.astype(bool), 1) & (t != thought_cfg.pad_token_id)
+        nll = hidden_nll(params, model_cfg, h, jnp.where(ok, t, 0))
+        loss = masked_mean(jnp.where(ok, nll, 0.0), ok)
+        return loss, {"loss": loss, "nll_base": loss}
+
+    return loss_fn
+
+
 def split_micro_batches(batch: Batch, n: int, mesh: Mesh | None = None) -> Batch:
     """`[batch, seq]` -> `[n, batch / n, seq]`, micro-batch m holding rows m, m + n, ...
 
@@ -161,6 +210,7 @@ def make_train_step(
     batch_sharding: NamedSharding | None = None,
     donate: bool = True,
     compiler_options: dict[str, Any] | None = None,
+    loss_fn: LossFn | None = None,
 ) -> Callable[[TrainState, Batch], tuple[TrainState, dict[str, jax.Array]]]:
     """The jitted update `(state, batch) -> (state, metrics)`; the state is donated.
 
@@ -173,12 +223,12 @@ def make_train_step(
     `sharding.batch_sharding`) the step runs sharded and keeps those layouts.
     compiler_options: XLA options for this jit (e.g. a lower
     `xla_backend_optimization_level` to compile faster).
+    loss_fn: what the step minimises (default `quietstar_loss_fn(model_cfg, thought_cfg)`;
+    the benchmarks' plain baseline passes `next_token_loss_fn`); the metrics are its.
     """
     base_key = jax.random.key(seed)
-
-    def loss_fn(params: Params, micro: Batch, key: jax.Array) -> tuple[jax.Array, dict]:
-        return quietstar_loss(params, model_cfg, thought_cfg, micro["input_ids"],
-                              micro["attention_mask"], key)
+    if loss_fn is None:
+        loss_fn = quietstar_loss_fn(model_cfg, thought_cfg)
 
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
@@ -210,9 +260,10 @@ def make_train_step(
             grads = jax.tree.map(lambda g, p: (g / grad_accum).astype(p.dtype), g_sum,
                                  state.params)
             metrics = jax.tree.map(lambda m: m / grad_accum, m_sum)
-        grad_norm = optax.tree.norm(grads)
-        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
+        with jax.named_scope("optimizer"):
+            grad_norm = optax.tree.norm(grads)
+            updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+            params = optax.apply_updates(state.params, updates)
         metrics = dict(metrics)
         metrics["grad_norm"] = grad_norm
         metrics["tokens"] = jnp.sum(batch["attention_mask"]).astype(jnp.float32)
