@@ -34,7 +34,8 @@ from typing import Any
 
 import jax
 import numpy as np
-from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+from flax import nnx
+from jax.sharding import AbstractMesh, AxisType, Mesh, NamedSharding, PartitionSpec
 
 from quietstar_jax.axes import (  # noqa: F401  (re-exported: the mesh's rules live in axes)
     BATCH_AXES,
@@ -185,6 +186,25 @@ def param_shardings(
         params,
         is_leaf=_is_axes,
     )
+
+
+def module_shardings(module: nnx.Module, mesh: Mesh | AbstractMesh,
+                     rules: Rules | None = None) -> dict[str, Any]:
+    """NamedShardings of a module's params (concrete or from `nnx.eval_shape`), a pytree
+    shaped like `model.to_params(module)`.
+
+    Flax reads the logical axes off each Param's metadata (`nnx.get_partition_spec`);
+    `logical_to_spec` maps them onto the mesh. Flax's own mapping (`nnx.get_named_sharding`
+    under `logical_axis_rules`) is not used because it shards a dimension its mesh axes
+    do not divide (SmolLM2's 49,154-row vocabulary on tensor=4), which then fails to
+    place; here such a dimension stays replicated, as everywhere else in the package.
+    """
+    state = nnx.state(module, nnx.Param)
+    specs = nnx.to_pure_dict(nnx.get_partition_spec(state))
+    values = nnx.to_pure_dict(state)
+    return jax.tree.map(
+        lambda spec, v: NamedSharding(mesh, logical_to_spec(tuple(spec), v.shape, mesh, rules)),
+        specs, values, is_leaf=lambda x: isinstance(x, PartitionSpec))
 
 
 def sharded_init(

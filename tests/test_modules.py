@@ -165,3 +165,24 @@ def test_thought_params_module():
     full = model.to_params(thoughts.QuietStarLM(CFG, rngs=nnx.Rngs(0), init_token_id=5))
     assert set(full) == set(params) | {"thought"}
     assert jax.tree.structure(full["thought"]) == jax.tree.structure(th)
+
+
+def test_module_shardings_read_the_params_metadata_through_flax():
+    """`sharding.module_shardings` (Flax's `nnx.get_partition_spec` of the module) gives
+    the shardings the trainer derives from `params_logical_axes`, leaf by leaf, on a
+    mesh that divides neither the vocabulary (258 rows) nor the kv heads (2) by tensor=4."""
+    cfg = ModelConfig(vocab_size=258, hidden_size=64, intermediate_size=128, num_layers=2,
+                      num_heads=4, num_kv_heads=2)
+    mesh = jax.sharding.AbstractMesh((1, 2, 4), sharding.MESH_AXES)
+    lm = nnx.eval_shape(lambda: thoughts.QuietStarLM(cfg, rngs=nnx.Rngs(0)))
+    got = sharding.module_shardings(lm, mesh)
+    params = nnx.to_pure_dict(nnx.state(lm, nnx.Param))
+    want = sharding.param_shardings(mesh, params, sharding.params_logical_axes(cfg))
+    flat_got = jax.tree_util.tree_flatten_with_path(got)[0]
+    flat_want = dict(jax.tree_util.tree_flatten_with_path(want)[0])
+    assert len(flat_got) == len(flat_want) > 10
+    for path, sh in flat_got:
+        assert sh.spec == flat_want[path].spec, path
+    assert got["embed"].spec == jax.sharding.PartitionSpec(None, "fsdp")  # 258 % 4 != 0
+    assert got["layers"]["q"].spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor")
+    assert got["layers"]["k"].spec == jax.sharding.PartitionSpec(None, "fsdp")  # 2 kv heads
