@@ -43,6 +43,7 @@ import numpy as np
 
 from quietstar_jax import model, vocab
 from quietstar_jax.model import KV, ModelConfig, Params
+from quietstar_jax.schedule import ThoughtSchedule, window_visible
 from quietstar_jax.thoughts import (
     ThoughtConfig,
     mask_thought_logits,
@@ -207,13 +208,6 @@ def _finish(
 # --------------------------------------------------------------------------- cached
 
 
-def _window_ok(q_pos: jax.Array, k_pos: jax.Array, cfg: ModelConfig) -> jax.Array:
-    """Sliding-window visibility of keys at k_pos from queries at q_pos (broadcast)."""
-    if cfg.sliding_window is None:
-        return jnp.ones(jnp.broadcast_shapes(q_pos.shape, k_pos.shape), bool)
-    return (q_pos - k_pos) < cfg.sliding_window
-
-
 def think_at(
     params: Params,
     cfg: ModelConfig,
@@ -244,31 +238,33 @@ def think_at(
     b, q = q_pos.shape
     dt = cfg.compute_dtype
     hidden = (b, q, cfg.hidden_size)
-    n_steps = tc.n_ahead - 1  # start, n_ahead - 3 sampled tokens, end
+    window = cfg.sliding_window
+    sch = ThoughtSchedule.of(tc, talk=False)  # start, n_ahead - 3 sampled tokens, end
+    n_steps = sch.num_steps
     n_own = n_steps - 1  # earlier steps a step can see
-    n_sampled = tc.num_sampled
+    n_sampled = sch.num_sampled
     own_ok = jnp.any(ctx_ok, axis=-1)  # a dummy query sees nothing, not even itself
     start = jnp.broadcast_to(thought_embedding(params, tc, "start_emb"), hidden).astype(dt)
     end = jnp.broadcast_to(thought_embedding(params, tc, "end_emb"), hidden).astype(dt)
     kv_shape = (n_steps, cfg.num_layers, b, q, cfg.num_kv_heads, cfg.dim_per_head)
-    slot_step = jnp.arange(1, n_own + 1)  # own slot j holds the keys of step j + 1
+    slot_step = jnp.asarray(sch.steps[:n_own])  # own slot j holds the keys of step j + 1
 
     def step(carry, s):
         own_k, own_v, prev, toks = carry
         step_key = None if key is None else jax.random.fold_in(key, s)
-        # Drawn on every step (a scan body is uniform); used on steps 2 .. n_ahead - 2.
+        # Drawn on every step (a scan body is uniform); used on the sampled steps.
         tok = sample_thought_token(params, cfg, tc, step_key,
                                    prev.reshape(b * q, -1)).reshape(b, q)
-        emb = jnp.where(s == 1, start,
-                        jnp.where(s == n_steps, end, model.embed_tokens(params, cfg, tok)))
+        emb = jnp.where(s == sch.start_step, start,
+                        jnp.where(s == sch.end_step, end, model.embed_tokens(params, cfg, tok)))
         if n_sampled:
-            t = jnp.clip(s - 2, 0, n_sampled - 1)
-            sampled = (s >= 2) & (s <= tc.n_ahead - 2)
-            toks = toks.at[t].set(jnp.where(sampled, tok, toks[t]))
-        pos = q_pos + s
-        ctx_mask = ctx_ok & _window_ok(pos[:, :, None], ctx_pos[:, None, :], cfg)
-        own_vis = (slot_step < s) & _window_ok(s, slot_step, cfg)
-        own_vis = jnp.concatenate([own_vis, jnp.ones((1,), bool)])  # + the step's own key
+            t = jnp.clip(sch.sampled_index(s), 0, n_sampled - 1)
+            toks = toks.at[t].set(jnp.where(sch.is_sampled(s), tok, toks[t]))
+        pos = q_pos + sch.position_offset(s)
+        ctx_mask = ctx_ok & window_visible(pos[:, :, None], ctx_pos[:, None, :], window)
+        # The slots written so far (steps < s), then the step's own new key.
+        own_vis = sch.own_visible(s, slot_step, window, strict=True)
+        own_vis = jnp.concatenate([own_vis, jnp.ones((1,), bool)])
         own_mask = own_ok[:, :, None] & own_vis[None, None, :]
         own = tuple(KV(own_k[j], own_v[j]) for j in range(n_own))
         # The thought step of one position (`model.position_decoder`), vmapped over the
@@ -283,7 +279,7 @@ def think_at(
     init = (jnp.zeros(kv_shape, dt), jnp.zeros(kv_shape, dt), jnp.zeros(hidden, dt),
             jnp.zeros((n_sampled, b, q), jnp.int32))
     (_, _, last, toks), _ = jax.lax.scan(step, init, jnp.arange(1, n_steps + 1))
-    mixed, w = mixed_hidden(params, tc, h_base, last, tc.n_ahead - 1)
+    mixed, w = mixed_hidden(params, tc, h_base, last, sch.end_step)
     return mixed, jnp.moveaxis(toks, 0, -1), w
 
 
@@ -299,7 +295,7 @@ def _append_token(
 ) -> tuple[jax.Array, KV, jax.Array, jax.Array]:
     """Run real token `tok` `[B]` at position `pos` `[B]` against the cache and write its
     KV into `slot`. Returns (its hidden `[B, hidden]`, cache, cache_valid, cache_pos)."""
-    ctx_mask = cache_valid & _window_ok(pos[:, None], cache_pos, cfg)
+    ctx_mask = cache_valid & window_visible(pos[:, None], cache_pos, cfg.sliding_window)
     emb = model.embed_tokens(params, cfg, tok[:, None])
     h, kv = model.decoder(params, cfg, emb, pos[:, None], ctx=(cache, ctx_mask[:, None, :]))
     zero = jnp.zeros((), jnp.int32)

@@ -142,11 +142,12 @@ def quietstar_objective(
         ok = shift_left(mask.astype(bool), k) & (t != pad)
         return jnp.where(ok, t, 0), ok
 
-    # Base step: z0[i] predicts x[i + 1]; talk step k (s = n_ahead - 1 + k): the mixed
-    # hidden predicts x[i + k + 1]. All NLLs in one vocabulary pass.
+    # Base step: z0[i] predicts x[i + 1]; talk step k (the scored step s = n_ahead - 1 + k):
+    # the mixed hidden predicts x[i + k + 1]. All NLLs in one vocabulary pass.
+    sch = tc.schedule
     mixes = [mixed_hidden(params, tc, ro.base_hidden, ro.step_hidden[s - 1], s)
-             for s in range(tc.n_ahead - 1, tc.n_ahead - 1 + tc.n_ahead_talk)]
-    tgt = [targets(k + 1) for k in range(tc.n_ahead_talk)]
+             for s in sch.scored_steps]
+    tgt = [targets(sch.target_shift(s)) for s in sch.scored_steps]
     nll = hidden_nll(params, cfg, jnp.stack([ro.base_hidden] + [m for m, _ in mixes]),
                      jnp.stack([tgt[0][0]] + [t for t, _ in tgt]))
     t1, ok1 = tgt[0]

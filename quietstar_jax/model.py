@@ -37,6 +37,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
+from quietstar_jax.schedule import window_visible
 from quietstar_jax.sharding import constrain
 from quietstar_jax.vocab import VocabMajor, zeros_after
 
@@ -203,8 +204,8 @@ def causal_mask(
     idx = jnp.arange(n)
     mask = (idx[None, :] <= idx[:, None])[None] & key_valid[:, None, :]
     if sliding_window is not None:
-        dist = positions[:, :, None] - positions[:, None, :]
-        mask = mask & (dist < sliding_window)
+        mask = mask & window_visible(positions[:, :, None], positions[:, None, :],
+                                     sliding_window)
     return mask
 
 

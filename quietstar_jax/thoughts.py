@@ -13,6 +13,7 @@ from flax import nnx
 
 from quietstar_jax import model, vocab
 from quietstar_jax.model import KV, ModelConfig, Params
+from quietstar_jax.schedule import END, SAMPLED, START, ThoughtSchedule, window_visible
 from quietstar_jax.vocab import sample_categorical  # noqa: F401  (re-export)
 
 SAMPLING_MODES = ("sample", "greedy", "pause")
@@ -81,14 +82,19 @@ class ThoughtConfig:
         object.__setattr__(self, "masked_token_ids", tuple(int(i) for i in self.masked_token_ids))
 
     @property
+    def schedule(self) -> ThoughtSchedule:
+        """The step schedule of a whole thought and its talk (`schedule.ThoughtSchedule`)."""
+        return ThoughtSchedule.of(self)
+
+    @property
     def num_steps(self) -> int:
         """Thought/talk steps after the base step: `n_ahead + n_ahead_talk - 2`."""
-        return self.n_ahead + self.n_ahead_talk - 2
+        return self.schedule.num_steps
 
     @property
     def num_sampled(self) -> int:
         """Sampled thought tokens per thought: `n_ahead - 3`."""
-        return self.n_ahead - 3
+        return self.schedule.num_sampled
 
     def replace(self, **kw: Any) -> ThoughtConfig:
         return dataclasses.replace(self, **kw)
@@ -321,13 +327,14 @@ def rollout(
     `thought_tokens` are given) have known inputs and run as one block: one vmapped call
     whose function takes a position's `block` queries at once, causal among themselves.
     """
-    num_steps = tc.num_steps if num_steps is None else num_steps
     rows, seq = input_ids.shape
     if tc.sampling == "pause" and thought_tokens is None:
         thought_tokens = jnp.full((tc.num_sampled, rows, seq), tc.pause_token_id, jnp.int32)
+    sch = ThoughtSchedule.of(tc, num_steps, given=thought_tokens is not None)
+    window = cfg.sliding_window
     # With full rematerialisation the steps run without gradient and the backward pass
     # replays all of them together, layer by layer (`model.replay_layers`).
-    replay = cfg.remat == "full" and num_steps > 0
+    replay = cfg.remat == "full" and sch.num_steps > 0
     run_params = jax.lax.stop_gradient(params) if replay else params
     valid = attention_mask.astype(bool)
     positions = model.default_positions(attention_mask)
@@ -336,22 +343,14 @@ def rollout(
 
     idx = jnp.arange(seq)
     base_ctx = (idx[None, :] <= idx[:, None])[None] & valid[:, None, :]  # [rows, q, k]
-    dist0 = positions[:, :, None] - positions[:, None, :]  # [rows, q, k]
     dt = cfg.compute_dtype
     hidden_shape = (rows, seq, cfg.hidden_size)
-    last_sampled = min(tc.n_ahead - 2, num_steps)  # steps 2..last_sampled are sampled
-    sequential = 0 if thought_tokens is not None else max(0, last_sampled - 1)
 
     def ctx_mask_at(s: int) -> jax.Array:  # [rows, seq, seq]
-        if cfg.sliding_window is None:
+        if window is None:
             return base_ctx
-        return base_ctx & (dist0 + s < cfg.sliding_window)
-
-    def own_visible(s: int, key_steps: jax.Array) -> jax.Array:  # [len(key_steps)] bool
-        vis = key_steps <= s
-        if cfg.sliding_window is not None:
-            vis = vis & (s - key_steps < cfg.sliding_window)
-        return vis
+        q_pos = positions[:, :, None] + sch.position_offset(s)
+        return base_ctx & window_visible(q_pos, positions[:, None, :], window)
 
     fed: list[jax.Array] = []  # the token fed on each step
     drawn: dict[int, vocab.Draw] = {}  # step -> its sampled token's draw
@@ -362,27 +361,28 @@ def rollout(
 
     def token_at(s: int, prev_h: jax.Array | None) -> jax.Array:
         """Step s's fed token `[rows, seq]` (drawing it from `prev_h` when sampled)."""
-        if s == 1:
+        kind = sch.kind(s)
+        if kind == START:
             return jnp.full((rows, seq), tc.start_token_id, jnp.int32)
-        if s <= tc.n_ahead - 2:
+        if kind == SAMPLED:
             if thought_tokens is not None:
-                return thought_tokens[s - 2].astype(jnp.int32)
+                return thought_tokens[sch.sampled_index(s)].astype(jnp.int32)
             greedy = tc.sampling == "greedy"
             drawn[s] = vocab.draw(prev_h, w_out,
                                   None if greedy else jax.random.fold_in(rng, s),
                                   sample_temperature=tc.thought_temperature, greedy=greedy,
                                   **vocab_kw)
             return drawn[s].tok
-        if s == tc.n_ahead - 1:
+        if kind == END:
             return jnp.full((rows, seq), tc.end_token_id, jnp.int32)
-        return teacher_forced_tokens(input_ids, s - tc.n_ahead + 1, tc.pad_token_id)
+        return teacher_forced_tokens(input_ids, sch.talk_shift(s), tc.pad_token_id)
 
     def embedding_at(p: Params, s: int) -> jax.Array:
         """Step s's input embedding `[rows, seq, hidden]` under params p."""
-        if s == 1:
-            emb = jnp.broadcast_to(thought_embedding(p, tc, "start_emb"), hidden_shape)
-        elif s == tc.n_ahead - 1:
-            emb = jnp.broadcast_to(thought_embedding(p, tc, "end_emb"), hidden_shape)
+        kind = sch.kind(s)
+        if kind in (START, END):
+            which = "start_emb" if kind == START else "end_emb"
+            emb = jnp.broadcast_to(thought_embedding(p, tc, which), hidden_shape)
         else:
             emb = model.embed_tokens(p, cfg, fed[s - 1])
         return emb.astype(dt)
@@ -394,15 +394,15 @@ def rollout(
     own: list[KV] = []
     step_hidden, traces = [], []
     prev_h = None
-    for s in range(1, sequential + 1):
+    for s in sch.sequential_steps:
         fed.append(token_at(s, prev_h))
         # Own keys: steps 1..s-1, then the step's own new key; masked for padding queries.
-        own_vis = own_visible(s, jnp.arange(1, s + 1))
+        own_vis = sch.own_visible(s, jnp.arange(1, s + 1), window)
         own_mask = valid[:, :, None] & own_vis[None, None, :]
         out = model.positions_decoder(  # one query per position: t = 1
             run_params, cfg, embedding_at(run_params, s)[:, :, None],
-            (positions + s)[:, :, None], (kv0, ctx_mask_at(s)[:, :, None]), own,
-            own_mask[:, :, None], trace=replay,
+            (positions + sch.position_offset(s))[:, :, None],
+            (kv0, ctx_mask_at(s)[:, :, None]), own, own_mask[:, :, None], trace=replay,
         )
         own.append(KV(out[1].k[:, :, :, 0], out[1].v[:, :, :, 0]))
         step_hidden.append(out[0][:, :, 0])
@@ -410,18 +410,19 @@ def rollout(
             traces.append(model.LayerTrace(out[2].inputs[:, :, :, 0], out[2].last[:, :, 0]))
         prev_h = step_hidden[-1]
 
-    block_steps = list(range(sequential + 1, num_steps + 1))
-    key_steps = jnp.arange(1, num_steps + 1)
+    block_steps = sch.block_steps
     if block_steps:
         # One call for the steps with known inputs: per position a group of queries,
         # causal among themselves, position-major `[rows, seq, group, ...]`.
+        first = block_steps[0]
         for s in block_steps:
-            fed.append(token_at(s, prev_h if s == sequential + 1 else None))
+            fed.append(token_at(s, prev_h if s == first else None))
         emb = jnp.stack([embedding_at(run_params, s) for s in block_steps], axis=2)
-        own_mask = jnp.stack([own_visible(s, key_steps) for s in block_steps])  # [g, slots]
+        own_mask = sch.own_block_mask(block_steps, sch.steps, window)  # [g, slots]
         own_mask = valid[:, :, None, None] & own_mask[None, None]  # [rows, seq, g, slots]
         ctx_mask = jnp.stack([ctx_mask_at(s) for s in block_steps], axis=2)  # [rows, seq, g, L]
-        blk_pos = positions[:, :, None] + jnp.asarray(block_steps)[None, None, :]
+        offsets = jnp.asarray([sch.position_offset(s) for s in block_steps])
+        blk_pos = positions[:, :, None] + offsets[None, None, :]
         out = model.positions_decoder(run_params, cfg, emb, blk_pos, (kv0, ctx_mask), own,
                                       own_mask, trace=replay)
         step_hidden.extend(jnp.moveaxis(out[0], 2, 0))
@@ -429,22 +430,23 @@ def rollout(
             traces.append(out[2])
 
     if replay:  # the differentiable outputs: the traced ones, with the replayed backward
-        steps = jnp.arange(1, num_steps + 1)
-        own_mask = jnp.stack([own_visible(s, key_steps) for s in range(1, num_steps + 1)])
+        n = sch.num_steps
+        offsets = jnp.asarray([sch.position_offset(s) for s in sch.steps])
+        own_mask = sch.own_block_mask(sch.steps, sch.steps, window)
         geo = model.JointGeometry(
             base_positions=positions,
             base_mask=model.self_attention_mask(cfg, positions, attention_mask),
-            step_positions=(positions[:, None, :] + steps[None, :, None]).reshape(rows, -1),
-            ctx_mask=jnp.concatenate([ctx_mask_at(s) for s in range(1, num_steps + 1)], 1),
+            step_positions=(positions[:, None, :] + offsets[None, :, None]).reshape(rows, -1),
+            ctx_mask=jnp.concatenate([ctx_mask_at(s) for s in sch.steps], 1),
             own_mask=valid[:, :, None, None] & own_mask[None, None],
         )
-        emb_steps = jnp.stack([embedding_at(params, s) for s in range(1, num_steps + 1)], 1)
+        emb_steps = jnp.stack([embedding_at(params, s) for s in sch.steps], 1)
         out_b, out_s = model.replay_layers(
             cfg, params["layers"], model.embed_tokens(params, cfg, input_ids).astype(dt),
-            emb_steps.reshape(rows, num_steps * seq, -1), base[2], traces, geo)
+            emb_steps.reshape(rows, n * seq, -1), base[2], traces, geo)
         norm = lambda x: model.rms_norm(x, params["final_norm"], cfg.rms_norm_eps)
         h0 = norm(out_b)
-        step_hidden = list(jnp.moveaxis(norm(out_s).reshape(rows, num_steps, seq, -1), 1, 0))
+        step_hidden = list(jnp.moveaxis(norm(out_s).reshape(rows, n, seq, -1), 1, 0))
 
     # The REINFORCE log-probs (the token fed on step s was drawn from step s - 1's
     # hidden state), all drawn steps in one call and all given ones in another: one
@@ -455,14 +457,14 @@ def rollout(
         hs = jnp.stack([step_hidden[s - 2] for s in drawn])
         ds = vocab.Draw(*(jnp.stack(x) for x in zip(*drawn.values(), strict=True)))
         thought_logp.extend(vocab.logp_of_draws(hs, w_grad, ds, **vocab_kw))
-    given = [s for s in range(2, last_sampled + 1) if s not in drawn]
+    given = [s for s in sch.sampled_steps if s not in drawn]
     if given and tc.sampling != "pause":  # pause thoughts have no policy
         hs = jnp.stack([step_hidden[s - 2] for s in given])
         toks = jnp.stack([fed[s - 1] for s in given])
         thought_logp.extend(token_logp(params, cfg, tc, hs, toks))
 
     empty = jnp.zeros((0, rows, seq), jnp.int32)
-    thought_toks = fed[1:last_sampled]
+    thought_toks = [fed[s - 1] for s in sch.sampled_steps]
     return Rollout(
         base_hidden=h0,
         base_kv=kv0,
@@ -491,8 +493,7 @@ def mixed_hidden(
     b = h0[i + k]; w = mixing_head([b, h_s]); returns ((1 - w) b + w h_s `[rows, seq,
     hidden]`, w `[rows, seq]` float32). Positions with i + k past the end get b = 0.
     """
-    k = max(0, step - (tc.n_ahead - 1))
-    b = shift_left(base_hidden, k)
+    b = shift_left(base_hidden, ThoughtSchedule.of(tc).base_shift(step))
     w = mixing_weight(params["thought"]["mix"], b, step_hidden)
     wd = w[..., None].astype(step_hidden.dtype)
     return (1 - wd) * b + wd * step_hidden, w
