@@ -23,12 +23,17 @@ from quietstar_jax.generate import (
     _mask_real_logits,
     _token_key,
     prepare_request,
-    sample_thought_token,
     sample_token,
 )
 from quietstar_jax.model import ModelConfig, Params
 from quietstar_jax.schedule import ThoughtSchedule
-from quietstar_jax.thoughts import ThoughtConfig, mixed_hidden, rollout
+from quietstar_jax.thoughts import (
+    ThoughtConfig,
+    draw_thought,
+    mixed_hidden,
+    position_key,
+    rollout,
+)
 
 
 def _last_mixed_logits(
@@ -39,6 +44,17 @@ def _last_mixed_logits(
     end = jax.lax.dynamic_index_in_dim(ro.step_hidden[-1], last, axis=1, keepdims=True)
     mixed, w = mixed_hidden(params, tc, base, end, ThoughtSchedule.of(tc).end_step)
     return model.logits_from_hidden(params, cfg, mixed[:, 0]), w[:, 0]
+
+
+def _draw_last(
+    params: Params, cfg: ModelConfig, tc: ThoughtConfig, h: jax.Array, key: jax.Array, s: int
+) -> jax.Array:
+    """Thought token s of each row's last position from its hidden `[B, hidden]` ->
+    `[B]`: the draw of `generate.think_at` (one position's draw, `draw_thought`, mapped
+    over the B rows, with key `position_key(key, s, b)`)."""
+    one = lambda hb, b: draw_thought(params, cfg, tc, hb[None], position_key(key, s, b),  # noqa: E731
+                                     n_tokens=h.shape[0]).tok[0]
+    return jax.vmap(one)(h, jnp.arange(h.shape[0]))
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "tc", "sc", "max_new_tokens", "think",
@@ -90,7 +106,7 @@ def _generate_recompute(
                 ro = rollout(params, cfg, tc, buf, bmask, None, fed, num_steps=s - 1)
                 h = jax.lax.dynamic_index_in_dim(ro.step_hidden[-1], last, axis=1,
                                                  keepdims=False)
-                tok = sample_thought_token(params, cfg, tc, jax.random.fold_in(key, s), h)
+                tok = _draw_last(params, cfg, tc, h, key, s)
                 fed = jax.lax.dynamic_update_slice(
                     fed, tok[None, :, None], (sch.sampled_index(s), 0, last))
             ro = rollout(params, cfg, tc, buf, bmask, None, fed, num_steps=sch.num_steps)

@@ -424,17 +424,23 @@ def draw(
     greedy: bool = False,
     chunk_size: int = DEFAULT_CHUNK,
     dtype: str | None = None,
+    n_tokens: int | None = None,
 ) -> Draw:
     """One token per row of `h @ w` (h `[..., H]`, w `[H, V]`), no gradient: an exact
     sample from `softmax(z / sample_temperature)` (or its argmax when `greedy`),
     `masked_ids` never drawn; plus the statistics `logp_of_draws` needs for its
-    log-prob at `logp_temperature`, all from one vocabulary pass."""
+    log-prob at `logp_temperature`, all from one vocabulary pass.
+
+    n_tokens: how many tokens draw together (default: the rows of `h`). Under
+    `jax.vmap` (one position's draw mapped over all positions) `h` holds one row while
+    the mapped computation holds `n_tokens`; the vocabulary is then chunked for those,
+    not walked in one step (which would build `[n_tokens, V]` logits)."""
     if key is None and not greedy:
         raise ValueError("vocab.draw/sample needs a key unless greedy=True")
     hf, lead = _flat(h)
     w, vocab_major = _raw(w)
     spec = _spec(w, chunk_size, 1.0 / logp_temperature, masked_ids, dtype or h.dtype,
-                 hf.shape[0], vocab_major)
+                 hf.shape[0] if n_tokens is None else n_tokens, vocab_major)
     tok, picked, lse = _sample_pass(
         jax.lax.stop_gradient(hf.astype(spec.dtype)), jax.lax.stop_gradient(w), key, spec,
         sample_temperature, greedy)
