@@ -287,14 +287,6 @@ class Rollout(NamedTuple):
     fed_tokens: jax.Array
 
 
-def teacher_forced_tokens(input_ids: jax.Array, shift: int, pad_id: int) -> jax.Array:
-    """`x[i + shift]`, or `pad_id` past the end. `[rows, seq]` -> `[rows, seq]`."""
-    if shift == 0:
-        return input_ids
-    pad = jnp.full(input_ids.shape[:-1] + (shift,), pad_id, input_ids.dtype)
-    return jnp.concatenate([input_ids[..., shift:], pad], axis=-1)[..., : input_ids.shape[-1]]
-
-
 def position_key(rng: jax.Array | None, s: Any, index: Any) -> jax.Array | None:
     """The key of the thought token drawn on step `s` by the position with flat index
     `index` among those thinking together (`row * positions + position`):
