@@ -154,7 +154,7 @@ def quietstar_objective(
     base_tok = jnp.where(ok1, nll[0], 0.0)
     nll_base = masked_mean(base_tok, ok1)
 
-    n_reward = seq - 1 - tc.n_ahead_talk  # positions i < L - 1 - n_ahead_talk carry a reward
+    n_reward = sch.rewarded_positions(seq)  # positions i < L - 1 - n_ahead_talk
     reward = jnp.zeros((rows, n_reward), jnp.float32)
     nll_talk, w_means, nll_talk_tok = [], [], []
     for k, ((_, w), (_, okk)) in enumerate(zip(mixes, tgt, strict=True)):

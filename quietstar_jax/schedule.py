@@ -39,7 +39,8 @@ API (all static Python except the two mask functions, which take arrays):
 - `steps`, `kind(s)`, `is_sampled(s)` (also for a traced `s`), `sampled_steps`,
   `sampled_index(s)`, `num_sampled` (tokens of a whole thought), `start_step`,
   `end_step`, `talk_shift(s)`, `position_offset(s)`, `base_shift(s)`,
-  `target_shift(s)`, `scored_steps`, `sequential_steps`, `block_steps`.
+  `target_shift(s)`, `scored_steps`, `rewarded_positions(seq)`, `sequential_steps`,
+  `block_steps`.
 - `own_visible(s, key_steps, window, strict=False)`: which own keys a step's query sees.
 - `window_visible(q_pos, k_pos, window)`: the sliding-window rule, the one copy of it
   (`model.causal_mask`, the rollout's context masks, generation's cache masks use it).
@@ -201,6 +202,11 @@ class ThoughtSchedule:
         """The talk steps the loss scores, `n_ahead - 1 + k` for `k < n_ahead_talk`
         (the end step predicts `x[i + 1]`), whether or not they are run."""
         return tuple(self.end_step + k for k in range(self.n_ahead_talk))
+
+    def rewarded_positions(self, seq: int) -> int:
+        """Positions `i < seq - 1 - n_ahead_talk` carry a reward (every scored target
+        `x[i + n_ahead_talk]` lies before the last token)."""
+        return seq - 1 - self.n_ahead_talk
 
     # ----------------------------------------------------------------- how steps run
 

@@ -31,6 +31,7 @@ def test_steps_follow_the_algorithm(n_ahead, n_ahead_talk):
     assert sch.num_sampled == tc.num_sampled == n_ahead - 3
     assert sch.scored_steps == tuple(n_ahead - 1 + k for k in range(n_ahead_talk))
     assert sch.scored_steps[-1] == sch.num_steps
+    assert sch.rewarded_positions(20) == 20 - 1 - n_ahead_talk
     # A sampled token waits for the step before it: steps 1 .. n_ahead - 3 run one by
     # one, the rest (last sampled, end, talk) form the block.
     assert sch.sequential_steps == tuple(range(1, max(0, n_ahead - 3) + 1))
