@@ -457,13 +457,14 @@ def thought_of_position(
 
 
 class MappedThoughts(NamedTuple):
-    """`thought_of_position` mapped over P positions of R rows: `step_hidden` `[steps,
-    R, P, hidden]`, `fed` `[steps, R, P]` int, `draws` (`vocab.Draw` of `[drawn, R, P]`,
+    """`thought_of_position` mapped over P positions of R rows: `step_hidden` (per step
+    `[R, P, hidden]`, kept apart: slicing a stack would cost a padded cotangent per
+    step in the backward pass), `fed` `[steps, R, P]` int, `draws` (`vocab.Draw` of `[drawn, R, P]`,
     in the order of `sch.sampled_steps`; None when none is drawn), `traces` (per decoder
     call: a sequential step's `[layers, R, P, hidden]`, the block's position-major
     `[layers, R, P, block, hidden]`)."""
 
-    step_hidden: jax.Array
+    step_hidden: list[jax.Array]
     fed: jax.Array
     draws: vocab.Draw | None
     traces: list[model.LayerTrace]
@@ -517,7 +518,7 @@ def map_thoughts(
     fed = jnp.moveaxis(out.fed[:, :, 0], -1, 0)
     draws = (None if out.draws is None else
              vocab.Draw(*(jnp.moveaxis(f[:, :, 0], -1, 0) for f in out.draws)))
-    return MappedThoughts(jnp.stack(step_hidden), fed, draws, traces)
+    return MappedThoughts(step_hidden, fed, draws, traces)
 
 
 def rollout(
@@ -593,7 +594,7 @@ def rollout(
             given=None if thought_tokens is None else jnp.moveaxis(thought_tokens, 0, -1))
         mapped = map_thoughts(run_params, cfg, tc, sch, RowContext(kv0, positions, input_ids),
                               x, rng, trace=replay)
-        step_hidden, fed, traces = list(mapped.step_hidden), list(mapped.fed), mapped.traces
+        step_hidden, fed, traces = mapped.step_hidden, list(mapped.fed), mapped.traces
         draws = mapped.draws
     else:
         step_hidden, fed, traces, draws = [], [], [], None
