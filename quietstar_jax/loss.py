@@ -141,12 +141,13 @@ def quietstar_objective(
         ok = shift_left(mask.astype(bool), k) & (t != pad)
         return jnp.where(ok, t, 0), ok
 
-    # Base step: z0[i] predicts x[i + 1]; talk step k (s = n_ahead - 1 + k): the mixed
-    # hidden predicts x[i + k + 1]. All NLLs in one vocabulary pass.
+    # Base step: z0[i] predicts x[i + 1]; talk step k (the scored step s = n_ahead - 1 + k):
+    # the mixed hidden predicts x[i + k + 1]. All NLLs in one vocabulary pass.
+    sch = tc.schedule
     with jax.named_scope("mixing_head"):
         mixes = [mixed_hidden(params, tc, ro.base_hidden, ro.step_hidden[s - 1], s)
-                 for s in range(tc.n_ahead - 1, tc.n_ahead - 1 + tc.n_ahead_talk)]
-    tgt = [targets(k + 1) for k in range(tc.n_ahead_talk)]
+                 for s in sch.scored_steps]
+    tgt = [targets(sch.target_shift(s)) for s in sch.scored_steps]
     with jax.named_scope("nll"):
         nll = hidden_nll(params, cfg, jnp.stack([ro.base_hidden] + [m for m, _ in mixes]),
                          jnp.stack([tgt[0][0]] + [t for t, _ in tgt]))
@@ -154,7 +155,7 @@ def quietstar_objective(
     base_tok = jnp.where(ok1, nll[0], 0.0)
     nll_base = masked_mean(base_tok, ok1)
 
-    n_reward = seq - 1 - tc.n_ahead_talk  # positions i < L - 1 - n_ahead_talk carry a reward
+    n_reward = sch.rewarded_positions(seq)  # positions i < L - 1 - n_ahead_talk
     reward = jnp.zeros((rows, n_reward), jnp.float32)
     nll_talk, w_means, nll_talk_tok = [], [], []
     for k, ((_, w), (_, okk)) in enumerate(zip(mixes, tgt, strict=True)):

@@ -20,8 +20,9 @@ self-attention, a forward can attend to
   appended to it.
 
 Both blocks enter one softmax. `position_decoder` is that forward for the queries of
-one position (its row's context, its own slots), and `positions_decoder` maps it over
-positions and rows with `jax.vmap`. This module knows nothing of thoughts or losses.
+one position (its row's context, its own slots); `thoughts.map_thoughts` maps a
+position's thought over positions and rows with `jax.vmap`. This module knows nothing
+of thoughts or losses.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
 from quietstar_jax.axes import constrain
+from quietstar_jax.schedule import window_visible
 from quietstar_jax.vocab import VocabMajor, zeros_after
 
 Params = dict[str, Any]
@@ -207,8 +209,8 @@ def causal_mask(
     idx = jnp.arange(n)
     mask = (idx[None, :] <= idx[:, None])[None] & key_valid[:, None, :]
     if sliding_window is not None:
-        dist = positions[:, :, None] - positions[:, None, :]
-        mask = mask & (dist < sliding_window)
+        mask = mask & window_visible(positions[:, :, None], positions[:, None, :],
+                                     sliding_window)
     return mask
 
 
@@ -911,14 +913,13 @@ def lm_logits(
 # A thought belongs to one position: its queries (one thought step, or a block of steps
 # causal among themselves) read the base keys/values of that position's row and the
 # position's own earlier keys. `position_decoder` is that computation for one position;
-# `positions_decoder` maps it over positions and rows with `jax.vmap`. The rollout's
-# thought steps, its block of steps with known inputs, and generation's `think_at`
-# (thinking at chosen positions) all run it.
+# `thoughts.thought_of_position` runs it for each step of a position's thought, and
+# `thoughts.map_thoughts` maps that over positions and rows with `jax.vmap` (the
+# rollout, and generation's `think_at` at chosen positions).
 
-# Logical axes of `positions_decoder`'s outputs, pinned outside the vmapped function
-# (inside it the mapped dimensions are left unconstrained).
+# Logical axes of the mapped thoughts' hidden states, pinned outside the vmapped
+# function (inside it the mapped dimensions are left unconstrained).
 STEP_HIDDEN_AXES = ("batch", "seq", "steps", "act_embed")
-STEP_KV_AXES = ("layers", "batch", "seq", "steps", "kv_heads", "head_dim")
 
 
 def position_decoder(
@@ -946,56 +947,10 @@ def position_decoder(
     `[1, t, hidden]`).
 
     The unit axes are part of the function's shapes, and added and removed outside
-    `positions_decoder`'s vmap: a reshape inside would make the vmap move the mapped
-    axes to the front (a transposed copy of every key/value array it touches).
+    `thoughts.map_thoughts`'s vmap: a reshape inside would make the vmap move the
+    mapped axes to the front (a transposed copy of every key/value array it touches).
     """
     return decoder(params, cfg, h, positions, ctx=ctx, own=(own, own_mask), trace=trace)
-
-
-def positions_decoder(
-    params: Params,
-    cfg: ModelConfig,
-    h: jax.Array,
-    positions: jax.Array,
-    ctx: tuple[KV, jax.Array],
-    own: Sequence[KV],
-    own_mask: jax.Array,
-    trace: bool = False,
-) -> tuple[jax.Array, KV] | tuple[jax.Array, KV, LayerTrace]:
-    """`position_decoder` mapped over P positions of each row, and over the rows
-    (`jax.vmap` twice; the context is per row, shared by the row's positions).
-
-    h `[rows, P, t, hidden]`, positions `[rows, P, t]`; ctx: (KV `[layers, rows, ctx,
-    kv_heads, head_dim]`, mask `[rows, P, t, ctx]`); own: a sequence of KVs `[layers,
-    rows, P, kv_heads, head_dim]`; own_mask `[rows, P, t, slots + t]`.
-    Returns (hidden `[rows, P, t, hidden]`, KV `[layers, rows, P, t, kv_heads,
-    head_dim]`), and with `trace` a `LayerTrace` (`[layers, rows, P, t, hidden]`,
-    `[rows, P, t, hidden]`): the mapped axes sit where the layer scan puts them, so no
-    output is transposed.
-
-    Every projection of the mapped function is a 2-D matmul over all rows x positions x
-    queries at once (a matmul with an unmapped weight); the context attention is a
-    matmul batched over (rows, kv heads) whose query rows are the row's positions'
-    queries, against the row's keys, which are not copied per position.
-    """
-    t = h.shape[2]
-    one_position = functools.partial(position_decoder, params, cfg, trace=trace)
-    out_axes = (0, 1, LayerTrace(1, 0)) if trace else (0, 1)
-    # Arguments: h, positions, ctx (KV, mask), own, own_mask.
-    over_positions = jax.vmap(one_position, in_axes=(0, 0, (None, 0), 1, 0), out_axes=out_axes)
-    over_rows = jax.vmap(over_positions, in_axes=(0, 0, (1, 0), 1, 0), out_axes=out_axes)
-    # The unit batch axis of one position, added (and removed below) outside the vmap.
-    ctx_kv = KV(ctx[0].k[:, :, None], ctx[0].v[:, :, None])  # [L, rows, 1, ctx, kv, d]
-    own1 = [KV(x.k[:, :, :, None, None], x.v[:, :, :, None, None]) for x in own]
-    om = own_mask[:, :, None] if t == 1 else own_mask[:, :, None, None]
-    out = over_rows(h[:, :, None], positions[:, :, None], (ctx_kv, ctx[1][:, :, None]), own1,
-                    om)
-    h_out = constrain(out[0][:, :, 0], STEP_HIDDEN_AXES)
-    new = KV(*(constrain(x[:, :, :, 0], STEP_KV_AXES) for x in out[1]))
-    if trace:
-        tr = out[2]
-        return h_out, new, LayerTrace(tr.inputs[:, :, :, 0], tr.last[:, :, 0])
-    return h_out, new
 
 
 # --------------------------------------------------------------------------- replayed backward
@@ -1060,7 +1015,7 @@ def replay_layers(
     h_base, h_steps: the embeddings fed to layer 0 (the gradient flows back to them).
     step_traces: the traces of the decoder calls that ran the steps, in step order
     (their `t` axes concatenated are the `steps * seq` of h_steps; a block of steps
-    from `positions_decoder` is position-major, `[layers, batch, seq, group, hidden]`);
+    from `thoughts.map_thoughts` is position-major, `[layers, batch, seq, group, hidden]`);
     kept apart, and joined one layer at a time, so that no `[layers, ...]` copy of them
     is made.
     """
@@ -1070,7 +1025,7 @@ def replay_layers(
 
 def _join_steps(pieces: Sequence[jax.Array]) -> jax.Array:
     """Step traces -> `[batch, steps * seq, hidden]` (step-major). A piece is one step
-    `[batch, seq, hidden]` or a block of steps as `positions_decoder` gives it,
+    `[batch, seq, hidden]` or a block of steps as `thoughts.map_thoughts` gives it,
     position-major `[batch, seq, group, hidden]` (reordered here, one layer at a time)."""
     pieces = [x if x.ndim == 3 else jnp.moveaxis(x, 2, 1).reshape(x.shape[0], -1, x.shape[-1])
               for x in pieces]

@@ -4,6 +4,7 @@ embeddings, `MixingHead`), the parallel rollout."""
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any, Literal, NamedTuple, get_args
 
@@ -13,6 +14,8 @@ from flax import nnx
 
 from quietstar_jax import model, vocab
 from quietstar_jax.model import KV, ModelConfig, Params
+from quietstar_jax.schedule import END, SAMPLED, START, ThoughtSchedule, window_visible
+from quietstar_jax.sharding import constrain
 from quietstar_jax.vocab import sample_categorical  # noqa: F401  (re-export)
 
 SamplingMode = Literal["sample", "greedy", "pause"]
@@ -82,14 +85,19 @@ class ThoughtConfig:
         object.__setattr__(self, "masked_token_ids", tuple(int(i) for i in self.masked_token_ids))
 
     @property
+    def schedule(self) -> ThoughtSchedule:
+        """The step schedule of a whole thought and its talk (`schedule.ThoughtSchedule`)."""
+        return ThoughtSchedule.of(self)
+
+    @property
     def num_steps(self) -> int:
         """Thought/talk steps after the base step: `n_ahead + n_ahead_talk - 2`."""
-        return self.n_ahead + self.n_ahead_talk - 2
+        return self.schedule.num_steps
 
     @property
     def num_sampled(self) -> int:
         """Sampled thought tokens per thought: `n_ahead - 3`."""
-        return self.n_ahead - 3
+        return self.schedule.num_sampled
 
     def replace(self, **kw: Any) -> ThoughtConfig:
         return dataclasses.replace(self, **kw)
@@ -280,12 +288,242 @@ class Rollout(NamedTuple):
     fed_tokens: jax.Array
 
 
-def teacher_forced_tokens(input_ids: jax.Array, shift: int, pad_id: int) -> jax.Array:
-    """`x[i + shift]`, or `pad_id` past the end. `[rows, seq]` -> `[rows, seq]`."""
-    if shift == 0:
-        return input_ids
-    pad = jnp.full(input_ids.shape[:-1] + (shift,), pad_id, input_ids.dtype)
-    return jnp.concatenate([input_ids[..., shift:], pad], axis=-1)[..., : input_ids.shape[-1]]
+def position_key(rng: jax.Array | None, s: Any, index: Any) -> jax.Array | None:
+    """The key of the thought token drawn on step `s` by the position with flat index
+    `index` among those thinking together (`row * positions + position`):
+    `fold_in(fold_in(rng, s), index)`; None (greedy) when rng is None."""
+    if rng is None:
+        return None
+    return jax.random.fold_in(jax.random.fold_in(rng, s), index)
+
+
+def draw_thought(
+    params: Params,
+    cfg: ModelConfig,
+    tc: ThoughtConfig,
+    h: jax.Array,
+    key: jax.Array | None,
+    n_tokens: int,
+) -> vocab.Draw:
+    """One position's next thought token from its previous step's hidden `h` `[...,
+    hidden]` (e.g. `[1, 1, hidden]`, mapped over positions by `jax.vmap`): the plain LM
+    logits with the thought ids masked, a sample at `tc.thought_temperature` (or the
+    argmax, `tc.sampling == "greedy"`), with the statistics of its REINFORCE log-prob
+    (`vocab.draw`: a chunked vocabulary pass, no logits kept). `n_tokens`: how many
+    positions draw together (the size of the map), which sets the chunking."""
+    greedy = tc.sampling == "greedy"
+    return vocab.draw(h, model.vocab_table(params, cfg), None if greedy else key,
+                      sample_temperature=tc.thought_temperature, greedy=greedy,
+                      logp_temperature=tc.reinforce_temperature,
+                      masked_ids=tc.sampled_masked_ids, chunk_size=cfg.vocab_chunk,
+                      dtype=cfg.dtype, n_tokens=n_tokens)
+
+
+def step_embedding(
+    params: Params, cfg: ModelConfig, tc: ThoughtConfig, sch: ThoughtSchedule, s: int,
+    tok: jax.Array,
+) -> jax.Array:
+    """The input embedding of step `s` fed token(s) `tok` `[...]` -> `[..., hidden]` in
+    compute dtype: the learned start/end embedding, else the token's table row."""
+    kind = sch.kind(s)
+    if kind in (START, END):
+        emb = thought_embedding(params, tc, "start_emb" if kind == START else "end_emb")
+        emb = jnp.broadcast_to(emb, tok.shape + emb.shape)
+    else:
+        emb = model.embed_tokens(params, cfg, tok)
+    return emb.astype(cfg.compute_dtype)
+
+
+class RowContext(NamedTuple):
+    """What the thoughts of one row read from it: its base keys/values `kv` (`[layers,
+    C, kv_heads, head_dim]` per row), their position ids `pos` `[C]`, and its token ids
+    `ids` `[C]` (the teacher-forced talk tokens; None without talk steps)."""
+
+    kv: KV
+    pos: jax.Array
+    ids: jax.Array | None
+
+
+class PositionInputs(NamedTuple):
+    """One thinking position: position id `pos` `[]`, index `at` `[]` in its row (its
+    talk tokens are `ids[at + talk_shift]`), flat index `index` `[]` (its keys), which
+    context keys it sees `ctx_ok` `[C]` (causal, padding; the window is applied per
+    step), whether it sees its own keys `own_ok` `[]` (False for padding), and the
+    thought tokens to feed `given` `[n_ahead - 3]` (None: drawn)."""
+
+    pos: jax.Array
+    at: jax.Array | None
+    index: jax.Array
+    ctx_ok: jax.Array
+    own_ok: jax.Array
+    given: jax.Array | None
+
+
+class PositionThought(NamedTuple):
+    """One position's thought: the final hidden of each decoder call (`[1, t,
+    hidden]`: t = 1 for a sequential step, the block's size for the block), the token fed
+    on every step `fed` `[1, steps]`, the draws of its sampled tokens (`vocab.Draw` of
+    `[1, drawn]`, None when none is drawn), and with `trace` each call's `LayerTrace`."""
+
+    hidden: tuple[jax.Array, ...]
+    fed: jax.Array
+    draws: vocab.Draw | None
+    traces: tuple[model.LayerTrace, ...]
+
+
+def thought_of_position(
+    params: Params,
+    cfg: ModelConfig,
+    tc: ThoughtConfig,
+    sch: ThoughtSchedule,
+    row: RowContext,
+    x: PositionInputs,
+    rng: jax.Array | None,
+    *,
+    n_tokens: int,
+    trace: bool = False,
+) -> PositionThought:
+    """The thought of ONE position: every step of `sch`, its start token, sampled tokens
+    (drawn here, `draw_thought` with `position_key`), end token and teacher-forced talk
+    tokens; its queries read the base keys/values of its row (`row.kv` with a unit
+    batch axis, `[layers, 1, C, kv_heads, head_dim]`; mask: `x.ctx_ok` and the sliding
+    window at its step's position id) and its own earlier keys.
+
+    The steps before the last sampled token run one `model.position_decoder` call each
+    (a drawn token needs the step before it); the rest (`sch.block_steps`) have known
+    inputs and run as one call of `t = len(block)` queries, causal among themselves.
+    `thoughts.map_thoughts` maps it over positions and rows with `jax.vmap`; `n_tokens`
+    is the number of positions mapped (the vocabulary chunking of the draws).
+    """
+    window = cfg.sliding_window
+    fed: list[jax.Array] = []
+    draws: list[vocab.Draw] = []
+    hidden: list[jax.Array] = []
+    traces: list[model.LayerTrace] = []
+
+    def token(s: int, prev_h: jax.Array | None) -> jax.Array:  # [1, 1] int32
+        kind = sch.kind(s)
+        if kind == START:
+            return jnp.full((1, 1), tc.start_token_id, jnp.int32)
+        if kind == END:
+            return jnp.full((1, 1), tc.end_token_id, jnp.int32)
+        if kind == SAMPLED:
+            if x.given is not None:
+                return x.given[sch.sampled_index(s)].astype(jnp.int32).reshape(1, 1)
+            with jax.named_scope("sampling"):
+                d = draw_thought(params, cfg, tc, prev_h, position_key(rng, s, x.index),
+                                 n_tokens)
+            draws.append(d)
+            return d.tok
+        j = x.at + sch.talk_shift(s)  # teacher forcing: x[i + shift], pad past the end
+        n = row.ids.shape[-1]
+        tok = jnp.where(j < n, row.ids[jnp.minimum(j, n - 1)], tc.pad_token_id)
+        return tok.astype(jnp.int32).reshape(1, 1)
+
+    def ctx_mask(s: int) -> jax.Array:  # [C]
+        if window is None:
+            return x.ctx_ok
+        return x.ctx_ok & window_visible(x.pos + sch.position_offset(s), row.pos, window)
+
+    def run(steps: tuple[int, ...], toks: list[jax.Array], own: list[KV], own_mask: jax.Array):
+        emb = jnp.concatenate([step_embedding(params, cfg, tc, sch, s, t)
+                               for s, t in zip(steps, toks, strict=True)], axis=1)
+        offsets = jnp.asarray([sch.position_offset(s) for s in steps])
+        pos = (x.pos + offsets)[None]  # [1, t]
+        cm = jnp.stack([ctx_mask(s) for s in steps])[None]  # [1, t, C]
+        out = model.position_decoder(params, cfg, emb, pos, (row.kv, cm), own, own_mask,
+                                     trace=trace)
+        hidden.append(out[0])
+        if trace:
+            traces.append(out[2])
+        return out
+
+    own: list[KV] = []
+    prev_h = None
+    for s in sch.sequential_steps:
+        tok = token(s, prev_h)
+        fed.append(tok)
+        # Own keys: steps 1..s-1, then the step's own new key; none for a padding query.
+        own_mask = x.own_ok & sch.own_visible(s, jnp.arange(1, s + 1), window)
+        with jax.named_scope("thought_steps"):
+            out = run((s,), [tok], own, own_mask[None, None])  # [1, 1, s]
+        own.append(out[1])
+        prev_h = out[0]
+    block = sch.block_steps
+    if block:
+        toks = [token(s, prev_h if s == block[0] else None) for s in block]
+        fed.extend(toks)
+        own_mask = x.own_ok & sch.own_block_mask(block, sch.steps, window)  # [t, slots + t]
+        with jax.named_scope("thought_block"):
+            run(block, toks, own, own_mask[None, None])
+    d = (vocab.Draw(*(jnp.concatenate(f, axis=1) for f in zip(*draws, strict=True)))
+         if draws else None)
+    return PositionThought(tuple(hidden), jnp.concatenate(fed, axis=1), d, tuple(traces))
+
+
+class MappedThoughts(NamedTuple):
+    """`thought_of_position` mapped over P positions of R rows: `step_hidden` (per step
+    `[R, P, hidden]`, kept apart: slicing a stack would cost a padded cotangent per
+    step in the backward pass), `fed` `[steps, R, P]` int, `draws` (`vocab.Draw` of `[drawn, R, P]`,
+    in the order of `sch.sampled_steps`; None when none is drawn), `traces` (per decoder
+    call: a sequential step's `[layers, R, P, hidden]`, the block's position-major
+    `[layers, R, P, block, hidden]`)."""
+
+    step_hidden: list[jax.Array]
+    fed: jax.Array
+    draws: vocab.Draw | None
+    traces: list[model.LayerTrace]
+
+
+def map_thoughts(
+    params: Params,
+    cfg: ModelConfig,
+    tc: ThoughtConfig,
+    sch: ThoughtSchedule,
+    row: RowContext,
+    x: PositionInputs,
+    rng: jax.Array | None,
+    *,
+    trace: bool = False,
+) -> MappedThoughts:
+    """`thought_of_position` vmapped over positions, then rows.
+
+    row: per-row `RowContext` with a leading rows axis (kv `[layers, R, C, kv_heads,
+    head_dim]`, pos/ids `[R, C]`); x: `PositionInputs` with leading `[R, P]` axes.
+    The context is per row, shared by the row's positions (not copied per position);
+    every projection is a 2-D matmul over all R x P positions' queries, and each draw a
+    chunked vocabulary pass over all of them (`n_tokens = R * P`).
+
+    The unit batch axis of one position is added (and removed) outside the vmap: a
+    reshape of a mapped array inside would make the vmap move the mapped axes to the
+    front (a transposed copy of every key/value array on every step).
+    """
+    rows, n_pos = x.pos.shape
+    one = functools.partial(thought_of_position, params, cfg, tc, sch, n_tokens=rows * n_pos,
+                            trace=trace)
+    n_calls = len(sch.sequential_steps) + (1 if sch.block_steps else 0)
+    tr_axes = tuple(model.LayerTrace(1, 0) for _ in range(n_calls)) if trace else ()
+    out_axes = PositionThought(0, 0, 0, tr_axes)
+    over_positions = jax.vmap(one, in_axes=(RowContext(None, None, None), 0, None),
+                              out_axes=out_axes)
+    over_rows = jax.vmap(over_positions, in_axes=(RowContext(1, 0, 0), 0, None),
+                         out_axes=out_axes)
+    kv1 = KV(row.kv.k[:, :, None], row.kv.v[:, :, None])  # [layers, R, 1, C, kv, d]
+    out = over_rows(row._replace(kv=kv1), x, rng)
+    step_hidden = []
+    for h in out.hidden:  # [R, P, 1, t, hidden]
+        h = constrain(h[:, :, 0], model.STEP_HIDDEN_AXES)
+        step_hidden.extend(jnp.moveaxis(h, 2, 0))
+    traces = []
+    for i, tr in enumerate(out.traces):  # [layers, R, P, 1, t, hidden], [R, P, 1, t, hidden]
+        ins, last = tr.inputs[:, :, :, 0], tr.last[:, :, 0]
+        if i < len(sch.sequential_steps):  # t = 1: one step's trace
+            ins, last = ins[:, :, :, 0], last[:, :, 0]
+        traces.append(model.LayerTrace(ins, last))
+    fed = jnp.moveaxis(out.fed[:, :, 0], -1, 0)
+    draws = (None if out.draws is None else
+             vocab.Draw(*(jnp.moveaxis(f[:, :, 0], -1, 0) for f in out.draws)))
+    return MappedThoughts(step_hidden, fed, draws, traces)
 
 
 def rollout(
@@ -310,25 +548,30 @@ def rollout(
     at position id `pos[i] + s`; its query sees the base keys j <= i (causal mask,
     padding, sliding window) and position i's own keys from steps 1..s.
 
-    The thought of one position is one function, `model.position_decoder` (its queries
-    read the base keys/values of its row and its own earlier keys), mapped over the
-    positions and rows with `jax.vmap` (`model.positions_decoder`); generation's
-    `think_at` maps the same function over its chosen positions.
+    The thought of one position is one function, `thought_of_position`: its start
+    token, its sampled tokens (drawn inside it, from its own previous step, with its
+    own key `position_key(rng, s, row * seq + i)`), its end token and its teacher-forced
+    talk tokens; its queries read the base keys/values of its row and its own earlier
+    keys. `map_thoughts` maps it over the positions and rows with `jax.vmap`;
+    generation's `think_at` maps the same function over its chosen positions. The step
+    schedule (which step feeds what, which run one by one and which as one block) is
+    `schedule.ThoughtSchedule`.
 
-    A step whose token is sampled needs the previous step's output, so the steps up to
-    the one before the last sampled token run one after another (one vmapped call each;
-    the token is drawn outside the vmap, for all positions in one chunked vocabulary
-    pass). The remaining steps (the last sampled token, end, talk; all steps when
-    `thought_tokens` are given) have known inputs and run as one block: one vmapped call
-    whose function takes a position's `block` queries at once, causal among themselves.
+    Inside the function a step whose token is sampled needs the previous step's output,
+    so the steps up to the one before the last sampled token run one after another (one
+    `model.position_decoder` call each); the remaining steps (the last sampled token,
+    end, talk; all steps when `thought_tokens` are given) have known inputs and run as
+    one call of the position's `block` queries, causal among themselves. Under the vmap
+    each draw is one chunked vocabulary pass over all positions.
     """
-    num_steps = tc.num_steps if num_steps is None else num_steps
     rows, seq = input_ids.shape
     if tc.sampling == "pause" and thought_tokens is None:
         thought_tokens = jnp.full((tc.num_sampled, rows, seq), tc.pause_token_id, jnp.int32)
+    sch = ThoughtSchedule.of(tc, num_steps, given=thought_tokens is not None)
+    window = cfg.sliding_window
     # With full rematerialisation the steps run without gradient and the backward pass
     # replays all of them together, layer by layer (`model.replay_layers`).
-    replay = cfg.remat == "full" and num_steps > 0
+    replay = cfg.remat == "full" and sch.num_steps > 0
     run_params = jax.lax.stop_gradient(params) if replay else params
     valid = attention_mask.astype(bool)
     positions = model.default_positions(attention_mask)
@@ -338,119 +581,52 @@ def rollout(
 
     idx = jnp.arange(seq)
     base_ctx = (idx[None, :] <= idx[:, None])[None] & valid[:, None, :]  # [rows, q, k]
-    dist0 = positions[:, :, None] - positions[:, None, :]  # [rows, q, k]
     dt = cfg.compute_dtype
-    hidden_shape = (rows, seq, cfg.hidden_size)
-    last_sampled = min(tc.n_ahead - 2, num_steps)  # steps 2..last_sampled are sampled
-    sequential = 0 if thought_tokens is not None else max(0, last_sampled - 1)
 
-    def ctx_mask_at(s: int) -> jax.Array:  # [rows, seq, seq]
-        if cfg.sliding_window is None:
+    def ctx_mask_at(s: int) -> jax.Array:  # [rows, seq, seq], for the replay
+        if window is None:
             return base_ctx
-        return base_ctx & (dist0 + s < cfg.sliding_window)
+        q_pos = positions[:, :, None] + sch.position_offset(s)
+        return base_ctx & window_visible(q_pos, positions[:, None, :], window)
 
-    def own_visible(s: int, key_steps: jax.Array) -> jax.Array:  # [len(key_steps)] bool
-        vis = key_steps <= s
-        if cfg.sliding_window is not None:
-            vis = vis & (s - key_steps < cfg.sliding_window)
-        return vis
-
-    fed: list[jax.Array] = []  # the token fed on each step
-    drawn: dict[int, vocab.Draw] = {}  # step -> its sampled token's draw
-    w_out = model.vocab_table(run_params, cfg)
-    vocab_kw = dict(logp_temperature=tc.reinforce_temperature,
-                    masked_ids=tc.sampled_masked_ids, chunk_size=cfg.vocab_chunk,
-                    dtype=cfg.dtype)
-
-    def token_at(s: int, prev_h: jax.Array | None) -> jax.Array:
-        """Step s's fed token `[rows, seq]` (drawing it from `prev_h` when sampled)."""
-        if s == 1:
-            return jnp.full((rows, seq), tc.start_token_id, jnp.int32)
-        if s <= tc.n_ahead - 2:
-            if thought_tokens is not None:
-                return thought_tokens[s - 2].astype(jnp.int32)
-            greedy = tc.sampling == "greedy"
-            with jax.named_scope("sampling"):
-                drawn[s] = vocab.draw(prev_h, w_out,
-                                      None if greedy else jax.random.fold_in(rng, s),
-                                      sample_temperature=tc.thought_temperature, greedy=greedy,
-                                      **vocab_kw)
-            return drawn[s].tok
-        if s == tc.n_ahead - 1:
-            return jnp.full((rows, seq), tc.end_token_id, jnp.int32)
-        return teacher_forced_tokens(input_ids, s - tc.n_ahead + 1, tc.pad_token_id)
-
-    def embedding_at(p: Params, s: int) -> jax.Array:
-        """Step s's input embedding `[rows, seq, hidden]` under params p."""
-        if s == 1:
-            emb = jnp.broadcast_to(thought_embedding(p, tc, "start_emb"), hidden_shape)
-        elif s == tc.n_ahead - 1:
-            emb = jnp.broadcast_to(thought_embedding(p, tc, "end_emb"), hidden_shape)
-        else:
-            emb = model.embed_tokens(p, cfg, fed[s - 1])
-        return emb.astype(dt)
-
-    # Every step runs `model.positions_decoder`: the queries of one position (reading its
-    # row's base keys and its own earlier keys) as one function, vmapped over positions
-    # and rows. The loop below is over steps; the vocabulary ops (draws, log-probs) run
-    # outside the vmap, on all positions at once, a vocabulary chunk at a time.
-    own: list[KV] = []
-    step_hidden, traces = [], []
-    prev_h = None
-    for s in range(1, sequential + 1):
-        fed.append(token_at(s, prev_h))
-        # Own keys: steps 1..s-1, then the step's own new key; masked for padding queries.
-        own_vis = own_visible(s, jnp.arange(1, s + 1))
-        own_mask = valid[:, :, None] & own_vis[None, None, :]
-        with jax.named_scope("thought_steps"):
-            out = model.positions_decoder(  # one query per position: t = 1
-                run_params, cfg, embedding_at(run_params, s)[:, :, None],
-                (positions + s)[:, :, None], (kv0, ctx_mask_at(s)[:, :, None]), own,
-                own_mask[:, :, None], trace=replay,
-            )
-        own.append(KV(out[1].k[:, :, :, 0], out[1].v[:, :, :, 0]))
-        step_hidden.append(out[0][:, :, 0])
-        if replay:
-            traces.append(model.LayerTrace(out[2].inputs[:, :, :, 0], out[2].last[:, :, 0]))
-        prev_h = step_hidden[-1]
-
-    block_steps = list(range(sequential + 1, num_steps + 1))
-    key_steps = jnp.arange(1, num_steps + 1)
-    if block_steps:
-        # One call for the steps with known inputs: per position a group of queries,
-        # causal among themselves, position-major `[rows, seq, group, ...]`.
-        for s in block_steps:
-            fed.append(token_at(s, prev_h if s == sequential + 1 else None))
-        emb = jnp.stack([embedding_at(run_params, s) for s in block_steps], axis=2)
-        own_mask = jnp.stack([own_visible(s, key_steps) for s in block_steps])  # [g, slots]
-        own_mask = valid[:, :, None, None] & own_mask[None, None]  # [rows, seq, g, slots]
-        ctx_mask = jnp.stack([ctx_mask_at(s) for s in block_steps], axis=2)  # [rows, seq, g, L]
-        blk_pos = positions[:, :, None] + jnp.asarray(block_steps)[None, None, :]
-        with jax.named_scope("thought_block"):
-            out = model.positions_decoder(run_params, cfg, emb, blk_pos, (kv0, ctx_mask), own,
-                                          own_mask, trace=replay)
-        step_hidden.extend(jnp.moveaxis(out[0], 2, 0))
-        if replay:
-            traces.append(out[2])
+    # Every position's thought is one function (`thought_of_position`: its steps, its
+    # draws, its queries on its row's base keys and its own keys), vmapped over the
+    # positions and rows (`map_thoughts`).
+    if sch.num_steps > 0:
+        at = jnp.broadcast_to(idx[None, :], (rows, seq))
+        x = PositionInputs(
+            pos=positions, at=at, index=at + seq * jnp.arange(rows)[:, None], ctx_ok=base_ctx,
+            own_ok=valid,
+            given=None if thought_tokens is None else jnp.moveaxis(thought_tokens, 0, -1))
+        # (named scopes inside: thought_steps, sampling, thought_block)
+        mapped = map_thoughts(run_params, cfg, tc, sch, RowContext(kv0, positions, input_ids),
+                              x, rng, trace=replay)
+        step_hidden, fed, traces = mapped.step_hidden, list(mapped.fed), mapped.traces
+        draws = mapped.draws
+    else:
+        step_hidden, fed, traces, draws = [], [], [], None
+    drawn = () if draws is None else sch.sampled_steps  # the steps whose token was drawn
 
     if replay:  # the differentiable outputs: the traced ones, with the replayed backward
-        steps = jnp.arange(1, num_steps + 1)
-        own_mask = jnp.stack([own_visible(s, key_steps) for s in range(1, num_steps + 1)])
+        n = sch.num_steps
+        offsets = jnp.asarray([sch.position_offset(s) for s in sch.steps])
+        own_mask = sch.own_block_mask(sch.steps, sch.steps, window)
         geo = model.JointGeometry(
             base_positions=positions,
             base_mask=model.self_attention_mask(cfg, positions, attention_mask),
-            step_positions=(positions[:, None, :] + steps[None, :, None]).reshape(rows, -1),
-            ctx_mask=jnp.concatenate([ctx_mask_at(s) for s in range(1, num_steps + 1)], 1),
+            step_positions=(positions[:, None, :] + offsets[None, :, None]).reshape(rows, -1),
+            ctx_mask=jnp.concatenate([ctx_mask_at(s) for s in sch.steps], 1),
             own_mask=valid[:, :, None, None] & own_mask[None, None],
         )
-        emb_steps = jnp.stack([embedding_at(params, s) for s in range(1, num_steps + 1)], 1)
+        emb_steps = jnp.stack([step_embedding(params, cfg, tc, sch, s, fed[s - 1])
+                               for s in sch.steps], 1)
         with jax.named_scope("replayed_backward"):
             out_b, out_s = model.replay_layers(
                 cfg, params["layers"], model.embed_tokens(params, cfg, input_ids).astype(dt),
-                emb_steps.reshape(rows, num_steps * seq, -1), base[2], traces, geo)
+                emb_steps.reshape(rows, n * seq, -1), base[2], traces, geo)
         norm = lambda x: model.rms_norm(x, params["final_norm"], cfg.rms_norm_eps)
         h0 = norm(out_b)
-        step_hidden = list(jnp.moveaxis(norm(out_s).reshape(rows, num_steps, seq, -1), 1, 0))
+        step_hidden = list(jnp.moveaxis(norm(out_s).reshape(rows, n, seq, -1), 1, 0))
 
     # The REINFORCE log-probs (the token fed on step s was drawn from step s - 1's
     # hidden state), all drawn steps in one call and all given ones in another: one
@@ -459,10 +635,11 @@ def rollout(
     thought_logp = []
     if drawn:
         hs = jnp.stack([step_hidden[s - 2] for s in drawn])
-        ds = vocab.Draw(*(jnp.stack(x) for x in zip(*drawn.values(), strict=True)))
         with jax.named_scope("reinforce_logp"):
-            thought_logp.extend(vocab.logp_of_draws(hs, w_grad, ds, **vocab_kw))
-    given = [s for s in range(2, last_sampled + 1) if s not in drawn]
+            thought_logp.extend(vocab.logp_of_draws(
+                hs, w_grad, draws, logp_temperature=tc.reinforce_temperature,
+                masked_ids=tc.sampled_masked_ids, chunk_size=cfg.vocab_chunk, dtype=cfg.dtype))
+    given = [s for s in sch.sampled_steps if s not in drawn]
     if given and tc.sampling != "pause":  # pause thoughts have no policy
         hs = jnp.stack([step_hidden[s - 2] for s in given])
         toks = jnp.stack([fed[s - 1] for s in given])
@@ -470,7 +647,7 @@ def rollout(
             thought_logp.extend(token_logp(params, cfg, tc, hs, toks))
 
     empty = jnp.zeros((0, rows, seq), jnp.int32)
-    thought_toks = fed[1:last_sampled]
+    thought_toks = [fed[s - 1] for s in sch.sampled_steps]
     return Rollout(
         base_hidden=h0,
         base_kv=kv0,
@@ -499,8 +676,7 @@ def mixed_hidden(
     b = h0[i + k]; w = mixing_head([b, h_s]); returns ((1 - w) b + w h_s `[rows, seq,
     hidden]`, w `[rows, seq]` float32). Positions with i + k past the end get b = 0.
     """
-    k = max(0, step - (tc.n_ahead - 1))
-    b = shift_left(base_hidden, k)
+    b = shift_left(base_hidden, ThoughtSchedule.of(tc).base_shift(step))
     w = mixing_weight(params["thought"]["mix"], b, step_hidden)
     wd = w[..., None].astype(step_hidden.dtype)
     return (1 - wd) * b + wd * step_hidden, w

@@ -95,6 +95,9 @@ class _Spec:
     masked: tuple[int, ...]
     dtype: str
     vocab_major: bool = False  # the matrix is stored `[V, H]` (see VocabMajor)
+    # Under a vmap (one token's op mapped over `n_tokens`): the logits' token axis is
+    # not pinned (a size-1 "batch" axis would pin the mapped array replicated).
+    mapped: bool = False
 
 
 class VocabMajor(NamedTuple):
@@ -139,7 +142,9 @@ def _chunk(h: jax.Array, w3: jax.Array, i: jax.Array, spec: _Spec, scale: float)
     start = lay.start(i)
     wc = jax.lax.dynamic_slice_in_dim(w3, start, lay.chunk, axis=_vocab_axis(spec))
     z = jnp.dot(h, _as_matrix(wc, spec), preferred_element_type=jnp.float32)
-    z = constrain(z.reshape(h.shape[0], lay.blocks, lay.chunk), ("batch", "vocab", None))
+    z = z.reshape(h.shape[0], lay.blocks, lay.chunk)
+    if not spec.mapped:
+        z = constrain(z, ("batch", "vocab", None))
     col = start + jnp.arange(lay.chunk)
     ids = jnp.arange(lay.blocks)[:, None] * lay.block + col[None, :]
     valid = jnp.broadcast_to(col >= i * lay.chunk, ids.shape)
@@ -228,13 +233,13 @@ _lse_pick.defvjp(_lse_pick_fwd, _lse_pick_bwd)
 
 
 def _spec(w: jax.Array, chunk_size: int, scale: float, masked, dtype, n_tokens: int,
-          vocab_major: bool = False) -> _Spec:
+          vocab_major: bool = False, mapped: bool = False) -> _Spec:
     masked = tuple(dict.fromkeys(int(m) for m in masked))
     v = w.shape[0] if vocab_major else w.shape[1]
     if n_tokens * v <= SMALL_LOGITS:  # e.g. generation: one step, no chunk copies
         chunk_size = max(chunk_size, v)
     return _Spec(layout(v, chunk_size), float(scale), masked, jnp.dtype(dtype).name,
-                 vocab_major)
+                 vocab_major, mapped)
 
 
 def _flat(h: jax.Array) -> tuple[jax.Array, tuple[int, ...]]:
@@ -424,17 +429,25 @@ def draw(
     greedy: bool = False,
     chunk_size: int = DEFAULT_CHUNK,
     dtype: str | None = None,
+    n_tokens: int | None = None,
 ) -> Draw:
     """One token per row of `h @ w` (h `[..., H]`, w `[H, V]`), no gradient: an exact
     sample from `softmax(z / sample_temperature)` (or its argmax when `greedy`),
     `masked_ids` never drawn; plus the statistics `logp_of_draws` needs for its
-    log-prob at `logp_temperature`, all from one vocabulary pass."""
+    log-prob at `logp_temperature`, all from one vocabulary pass.
+
+    n_tokens: how many tokens draw together (default: the rows of `h`). Under
+    `jax.vmap` (one position's draw mapped over all positions) `h` holds one row while
+    the mapped computation holds `n_tokens`; the vocabulary is then chunked for those,
+    not walked in one step (which would build `[n_tokens, V]` logits), and the logits'
+    token axis is left to the map's sharding (not pinned as a batch of one)."""
     if key is None and not greedy:
         raise ValueError("vocab.draw/sample needs a key unless greedy=True")
     hf, lead = _flat(h)
     w, vocab_major = _raw(w)
     spec = _spec(w, chunk_size, 1.0 / logp_temperature, masked_ids, dtype or h.dtype,
-                 hf.shape[0], vocab_major)
+                 hf.shape[0] if n_tokens is None else n_tokens, vocab_major,
+                 mapped=n_tokens is not None and n_tokens != hf.shape[0])
     tok, picked, lse = _sample_pass(
         jax.lax.stop_gradient(hf.astype(spec.dtype)), jax.lax.stop_gradient(w), key, spec,
         sample_temperature, greedy)

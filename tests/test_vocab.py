@@ -303,3 +303,29 @@ def test_a_vocab_major_table_draws_the_same_tokens(v: int, chunk: int) -> None:
     b = vocab.draw(hid, vocab.VocabMajor(w.T), jax.random.key(5), **kw)
     np.testing.assert_array_equal(np.asarray(b.tok), np.asarray(a.tok))
     np.testing.assert_allclose(np.asarray(b.lse), np.asarray(a.lse), rtol=1e-5)
+
+
+def test_a_vmapped_draw_keeps_the_chunking_of_all_its_tokens(monkeypatch: pytest.MonkeyPatch):
+    """One token's draw mapped over N tokens with `n_tokens=N` (a position's thought
+    under `jax.vmap`) walks the vocabulary in the chunks of the unmapped draw of N
+    tokens, not in one step, and gives its greedy tokens and log-prob statistics."""
+    monkeypatch.setattr(vocab, "SMALL_LOGITS", 1000)  # 12 tokens x 514 ids: chunked
+    v, chunk, n = 514, 100, 12
+    hid, w, _ = _problem(v, n=n)
+    flat = hid.reshape(n, -1)
+    want = vocab.draw(flat, w, None, greedy=True, logp_temperature=3.0, chunk_size=chunk)
+    one = lambda hr: vocab.draw(hr[None], w, None, greedy=True, logp_temperature=3.0,  # noqa: E731
+                                chunk_size=chunk, n_tokens=n)
+    got = jax.vmap(one)(flat)
+    np.testing.assert_array_equal(got.tok[:, 0], want.tok)
+    np.testing.assert_allclose(got.lse[:, 0], want.lse, rtol=1e-6)
+    np.testing.assert_allclose(got.picked[:, 0], want.picked, rtol=1e-6)
+    def widths(f):  # the column counts of the projections inside the vocabulary scan
+        return {d.outvars[0].aval.shape[-1] for e in jax.make_jaxpr(jax.vmap(f))(flat).eqns
+                if e.primitive.name == "scan"
+                for d in e.params["jaxpr"].jaxpr.eqns if d.primitive.name == "dot_general"}
+
+    assert widths(one) and max(widths(one)) < v, widths(one)  # chunks, never all v at once
+    # Without the hint the mapped draw sees one token and walks the vocabulary in one step.
+    whole = lambda hr: vocab.draw(hr[None], w, None, greedy=True, chunk_size=chunk)  # noqa: E731
+    assert widths(whole) == {v}

@@ -23,6 +23,7 @@ from quietstar_jax import model
 from quietstar_jax.generation.cached import think_at
 from quietstar_jax.loss import hidden_nll
 from quietstar_jax.model import ModelConfig, Params
+from quietstar_jax.schedule import ThoughtSchedule
 from quietstar_jax.thoughts import ThoughtConfig, mixed_hidden, rollout
 
 
@@ -43,8 +44,9 @@ def thinking_hidden(
 
     ids, mask: `[B, L]`. Returns `[B, L, hidden]`, `[B, L, hidden]`, `[B, L]`; position i
     predicts ids[i + 1] from both hiddens."""
-    ro = rollout(params, cfg, tc, ids, mask, rng, num_steps=tc.n_ahead - 1)
-    mixed, w = mixed_hidden(params, tc, ro.base_hidden, ro.step_hidden[-1], tc.n_ahead - 1)
+    sch = ThoughtSchedule.of(tc, talk=False)  # the thought, up to its end token
+    ro = rollout(params, cfg, tc, ids, mask, rng, num_steps=sch.num_steps)
+    mixed, w = mixed_hidden(params, tc, ro.base_hidden, ro.step_hidden[-1], sch.end_step)
     return ro.base_hidden, mixed, w
 
 

@@ -10,22 +10,23 @@ tokens live in a key/value cache:
 * prefill: one causal `model.forward` over the left-padded prompts `[B, P]`, whose
   KV fill slots `0..P-1` of a fixed buffer `[layers, B, P + N, kv_heads, head_dim]`
   (with a validity mask `[B, P + N]` and the position id of every slot);
-* per new token t: `think_at`, `n_ahead - 1` thought steps of the last position, each
-  the rollout's per-position function (`model.position_decoder`, vmapped over the
-  rows by `model.positions_decoder`) seeing the cache as its row's context and the
-  thought's earlier tokens as own keys; then one call for the sampled real token
-  (context = cache, own = itself), whose KV is written into slot `P + t`. The loop is
-  a `jax.lax.while_loop` under `jax.jit`.
+* per new token t: `think_at`, the thought of the last position (`n_ahead - 1`
+  steps): the rollout's function of one position (`thoughts.thought_of_position`,
+  vmapped over the rows by `thoughts.map_thoughts`) seeing the cache as its row's
+  context and the thought's earlier tokens as own keys; then one call for the sampled
+  real token (context = cache, own = itself), whose KV is written into slot `P + t`.
+  The loop is a `jax.lax.while_loop` under `jax.jit`.
 
 `generation.reference.generate_recompute` is the reference the authors' code
 implements: for every new token it runs the whole parallel rollout
 (`thoughts.rollout`, every position thinks) over the whole current sequence and reads
 the last position's mixed logits.
 
-Random keys (`generation.sampling`): the key of new token t is `fold_in(rng, t)`; thought
-token s (the token fed on thought step s, 2 <= s <= n_ahead - 2) is drawn with
-`fold_in(key_t, s)` from `[B, vocab]` logits, and the real token with `fold_in(key_t, 0)`.
-Both generators consume keys this way, so with the same rng they draw the same tokens.
+Random keys (`generation.sampling`): the key of new token t is `fold_in(rng, t)`;
+thought token s of row b (the token fed on thought step s, 2 <= s <= n_ahead - 2) is
+drawn with `thoughts.position_key(key_t, s, b)` (`fold_in(fold_in(key_t, s), b)`), and the real
+token with `fold_in(key_t, 0)`. Both generators consume keys this way, so with the
+same rng they draw the same tokens.
 """
 
 from __future__ import annotations
@@ -43,12 +44,18 @@ from quietstar_jax.generation.sampling import (
     SamplingConfig,
     _mask_real_logits,
     _token_key,
-    sample_thought_token,
     sample_token,
 )
 from quietstar_jax.model import KV, ModelConfig, Params
 from quietstar_jax.protocols import Tokenizer
-from quietstar_jax.thoughts import ThoughtConfig, mixed_hidden, thought_embedding
+from quietstar_jax.schedule import ThoughtSchedule, window_visible
+from quietstar_jax.thoughts import (
+    PositionInputs,
+    RowContext,
+    ThoughtConfig,
+    map_thoughts,
+    mixed_hidden,
+)
 
 
 class Generation(NamedTuple):
@@ -137,13 +144,6 @@ def _finish(
 # --------------------------------------------------------------------------- cached
 
 
-def _window_ok(q_pos: jax.Array, k_pos: jax.Array, cfg: ModelConfig) -> jax.Array:
-    """Sliding-window visibility of keys at k_pos from queries at q_pos (broadcast)."""
-    if cfg.sliding_window is None:
-        return jnp.ones(jnp.broadcast_shapes(q_pos.shape, k_pos.shape), bool)
-    return (q_pos - k_pos) < cfg.sliding_window
-
-
 def think_at(
     params: Params,
     cfg: ModelConfig,
@@ -161,60 +161,27 @@ def think_at(
     (the real tokens); ctx_ok `[B, Q, C]` bool: which of them each query position sees
     (causal, valid; all False for a dummy query); ctx_pos `[B, C]` their position ids;
     h_base `[B, Q, hidden]` the base hidden states of the chosen positions; q_pos
-    `[B, Q]` their position ids. Thought step s (1 .. n_ahead - 1) is fed at position
-    q_pos + s and sees the visible context (and the sliding window) plus its own earlier
-    steps, exactly as position i of `thoughts.rollout`: each step is the rollout's
-    per-position function (`model.position_decoder`) vmapped over the B x Q chosen
-    positions (`model.positions_decoder`), in a `lax.scan` over the steps with
-    fixed-size own-key buffers. Thought tokens are drawn outside the vmap, from
-    `[B * Q, vocab]` logits (one chunked pass) with key `fold_in(key, s)`.
+    `[B, Q]` their position ids. This is `thoughts.thought_of_position` (the rollout's
+    thought of one position) vmapped over the B x Q chosen positions
+    (`thoughts.map_thoughts`) with the schedule up to the end token: thought step s
+    (1 .. n_ahead - 1) is fed at position q_pos + s and sees the visible context (and
+    the sliding window) plus its own earlier steps, exactly as position i of
+    `thoughts.rollout`. Thought token s of chosen position (b, j) is drawn with key
+    `thoughts.position_key(key, s, b * Q + j)`.
     Returns (mixed hidden `[B, Q, hidden]`, thought tokens `[B, Q, n_ahead - 3]`,
     mixing weight `[B, Q]`).
     """
     b, q = q_pos.shape
-    dt = cfg.compute_dtype
-    hidden = (b, q, cfg.hidden_size)
-    n_steps = tc.n_ahead - 1  # start, n_ahead - 3 sampled tokens, end
-    n_own = n_steps - 1  # earlier steps a step can see
-    n_sampled = tc.num_sampled
-    own_ok = jnp.any(ctx_ok, axis=-1)  # a dummy query sees nothing, not even itself
-    start = jnp.broadcast_to(thought_embedding(params, tc, "start_emb"), hidden).astype(dt)
-    end = jnp.broadcast_to(thought_embedding(params, tc, "end_emb"), hidden).astype(dt)
-    kv_shape = (n_steps, cfg.num_layers, b, q, cfg.num_kv_heads, cfg.dim_per_head)
-    slot_step = jnp.arange(1, n_own + 1)  # own slot j holds the keys of step j + 1
-
-    def step(carry, s):
-        own_k, own_v, prev, toks = carry
-        step_key = None if key is None else jax.random.fold_in(key, s)
-        # Drawn on every step (a scan body is uniform); used on steps 2 .. n_ahead - 2.
-        tok = sample_thought_token(params, cfg, tc, step_key,
-                                   prev.reshape(b * q, -1)).reshape(b, q)
-        emb = jnp.where(s == 1, start,
-                        jnp.where(s == n_steps, end, model.embed_tokens(params, cfg, tok)))
-        if n_sampled:
-            t = jnp.clip(s - 2, 0, n_sampled - 1)
-            sampled = (s >= 2) & (s <= tc.n_ahead - 2)
-            toks = toks.at[t].set(jnp.where(sampled, tok, toks[t]))
-        pos = q_pos + s
-        ctx_mask = ctx_ok & _window_ok(pos[:, :, None], ctx_pos[:, None, :], cfg)
-        own_vis = (slot_step < s) & _window_ok(s, slot_step, cfg)
-        own_vis = jnp.concatenate([own_vis, jnp.ones((1,), bool)])  # + the step's own key
-        own_mask = own_ok[:, :, None] & own_vis[None, None, :]
-        own = tuple(KV(own_k[j], own_v[j]) for j in range(n_own))
-        # The thought step of one position (`model.position_decoder`), vmapped over the
-        # rows and their Q chosen positions: the rollout's per-position function.
-        h, kv = model.positions_decoder(params, cfg, emb[:, :, None], pos[:, :, None],
-                                        (ctx_kv, ctx_mask[:, :, None]), own,
-                                        own_mask[:, :, None])
-        own_k = own_k.at[s - 1].set(kv.k[:, :, :, 0].astype(dt))
-        own_v = own_v.at[s - 1].set(kv.v[:, :, :, 0].astype(dt))
-        return (own_k, own_v, h[:, :, 0], toks), None
-
-    init = (jnp.zeros(kv_shape, dt), jnp.zeros(kv_shape, dt), jnp.zeros(hidden, dt),
-            jnp.zeros((n_sampled, b, q), jnp.int32))
-    (_, _, last, toks), _ = jax.lax.scan(step, init, jnp.arange(1, n_steps + 1))
-    mixed, w = mixed_hidden(params, tc, h_base, last, tc.n_ahead - 1)
-    return mixed, jnp.moveaxis(toks, 0, -1), w
+    sch = ThoughtSchedule.of(tc, talk=False)  # start, n_ahead - 3 sampled tokens, end
+    x = PositionInputs(pos=q_pos, at=None, index=jnp.arange(b * q).reshape(b, q),
+                       ctx_ok=ctx_ok, own_ok=jnp.any(ctx_ok, axis=-1), given=None)
+    # A dummy query (ctx_ok all False) sees nothing, not even its own keys.
+    out = map_thoughts(params, cfg, tc, sch, RowContext(ctx_kv, ctx_pos, None), x, key)
+    sampled = [out.fed[s - 1] for s in sch.sampled_steps]
+    toks = jnp.stack(sampled, -1) if sampled else jnp.zeros((b, q, 0), jnp.int32)
+    mixed, w = mixed_hidden(params, tc, h_base, out.step_hidden[sch.end_step - 1],
+                            sch.end_step)
+    return mixed, toks, w
 
 
 def _append_token(
@@ -229,7 +196,7 @@ def _append_token(
 ) -> tuple[jax.Array, KV, jax.Array, jax.Array]:
     """Run real token `tok` `[B]` at position `pos` `[B]` against the cache and write its
     KV into `slot`. Returns (its hidden `[B, hidden]`, cache, cache_valid, cache_pos)."""
-    ctx_mask = cache_valid & _window_ok(pos[:, None], cache_pos, cfg)
+    ctx_mask = cache_valid & window_visible(pos[:, None], cache_pos, cfg.sliding_window)
     emb = model.embed_tokens(params, cfg, tok[:, None])
     h, kv = model.decoder(params, cfg, emb, pos[:, None], ctx=(cache, ctx_mask[:, None, :]))
     zero = jnp.zeros((), jnp.int32)

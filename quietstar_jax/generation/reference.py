@@ -21,11 +21,17 @@ from quietstar_jax.generation.sampling import (
     SamplingConfig,
     _mask_real_logits,
     _token_key,
-    sample_thought_token,
     sample_token,
 )
 from quietstar_jax.model import ModelConfig, Params
-from quietstar_jax.thoughts import ThoughtConfig, mixed_hidden, rollout
+from quietstar_jax.schedule import ThoughtSchedule
+from quietstar_jax.thoughts import (
+    ThoughtConfig,
+    draw_thought,
+    mixed_hidden,
+    position_key,
+    rollout,
+)
 
 
 def _last_mixed_logits(
@@ -34,8 +40,19 @@ def _last_mixed_logits(
     """Mixed logits `[B, vocab]` and weight `[B]` at index `last` after the end step."""
     base = jax.lax.dynamic_index_in_dim(ro.base_hidden, last, axis=1, keepdims=True)
     end = jax.lax.dynamic_index_in_dim(ro.step_hidden[-1], last, axis=1, keepdims=True)
-    mixed, w = mixed_hidden(params, tc, base, end, tc.n_ahead - 1)
+    mixed, w = mixed_hidden(params, tc, base, end, ThoughtSchedule.of(tc).end_step)
     return model.logits_from_hidden(params, cfg, mixed[:, 0]), w[:, 0]
+
+
+def _draw_last(
+    params: Params, cfg: ModelConfig, tc: ThoughtConfig, h: jax.Array, key: jax.Array, s: int
+) -> jax.Array:
+    """Thought token s of each row's last position from its hidden `[B, hidden]` ->
+    `[B]`: the draw of `generate.think_at` (one position's draw, `draw_thought`, mapped
+    over the B rows, with key `position_key(key, s, b)`)."""
+    one = lambda hb, b: draw_thought(params, cfg, tc, hb[None], position_key(key, s, b),  # noqa: E731
+                                     n_tokens=h.shape[0]).tok[0]
+    return jax.vmap(one)(h, jnp.arange(h.shape[0]))
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "tc", "sc", "max_new_tokens", "think",
@@ -56,6 +73,7 @@ def _generate_recompute(
     b, p = ids.shape
     n = max_new_tokens
     n_thought = tc.num_sampled if think else 0
+    sch = ThoughtSchedule.of(tc, talk=False) if think else None  # up to the end token
     buf = jnp.concatenate([ids, jnp.zeros((b, n), ids.dtype)], axis=1)
     bmask = jnp.concatenate([mask, jnp.zeros((b, n), mask.dtype)], axis=1)
     out_thought = jnp.zeros((b, n, n_thought), jnp.int32)
@@ -72,7 +90,7 @@ def _generate_recompute(
         elif not exact_rng:
             # The authors' way: one rollout in which every position thinks.
             ro = rollout(params, cfg, tc, buf, bmask, jax.random.fold_in(key, 1),
-                         num_steps=tc.n_ahead - 1)
+                         num_steps=sch.num_steps)
             logits, w = _last_mixed_logits(params, cfg, tc, ro, last)
             thought = jax.lax.dynamic_index_in_dim(ro.thought_tokens, last, axis=2,
                                                    keepdims=False).T
@@ -82,14 +100,14 @@ def _generate_recompute(
             # Same computation, but each thought token is drawn from the last position's
             # [B, vocab] logits with the cached generator's key: one rollout per step.
             fed = jnp.zeros((tc.num_sampled,) + buf.shape, jnp.int32)
-            for s in range(2, tc.n_ahead - 1):
+            for s in sch.sampled_steps:  # drawn from the output of step s - 1
                 ro = rollout(params, cfg, tc, buf, bmask, None, fed, num_steps=s - 1)
                 h = jax.lax.dynamic_index_in_dim(ro.step_hidden[-1], last, axis=1,
                                                  keepdims=False)
-                tok = sample_thought_token(params, cfg, tc, jax.random.fold_in(key, s), h)
+                tok = _draw_last(params, cfg, tc, h, key, s)
                 fed = jax.lax.dynamic_update_slice(
-                    fed, tok[None, :, None], (s - 2, 0, last))
-            ro = rollout(params, cfg, tc, buf, bmask, None, fed, num_steps=tc.n_ahead - 1)
+                    fed, tok[None, :, None], (sch.sampled_index(s), 0, last))
+            ro = rollout(params, cfg, tc, buf, bmask, None, fed, num_steps=sch.num_steps)
             logits, w = _last_mixed_logits(params, cfg, tc, ro, last)
             thought = jax.lax.dynamic_index_in_dim(fed, last, axis=2, keepdims=False).T
             out_thought = out_thought.at[:, t].set(thought)

@@ -14,8 +14,6 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from quietstar_jax import model, vocab
-from quietstar_jax.model import ModelConfig, Params
 from quietstar_jax.thoughts import ThoughtConfig, mask_thought_logits, sample_categorical
 
 _NEG_INF = -1e30
@@ -63,18 +61,6 @@ def sample_token(key: jax.Array, logits: jax.Array, sc: SamplingConfig) -> jax.A
     if sc.greedy:
         return jnp.argmax(logits, axis=-1).astype(jnp.int32)
     return sample_categorical(key, top_p_filter(logits / sc.temperature, sc.top_p))
-
-
-def sample_thought_token(
-    params: Params, cfg: ModelConfig, tc: ThoughtConfig, key: jax.Array | None, h: jax.Array
-) -> jax.Array:
-    """The next thought token from the previous step's hidden `[B, hidden]` -> `[B]`:
-    plain LM logits with the thought ids masked, argmax (tc.sampling == "greedy") or a
-    sample at tc.thought_temperature."""
-    greedy = tc.sampling == "greedy"
-    return vocab.sample(h, model.vocab_table(params, cfg), None if greedy else key,
-                        temperature=tc.thought_temperature, masked_ids=tc.sampled_masked_ids,
-                        greedy=greedy, chunk_size=cfg.vocab_chunk, dtype=cfg.dtype)
 
 
 def _token_key(rng: jax.Array, t: jax.Array | int) -> jax.Array:
