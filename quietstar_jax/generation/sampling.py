@@ -1,10 +1,11 @@
-"""How tokens are drawn in generation: the real tokens (greedy, temperature, top-p) and
-the thought tokens (the thought config's sampling), and the random key of each.
+"""How the real tokens are drawn in generation (greedy, temperature, top-p), and the
+random key of each new token.
 
 The key of new token t is `fold_in(rng, t)`; the real token is drawn with
-`fold_in(key_t, 0)`, thought token s with `fold_in(key_t, s)`. The cached generator
-and the recompute reference both draw through these functions, so with the same rng
-they draw the same tokens.
+`fold_in(key_t, 0)`. Thought tokens are drawn inside the thought of their position
+(`thoughts.thought_of_position`, key `thoughts.position_key(key_t, s, index)`). The
+cached generator and the recompute reference both draw through these functions, so
+with the same rng they draw the same tokens.
 """
 
 from __future__ import annotations
