@@ -8,7 +8,10 @@ a query needs, `dense` what the implementation computes.
 
 from __future__ import annotations
 
+from types import SimpleNamespace
 from typing import Any
+
+from quietstar_jax.schedule import ThoughtSchedule
 
 # Dense peak FLOP/s per chip by device kind (substring, lower case) and compute dtype.
 PEAK_FLOPS = {
@@ -54,10 +57,13 @@ def analytic_flops(c: dict[str, Any]) -> dict[str, float]:
     mix = 2 * (2 * h * h + h * h + h)  # mixing head per token
     causal_keys = rows * seq * (seq + 1) / 2
     dense_keys = rows * seq * seq
-    steps = c["n_ahead"] + c["n_ahead_talk"] - 2
-    n_sample_logits = c["n_ahead"] - 3  # logits r_{s-1} for each sampled token
-    n_talk = c["n_ahead_talk"]
-    own_keys = tok * sum(range(1, steps + 1))  # step s sees its own keys of steps 1..s
+    # What each position's thought runs, from the schedule the rollout runs.
+    counts = ThoughtSchedule.of(SimpleNamespace(n_ahead=c["n_ahead"],
+                                                n_ahead_talk=c["n_ahead_talk"])).flop_counts()
+    steps = counts.forwarded_steps
+    n_sample_logits = counts.sampling_logits  # logits r_{s-1} for each sampled token
+    n_talk = counts.talk_logits
+    own_keys = tok * counts.own_keys  # step s sees its own keys of steps 1..s
 
     out = {}
     for kind, base_keys in (("useful", causal_keys), ("dense", dense_keys)):
@@ -67,7 +73,7 @@ def analytic_flops(c: dict[str, Any]) -> dict[str, float]:
             + steps * (tok * linear + attn_key * base_keys)  # thought/talk step forwards
             + attn_key * own_keys
             + (n_sample_logits + n_talk) * tok * logits
-            + n_talk * tok * mix
+            + counts.mixing_heads * tok * mix
         )
         out[f"plain_{kind}"] = 3.0 * plain_fwd
         out[f"qs_{kind}"] = 3.0 * qs_fwd

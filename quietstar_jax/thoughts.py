@@ -13,9 +13,9 @@ import jax.numpy as jnp
 from flax import nnx
 
 from quietstar_jax import model, vocab
+from quietstar_jax.axes import constrain
 from quietstar_jax.model import KV, ModelConfig, Params
 from quietstar_jax.schedule import END, SAMPLED, START, ThoughtSchedule, window_visible
-from quietstar_jax.sharding import constrain
 from quietstar_jax.vocab import sample_categorical  # noqa: F401  (re-export)
 
 SamplingMode = Literal["sample", "greedy", "pause"]
