@@ -9,6 +9,7 @@ data is read or anything is compiled. `thought_config` builds the ThoughtConfig.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from typing import Any
 
 from ml_collections import ConfigDict, config_dict
@@ -127,29 +128,22 @@ def base_config() -> ConfigDict:
 # ------------------------------------------------------------------ validation
 
 
-def _walk(cfg: ConfigDict, prefix: str = "config") -> dict[str, Any]:
+def _walk(cfg: ConfigDict, leaf: Callable[[ConfigDict, str], Any] = lambda c, k: c[k],
+          prefix: str = "config") -> dict[str, Any]:
+    """{"config.a.b": leaf(parent, "b")} over every non-ConfigDict field."""
     out = {}
     for key in cfg.keys():
-        value = cfg[key]
         name = f"{prefix}.{key}"
-        if isinstance(value, ConfigDict):
-            out |= _walk(value, name)
+        if isinstance(cfg[key], ConfigDict):
+            out |= _walk(cfg[key], leaf, name)
         else:
-            out[name] = value
+            out[name] = leaf(cfg, key)
     return out
 
 
-def _field_types(cfg: ConfigDict, prefix: str = "config") -> dict[str, Any]:
-    out = {}
-    for key in cfg.keys():
-        value = cfg[key]
-        name = f"{prefix}.{key}"
-        if isinstance(value, ConfigDict):
-            out |= _field_types(value, name)
-        else:
-            ref = cfg.get_ref(key)
-            out[name] = ref.get_type()
-    return out
+def _field_types(cfg: ConfigDict) -> dict[str, Any]:
+    """The declared type of every field (a placeholder's too), by dotted name."""
+    return _walk(cfg, lambda c, k: c.get_ref(k).get_type())
 
 
 def _type_ok(value: Any, want: Any) -> bool:
