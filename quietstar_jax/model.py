@@ -391,9 +391,13 @@ def declare(
     axes: tuple[str, ...],
     dtype: Any,
     cls: type[nnx.Variable] = nnx.Param,
+    *,
+    decay: bool = True,
     **metadata: Any,
 ) -> nnx.Variable:
-    """A parameter: `init(key, shape, dtype)` with its logical axis names.
+    """A parameter: `init(key, shape, dtype)` with its logical axis names and whether
+    AdamW's weight decay applies to it (`weight_decay` metadata; False for norms and
+    biases, read by `train.step.decay_mask` through `param_decay`).
 
     `eager_sharding=False`: Flax does not place the value at construction; the
     params are created or loaded straight into the shardings that
@@ -403,7 +407,7 @@ def declare(
     if len(axes) != len(shape):
         raise ValueError(f"logical axes {axes} do not match shape {shape}")
     return cls(init(rngs.params(), shape, dtype), out_sharding=tuple(axes),
-               eager_sharding=False, **metadata)
+               eager_sharding=False, weight_decay=decay, **metadata)
 
 
 def _compute(w: nnx.Variable, cfg: ModelConfig) -> jax.Array:
@@ -427,7 +431,7 @@ class RMSNorm(nnx.Param):
 
 def _norm(cfg: ModelConfig, rngs: nnx.Rngs) -> RMSNorm:
     return declare(rngs, ones_init, (cfg.hidden_size,), ("norm",), jnp.dtype(cfg.param_dtype),
-                   cls=RMSNorm, eps=cfg.rms_norm_eps)
+                   cls=RMSNorm, decay=False, eps=cfg.rms_norm_eps)
 
 
 class Attention(nnx.Module):
@@ -448,9 +452,12 @@ class Attention(nnx.Module):
         self.v = declare(rngs, w, (h, nkv, d), ("embed", "kv_heads", "head_dim"), dt)
         self.o = declare(rngs, w, (nh, d, h), ("heads", "head_dim", "embed"), dt)
         if cfg.attention_bias:
-            self.q_bias = declare(rngs, zeros_init, (nh, d), ("heads", "head_dim"), dt)
-            self.k_bias = declare(rngs, zeros_init, (nkv, d), ("kv_heads", "head_dim"), dt)
-            self.v_bias = declare(rngs, zeros_init, (nkv, d), ("kv_heads", "head_dim"), dt)
+            self.q_bias = declare(rngs, zeros_init, (nh, d), ("heads", "head_dim"), dt,
+                                  decay=False)
+            self.k_bias = declare(rngs, zeros_init, (nkv, d), ("kv_heads", "head_dim"), dt,
+                                  decay=False)
+            self.v_bias = declare(rngs, zeros_init, (nkv, d), ("kv_heads", "head_dim"), dt,
+                                  decay=False)
 
     def attention(
         self,
@@ -709,6 +716,7 @@ def to_params(module: nnx.Module) -> Params:
 class _Blueprint(NamedTuple):
     graphdef: Any  # nnx.GraphDef
     leaves: tuple[tuple[tuple[str, ...], jax.ShapeDtypeStruct, tuple[str, ...]], ...]
+    decay: tuple[bool, ...]  # each leaf's `weight_decay` metadata
 
 
 @functools.lru_cache(maxsize=64)
@@ -726,12 +734,14 @@ def _blueprint(cls: type[nnx.Module], cfg: ModelConfig) -> _Blueprint:
         flat = list(nnx.to_flat_state(state))
         static["graphdef"] = graphdef
         static["meta"] = [(tuple(p), tuple(v.get_metadata("out_sharding"))) for p, v in flat]
+        static["decay"] = tuple(bool(v.get_metadata().get("weight_decay", True))
+                                for _, v in flat)
         return [v.get_value() for _, v in flat]
 
     values = jax.eval_shape(build)
     leaves = tuple((path, value, axes)
                    for (path, axes), value in zip(static["meta"], values, strict=True))
-    return _Blueprint(static["graphdef"], leaves)
+    return _Blueprint(static["graphdef"], leaves, static["decay"])
 
 
 def _nest(pairs: Any) -> Params:
@@ -778,6 +788,13 @@ def param_logical_axes(cfg: ModelConfig, cls: type[nnx.Module] | None = None) ->
     like `init_params`; the stacked layers' start with "layers"."""
     bp = _blueprint(CausalLM if cls is None else cls, cfg)
     return _nest((p, axes) for p, _, axes in bp.leaves)
+
+
+def param_decay(cfg: ModelConfig, cls: type[nnx.Module] | None = None) -> Params:
+    """Whether weight decay applies to each param (its `weight_decay` metadata), a
+    pytree of bools shaped like `init_params`."""
+    bp = _blueprint(CausalLM if cls is None else cls, cfg)
+    return _nest((p, d) for (p, _, _), d in zip(bp.leaves, bp.decay, strict=True))
 
 
 def init_params(cfg: ModelConfig, rng: jax.Array) -> Params:

@@ -147,9 +147,9 @@ class MixingHead(nnx.Module):
         dt = jnp.dtype(cfg.param_dtype)
         hidden_in, hidden_out = uniform_init(2 * h), uniform_init(h)
         self.w0 = model.declare(rngs, hidden_in, (2 * h, h), ("mix_in", "embed"), dt)
-        self.b0 = model.declare(rngs, hidden_in, (h,), ("embed",), dt)
+        self.b0 = model.declare(rngs, hidden_in, (h,), ("embed",), dt, decay=False)
         self.w1 = model.declare(rngs, hidden_out, (h, h), ("mix_in", "embed"), dt)
-        self.b1 = model.declare(rngs, hidden_out, (h,), ("embed",), dt)
+        self.b1 = model.declare(rngs, hidden_out, (h,), ("embed",), dt, decay=False)
         self.w2 = model.declare(rngs, model.zeros_init, (h, 1), ("embed", "mix_out"), dt)
 
     def __call__(self, base_h: jax.Array, thought_h: jax.Array) -> jax.Array:
@@ -215,6 +215,11 @@ def thought_param_shapes(cfg: ModelConfig) -> Params:
 def thought_logical_axes() -> Params:
     """Logical axis names of the thought params (their `out_sharding` metadata)."""
     return model.param_logical_axes(_PROBE, ThoughtParams)
+
+
+def thought_param_decay() -> Params:
+    """Whether weight decay applies to each thought param (its `weight_decay` metadata)."""
+    return model.param_decay(_PROBE, ThoughtParams)
 
 
 def init_thought_params(

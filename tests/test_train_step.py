@@ -71,6 +71,22 @@ def test_decay_mask_skips_norms_and_biases():
     assert not mask["thought"]["mix"]["b0"] and not mask["thought"]["mix"]["b1"]
 
 
+def test_decay_mask_reads_each_params_declaration():
+    """The mask comes from the modules' `weight_decay` metadata (`model.declare`): a
+    Qwen2-style config's attention biases are not decayed, its weights are; a param
+    the modules do not declare is an error, not silently decayed."""
+    from quietstar_jax import model
+
+    cfg = model.ModelConfig(vocab_size=64, hidden_size=16, intermediate_size=32,
+                            num_layers=2, num_heads=2, num_kv_heads=1, attention_bias=True)
+    params = model.init_params(cfg, jax.random.key(0))
+    mask = decay_mask(params)
+    assert not any(mask["layers"][k] for k in ("q_bias", "k_bias", "v_bias", "mlp_norm"))
+    assert all(mask["layers"][k] for k in ("q", "k", "v", "o", "gate", "up", "down"))
+    with pytest.raises(KeyError, match="extra_bias"):
+        decay_mask({**params, "extra_bias": jnp.zeros(3)})
+
+
 def test_micro_batches_take_strided_rows():
     x = jnp.arange(12).reshape(6, 2)
     m = split_micro_batches({"a": x}, 3)["a"]

@@ -10,19 +10,21 @@ sampling key of micro-batch `m` on update `step` is
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
+from flax import traverse_util
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from quietstar_jax import model
 from quietstar_jax.loss import hidden_nll, masked_mean, quietstar_loss
 from quietstar_jax.model import ModelConfig, Params
 from quietstar_jax.sharding import BATCH_AXES, replicated
-from quietstar_jax.thoughts import ThoughtConfig, shift_left
+from quietstar_jax.thoughts import ThoughtConfig, shift_left, thought_param_decay
 
 Batch = dict[str, jax.Array]  # input_ids, attention_mask: int32 [batch, seq]
 # (params, micro-batch, thought-sampling key) -> (loss, metrics): what one step minimises.
@@ -53,14 +55,28 @@ def lr_schedule(lr: float, warmup_steps: int, total_steps: int,
     return schedule
 
 
-def decay_mask(params: Params) -> Params:
-    """True for parameters that get weight decay: all but norms and biases (the mixing
-    head's `b0`, `b1` and attention biases)."""
-    def keep(path: tuple[Any, ...], _: Any) -> bool:
-        name = str(getattr(path[-1], "key", path[-1]))
-        return not ("norm" in name or "bias" in name or name in ("b0", "b1"))
+@functools.cache
+def _decay_by_path() -> dict[tuple[str, ...], bool]:
+    """Every param name any config can have (attention biases, an untied `lm_head`,
+    `thought`) -> its declared `weight_decay` metadata (`model.declare`)."""
+    probe = ModelConfig(vocab_size=1, hidden_size=1, intermediate_size=1, num_layers=1,
+                        num_heads=1, num_kv_heads=1, attention_bias=True)
+    table = {**model.param_decay(probe), "thought": thought_param_decay()}
+    return traverse_util.flatten_dict(table)
 
-    return jax.tree_util.tree_map_with_path(keep, params)
+
+def decay_mask(params: Params) -> Params:
+    """True for parameters that get weight decay, as each is declared: all but norms and
+    biases (attention biases, the mixing head's `b0`, `b1`)."""
+    table = _decay_by_path()
+
+    def decays(path: tuple[Any, ...], _: Any) -> bool:
+        key = tuple(str(getattr(k, "key", k)) for k in path)
+        if key not in table:
+            raise KeyError(f"param {'/'.join(key)} is not declared by the model's modules")
+        return table[key]
+
+    return jax.tree_util.tree_map_with_path(decays, params)
 
 
 def clip_by_global_norm(max_norm: float) -> optax.GradientTransformation:
