@@ -207,6 +207,13 @@ _PROBE = ModelConfig(vocab_size=1, hidden_size=1, intermediate_size=1, num_layer
                      num_heads=1, num_kv_heads=1)
 
 
+def pad_id(*candidates: int | None, default: int = 0) -> int:
+    """The pad id: the first of `candidates` that is set (callers list them in order of
+    preference, e.g. an explicit id, `ThoughtConfig.pad_token_id`, the tokenizer's pad
+    id, its eos id), else `default`."""
+    return next((int(c) for c in candidates if c is not None), default)
+
+
 def thought_param_shapes(cfg: ModelConfig) -> Params:
     """Shapes of the thought params (`params["thought"]`)."""
     return model.param_shapes(cfg, ThoughtParams)

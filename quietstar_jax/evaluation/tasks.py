@@ -41,6 +41,7 @@ from quietstar_jax.evaluation.scoring import (
 from quietstar_jax.model import ModelConfig, Params
 from quietstar_jax.protocols import Tokenizer
 from quietstar_jax.thoughts import ThoughtConfig
+from quietstar_jax.thoughts import pad_id as first_pad_id
 
 TASKS = ("gsm8k", "csqa", "perplexity", "cot")
 
@@ -60,12 +61,8 @@ def _prepare_tc(
 
 
 def _pad_id(tokenizer: Tokenizer, tc: ThoughtConfig | None) -> int:
-    if tc is not None and tc.pad_token_id is not None:
-        return tc.pad_token_id
-    for t in (tokenizer.pad_token_id, tokenizer.eos_token_id):
-        if t is not None:
-            return int(t)
-    return 0
+    return first_pad_id(None if tc is None else tc.pad_token_id, tokenizer.pad_token_id,
+                        tokenizer.eos_token_id)
 
 
 def _thought_info(tc: ThoughtConfig | None) -> dict[str, Any]:

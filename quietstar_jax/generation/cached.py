@@ -56,6 +56,7 @@ from quietstar_jax.thoughts import (
     map_thoughts,
     mixed_hidden,
 )
+from quietstar_jax.thoughts import pad_id as thought_pad_id
 
 
 class Generation(NamedTuple):
@@ -308,7 +309,7 @@ def prepare_request(
     cfg = cfg.replace(attention="xla")
     sc = SamplingConfig(greedy=greedy, temperature=temperature, top_p=top_p)
     eos_id = cfg.eos_token_id if eos_token_id == -1 else eos_token_id
-    pad_id = _pad_id(tc, eos_id, pad_token_id)
+    pad_id = thought_pad_id(pad_token_id, None if tc is None else tc.pad_token_id, eos_id)
     ids, mask = left_pad(prompts, pad_id, pad_to_multiple)
     _check_args(cfg, tc, think, ids, max_new_tokens)
     _check_length(cfg, max(len(p) for p in prompts), max_new_tokens)
@@ -357,14 +358,6 @@ def generate(
     toks, lengths = _finish(toks, r.eos_id, r.pad_id)
     keep = think and return_thoughts
     return Generation(toks, lengths, thoughts if keep else None, w if keep else None)
-
-
-def _pad_id(tc: ThoughtConfig | None, eos_id: int | None, pad_token_id: int | None) -> int:
-    if pad_token_id is not None:
-        return pad_token_id
-    if tc is not None and tc.pad_token_id is not None:
-        return tc.pad_token_id
-    return eos_id if eos_id is not None else 0
 
 
 def _mask_only(tc: ThoughtConfig) -> ThoughtConfig | None:
