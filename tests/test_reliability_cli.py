@@ -218,7 +218,13 @@ def test_a_distinct_pad_token_is_used_everywhere(stories_dir, tmp_path):
     assert thought_config(padded, None, None, "sample").pad_token_id == 0
     assert thought_config(padded, ThoughtConfig(), None, "sample").pad_token_id == 0
     assert evaluate._pad_id(padded, None) == 0
-    assert G._pad_id(thought_config(padded, None, None, "sample"), 2, None) == 0
+    # generation: the thought config's pad id (0) pads the prompts, not the eos id (2)
+    cfg, _, _ = hf.load_pretrained(stories_dir)
+    req = G.prepare_request(cfg, thought_config(padded, None, None, "sample"), [[5, 6, 7]],
+                            max_new_tokens=2, rng=jax.random.key(0), think=True,
+                            greedy=True, temperature=1.0, top_p=1.0, eos_token_id=2,
+                            pad_token_id=None, pad_to_multiple=16)
+    assert req.pad_id == 0 and int(req.ids[0, 0]) == 0
 
 
 # ------------------------------------------------------------------ README
