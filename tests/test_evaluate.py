@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -358,29 +356,3 @@ def test_cli_writes_json_and_rejects_bad_tasks(tmp_path, capsys):
     assert evaluate_cli.main([str(tmp_path / "nowhere"), "--tasks", "gsm8k"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: model path")
-
-
-def test_python_m_evaluation_runs_its_main_once():
-    """`python -m quietstar_jax.evaluation` works, without runpy's warning that the
-    module it runs was already imported (a body run twice)."""
-    out = subprocess.run([sys.executable, "-W", "error::RuntimeWarning", "-m",
-                          "quietstar_jax.evaluation", "--help"],
-                         capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stderr[-2000:]
-    assert out.stdout.startswith("usage: python -m quietstar_jax.evaluation"), out.stdout
-    assert "RuntimeWarning" not in out.stderr, out.stderr
-
-
-def test_the_module_run_by_python_m_evaluation_is_not_imported_again(monkeypatch, capsys):
-    """The body `python -m quietstar_jax.evaluation` runs as `__main__` is not also imported
-    under its own name (which would run it a second time)."""
-    import runpy
-
-    name = "quietstar_jax.evaluation.__main__"
-    monkeypatch.delitem(sys.modules, name, raising=False)
-    monkeypatch.setattr(sys, "argv", ["prog", "--help"])
-    with pytest.raises(SystemExit) as exit_:
-        runpy.run_module("quietstar_jax.evaluation", run_name="__main__")
-    assert exit_.value.code == 0
-    assert name not in sys.modules
-    assert "usage: python -m quietstar_jax.evaluation" in capsys.readouterr().out

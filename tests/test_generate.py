@@ -8,8 +8,6 @@ a KV cache of the real tokens and thinks only at the last position.
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -167,17 +165,6 @@ def test_package_generate_is_the_generation_function():
     assert quietstar_jax.generation.generate is G.generate
 
 
-def test_python_m_generation_runs_its_main_once():
-    """`python -m quietstar_jax.generation` works, without runpy's warning that the
-    module it runs was already imported (a body run twice)."""
-    out = subprocess.run([sys.executable, "-W", "error::RuntimeWarning", "-m",
-                          "quietstar_jax.generation", "--help"],
-                         capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stderr[-2000:]
-    assert out.stdout.startswith("usage: python -m quietstar_jax.generation"), out.stdout
-    assert "RuntimeWarning" not in out.stderr, out.stderr
-
-
 def test_bad_inputs(tiny):
     cfg, params, tc = tiny
     with pytest.raises(ValueError, match="empty"):
@@ -306,18 +293,3 @@ def test_generate_cli_from_training_checkpoint(stories, tmp_path, capsys):
     assert main([str(wd)]) == 2  # no prompt
     with pytest.raises(FileNotFoundError):
         load_model(tmp_path / "nowhere")
-
-
-def test_the_module_run_by_python_m_generation_is_not_imported_again(monkeypatch, capsys):
-    """The body `python -m quietstar_jax.generation` runs as `__main__` is not also imported
-    under its own name (which would run it a second time)."""
-    import runpy
-
-    name = "quietstar_jax.generation.__main__"
-    monkeypatch.delitem(sys.modules, name, raising=False)
-    monkeypatch.setattr(sys, "argv", ["prog", "--help"])
-    with pytest.raises(SystemExit) as exit_:
-        runpy.run_module("quietstar_jax.generation", run_name="__main__")
-    assert exit_.value.code == 0
-    assert name not in sys.modules
-    assert "usage: python -m quietstar_jax.generation" in capsys.readouterr().out
