@@ -82,6 +82,9 @@ class Protocol:
     policy_loss_beta: float = 10.0
     # Chosen on the tune split (TUNE_GRID, docs/EXPERIMENTS.md); the authors' value is 100.
     embedding_scale: float = 1.0
+    # The text the start/end-of-thought embeddings start from (the authors' "---", whose
+    # dash opens this corpus's worked step); "" starts them at zero (`--set init_token=`).
+    init_token: str = "---"
     sweep: tuple[int, ...] = (4, 6, 8)
     seeds: tuple[int, ...] = (0, 1)
     eval_docs: int = 160  # per form; skipped: 6 answers each, explicit: 4
@@ -166,7 +169,7 @@ def thought_config(p: Protocol, n_ahead: int, sampling: str = "sample") -> Thoug
     return ThoughtConfig(
         n_ahead=n_ahead, n_ahead_talk=p.n_ahead_talk, n_passes=p.n_passes,
         thought_temperature=p.thought_temperature, policy_loss_beta=p.policy_loss_beta,
-        embedding_scale=p.embedding_scale,
+        embedding_scale=p.embedding_scale, init_token=p.init_token or None,
         sampling=sampling, pause_token_id=PAUSE_ID if sampling == "pause" else None,
         masked_token_ids=(TOK.eos_token_id, TOK.bos_token_id), **ids)
 
@@ -315,11 +318,13 @@ def pretrain(p: Protocol, seed: int, log: Callable[[str], None]) -> Params:
 
 
 def add_thought_params(params: Params, cfg: ModelConfig, seed: int,
-                       embedding_scale: float = 100.0) -> Params:
-    """The pretrained LM plus fresh thought params (embeddings from "-", zero mixing)."""
+                       embedding_scale: float = 100.0, init_token: str = "---") -> Params:
+    """The pretrained LM plus fresh thought params (embeddings from the first byte of
+    `init_token`, zeros for "", zero mixing)."""
     out = dict(params)
     out["thought"] = init_thought_params(params, cfg, jax.random.key(10_000 + seed),
-                                         TOK.init_token_id(), embedding_scale)
+                                         TOK.init_token_id(init_token or None),
+                                         embedding_scale)
     return jax.tree.map(jnp.copy, out)
 
 
@@ -394,7 +399,7 @@ def run_seed(p: Protocol, seed: int, lm: Params, log: Callable[[str], None],
     arms = [("plain", p.n_ahead), ("thinking", p.n_ahead), ("pause", p.n_ahead)]
     arms += [("thinking", n) for n in p.sweep if n != p.n_ahead]
     out: dict[str, Any] = {"seed": seed, "arms": {}}
-    start = add_thought_params(lm, cfg, seed, p.embedding_scale)
+    start = add_thought_params(lm, cfg, seed, p.embedding_scale, p.init_token)
     ev_fn = make_eval_fn(cfg, thought_config(p, p.n_ahead))
     out["pretrained"] = {f: summary_of(evaluate(ev_fn, start, es, seed))
                          for f, es in sets.items()}
@@ -600,7 +605,7 @@ def tune(p: Protocol, lm: Params, out_dir: str, log: Callable[[str], None]) -> d
     rows = []
     for change in TUNE_GRID:
         q = dataclasses.replace(p, **change)
-        start = add_thought_params(lm, cfg, q.seeds[0], q.embedding_scale)
+        start = add_thought_params(lm, cfg, q.seeds[0], q.embedding_scale, q.init_token)
         fn = make_eval_fn(cfg, thought_config(q, q.n_ahead))
         params, hist, _ = finetune(q, "thinking", q.n_ahead, jax.tree.map(jnp.copy, start),
                                    q.seeds[0], lambda *_: {}, log)

@@ -38,6 +38,10 @@ class ThoughtConfig:
       (e.g. the tokenizer's special tokens; default none, as the authors).
     use_baseline: subtract the mean reward over passes (the authors' trice_mode).
     remove_negative_rewards: clamp rewards at 0 after the baseline.
+    init_token: the text whose first token's embedding row both thought embeddings
+      start from when they are created (the authors': "---"); None starts them at zero,
+      so no token's meaning is built into the thought (read by the trainer and
+      `hf.load_pretrained`; params that already hold thought embeddings keep them).
     """
 
     n_ahead: int = 12
@@ -57,7 +61,7 @@ class ThoughtConfig:
     pad_token_id: int | None = None
     pause_token_id: int | None = None
     masked_token_ids: tuple[int, ...] = ()
-    init_token: str = "---"
+    init_token: str | None = "---"
 
     def __post_init__(self) -> None:
         if self.n_ahead < 3:
@@ -82,6 +86,9 @@ class ThoughtConfig:
             )
         if self.sampling == "pause" and self.pause_token_id is None:
             raise ValueError("ThoughtConfig.sampling='pause' needs pause_token_id")
+        if self.init_token is not None and not self.init_token:
+            raise ValueError("ThoughtConfig.init_token='': give a text with at least one "
+                             "token, or None for zero-initialised thought embeddings")
         object.__setattr__(self, "masked_token_ids", tuple(int(i) for i in self.masked_token_ids))
 
     @property
@@ -233,17 +240,21 @@ def init_thought_params(
     params: Params,
     cfg: ModelConfig,
     rng: jax.Array,
-    init_token_id: int,
+    init_token_id: int | None,
     embedding_scale: float = 100.0,
 ) -> Params:
     """Fresh thought params (`ThoughtParams`), as the authors initialise them.
 
     start/end embeddings: the embedding row of `init_token_id` (the first token of
-    "---"), stored divided by `embedding_scale`. Mixing head: torch-Linear default
-    init (uniform +-1/sqrt(fan_in)) for the two hidden layers, zeros for the last,
-    so the model starts as the base LM.
+    `ThoughtConfig.init_token`, the authors' "---"), stored divided by
+    `embedding_scale`; zeros when `init_token_id` is None (a neutral start). Mixing
+    head: torch-Linear default init (uniform +-1/sqrt(fan_in)) for the two hidden
+    layers, zeros for the last, so the model starts as the base LM.
     """
-    row = params["embed"][init_token_id].astype(jnp.float32) / embedding_scale
+    if init_token_id is None:
+        row = None
+    else:
+        row = params["embed"][init_token_id].astype(jnp.float32) / embedding_scale
     return model.to_params(ThoughtParams(cfg, rngs=nnx.Rngs(params=rng), init_embedding=row))
 
 

@@ -88,3 +88,22 @@ def make_hf_checkpoint(tmp_path: Path) -> Callable[..., tuple[Any, Path]]:
         return model, path
 
     return make
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _release_compiled_programs():
+    """Drop JAX's compiled programs after each test module.
+
+    Every program XLA:CPU compiles keeps its JIT-ed code in memory maps of its own. One
+    pytest process compiles thousands of programs, and without a release the process
+    passes the kernel's per-process limit (`vm.max_map_count`, 65,530 by default) about
+    two thirds into the suite; LLVM's allocator then fails inside a compile and the run
+    dies with SIGSEGV. Tests within a module still share their compiles.
+    """
+    yield
+    import gc
+
+    import jax
+
+    jax.clear_caches()
+    gc.collect()

@@ -45,6 +45,7 @@ def load_pretrained(
     rng: jax.Array | None = None,
     init_token_id: int | None = None,
     embedding_scale: float = 100.0,
+    init_token: str | None = THOUGHT_INIT_STRING,
     **overrides: Any,
 ) -> tuple[ModelConfig, Params, Any | None]:
     """(config, params, tokenizer) of a Hugging Face checkpoint directory.
@@ -58,8 +59,10 @@ def load_pretrained(
     (None when the directory has none) gets the two thought tokens and the vocab
     grows to fit them (new rows = mean row). `params["thought"]` is loaded from the
     authors' layout when the file has it, else (with `add_thought_tokens`)
-    initialised by `init_thought_params` from the row of the first token of "---"
-    (or of `init_token_id` when there is no tokenizer), divided by `embedding_scale`.
+    initialised by `init_thought_params` from the row of the first token of
+    `init_token` (the authors' "---"; `ThoughtConfig.init_token`), or of `init_token_id`
+    when there is no tokenizer, divided by `embedding_scale`; `init_token=None` starts
+    both embeddings at zero.
     With `add_thought_tokens=False` the tokenizer and vocab are left alone and no
     thought params are created.
     `sharding`: see `load_params` (it addresses the final, grown params).
@@ -80,14 +83,16 @@ def load_pretrained(
     params = load_params(path, cfg, sharding=sharding, vocab_size=vocab)
     cfg = cfg.replace(vocab_size=vocab)
     if "thought" not in params and add_thought_tokens:
-        if tokenizer is not None:
-            init_token_id = thought_init_token_id(tokenizer)
+        if init_token is None:
+            init_token_id = None
+        elif tokenizer is not None:
+            init_token_id = thought_init_token_id(tokenizer, init_token)
         elif init_token_id is None:
             raise ValueError(
                 f"{path}: no tokenizer files and no Quiet-STaR thought tensors; pass "
                 f"init_token_id (the id of the first token of {THOUGHT_INIT_STRING!r}) to "
                 "initialise the thought embeddings, or add_thought_tokens=False")
-        if not 0 <= init_token_id < cfg.vocab_size:
+        if init_token_id is not None and not 0 <= init_token_id < cfg.vocab_size:
             raise ValueError(f"init_token_id={init_token_id} is outside the vocab "
                              f"[0, {cfg.vocab_size})")
         rng = jax.random.PRNGKey(0) if rng is None else rng

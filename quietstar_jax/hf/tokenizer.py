@@ -123,9 +123,12 @@ def special_token_ids(tokenizer: Any) -> tuple[int, ...]:
     return tuple(sorted(ids))
 
 
-def thought_init_token_id(tokenizer: Any) -> int:
-    """The first token id of "---" (no special tokens): the thought embeddings' init row."""
-    ids = tokenizer(THOUGHT_INIT_STRING, add_special_tokens=False)["input_ids"]
+def thought_init_token_id(tokenizer: Any, text: str | None = THOUGHT_INIT_STRING) -> int | None:
+    """The first token id of `text` (no special tokens; the authors' "---"): the thought
+    embeddings' init row. None when `text` is None (zero-initialised embeddings)."""
+    if text is None:
+        return None
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     if not ids:
-        raise ValueError(f"tokenizer encodes {THOUGHT_INIT_STRING!r} as no tokens")
+        raise ValueError(f"tokenizer encodes the thought init text {text!r} as no tokens")
     return int(ids[0])

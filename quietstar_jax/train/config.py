@@ -263,6 +263,7 @@ def thought_config(config: ConfigDict, token_ids: dict[str, int],
     bos, pad, ...) join `masked_token_ids`."""
     fields = {f.name for f in dataclasses.fields(ThoughtConfig)}
     kw = {k: config.thought[k] for k in config.thought.keys() if k in fields}
+    kw["init_token"] = thought_init_text(config.thought)
     for k in _TOKEN_FIELDS:
         if kw.get(k) is None:
             kw[k] = token_ids[k]
@@ -270,6 +271,12 @@ def thought_config(config: ConfigDict, token_ids: dict[str, int],
         kw["masked_token_ids"] = tuple(sorted(set(kw.get("masked_token_ids") or ())
                                               | set(special_token_ids)))
     return ThoughtConfig(**kw)
+
+
+def thought_init_text(thought: ConfigDict) -> str | None:
+    """`config.thought.init_token`, the text the new thought embeddings start from; an
+    empty string (or None) means zero-initialised embeddings."""
+    return thought.get("init_token") or None
 
 
 def parse_thought_schedule(text: str) -> tuple[tuple[int, int], ...]:

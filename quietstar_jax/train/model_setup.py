@@ -17,6 +17,7 @@ from jax.sharding import Mesh
 from quietstar_jax import sharding
 from quietstar_jax.model import ModelConfig, Params, init_params
 from quietstar_jax.thoughts import init_thought_params
+from quietstar_jax.train.config import thought_init_text
 from quietstar_jax.train.tokenizer import ByteTokenizer, HFTokenizer, TextTokenizer
 
 
@@ -58,7 +59,7 @@ def build_inline_model(model: Any, thought: Any, mesh: Mesh, seed: int) -> Loade
     """A random-init Llama with the byte tokenizer and fresh thought params."""
     tok = ByteTokenizer()
     cfg = inline_model_config(model, tok.vocab_size)
-    init_token = tok.init_token_id()
+    init_token = tok.init_token_id(thought_init_text(thought))
 
     def init(key: jax.Array) -> Params:
         k_model, k_thought = jax.random.split(key)
@@ -72,8 +73,10 @@ def build_inline_model(model: Any, thought: Any, mesh: Mesh, seed: int) -> Loade
     return LoadedModel(cfg, params, tok, None)
 
 
-def load_hf_model(model: Any, mesh: Mesh, seed: int) -> LoadedModel:
-    """The checkpoint at `config.model.hf_path` with thought tokens and params."""
+def load_hf_model(model: Any, thought: Any, mesh: Mesh, seed: int) -> LoadedModel:
+    """The checkpoint at `config.model.hf_path` with thought tokens and params (new
+    thought params start from `config.thought.init_token`, stored divided by
+    `config.thought.embedding_scale`)."""
     from quietstar_jax import hf
 
     path = model.hf_path
@@ -84,7 +87,8 @@ def load_hf_model(model: Any, mesh: Mesh, seed: int) -> LoadedModel:
         path, dtype=model.dtype, param_dtype=model.param_dtype,
         sharding=sharding.sharding_by_path(mesh), rng=jax.random.key(seed),
         scan_layers=model.scan_layers, remat=model.remat, attention=model.attention,
-        vocab_chunk=model.vocab_chunk)
+        vocab_chunk=model.vocab_chunk, init_token=thought_init_text(thought),
+        embedding_scale=thought.embedding_scale)
     if hf_tok is None:
         raise FileNotFoundError(f"config.model.hf_path={path!r} has no tokenizer files; the "
                                 "trainer needs the checkpoint's tokenizer")
@@ -94,7 +98,7 @@ def load_hf_model(model: Any, mesh: Mesh, seed: int) -> LoadedModel:
 def load_model(config: Any, mesh: Mesh) -> LoadedModel:
     """The model of `config` (see `quietstar_jax.train.config.base_config`)."""
     if config.model.hf_path:
-        return load_hf_model(config.model, mesh, config.seed)
+        return load_hf_model(config.model, config.thought, mesh, config.seed)
     return build_inline_model(config.model, config.thought, mesh, config.seed)
 
 

@@ -4,7 +4,8 @@ giving a Hugging Face tokenizer (with the thought tokens added) the same face.
 Both offer `encode(text, add_bos) -> list[int]`, `decode(ids) -> str`,
 `thought_token_ids() -> {start_token_id, end_token_id, pad_token_id}`,
 `special_token_ids()` (eos, bos, pad, ...; not the thought tokens), `eos_token_id`,
-`init_token_id()` (first id of "---", the thought embeddings' init row) and
+`init_token_id(text)` (first id of `text`, default "---": the thought embeddings'
+init row; None for None) and
 `vocab_size`.
 """
 
@@ -27,7 +28,7 @@ class TextTokenizer(Protocol):
 
     def special_token_ids(self) -> tuple[int, ...]: ...
 
-    def init_token_id(self) -> int: ...
+    def init_token_id(self, text: str | None = THOUGHT_INIT_STRING) -> int | None: ...
 
 
 class ByteTokenizer:
@@ -69,8 +70,14 @@ class ByteTokenizer:
         """`<eos>` (also the pad) and `<bos>`."""
         return (self.eos_token_id, self.bos_token_id)
 
-    def init_token_id(self) -> int:
-        return self.encode(THOUGHT_INIT_STRING, add_bos=False)[0]
+    def init_token_id(self, text: str | None = THOUGHT_INIT_STRING) -> int | None:
+        """First byte of `text` (the thought embeddings' init row); None for None."""
+        if text is None:
+            return None
+        ids = self.encode(text, add_bos=False)
+        if not ids:
+            raise ValueError(f"the thought init text {text!r} encodes as no tokens")
+        return ids[0]
 
 
 class HFTokenizer:
@@ -82,7 +89,6 @@ class HFTokenizer:
 
         self.hf_tokenizer = tokenizer
         self._ids = hf.thought_token_ids(tokenizer)
-        self._init = hf.thought_init_token_id(tokenizer)
         self.vocab_size = len(tokenizer)
 
     def encode(self, text: str, add_bos: bool = True) -> list[int]:
@@ -105,8 +111,11 @@ class HFTokenizer:
 
         return hf.special_token_ids(self.hf_tokenizer)
 
-    def init_token_id(self) -> int:
-        return self._init
+    def init_token_id(self, text: str | None = THOUGHT_INIT_STRING) -> int | None:
+        """First token id of `text` (the thought embeddings' init row); None for None."""
+        from quietstar_jax import hf
+
+        return hf.thought_init_token_id(self.hf_tokenizer, text)
 
 
 def token_pieces(tokenizer: TextTokenizer, ids: Sequence[int]) -> list[str]:
