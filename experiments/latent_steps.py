@@ -203,14 +203,18 @@ def make_eval_fn(cfg: ModelConfig, tc: ThoughtConfig) -> Callable[..., dict]:
     Inputs ids, mask `[rows, seq]`, positions `[rows, P]`; outputs `[rows, P]` arrays
     (`thought`: `[T, rows, P]`). Thinking = the mixed logits after the end-of-thought
     (one pass, n_ahead_talk = 1), as the authors evaluate; "thought side" = the
-    end-of-thought hidden alone (what a mixing weight of 1 would give).
+    end-of-thought hidden alone (what a mixing weight of 1 would give);
+    "calibration" = the mixed prediction with the thought's logits replaced by zeros
+    ((1 - w) x base logits: what the mixing head gains by shrinking the base logits
+    alone, with no thought content). `given` `[n_ahead - 3, rows, seq]`: thought tokens
+    to feed instead of sampling (the oracle and random-thought arms).
     """
     tc = tc.replace(n_ahead_talk=1, n_passes=1)
     s = tc.n_ahead - 1
 
     def fn(params: Params, ids: jax.Array, mask: jax.Array, pos: jax.Array,
-           key: jax.Array) -> dict:
-        ro = rollout(params, cfg, tc, ids, mask, key)
+           key: jax.Array, given: jax.Array | None = None) -> dict:
+        ro = rollout(params, cfg, tc, ids, mask, key, given)
         mixed, w = mixed_hidden(params, tc, ro.base_hidden, ro.step_hidden[s - 1], s)
         p = jnp.maximum(pos, 0)
         tgt = jnp.take_along_axis(ids, p + 1, axis=1)
@@ -223,29 +227,58 @@ def make_eval_fn(cfg: ModelConfig, tc: ThoughtConfig) -> Callable[..., dict]:
         nb, hb = score(ro.base_hidden)
         nm, hm = score(mixed)
         ns, hs = score(ro.step_hidden[s - 1])  # the thought side alone (weight 1)
+        # logits are linear in the hidden: (1 - w) h_base gives (1 - w) x base logits.
+        nc, hc = score((1 - w)[..., None].astype(mixed.dtype) * ro.base_hidden)
         return {"nll_base": nb, "hit_base": hb, "nll_think": nm, "hit_think": hm,
                 "nll_thought_side": ns, "hit_thought_side": hs,
+                "nll_calibration": nc, "hit_calibration": hc,
                 "weight": jnp.take_along_axis(w, p, axis=1),
                 "thought": jnp.take_along_axis(ro.thought_tokens, p[None], axis=2)}
 
     return jax.jit(fn)
 
 
+def fed_thoughts(es: EvalSet, kind: str, num_sampled: int, seed: int) -> np.ndarray:
+    """Thought tokens `[num_sampled, docs, seq]` to feed instead of sampling.
+
+    "oracle": the true intermediate entity at every answer position (every thought
+    token is it); "random": a uniformly random entity at every answer position. Other
+    positions get the first entity; they are not scored, and a position's thought never
+    sees another position's."""
+    if kind not in ("oracle", "random"):
+        raise ValueError(f"thought kind {kind!r}: must be 'oracle' or 'random'")
+    docs, seq = es.batch["input_ids"].shape
+    entities = np.frombuffer(ENTITIES.encode(), np.uint8).astype(np.int32)
+    out = np.full((num_sampled, docs, seq), entities[0], np.int32)
+    ok = es.positions >= 0
+    if kind == "oracle":
+        values = es.intermediates
+    else:
+        values = np.random.default_rng([seed, 77]).choice(entities, es.positions.shape)
+    rows, cols = np.nonzero(ok)
+    out[:, rows, es.positions[rows, cols]] = values[rows, cols]
+    return out
+
+
 def evaluate(fn: Callable[..., dict], params: Params, es: EvalSet, seed: int,
-             chunk: int = 64) -> dict[str, Any]:
-    """Means over every answer of `es`, plus the raw arrays (numpy) for analysis."""
+             chunk: int = 64, given: np.ndarray | None = None) -> dict[str, Any]:
+    """Means over every answer of `es`, plus the raw arrays (numpy) for analysis.
+    `given` `[T, docs, seq]`: thought tokens to feed (`fed_thoughts`) instead of sampling."""
     outs = []
     for i in range(0, len(es.docs), chunk):
         sl = slice(i, i + chunk)
         key = jax.random.fold_in(jax.random.key(seed), 1_000_000 + i)
+        extra = () if given is None else (given[:, sl],)
         outs.append(jax.device_get(fn(params, es.batch["input_ids"][sl],
-                                      es.batch["attention_mask"][sl], es.positions[sl], key)))
+                                      es.batch["attention_mask"][sl], es.positions[sl], key,
+                                      *extra)))
     raw = {k: np.concatenate([o[k] for o in outs], axis=1 if k == "thought" else 0)
            for k in outs[0]}
     ok = es.positions >= 0
     out = {k: float(raw[k][ok].mean()) for k in ("nll_base", "hit_base", "nll_think",
                                                  "hit_think", "nll_thought_side",
-                                                 "hit_thought_side", "weight")}
+                                                 "hit_thought_side", "nll_calibration",
+                                                 "hit_calibration", "weight")}
     th = raw["thought"]  # [T, docs, P]
     if th.shape[0]:
         has = (th == es.intermediates[None]).any(axis=0)
@@ -421,6 +454,12 @@ def run_seed(p: Protocol, seed: int, lm: Params, log: Callable[[str], None],
                              "history": hist, "curve": curve,
                              "examples": examples(evs["skipped"], sets["skipped"])
                              if arm != "plain" else []}
+        if name == f"thinking_n{p.n_ahead}":
+            for kind in ("oracle", "random"):
+                fed = fed_thoughts(sets["skipped"], kind, thought_config(p, n).num_sampled,
+                                   seed)
+                out["arms"][f"{kind}_thought"] = {"skipped": summary_of(
+                    evaluate(fn, params, sets["skipped"], seed, given=fed))}
         s = out["arms"][name]["skipped"]
         log(f"  {name} seed {seed}: skipped answer nll base {s['nll_base']:.3f} thinking "
             f"{s['nll_think']:.3f}; acc base {s['hit_base']:.3f} thinking {s['hit_think']:.3f}"
@@ -448,7 +487,13 @@ def collect(p: Protocol, per_seed: list[dict[str, Any]]) -> dict[str, Any]:
             "pause_base": [s["arms"]["pause"][form][metric_base] for s in per_seed],
             "plain_lm": [s["arms"]["plain"][form][metric_base] for s in per_seed],
             "pretrained": [s["pretrained"][form][metric_base] for s in per_seed],
+            "calibration_only": [s["arms"][main][form][metric_think.replace("think",
+                                                                             "calibration")]
+                                 for s in per_seed],
         }
+        if form == "skipped":  # thoughts fed to the trained thinking model
+            for arm in ("oracle_thought", "random_thought"):
+                cols[arm] = [s["arms"][arm][form][metric_think] for s in per_seed]
         out: dict[str, Any] = {}
         per: dict[str, list[float]] = {}
         for k, v in cols.items():
@@ -554,12 +599,19 @@ def markdown(results: dict[str, Any]) -> str:
             ("pause control, base (no thought)", "pause_base"),
             ("pause control, with pause thought", "pause"),
             ("Quiet-STaR, base (no thought)", "base"),
-            ("Quiet-STaR, thinking", "thinking")]
+            ("Quiet-STaR, thinking", "thinking"),
+            ("Quiet-STaR, calibration only (thought logits zeroed)", "calibration_only")]
     out = ["| model | skipped: answer NLL | skipped: accuracy | explicit: answer NLL | "
            "explicit: accuracy |", "| --- | --- | --- | --- | --- |"]
     for label, key in rows:
         out.append(f"| {label} | {_fmt(nll, key)} | {_fmt(acc, key)} | {_fmt(enll, key)} | "
                    f"{_fmt(eacc, key)} |")
+    out += ["", "| thoughts fed to the trained thinking model | skipped: answer NLL | "
+            "skipped: accuracy |", "| --- | --- | --- |"]
+    for label, key in (("sampled (its own)", "thinking"),
+                       ("oracle: the true intermediate", "oracle_thought"),
+                       ("random entity", "random_thought")):
+        out.append(f"| {label} | {_fmt(nll, key)} | {_fmt(acc, key)} |")
     out += ["", "| n_ahead | sampled tokens | skipped NLL base | skipped NLL thinking | "
             "accuracy base | accuracy thinking | intermediate in thought |",
             "| --- | --- | --- | --- | --- | --- | --- |"]

@@ -138,7 +138,8 @@ def test_tiny_experiment_writes_the_results_file(tmp_path):
     assert latent_steps.main(args) == 0
     res = json.loads((tmp_path / "results.json").read_text())
     for table in ("answer_nll", "answer_accuracy"):
-        for key in ("base", "thinking", "pause", "plain_lm"):
+        for key in ("base", "thinking", "pause", "plain_lm", "calibration_only",
+                    "oracle_thought", "random_thought"):
             assert len(res[table]["per_seed"][key]) == 2
             assert res[table][key] == pytest.approx(np.mean(res[table]["per_seed"][key]))
     assert set(res["n_ahead_sweep"]) == {"4"}
@@ -148,3 +149,49 @@ def test_tiny_experiment_writes_the_results_file(tmp_path):
     assert res["seeds"] == [0, 1]
     ex = res["per_seed"][0]["arms"]["pause"]["examples"][0]
     assert set(ex["thought"]) == {"_"}  # the pause control's thought is its fixed token
+
+
+def test_fed_thoughts_are_what_the_oracle_and_random_arms_claim_and_calibration_zeroes_them():
+    import re
+
+    from experiments import latent_steps as ls
+
+    p = ls.Protocol(hidden=16, layers=1, heads=2, kv_heads=1, intermediate=24)
+    es = ls.eval_set(p, "eval", False, 6)
+    oracle = ls.fed_thoughts(es, "oracle", 1, seed=0)
+    random = ls.fed_thoughts(es, "random", 1, seed=0)
+    # Independently: the intermediate of the problem written just before each answer
+    # position (the document text up to the answer), and the entity alphabet.
+    hits, checked = 0, 0
+    for r, doc in enumerate(es.docs):
+        for pos in es.positions[r][es.positions[r] >= 0]:
+            outer, inner, x = re.search(r"(\w)\((\w)\((\w)\)\)=$", doc.text[:pos]).groups()
+            assert chr(oracle[0, r, pos]) == corpus.apply(inner, x)
+            assert chr(random[0, r, pos]) in corpus.ENTITIES
+            hits += chr(random[0, r, pos]) == corpus.apply(inner, x)
+            checked += 1
+    assert checked > 20 and hits < checked / 3
+
+    cfg = ls.model_config(p)
+    params = model.init_params(cfg, jax.random.key(0))
+    params["thought"] = init_thought_params(params, cfg, jax.random.key(1), init_token_id=45)
+    params["thought"]["mix"]["w2"] = 0.3 * jax.random.normal(jax.random.key(2), (16, 1))
+    fn = ls.make_eval_fn(cfg, ls.thought_config(p, 4))
+    ids, mask = es.batch["input_ids"], es.batch["attention_mask"]
+    out = jax.device_get(fn(params, ids, mask, es.positions, jax.random.key(3),
+                            jnp.asarray(oracle)))
+    ok = es.positions >= 0
+    # The rollout thought at each answer position is the fed token.
+    np.testing.assert_array_equal(out["thought"][0][ok], es.intermediates[ok])
+    # Calibration only: (1 - w) x the plain LM's logits, from lm_logits.
+    logits = np.asarray(model.lm_logits(params, cfg, ids, mask), np.float64)
+    w = out["weight"][ok]
+    rows, cols = np.nonzero(ok)
+    at = logits[rows, es.positions[rows, cols]] * (1 - w)[:, None]
+    logp = at - np.log(np.exp(at - at.max(-1, keepdims=True)).sum(-1, keepdims=True)) \
+        - at.max(-1, keepdims=True)
+    target = ids[rows, es.positions[rows, cols] + 1]
+    assert np.abs(w).max() > 1e-3  # the mixing head is live, so this can differ from base
+    np.testing.assert_allclose(out["nll_calibration"][ok], -logp[np.arange(len(rows)), target],
+                               rtol=2e-4, atol=2e-5)
+    assert not np.allclose(out["nll_calibration"][ok], out["nll_base"][ok])
