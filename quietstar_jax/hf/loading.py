@@ -132,8 +132,8 @@ def check_finite_params(params: Params, where: str) -> None:
     finite = jax.jit(lambda xs: [jnp.all(jnp.isfinite(x)) for x in xs])(list(floats.values()))
     for (p, x), ok in zip(floats.items(), finite, strict=True):
         if not bool(ok):
-            raise ValueError(nonfinite_message(where, f"param {path_str(p)}", np.asarray(x))
-                             or f"{where}: param {path_str(p)} holds non-finite values")
+            raise ValueError(nonfinite_message(where, path_str(p), np.asarray(x))
+                             or f"{where}: {path_str(p)} holds non-finite values")
 
 
 def _build_param(ckpt: SafetensorsCheckpoint, group: list[TensorSpec], shape: tuple[int, ...],
