@@ -171,7 +171,8 @@ def test_save_pretrained_never_deletes_files_it_did_not_write(tmp_path):
 # ------------------------------------------------------------------ tokenizer size
 
 
-def test_tokenizer_larger_than_the_embedding_is_one_line(stories_dir, tmp_path):
+@pytest.mark.parametrize("command", ["generation", "train"])
+def test_tokenizer_larger_than_the_embedding_is_one_line(command, stories_dir, tmp_path):
     """stories260K's 512-token tokenizer with a model of 500 embedding rows: the ids
     500..511 would read rows that do not exist (before: the rows were made up as
     the mean row and the command ran on)."""
@@ -180,17 +181,26 @@ def test_tokenizer_larger_than_the_embedding_is_one_line(stories_dir, tmp_path):
     embed = load_file(str(stories_dir / "model.safetensors"))["model.embed_tokens.weight"]
     model = _copy_model(stories_dir, tmp_path / "m", {"model.embed_tokens.weight": embed[:500]},
                         {"vocab_size": 500})
-    out = _generate(str(model), "--prompt", "Once", "--max-new-tokens", "2", "--mode", "base",
-                    "--greedy", "--out", str(tmp_path / "g.json"))
-    _one_error(out, "error: ", f"{model}: the tokenizer has 512 tokens but the model's "
+    if command == "generation":
+        out = _generate(str(model), "--prompt", "Once", "--max-new-tokens", "2", "--mode",
+                        "base", "--greedy", "--out", str(tmp_path / "g.json"))
+    else:
+        text = tmp_path / "t.txt"
+        text.write_text("Once upon a time there was a cat. " * 40)
+        out = _train("--config", str(REPO_ROOT / "configs" / "stories260k.py"),
+                     f"--config.model.hf_path={model}", f"--config.data.path={text}",
+                     "--workdir", str(tmp_path / "w"), cwd=tmp_path)
+    prefix = "train.py: error: " if command == "train" else "error: "
+    _one_error(out, prefix, f"{model}: the tokenizer has 512 tokens but the model's "
                "embedding has 500 rows", "ids 500..511")
     assert not (tmp_path / "g.json").exists()
+    assert not (tmp_path / "w" / "checkpoints").exists()
 
 
 # ------------------------------------------------------------------ NaN / inf weights
 
 
-@pytest.mark.parametrize("command", ["generation", "evaluation"])
+@pytest.mark.parametrize("command", ["generation", "evaluation", "train"])
 def test_non_finite_weights_are_named_at_load(command, stories_dir, tmp_path):
     from safetensors.numpy import load_file
 
@@ -204,13 +214,44 @@ def test_non_finite_weights_are_named_at_load(command, stories_dir, tmp_path):
     if command == "generation":
         out = _generate(str(model), "--prompt", "Once", "--max-new-tokens", "2",
                         "--out", str(tmp_path / "o.json"))
-    else:
+    elif command == "evaluation":
         out = _evaluate(str(model), "--tasks", "perplexity", "--text", str(text),
                         "--chunk-len", "32", "--max-chunks", "1", "--out",
                         str(tmp_path / "o.json"))
-    _one_error(out, "error: ", f"{model}/model.safetensors: tensor {key!r} holds non-finite "
+    else:
+        out = _train("--config", str(REPO_ROOT / "configs" / "stories260k.py"),
+                     f"--config.model.hf_path={model}", f"--config.data.path={text}",
+                     "--workdir", str(tmp_path / "w"), cwd=tmp_path)
+    prefix = "train.py: error: " if command == "train" else "error: "
+    _one_error(out, prefix, f"{model}/model.safetensors: tensor {key!r} holds non-finite "
                "values (2 NaN, 1 inf of 4096; the first at [3, 5])")
     assert not (tmp_path / "o.json").exists()
+    assert not (tmp_path / "w" / "checkpoints").exists()
+
+
+def test_non_finite_params_of_a_training_workdir_are_named(stories_dir, tmp_path):
+    """Generation from a training workdir (orbax params, model.hf_path for the
+    architecture): a NaN param is named at load."""
+    import jax.numpy as jnp
+    import orbax.checkpoint as ocp
+
+    _, params, _ = hf.load_pretrained(stories_dir)
+    params = dict(params)
+    params["final_norm"] = params["final_norm"].at[7].set(jnp.nan)
+    wd = tmp_path / "wd"
+    step = (wd / "checkpoints" / "5").resolve()
+    step.mkdir(parents=True)
+    ckpt = ocp.StandardCheckpointer()
+    ckpt.save(step / "state", {"params": params, "step": 5})
+    ckpt.wait_until_finished()
+    (wd / "config.json").write_text(json.dumps({
+        "model": {"hf_path": str(stories_dir), "param_dtype": "float32"},
+        "thought": {"n_ahead": 4, "n_ahead_talk": 4, "n_passes": 2}}))
+    out = _generate(str(wd), "--prompt", "Once", "--max-new-tokens", "2",
+                    "--out", str(tmp_path / "g.json"))
+    _one_error(out, "error: ", f"{step}: params['final_norm'] holds non-finite values (1 NaN, "
+               "0 inf of 64; the first at [7])")
+    assert not (tmp_path / "g.json").exists()
 
 
 def test_non_finite_params_of_a_training_checkpoint_are_named():
