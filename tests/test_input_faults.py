@@ -103,7 +103,7 @@ def test_train_refuses_a_non_empty_export_dir_before_training(tmp_path):
     out = _train("--workdir", str(tmp_path / "w"), f"--config.export_hf_dir={export}",
                  *_TINY_TRAIN, cwd=tmp_path)
     _one_error(out, "train.py: error: ", f"config.export_hf_dir: export directory "
-               f"'{export}' is not empty (1 entries: 'notes.txt')",
+               f"'{export}' is not empty (1 entry: 'notes.txt')",
                "--config.export_hf_overwrite=True")
     assert (export / "notes.txt").read_text() == "mine"
     assert sorted(os.listdir(export)) == ["notes.txt"]
@@ -126,6 +126,28 @@ def test_train_export_with_overwrite_keeps_the_users_files(tmp_path):
     assert "thought" in params and cfg.num_layers == 1
 
 
+def test_export_dir_filled_during_training_is_refused_and_the_run_kept(tmp_path):
+    """The directory was checked before training; one created meanwhile is refused at
+    export time too (ExportError, one line naming it and the saved step), and kept."""
+    import _tiny_train
+
+    from quietstar_jax.train import ExportError, loop
+
+    export = tmp_path / "export"
+
+    def fill(step: int) -> None:
+        export.mkdir()
+        (export / "late.txt").write_text("theirs")
+
+    c = _tiny_train.tiny_config(None, num_steps=1, export_hf_dir=str(export))
+    with pytest.raises(ExportError, match=r"is not empty \(1 entry: 'late.txt'\).*; nothing "
+                                          r"exported \(the trained step 1 is saved in ") as e:
+        loop.run(c, str(tmp_path / "w"), on_step=fill)
+    assert "\n" not in str(e.value)
+    assert sorted(os.listdir(export)) == ["late.txt"]
+    assert os.listdir(tmp_path / "w" / "checkpoints") == ["1"]
+
+
 def _tiny() -> tuple[ModelConfig, dict]:
     import jax
 
@@ -143,7 +165,7 @@ def test_save_pretrained_never_deletes_files_it_did_not_write(tmp_path):
     target = tmp_path / "export"
     target.mkdir()
     (target / "notes.txt").write_text("mine")
-    with pytest.raises(FileExistsError, match=r"is not empty \(1 entries: 'notes.txt'\); "
+    with pytest.raises(FileExistsError, match=r"is not empty \(1 entry: 'notes.txt'\); "
                                               r".*overwrite=True"):
         hf.save_pretrained(target, params, cfg)
     assert sorted(os.listdir(target)) == ["notes.txt"]

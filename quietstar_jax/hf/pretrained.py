@@ -186,8 +186,9 @@ def check_export_target(path: PathLike, overwrite: bool = False,
     entries = sorted(p.name for p in path.iterdir())
     if entries:
         shown = ", ".join(repr(e) for e in entries[:3]) + (" ..." if len(entries) > 3 else "")
+        count = f"{len(entries)} {'entry' if len(entries) == 1 else 'entries'}"
         raise FileExistsError(
-            f"export directory {str(path)!r} is not empty ({len(entries)} entries: {shown}); "
+            f"export directory {str(path)!r} is not empty ({count}: {shown}); "
             f"choose a new or empty directory, or set {flag} to replace the checkpoint files "
             "in it (other files are kept)")
 
@@ -213,12 +214,13 @@ def _move_into(tmp: Path, path: Path) -> None:
         return
     written = {p.name for p in tmp.iterdir()}
     stale = _written_before(path) - written
-    for name in sorted(written - {EXPORT_MANIFEST}) + [EXPORT_MANIFEST]:
+    for name in sorted(written):  # before anything moves
         target = path / name
         if target.is_dir() and not target.is_symlink():
             raise FileExistsError(f"{target} is a directory; the export would write a file "
                                   "of that name")
-        os.replace(tmp / name, target)
+    for name in sorted(written - {EXPORT_MANIFEST}) + [EXPORT_MANIFEST]:
+        os.replace(tmp / name, path / name)
     for name in stale:
         target = path / name
         if target.is_file() or target.is_symlink():

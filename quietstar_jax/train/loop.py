@@ -258,8 +258,10 @@ def run(
     per update: every metric as Python numbers, `step`, `batch_hash`), `checkpoints`
     (steps on disk), `reward_pages`, `wall_time_s`, `compile_time_s`, `num_params`,
     `workdir`, `final_state` (the TrainState after the last update).
-    Raises SetupError for bad input (before compiling) and FloatingPointError when a
-    loss component is not finite (naming step and component).
+    Raises SetupError for bad input (before compiling), FloatingPointError when a
+    loss component is not finite (naming step and component), and ExportError when
+    `export_hf_dir`, new or empty when checked before training, is not empty when the
+    export comes (the trained state is checkpointed first).
     """
     t_start = time.time()
     workdir = os.path.abspath(workdir)
