@@ -335,6 +335,23 @@ def test_evaluate_thought_past_max_positions_is_one_line(stories_dir, tmp_path):
     assert not (tmp_path / "e.json").exists()
 
 
+def test_evaluate_gsm8k_thought_past_max_positions_is_an_error_before_scoring(stories_dir,
+                                                                             tmp_path):
+    """GSM8K / CommonsenseQA know their longest answer position once the examples are
+    tokenized: the error comes then (after the task's "running" line), before any
+    scoring compiles."""
+    out = _evaluate(str(stories_dir), "--tasks", "gsm8k", "--gsm8k",
+                    str(shared_path("data", "gsm8k")), "--limit", "2", "--n-ahead", "1000",
+                    "--out", str(tmp_path / "e.json"))
+    lines = [ln for ln in out.stderr.splitlines() if ln.strip()]
+    assert out.returncode == 2, out.stderr[-3000:]
+    assert len(lines) == 2 and lines[0].startswith("[gsm8k] running"), out.stderr[-3000:]
+    assert lines[1].startswith("error: n_ahead=1000: "), lines
+    assert "the last scored position of gsm8k example" in lines[1]
+    assert "max_position_embeddings=512; use n_ahead <= " in lines[1]
+    assert not (tmp_path / "e.json").exists()
+
+
 def test_thought_bounds_are_exact():
     """The largest n_ahead the lines offer fits; one more does not (library paths)."""
     import jax

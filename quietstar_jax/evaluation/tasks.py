@@ -194,8 +194,9 @@ def _direct_answer(
     pad_id = _pad_id(tokenizer, tc)
     examples = eval_data.build_examples(tokenizer, texts, valid_ids, skip_first=task == "gsm8k",
                                         pad_id=pad_id, max_length=max_length)
-    if tc is not None:
-        k, last = max(((k, max(e.pos)) for k, e in enumerate(examples)), key=lambda x: x[1])
+    if tc is not None and examples:
+        k, last = max(((k, max(e.positions)) for k, e in enumerate(examples)),
+                      key=lambda x: x[1])
         _check_thought_reach(tc, cfg, last, f"the last scored position of {task} example {k}",
                              "a smaller max_length")
     res = score_examples(params, cfg, tc, examples, valid_ids, pad_id=pad_id,
