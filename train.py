@@ -77,12 +77,12 @@ def main(argv: list[str]) -> None:
         "workdir", os.path.splitext(os.path.basename(config_file))[0])
 
     from quietstar_jax.console import show_logs
-    from quietstar_jax.train import SetupError, run
+    from quietstar_jax.train import ExportError, SetupError, run
 
     try:
         with show_logs():  # the loop's progress lines (stdout) and warnings (stderr)
             summary = run(config, workdir)
-    except SetupError as e:
+    except (SetupError, ExportError) as e:
         _fail(str(e))
     except FloatingPointError as e:
         _fail(f"{e}; stopped without checkpointing it (the last good checkpoint is kept)")

@@ -61,9 +61,11 @@ def _restore_training_checkpoint(
     tok = hf.load_tokenizer(hf_path)
     if tok is None:
         raise ValueError(f"{hf_path}: no tokenizer files")
+    hf.check_tokenizer_fits(tok, cfg.vocab_size, hf_path)
     ids = hf.add_thought_tokens(tok)
     cfg = cfg.replace(vocab_size=max(cfg.vocab_size, len(tok)))
     params = load_checkpoint_params(step_dir)
+    hf.check_finite_params(params, str(step_dir))
     if "thought" not in params:
         raise ValueError(f"{step_dir}: the checkpoint has no thought params")
     rows = params["embed"].shape[0]

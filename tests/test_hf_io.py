@@ -257,14 +257,20 @@ def test_qwen2_export_without_biases_writes_zero_biases(llama_ckpt, tmp_path):
     assert cfg2.attention_bias and float(jnp.abs(again["layers"]["q_bias"]).max()) == 0.0
 
 
-def test_save_replaces_existing_directory(llama_ckpt, tmp_path):
+def test_save_into_a_non_empty_directory_needs_overwrite_and_keeps_other_files(llama_ckpt,
+                                                                              tmp_path):
     _, path = llama_ckpt
     cfg, params, _ = hf.load_pretrained(path, add_thought_tokens=False)
     out = tmp_path / "export"
     out.mkdir()
-    (out / "stale.txt").write_text("old")
-    hf.save_pretrained(out, params, cfg)
-    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"]
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match="is not empty"):
+        hf.save_pretrained(out, params, cfg)
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
+    hf.save_pretrained(out, params, cfg, overwrite=True)
+    assert sorted(p.name for p in out.iterdir()) == [hf.EXPORT_MANIFEST, "config.json",
+                                                     "model.safetensors", "notes.txt"]
+    assert (out / "notes.txt").read_text() == "mine"
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
 
 

@@ -360,7 +360,7 @@ def test_interrupted_export_never_leaves_a_directory_under_the_final_name(tmp_pa
     before = {p: p.read_bytes() for p in target.iterdir()}
     written.clear()
     monkeypatch.setattr(safetensors.numpy, "save_file", interrupted)
-    with pytest.raises(KeyboardInterrupt):
-        hf.save_pretrained(target, params, cfg, tok, max_shard_size="200KB")
+    with pytest.raises(KeyboardInterrupt):  # replacing it (overwrite) is interrupted
+        hf.save_pretrained(target, params, cfg, tok, max_shard_size="200KB", overwrite=True)
     assert {p: p.read_bytes() for p in target.iterdir()} == before  # the old export intact
     assert os.listdir(tmp_path) == ["export"]

@@ -21,6 +21,7 @@ from quietstar_jax.cli_common import format_table, load_model, run_cli, thought_
 from quietstar_jax.evaluation.tasks import (
     TASKS,
     _check_chunk_len,
+    check_perplexity_thoughts,
     evaluate_cot,
     evaluate_csqa,
     evaluate_gsm8k,
@@ -75,7 +76,7 @@ def _table_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
                 continue
             m = r[name]
             row = {"task": task, "model": name,
-                   "n_ahead": 1 if name == "base" else r["n_ahead"]}
+                   "n_ahead": "-" if name == "base" else r["n_ahead"]}
             if task == "perplexity":
                 row |= {"metric": "nll/token", "value": m["nll"], "exact_match": "",
                         "n": r["tokens"]}
@@ -96,8 +97,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     return run_cli(_run, argv)
 
 
+# Count flags that must be >= 1 when given (None: no limit).
+_COUNTS = ("limit", "batch_tokens", "max_length", "chunk_len", "max_chunks", "cot_limit",
+           "cot_votes", "cot_solution_tokens", "cot_batch_size")
+
+
+def _check_args(args: argparse.Namespace) -> None:
+    """Reject bad counts before the model loads, naming the flag (ValueError: exit 2)."""
+    for name in _COUNTS:
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise ValueError(f"--{name.replace('_', '-')}={value} must be >= 1")
+
+
 def _run(argv: Sequence[str] | None) -> int:
     args = _parser().parse_args(argv)
+    _check_args(args)
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     bad = [t for t in tasks if t not in TASKS]
     if bad or not tasks:
@@ -112,6 +127,8 @@ def _run(argv: Sequence[str] | None) -> int:
     tc = None if args.no_thinking else thought_config(
         tok, ckpt_tc, args.n_ahead, args.thought_sampling,
         mask_special_tokens=args.mask_special_thought_tokens)
+    if "perplexity" in tasks:  # before any task runs
+        check_perplexity_thoughts(args.chunk_len, tc, cfg)
     results: dict[str, Any] = {}
     common = dict(batch_tokens=args.batch_tokens, seed=args.seed, max_length=args.max_length,
                   limit=args.limit)

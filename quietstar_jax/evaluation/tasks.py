@@ -60,14 +60,43 @@ def _prepare_tc(
     return tc
 
 
+def _check_limit(limit: int | None) -> None:
+    """`limit` (the first N examples) is None or >= 1."""
+    if limit is not None and limit < 1:
+        raise ValueError(f"limit={limit} must be >= 1 (None: all examples)")
+
+
+def _check_thought_reach(tc: ThoughtConfig | None, cfg: ModelConfig, last: int, what: str,
+                         fix: str) -> None:
+    """The thought of position `last` (its n_ahead - 1 steps: start, sampled tokens,
+    end) must stay inside the model's positions; checked before anything compiles."""
+    if tc is None:
+        return
+    limit = cfg.max_position_embeddings
+    reach = last + tc.n_ahead - 1
+    if reach >= limit:
+        raise ValueError(f"n_ahead={tc.n_ahead}: a thought runs n_ahead - 1 = {tc.n_ahead - 1} "
+                         f"positions past its token, so {what} (position {last}) thinks up to "
+                         f"position {reach}, past the model's max_position_embeddings={limit}; "
+                         f"use n_ahead <= {limit - last} or {fix}")
+
+
+def check_perplexity_thoughts(chunk_len: int, tc: ThoughtConfig | None,
+                              cfg: ModelConfig) -> None:
+    """The thought of the last scored position of a chunk (`chunk_len - 1`) must stay
+    inside the model's positions."""
+    _check_thought_reach(tc, cfg, chunk_len - 1, f"the last scored token of a chunk of "
+                         f"chunk_len={chunk_len}", "a smaller chunk_len")
+
+
 def _pad_id(tokenizer: Tokenizer, tc: ThoughtConfig | None) -> int:
     return first_pad_id(None if tc is None else tc.pad_token_id, tokenizer.pad_token_id,
                         tokenizer.eos_token_id)
 
 
 def _thought_info(tc: ThoughtConfig | None) -> dict[str, Any]:
-    if tc is None:
-        return {"n_ahead": 1, "thought_tokens": 0}
+    if tc is None:  # the base model only: no thought (not a thought of length 1)
+        return {"n_ahead": None, "thought_tokens": 0}
     return {"n_ahead": tc.n_ahead, "thought_tokens": tc.num_sampled,
             "thought_sampling": tc.sampling, "thought_temperature": tc.thought_temperature}
 
@@ -148,6 +177,7 @@ def _direct_answer(
     log: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     t0 = time.perf_counter()
+    _check_limit(limit)
     tc = _prepare_tc(tc, tokenizer, cfg)
     raw = eval_data.load_rows(task, source)
     if task == "gsm8k":
@@ -164,6 +194,11 @@ def _direct_answer(
     pad_id = _pad_id(tokenizer, tc)
     examples = eval_data.build_examples(tokenizer, texts, valid_ids, skip_first=task == "gsm8k",
                                         pad_id=pad_id, max_length=max_length)
+    if tc is not None and examples:
+        k, last = max(((k, max(e.positions)) for k, e in enumerate(examples)),
+                      key=lambda x: x[1])
+        _check_thought_reach(tc, cfg, last, f"the last scored position of {task} example {k}",
+                             "a smaller max_length")
     res = score_examples(params, cfg, tc, examples, valid_ids, pad_id=pad_id,
                          batch_tokens=batch_tokens, bucket=bucket, seed=seed, log=log)
     out: dict[str, Any] = {
@@ -296,6 +331,7 @@ def evaluate_perplexity(
     t0 = time.perf_counter()
     _check_chunk_len(chunk_len, cfg)
     tc = _prepare_tc(tc, tokenizer, cfg)
+    check_perplexity_thoughts(chunk_len, tc, cfg)
     if isinstance(text, Path):
         text = text.read_text(encoding="utf-8")
     chunks = text_chunks(tokenizer, text, chunk_len, bos=bos, join_paragraphs=join_paragraphs,
@@ -356,6 +392,7 @@ def evaluate_cot(
     (None: file order) and the first `limit` kept (the authors: 128 after a seed-42
     shuffle)."""
     t0 = time.perf_counter()
+    _check_limit(limit)
     tc = _prepare_tc(tc, tokenizer, cfg)
     rows = eval_data.gsm8k_rows(eval_data.load_rows("gsm8k", source))
     if shuffle_seed is not None:

@@ -119,14 +119,27 @@ def _check_args(
         tc.check_token_ids(cfg.vocab_size)
 
 
-def _check_length(cfg: ModelConfig, prompt_len: int, max_new_tokens: int) -> None:
-    """The longest prompt and the new tokens must fit the model's positions."""
+def _check_length(cfg: ModelConfig, prompt_len: int, max_new_tokens: int,
+                  n_ahead: int | None = None) -> None:
+    """The longest prompt and the new tokens must fit the model's positions, and so
+    must the thoughts (`n_ahead`, when thinking): the thought before the last new
+    token follows position `prompt_len + max_new_tokens - 2` by `n_ahead - 1` steps."""
     total = prompt_len + max_new_tokens
-    if total > cfg.max_position_embeddings:
+    limit = cfg.max_position_embeddings
+    if total > limit:
         raise ValueError(f"a prompt of {prompt_len} tokens + max_new_tokens={max_new_tokens} = "
                          f"{total} positions exceeds the model's max_position_embeddings="
-                         f"{cfg.max_position_embeddings}; shorten the prompt or generate fewer "
-                         "tokens")
+                         f"{limit}; shorten the prompt or generate fewer tokens")
+    if n_ahead is None:
+        return
+    last = total - 2  # the position whose thought picks the last new token
+    if last + n_ahead - 1 >= limit:
+        raise ValueError(f"n_ahead={n_ahead}: a thought runs n_ahead - 1 = {n_ahead - 1} "
+                         f"positions past its token, so after a prompt of {prompt_len} tokens "
+                         f"+ max_new_tokens={max_new_tokens} it reaches position "
+                         f"{last + n_ahead - 1}, past the model's max_position_embeddings="
+                         f"{limit}; use n_ahead <= {limit - last}, a shorter prompt or fewer "
+                         "new tokens")
 
 
 def _finish(
@@ -312,7 +325,8 @@ def prepare_request(
     pad_id = thought_pad_id(pad_token_id, None if tc is None else tc.pad_token_id, eos_id)
     ids, mask = left_pad(prompts, pad_id, pad_to_multiple)
     _check_args(cfg, tc, think, ids, max_new_tokens)
-    _check_length(cfg, max(len(p) for p in prompts), max_new_tokens)
+    _check_length(cfg, max(len(p) for p in prompts), max_new_tokens,
+                  tc.n_ahead if think and tc is not None else None)
     rng = _need_rng(rng, sc, tc, think)
     run_tc = tc if (think or tc is None) else _mask_only(tc)
     return Request(cfg, run_tc, sc, jnp.asarray(ids), jnp.asarray(mask), rng, eos_id, pad_id)

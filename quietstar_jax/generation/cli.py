@@ -1,9 +1,11 @@
 """`python -m quietstar_jax.generation`: generate text with thoughts from the command line.
 
     python -m quietstar_jax.generation MODEL --prompt "Once upon a time" [--prompt ...]
-        [--max-new-tokens 64] [--n-ahead 12] [--greedy | --temperature 1 --top-p 1]
-        [--mode thinking|base|both] [--show-thoughts] [--ignore-eos]
-        [--mask-special-thought-tokens] [--seed 0] [--out generations.json]
+        [--prompts-file FILE] [--max-new-tokens 64] [--n-ahead 12]
+        [--thought-sampling sample|greedy] [--thought-temperature T]
+        [--greedy | --temperature 1 --top-p 1] [--mode thinking|base|both]
+        [--show-thoughts] [--ignore-eos] [--mask-special-thought-tokens] [--seed 0]
+        [--dtype float32] [--out generations.json]
 
 MODEL is a Hugging Face directory or a training workdir / checkpoint step directory.
 Prints each completion (and, with --show-thoughts, every new token with the thought
@@ -95,12 +97,25 @@ def _check_args(args: argparse.Namespace, prompts: list[str]) -> None:
                          "greedy thoughts use --thought-sampling greedy")
 
 
+def _read_prompts(path: str) -> list[str]:
+    """The non-blank lines of a UTF-8 prompts file; a line that is not UTF-8 is an error
+    naming the file, the line and the byte (ValueError: exit status 2)."""
+    data = Path(path).read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        column = e.start - (data.rfind(b"\n", 0, e.start) + 1) + 1
+        raise ValueError(f"--prompts-file {path!r}: line {line} is not UTF-8 text (byte "
+                         f"0x{data[e.start]:02x} at column {column}: {e.reason})") from None
+    return [ln for ln in text.splitlines() if ln.strip()]
+
+
 def _run(argv: Sequence[str] | None) -> int:
     args = _parser().parse_args(argv)
     prompts = list(args.prompt)
     if args.prompts_file:
-        prompts += [ln.rstrip("\n") for ln in Path(args.prompts_file).read_text().splitlines()
-                    if ln.strip()]
+        prompts += _read_prompts(args.prompts_file)
     _check_args(args, prompts)
     cfg, params, tok, ckpt_tc = load_model(args.model, args.dtype)
     tc = thought_config(tok, ckpt_tc, args.n_ahead, args.thought_sampling,
@@ -121,7 +136,8 @@ def _run(argv: Sequence[str] | None) -> int:
         n_new = sum(len(item["tokens"]) for item in out)
         results.setdefault("speed", {})[mode] = {"new_tokens": n_new, "seconds": seconds,
                                                  "tokens_per_s": n_new / seconds}
-        print(f"== {mode} (n_ahead {tc.n_ahead if mode == 'thinking' else 1})")
+        print(f"== thinking (n_ahead {tc.n_ahead})" if mode == "thinking"
+              else "== base (no thoughts)")
         for item in out:
             print(_show(item, tok, args.show_thoughts))
         print(f"[{mode}] {n_new} new tokens in {seconds:.2f} s: {n_new / seconds:.1f} tokens/s "

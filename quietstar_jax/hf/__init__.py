@@ -31,11 +31,18 @@ from quietstar_jax.hf.config import (
 from quietstar_jax.hf.layout import tensor_specs
 from quietstar_jax.hf.loading import (
     ShardingSpec,
+    check_finite_params,
     grow_vocab,
     has_authors_thought_params,
     load_params,
 )
-from quietstar_jax.hf.pretrained import load_model, load_pretrained, save_pretrained
+from quietstar_jax.hf.pretrained import (
+    EXPORT_MANIFEST,
+    check_export_target,
+    load_model,
+    load_pretrained,
+    save_pretrained,
+)
 from quietstar_jax.hf.safetensors_io import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME
 from quietstar_jax.hf.spec import TensorSpec
 from quietstar_jax.hf.tokenizer import (
@@ -44,6 +51,7 @@ from quietstar_jax.hf.tokenizer import (
     THOUGHT_INIT_STRING,
     TOKENIZER_FILES,
     add_thought_tokens,
+    check_tokenizer_fits,
     load_tokenizer,
     special_token_ids,
     thought_init_token_id,
@@ -55,6 +63,7 @@ __all__ = [
     "AUTHORS_THOUGHT_KEYS",
     "CONFIG_NAME",
     "END_THOUGHT_TOKEN",
+    "EXPORT_MANIFEST",
     "SAFE_WEIGHTS_INDEX_NAME",
     "SAFE_WEIGHTS_NAME",
     "START_THOUGHT_TOKEN",
@@ -64,6 +73,9 @@ __all__ = [
     "ShardingSpec",
     "TensorSpec",
     "add_thought_tokens",
+    "check_export_target",
+    "check_finite_params",
+    "check_tokenizer_fits",
     "grow_vocab",
     "has_authors_thought_params",
     "load_model",

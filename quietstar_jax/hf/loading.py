@@ -108,13 +108,45 @@ def _slot(spec: TensorSpec, file_vocab: int) -> tuple[Any, ...]:
     return (...,) if spec.layer is None else (spec.layer,)
 
 
+def nonfinite_message(where: str, what: str, arr: np.ndarray) -> str | None:
+    """One line saying that float array `arr` (`what`, in `where`) holds NaN or inf: how
+    many and where the first is; None when all its values are finite (or it is not a
+    float array). The fast path is one float64 sum, no temporary array."""
+    if not jnp.issubdtype(arr.dtype, jnp.floating) or np.isfinite(arr.sum(dtype=np.float64)):
+        return None
+    bad = ~np.isfinite(arr)
+    if not bad.any():  # a finite sum overflowed float64: impossible for stored weights
+        return None
+    n_nan = int(np.isnan(arr).sum())
+    first = [int(i) for i in np.argwhere(bad)[0]]
+    return (f"{where}: {what} holds non-finite values ({n_nan} NaN, {int(bad.sum()) - n_nan} "
+            f"inf of {arr.size}; the first at {first}); the weights are damaged")
+
+
+def check_finite_params(params: Params, where: str) -> None:
+    """Raise ValueError (one line naming the first param, in flattened order, that holds
+    NaN or inf) for params already on devices, e.g. restored from a training
+    checkpoint. One jitted reduction over all params; only a bad param is fetched."""
+    flat = traverse_util.flatten_dict(params)
+    floats = {p: x for p, x in flat.items() if jnp.issubdtype(x.dtype, jnp.floating)}
+    finite = jax.jit(lambda xs: [jnp.all(jnp.isfinite(x)) for x in xs])(list(floats.values()))
+    for (p, x), ok in zip(floats.items(), finite, strict=True):
+        if not bool(ok):
+            raise ValueError(nonfinite_message(where, path_str(p), np.asarray(x))
+                             or f"{where}: {path_str(p)} holds non-finite values")
+
+
 def _build_param(ckpt: SafetensorsCheckpoint, group: list[TensorSpec], shape: tuple[int, ...],
                  dtype: np.dtype, file_vocab: int) -> np.ndarray:
     """One param on the host: its tensors read one at a time, converted to our layout
     and written into a preallocated array; grown vocab rows set to the mean row."""
     arr = np.empty(shape, dtype)
     for s in group:
-        arr[_slot(s, file_vocab)] = s.to_ours(ckpt.get(s.key))
+        tensor = ckpt.get(s.key)
+        bad = nonfinite_message(ckpt.where(s.key), f"tensor {s.key!r}", tensor)
+        if bad is not None:
+            raise ValueError(bad)
+        arr[_slot(s, file_vocab)] = s.to_ours(tensor)
     if group[0].dest == ("embed",):
         _grow_rows(arr, file_vocab, axis=0)
     elif group[0].dest == ("lm_head",):
@@ -150,7 +182,8 @@ def load_params(
     When the file holds the authors' thought tensors, they are loaded too, into
     `params["thought"]`. With `vocab_size` larger than `cfg.vocab_size`, `embed` and
     `lm_head` get extra rows (columns) equal to the mean of the file's ones.
-    Raises on a missing, unknown or mis-shaped tensor, naming file, key and shapes.
+    Raises on a missing, unknown or mis-shaped tensor, naming file, key and shapes,
+    and on a tensor that holds NaN or inf, naming file, key and the first such value.
     """
     path = Path(path)
     if not path.is_dir():

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 import uuid
 from pathlib import Path
@@ -27,9 +28,14 @@ from quietstar_jax.hf.config import (
 )
 from quietstar_jax.hf.layout import dest_shapes, tensor_specs, zero_bias_keys
 from quietstar_jax.hf.loading import ShardingSpec, load_params, place, sharding_resolver
-from quietstar_jax.hf.safetensors_io import replace_dir, write_safetensors
+from quietstar_jax.hf.safetensors_io import write_safetensors
 from quietstar_jax.hf.spec import TensorSpec, path_str
-from quietstar_jax.hf.tokenizer import THOUGHT_INIT_STRING, load_tokenizer, thought_init_token_id
+from quietstar_jax.hf.tokenizer import (
+    THOUGHT_INIT_STRING,
+    check_tokenizer_fits,
+    load_tokenizer,
+    thought_init_token_id,
+)
 from quietstar_jax.hf.tokenizer import add_thought_tokens as _add_thought_tokens
 from quietstar_jax.model import ModelConfig, Params
 from quietstar_jax.thoughts import init_thought_params
@@ -77,6 +83,8 @@ def load_pretrained(
     cfg = model_config_from_hf(config_dict, dtype, param_dtype, source=source, **overrides)
     tokenizer = load_tokenizer(path)
     vocab = cfg.vocab_size
+    if tokenizer is not None:
+        check_tokenizer_fits(tokenizer, vocab, str(path))
     if tokenizer is not None and add_thought_tokens:
         _add_thought_tokens(tokenizer)
         vocab = max(vocab, len(tokenizer))
@@ -166,6 +174,64 @@ def _file_order(specs: list[TensorSpec], zero_bias: list[tuple[str, tuple[int, .
     return ordered
 
 
+EXPORT_MANIFEST = ".quietstar-export.json"  # the files an export wrote, for the next one
+
+
+def check_export_target(path: PathLike, overwrite: bool = False,
+                        flag: str = "overwrite=True") -> None:
+    """Raise FileExistsError (one line) when `save_pretrained` must not write to `path`:
+    a file, or a directory that is not empty unless `overwrite` (`flag` names how the
+    caller says so). An existing export is not empty either: replacing it needs
+    `overwrite` too."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise FileExistsError(f"export directory {str(path)!r} exists and is not a directory")
+    if overwrite or not path.is_dir():
+        return
+    entries = sorted(p.name for p in path.iterdir())
+    if entries:
+        shown = ", ".join(repr(e) for e in entries[:3]) + (" ..." if len(entries) > 3 else "")
+        count = f"{len(entries)} {'entry' if len(entries) == 1 else 'entries'}"
+        raise FileExistsError(
+            f"export directory {str(path)!r} is not empty ({count}: {shown}); "
+            f"choose a new or empty directory, or set {flag} to replace the checkpoint files "
+            "in it (other files are kept)")
+
+
+def _written_before(path: Path) -> set[str]:
+    """The file names an earlier export recorded in `path` (none when no manifest)."""
+    try:
+        names = json.loads((path / EXPORT_MANIFEST).read_text(encoding="utf-8"))["files"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return set()
+    return {n for n in names if isinstance(n, str) and n == Path(n).name}
+
+
+def _move_into(tmp: Path, path: Path) -> None:
+    """Move the finished export `tmp` to `path`. A missing or empty `path` becomes `tmp`
+    (one rename); into an existing directory each file is renamed over its namesake,
+    then the files the previous export wrote (its manifest) and this one did not (e.g.
+    shards of another size) are removed. Nothing else in `path` is touched."""
+    if not path.exists() or (path.is_dir() and not any(path.iterdir())):
+        if path.exists():
+            path.rmdir()
+        os.replace(tmp, path)
+        return
+    written = {p.name for p in tmp.iterdir()}
+    stale = _written_before(path) - written
+    for name in sorted(written):  # before anything moves
+        target = path / name
+        if target.is_dir() and not target.is_symlink():
+            raise FileExistsError(f"{target} is a directory; the export would write a file "
+                                  "of that name")
+    for name in sorted(written - {EXPORT_MANIFEST}) + [EXPORT_MANIFEST]:
+        os.replace(tmp / name, path / name)
+    for name in stale:
+        target = path / name
+        if target.is_file() or target.is_symlink():
+            target.unlink()
+
+
 def save_pretrained(
     path: PathLike,
     params: Params,
@@ -173,6 +239,7 @@ def save_pretrained(
     tokenizer: Any | None = None,
     *,
     max_shard_size: int | str = "5GB",
+    overwrite: bool = False,
 ) -> Path:
     """Write a Hugging Face checkpoint directory that `transformers.AutoModelForCausalLM`
     loads: `config.json`, `model.safetensors` (or shards and an index when larger than
@@ -181,12 +248,18 @@ def save_pretrained(
     (`start_embedding`/`end_embedding` `[2, H]` with row 1 zero, `talk_head.0.*`),
     which transformers ignores with a warning.
 
-    Tensors keep their params' dtype. The directory is written under a temporary
-    name and renamed into place (an existing one is replaced). With several
-    processes every process must call this (params are gathered), process 0 writes.
-    Returns the path.
+    Tensors keep their params' dtype. `path` must not exist or be an empty directory;
+    a non-empty one (an earlier export included) is refused with FileExistsError
+    before anything is written, unless `overwrite`: then the files of this export
+    replace their namesakes, the files the previous export wrote and this one does not
+    are removed (`EXPORT_MANIFEST` lists them), and every other file is kept. The
+    export is written under a temporary name beside `path` and moved into place when
+    complete, so an interrupted export leaves `path` as it was. With several processes
+    every process must call this (params are gathered), process 0 writes. Returns the
+    path.
     """
     path = Path(path)
+    check_export_target(path, overwrite)
     hf_config = model_config_to_hf(cfg)
     flat = traverse_util.flatten_dict(params)
     thought = _check_params(flat, cfg)
@@ -228,7 +301,10 @@ def save_pretrained(
             (tmp / CONFIG_NAME).write_text(json.dumps(hf_config, indent=2, sort_keys=True) + "\n")
             if tokenizer is not None:
                 tokenizer.save_pretrained(str(tmp))
-            replace_dir(tmp, path)
+            files = sorted(p.name for p in tmp.iterdir()) + [EXPORT_MANIFEST]
+            (tmp / EXPORT_MANIFEST).write_text(json.dumps({"files": files}, indent=1) + "\n",
+                                               encoding="utf-8")
+            _move_into(tmp, path)
     finally:
         if writer and tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)

@@ -16,9 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
-import shutil
-import uuid
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -132,15 +129,3 @@ def write_safetensors(
         (directory / SAFE_WEIGHTS_INDEX_NAME).write_text(json.dumps(index, indent=2))
     return dict(split.tensor_to_filename)
 
-
-def replace_dir(tmp: Path, path: Path) -> None:
-    """Rename `tmp` to `path`, replacing an existing directory `path`."""
-    if path.exists() and not path.is_dir():
-        raise FileExistsError(f"{path} exists and is not a directory")
-    old = None
-    if path.exists():
-        old = path.parent / f".{path.name}.old-{uuid.uuid4().hex[:8]}"
-        os.replace(path, old)
-    os.replace(tmp, path)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)

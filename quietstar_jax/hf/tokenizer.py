@@ -43,6 +43,21 @@ def load_tokenizer(path: PathLike) -> Any | None:
     return AutoTokenizer.from_pretrained(str(path))
 
 
+def check_tokenizer_fits(tokenizer: Any, vocab_size: int, where: str) -> None:
+    """Raise ValueError (one line, both sizes) when the tokenizer has token ids past the
+    model's `vocab_size` embedding rows, the two thought tokens excepted (those rows are
+    added at load). Such ids would read rows the checkpoint does not have: a tokenizer
+    from another model."""
+    n = len(tokenizer)
+    thought = {_token_id(tokenizer, t) for t in _THOUGHT_TOKEN_NAMES.values()}
+    beyond = [i for i in range(vocab_size, n) if i not in thought]
+    if beyond:
+        raise ValueError(
+            f"{where}: the tokenizer has {n} tokens but the model's embedding has "
+            f"{vocab_size} rows (vocab_size in config.json); ids {beyond[0]}..{beyond[-1]} "
+            "have no embedding (is the tokenizer from another model?)")
+
+
 def _configured_thought_tokens(tokenizer: Any) -> dict[str, str]:
     """Thought tokens a tokenizer names (`start_thought_token`, `end_thought_token`):
     as named special tokens (`special_tokens_map`) or in the config it was loaded

@@ -1,6 +1,6 @@
 """The trainer: `run(config, workdir)` (see `quietstar_jax.train.loop`).
 
-`run` and `SetupError` are imported on first use, so that config files, which
+`run`, `SetupError` and `ExportError` are imported on first use, so that config files, which
 import `quietstar_jax.train.config`, load without orbax and the rest.
 """
 
@@ -9,7 +9,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-__all__ = ["SetupError", "run"]
+__all__ = ["ExportError", "SetupError", "run"]
 
 
 def __getattr__(name: str) -> Any:

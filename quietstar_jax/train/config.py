@@ -117,6 +117,9 @@ def base_config() -> ConfigDict:
     c.keep_checkpoints = 3
     c.async_checkpointing = True
     c.export_hf_dir = config_dict.placeholder(str)  # set: export a HF directory at the end
+    # A non-empty export_hf_dir is refused before training unless this is set; then the
+    # export replaces its own files there and keeps every other file.
+    c.export_hf_overwrite = False
     c.mesh = (1, -1, 1)  # (data, fsdp, tensor); one -1 takes the remaining devices
     c.progress_bar = True
     # Set: keep compiled programs here (jax's persistent compilation cache), so a
@@ -214,6 +217,7 @@ def validate_config(config: ConfigDict) -> None:
     _check(0 <= o.end_lr_ratio <= 1, f"config.optim.end_lr_ratio={o.end_lr_ratio} must be "
                                      "in [0, 1]")
     _check_positions(c)
+    _check_export_dir(c)
     if c.model.hf_path is None:
         _check(c.model.tokenizer == "byte",
                f"config.model.tokenizer={c.model.tokenizer!r}: an inline model (no "
@@ -253,6 +257,37 @@ def _check_positions(config: ConfigDict) -> None:
     seq_len = config.data.seq_len
     _check(seq_len <= n, f"config.data.seq_len={seq_len} exceeds the model's "
                          f"max_position_embeddings={n} ({where})")
+    # Every position thinks: the thought of the last one (position seq_len - 1) and its
+    # talk run n_ahead + n_ahead_talk - 2 steps past it, one position id each.
+    t = config.thought
+    try:
+        schedule = parse_thought_schedule(config.thought_schedule)
+    except ConfigError:
+        return  # reported with the rest of config.thought_schedule's checks
+    name, n_ahead = max([("config.thought.n_ahead", t.n_ahead)]
+                        + [(f"config.thought_schedule={config.thought_schedule!r}: n_ahead", k)
+                           for _, k in schedule], key=lambda x: x[1])
+    steps = n_ahead + t.n_ahead_talk - 2
+    _check(seq_len + steps <= n,
+           f"{name}={n_ahead}: the thought and talk of a position run n_ahead + n_ahead_talk "
+           f"- 2 = {steps} positions past it, so the last of config.data.seq_len={seq_len} "
+           f"positions thinks up to position {seq_len - 1 + steps}, past the model's "
+           f"max_position_embeddings={n} ({where}); use n_ahead <= "
+           f"{n - seq_len - t.n_ahead_talk + 2} or a smaller seq_len")
+
+
+def _check_export_dir(config: ConfigDict) -> None:
+    """`config.export_hf_dir` must be new or empty (or `export_hf_overwrite` set), checked
+    before training rather than after it."""
+    if not config.export_hf_dir:
+        return
+    from quietstar_jax.hf.pretrained import check_export_target
+
+    try:
+        check_export_target(config.export_hf_dir, config.export_hf_overwrite,
+                            flag="--config.export_hf_overwrite=True")
+    except FileExistsError as e:
+        raise ConfigError(f"config.export_hf_dir: {e}") from None
 
 
 def thought_config(config: ConfigDict, token_ids: dict[str, int],

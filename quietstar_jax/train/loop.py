@@ -75,6 +75,11 @@ class SetupError(ValueError):
     """Input the trainer cannot run with, found before compiling (one line)."""
 
 
+class ExportError(OSError):
+    """The Hugging Face export at the end of training was refused (one line); the
+    trained checkpoint is saved."""
+
+
 class _StopFlag:
     """Set by SIGTERM (preemption): the loop saves a checkpoint and returns."""
 
@@ -139,12 +144,6 @@ class _Setup:
                                                     tok.special_token_ids())
             self.tc.check_token_ids(cfg.vocab_size)
             sharding.check_parallelism(self.mesh, cfg, config.batch_size // config.grad_accum)
-            longest = max([n for _, n in parse_thought_schedule(config.thought_schedule)]
-                          + [self.tc.n_ahead]) + self.tc.n_ahead_talk - 2
-            if config.data.seq_len + longest > cfg.max_position_embeddings:
-                logger.warning(f"warning: seq_len {config.data.seq_len} + thought steps "
-                               f"{longest} exceeds max_position_embeddings "
-                               f"{cfg.max_position_embeddings}")
         except (ValueError, KeyError, TypeError, OSError) as e:
             raise SetupError(_one_line(e)) from e
         self.data = TokenBatches(
@@ -259,8 +258,10 @@ def run(
     per update: every metric as Python numbers, `step`, `batch_hash`), `checkpoints`
     (steps on disk), `reward_pages`, `wall_time_s`, `compile_time_s`, `num_params`,
     `workdir`, `final_state` (the TrainState after the last update).
-    Raises SetupError for bad input (before compiling) and FloatingPointError when a
-    loss component is not finite (naming step and component).
+    Raises SetupError for bad input (before compiling), FloatingPointError when a
+    loss component is not finite (naming step and component), and ExportError when
+    `export_hf_dir`, new or empty when checked before training, is not empty when the
+    export comes (the trained state is checkpointed first).
     """
     t_start = time.time()
     workdir = os.path.abspath(workdir)
@@ -389,8 +390,13 @@ def _train(config: ConfigDict, workdir: str, setup: _Setup, ckpt: Checkpointer,
             from quietstar_jax import hf
 
             ckpt.wait()
-            hf.save_pretrained(config.export_hf_dir, state.params, setup.model.cfg,
-                               tokenizer=setup.model.hf_tokenizer)
+            try:
+                hf.save_pretrained(config.export_hf_dir, state.params, setup.model.cfg,
+                                   tokenizer=setup.model.hf_tokenizer,
+                                   overwrite=config.export_hf_overwrite)
+            except FileExistsError as e:  # the directory was filled while training
+                raise ExportError(f"{_one_line(e)}; nothing exported (the trained step "
+                                  f"{step} is saved in {checkpoints_dir(workdir)})") from None
             say(f"exported a Hugging Face checkpoint to {config.export_hf_dir}")
     finally:
         stop.uninstall()
