@@ -341,7 +341,9 @@ class Checkpointer:
                 if not self._failed:
                     raise
             finally:
-                if self._open:
+                # After a failed save, orbax's threads go on failing (and logging) after
+                # the manager is closed: their noise stays filtered.
+                if self._open and not self._failed:
                     self._open = False
                     _LibraryNoise.release()
 
