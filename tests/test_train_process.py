@@ -346,3 +346,48 @@ def test_disk_full_on_a_real_small_tmpfs(cache, tmp_path):
                      r"(/checkpoints)? while (saving step (\d+)|writing .*); the last intact "
                      r"step is \d+", lines[0])
     assert m, lines[0]
+
+
+# ------------------------------------------------------------------ the pieces
+
+
+def test_workdir_lock_in_one_process(tmp_path):
+    """flock is per open file: a second lock in the same process is refused too; the
+    record of a holder that is gone (no flock held) is stale and taken over."""
+    from quietstar_jax.train.workdir import LOCK_NAME, WorkdirBusy, WorkdirLock
+
+    wd = tmp_path / "w"
+    first = WorkdirLock(str(wd))
+    assert first.acquire() is None
+    assert json.loads((wd / LOCK_NAME).read_text())["pid"] == os.getpid()
+    with pytest.raises(WorkdirBusy, match=f"workdir {wd} is in use by another trainer "
+                                          f"\\(pid {os.getpid()} on host "):
+        WorkdirLock(str(wd)).check_free()
+    with pytest.raises(WorkdirBusy):
+        WorkdirLock(str(wd)).acquire()
+    first.release()
+    assert not (wd / LOCK_NAME).exists()
+    (wd / LOCK_NAME).write_text(json.dumps({"pid": 999999, "host": "elsewhere"}))
+    again = WorkdirLock(str(wd))
+    again.check_free()  # nobody holds it
+    note = again.acquire()
+    assert note and "took over the stale lock" in note and "pid 999999 on host elsewhere" in note
+    again.release()
+
+
+def test_disk_full_is_recognised_in_tensorstore_text_and_errno_chains():
+    import errno
+
+    from quietstar_jax.train.checkpoint import is_disk_full
+
+    ts = ValueError('RESOURCE_EXHAUSTED: Error writing local file "x": Failed to write 12876 '
+                    "bytes to file 4: No space left on device [os_error_code='28']")
+    assert is_disk_full(ts)
+    try:
+        try:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        except OSError as inner:
+            raise RuntimeError("commit failed") from inner
+    except RuntimeError as outer:
+        assert is_disk_full(outer)
+    assert not is_disk_full(OSError(errno.EIO, "Input/output error"))

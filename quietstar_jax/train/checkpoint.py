@@ -226,19 +226,20 @@ class Checkpointer:
         except Exception as e:  # noqa: BLE001 - orbax/tensorstore fail in many types
             raise self._write_error(step, e) from None
 
-    def _write_error(self, step: int, e: BaseException) -> CheckpointWriteError:
-        """The one-line error of a failed save of `step`."""
+    def _write_error(self, step: int | None, e: BaseException) -> CheckpointWriteError:
+        """The one-line error of a failed save of `step` (None: not known)."""
         self._failed = True
         self._pending = None
         intact = [s for s in intact_steps(self.directory) if s != step]
         last = (f"the last intact step is {intact[-1]}" if intact
                 else "there is no intact step yet")
+        what = f"step {step}" if step is not None else "a checkpoint"
         if is_disk_full(e):
-            err = CheckpointWriteError(f"no space left on {self.directory} while saving step "
-                                       f"{step}; {last}")
+            err = CheckpointWriteError(f"no space left on {self.directory} while saving {what}; "
+                                       f"{last}")
             err.errno = errno.ENOSPC
             return err
-        return CheckpointWriteError(f"could not save step {step} to {self.directory} "
+        return CheckpointWriteError(f"could not save {what} to {self.directory} "
                                     f"({_one_line(e)}); {last}")
 
     def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict[str, Any]]:
@@ -325,8 +326,7 @@ class Checkpointer:
         except Exception as e:  # noqa: BLE001 - orbax/tensorstore fail in many types
             if self._failed:
                 return
-            raise self._write_error(self._pending if self._pending is not None else -1,
-                                    e) from None
+            raise self._write_error(self._pending, e) from None
         self._pending = None
 
     def close(self) -> None:
