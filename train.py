@@ -93,10 +93,19 @@ def main(argv: list[str]) -> None:
         message = str(e) if isinstance(e, Interrupted) else "interrupted"
         sys.stdout.flush()
         sys.stderr.write(f"train.py: {message}\n")
+        _exit(130)
+
+
+def _exit(code: int) -> None:
+    """sys.exit, or os._exit when a compile left behind by a stop still runs on its
+    thread (Python cannot stop it, and XLA aborts if the interpreter ends under it)."""
+    from quietstar_jax.train.signals import compile_running
+
+    if compile_running():
+        sys.stdout.flush()
         sys.stderr.flush()
-        if getattr(e, "compile_abandoned", False):
-            os._exit(130)  # XLA still compiles on a thread that cannot be stopped
-        sys.exit(130)
+        os._exit(code)
+    sys.exit(code)
 
 
 def _main(argv: list[str]) -> None:
@@ -134,7 +143,7 @@ def _main(argv: list[str]) -> None:
         sys.exit(1)
     history = summary["history"]
     if summary["preempted"]:  # the loop said it, in one line
-        sys.exit(130 if summary["stop_signal"] == "SIGINT" else 0)
+        _exit(130 if summary["stop_signal"] == "SIGINT" else 0)
     if history:
         # Single updates (the step lines average their log_every window).
         first, last = history[0], history[-1]

@@ -391,3 +391,31 @@ def test_disk_full_is_recognised_in_tensorstore_text_and_errno_chains():
     except RuntimeError as outer:
         assert is_disk_full(outer)
     assert not is_disk_full(OSError(errno.EIO, "Input/output error"))
+
+
+def test_stop_while_a_later_curriculum_step_compiles_saves_at_once(tmp_path, monkeypatch):
+    """Ctrl-C while the n_ahead 5 step of a curriculum compiles (mid-run): the compile
+    is not waited for; the state after step 3 is saved and the run stops there."""
+    import _tiny_train
+
+    from quietstar_jax.train import loop
+
+    calls = []
+    original = loop.compile_in_background
+
+    def interrupt_second(lowered, abandon=None):
+        calls.append(abandon)
+        if len(calls) == 2:
+            os.kill(os.getpid(), signal.SIGINT)  # the loop's handler: a flag
+        return original(lowered, abandon)
+
+    monkeypatch.setattr(loop, "compile_in_background", interrupt_second)
+    config = _tiny_train.tiny_config(None, thought_schedule="0:4,3:5", checkpoint_every=100)
+    summary = loop.run(config, str(tmp_path / "run"))
+    assert len(calls) == 2 and calls[1] is not None
+    assert summary["preempted"] and summary["stop_signal"] == "SIGINT"
+    assert summary["final_step"] == 3 and summary["checkpoints"] == [3]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    for t in threading.enumerate():  # the abandoned compile: let it end before pytest does
+        if t.name == "quietstar-compile":
+            t.join()

@@ -9,8 +9,9 @@ Ctrl-C before the loop (while loading or compiling), where there is nothing to s
 XLA compiles in C++ without returning to Python, so a Ctrl-C during compilation
 would wait for it to end (minutes, on a large model). `compile_in_background`
 therefore compiles on a helper thread while the main thread waits, ready to take
-the signal; a compile left behind that way cannot be cancelled, so whoever catches
-`Interrupted` with `compile_abandoned` set ends the process with `os._exit`.
+the signal; a compile left behind that way cannot be cancelled and XLA aborts if the
+interpreter ends under it, so a program that exits while `compile_running()` (as
+`Interrupted.compile_abandoned` says) ends with `os._exit` (train.py does).
 
 Nothing here runs per step but reading a flag.
 """
