@@ -4,6 +4,12 @@
 With no `--config`, runs `configs/default.py` (a self-contained demo). With no
 `--workdir`, writes to `./workdir/<config file name>`; a workdir that holds
 checkpoints is resumed. See docs/TRAINING.md.
+
+Output: the progress lines (`step N: ...`, `done: ...`) on stdout, the progress bar,
+warnings and errors on stderr. Exit status: 0 done (or stopped by SIGTERM, with a
+checkpoint), 1 a run that failed (non-finite loss, a checkpoint that could not be
+written), 2 bad input (one `train.py: error: ...` line, before compiling), 130
+Ctrl-C. Library log records and tracebacks (orbax's) only with `--verbosity=0`.
 """
 
 from __future__ import annotations
@@ -46,23 +52,68 @@ flags.DEFINE_string("workdir", None, "Checkpoints, metrics and reward pages go h
                     "(default ./workdir/<config name>); an existing one is resumed.")
 
 
+def _config_file_arg(argv: list[str]) -> str:
+    """The --config file named in `argv` (without its `:arg`), or '?'."""
+    for i, a in enumerate(argv):
+        if a.startswith("--config="):
+            return a.split("=", 1)[1].split(":")[0]
+        if a == "--config" and i + 1 < len(argv):
+            return argv[i + 1].split(":")[0]
+    return "?"
+
+
 def _parse_flags(argv: list[str]) -> list[str]:
     """absl flag parsing, with config errors reported in one line."""
     try:
         return flags.FLAGS(argv)
     except flags.Error as e:
         _fail(" ".join(str(e).split()))
+    except SyntaxError as e:  # the config file does not parse
+        _fail(f"config file {e.filename or _config_file_arg(argv)}:{e.lineno}: "
+              f"{e.msg} (not valid Python)")
     except (AttributeError, KeyError, TypeError, ValueError) as e:
         _fail(_config_error(e, argv))
+    except Exception as e:  # noqa: BLE001 - the config file's own code failed
+        _fail(f"config file {_config_file_arg(argv)!r} could not be loaded "
+              f"({type(e).__name__}: {' '.join(str(e).split())})")
     return []
 
 
+def _verbose(argv: list[str]) -> bool:
+    """Whether absl's --verbosity (-v) was given: library records are then shown."""
+    return any(a.startswith(("--verbosity", "-v=")) or a in ("-v", "--v") for a in argv)
+
+
 def main(argv: list[str]) -> None:
+    try:
+        _main(argv)
+    except KeyboardInterrupt as e:  # Ctrl-C before the loop (or twice): nothing saved
+        from quietstar_jax.train.signals import Interrupted
+
+        message = str(e) if isinstance(e, Interrupted) else "interrupted"
+        sys.stdout.flush()
+        sys.stderr.write(f"train.py: {message}\n")
+        _exit(130)
+
+
+def _exit(code: int) -> None:
+    """sys.exit, or os._exit when a compile left behind by a stop still runs on its
+    thread (Python cannot stop it, and XLA aborts if the interpreter ends under it)."""
+    from quietstar_jax.train.signals import compile_running
+
+    if compile_running():
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
+
+
+def _main(argv: list[str]) -> None:
     from quietstar_jax import distributed
 
     # Several processes (a TPU pod, several GPU hosts) form one job; a no-op otherwise.
     distributed.maybe_initialize()
-    if not any(a.startswith(("--verbosity", "-v=")) for a in sys.argv):
+    if not _verbose(sys.argv):
         logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
     if len(argv) > 1:
         _fail(f"unexpected arguments {argv[1:]}")
@@ -78,6 +129,7 @@ def main(argv: list[str]) -> None:
 
     from quietstar_jax.console import show_logs
     from quietstar_jax.train import ExportError, SetupError, run
+    from quietstar_jax.train.checkpoint import CheckpointWriteError
 
     try:
         with show_logs():  # the loop's progress lines (stdout) and warnings (stderr)
@@ -86,18 +138,23 @@ def main(argv: list[str]) -> None:
         _fail(str(e))
     except FloatingPointError as e:
         _fail(f"{e}; stopped without checkpointing it (the last good checkpoint is kept)")
+    except CheckpointWriteError as e:
+        sys.stderr.write(f"train.py: error: {e}\n")
+        sys.exit(1)
     history = summary["history"]
-    if history and not summary["preempted"]:
+    if summary["preempted"]:  # the loop said it, in one line
+        _exit(130 if summary["stop_signal"] == "SIGINT" else 0)
+    if history:
+        # Single updates (the step lines average their log_every window).
         first, last = history[0], history[-1]
+        a, b = f"step {first['step']}", f"step {last['step']}"
         print(f"done: steps {first['step']}-{last['step']} in {summary['wall_time_s']:.0f} s; "
-              f"loss {first['loss']:.4g} -> {last['loss']:.4g} (nll_loss {first['nll_loss']:.4g}"
-              f" -> {last['nll_loss']:.4g}, policy_term {last['policy_term']:.4g}), nll_base "
-              f"{first['nll_base']:.4g} -> {last['nll_base']:.4g}, reward_mean "
-              f"{last['reward_mean']:.4g}, mixing_weight_mean {last['mixing_weight_mean']:.4g}; "
+              f"single updates, {a} -> {b}: loss {first['loss']:.4g} -> {last['loss']:.4g} "
+              f"(nll_loss {first['nll_loss']:.4g} -> {last['nll_loss']:.4g}), nll_base "
+              f"{first['nll_base']:.4g} -> {last['nll_base']:.4g}; at {b}: policy_term "
+              f"{last['policy_term']:.4g}, reward_mean {last['reward_mean']:.4g}, "
+              f"mixing_weight_mean {last['mixing_weight_mean']:.4g}; "
               f"workdir {summary['workdir']}")
-    if summary["preempted"]:
-        print(f"preempted at step {summary['final_step']}: checkpoint saved, run again with "
-              f"--workdir {summary['workdir']} to resume")
 
 
 if __name__ == "__main__":

@@ -40,3 +40,9 @@ def tiny_config(cache_dir: str | None, **overrides: Any) -> ConfigDict:
             node = node[p]
         node[leaf] = v
     return c
+
+
+def get_config(cache_dir: str | None = None) -> ConfigDict:
+    """`python train.py --config tests/_tiny_train.py[:CACHE_DIR]`: the tiny config as a
+    config file, for tests that run the real command line (seconds per run)."""
+    return tiny_config(cache_dir or None)

@@ -12,13 +12,25 @@ skipped by `restore_latest`, which falls back to the newest intact step and move
 the damaged one aside to `<checkpoints>.damaged/<step>` (never deleting it). A step
 whose arrays do not match the model (another architecture) is an error naming the
 parameter and both shapes, not damage.
+
+A save that fails (a full disk, an I/O error; found when the background write ends,
+i.e. at the next save or wait) is one `CheckpointWriteError` line naming the step and
+the newest intact step on disk; the earlier steps stay as they were.
+
+Orbax's own log records and the tracebacks its background threads leave behind (a
+failed restore's "Event loop is closed") are not shown unless the `absl` logger is
+at INFO or below (`train.py --verbosity=0`): the trainer reports those events in its
+own line.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
+import sys
+import threading
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -46,16 +58,113 @@ def _one_line(e: BaseException) -> str:
     return f"{type(e).__name__}: {text}" if text else type(e).__name__
 
 
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written (one line: the step, the reason, the newest
+    intact step)."""
+
+
+def library_verbose() -> bool:
+    """Whether library log records and tracebacks are wanted: the `absl` logger (which
+    orbax logs to) at INFO or below, as `train.py --verbosity=0` sets it."""
+    return logging.getLogger("absl").getEffectiveLevel() <= logging.INFO
+
+
+def _is_orbax_record(record: logging.LogRecord) -> bool:
+    return f"{os.sep}orbax{os.sep}" in (record.pathname or "")
+
+
+def _is_closed_loop_noise(exc: BaseException | None) -> bool:
+    """The RuntimeError that tensorstore's late callbacks raise into the event loop
+    orbax closed after a failed read (printed as an unraisable exception)."""
+    return isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed"
+
+
+class _LibraryNoise:
+    """While any Checkpointer is open: drop orbax's log records and the closed-event-
+    loop tracebacks, unless `library_verbose()`. Reference-counted, process-wide."""
+
+    _lock = threading.Lock()
+    _users = 0
+    _previous_hook: Any = None
+
+    @staticmethod
+    def _filter(record: logging.LogRecord) -> bool:
+        return library_verbose() or not _is_orbax_record(record)
+
+    @classmethod
+    def _unraisable(cls, unraisable: Any) -> None:
+        if not library_verbose() and _is_closed_loop_noise(unraisable.exc_value):
+            return
+        (cls._previous_hook or sys.__unraisablehook__)(unraisable)
+
+    @classmethod
+    def acquire(cls) -> None:
+        with cls._lock:
+            cls._users += 1
+            if cls._users == 1:
+                logging.getLogger("absl").addFilter(cls._filter)
+                cls._previous_hook = sys.unraisablehook
+                sys.unraisablehook = cls._unraisable
+
+    @classmethod
+    def release(cls) -> None:
+        with cls._lock:
+            if cls._users == 0:
+                return
+            cls._users -= 1
+            if cls._users == 0:
+                logging.getLogger("absl").removeFilter(cls._filter)
+                if sys.unraisablehook is cls._unraisable:
+                    sys.unraisablehook = cls._previous_hook or sys.__unraisablehook__
+                cls._previous_hook = None
+
+
 @contextlib.contextmanager
 def _quiet_absl() -> Iterator[None]:
-    """Silence orbax's absl warnings (a damaged step is reported in our own words)."""
+    """Silence orbax's absl warnings (a damaged step is reported in our own words),
+    unless `library_verbose()`."""
     logger = logging.getLogger("absl")
     level = logger.level
-    logger.setLevel(logging.ERROR)
+    if not library_verbose():
+        logger.setLevel(logging.ERROR)
     try:
         yield
     finally:
         logger.setLevel(level)
+
+
+def _errnos(e: BaseException) -> set[int]:
+    """The errno of every OSError in `e`'s chain (causes, contexts, groups)."""
+    found: set[int] = set()
+    todo, seen = [e], set()
+    while todo:
+        x = todo.pop()
+        if x is None or id(x) in seen:
+            continue
+        seen.add(id(x))
+        if isinstance(x, OSError) and x.errno is not None:
+            found.add(x.errno)
+        todo += [x.__cause__, x.__context__, *getattr(x, "exceptions", ())]
+    return found
+
+
+def is_disk_full(e: BaseException) -> bool:
+    """Whether `e` (or an error in its chain) says the disk or quota is full; errors
+    from tensorstore carry it in their text only."""
+    if _errnos(e) & {errno.ENOSPC, errno.EDQUOT}:
+        return True
+    text = str(e)
+    return "No space left on device" in text or "Disk quota exceeded" in text
+
+
+def intact_steps(directory: str | os.PathLike) -> list[int]:
+    """The finished steps under a checkpoint directory (orbax renames a step into its
+    final, all-digit name only once it is complete), oldest first."""
+    try:
+        names = [p.name for p in epath.Path(directory).iterdir()]
+    except OSError:
+        return []
+    return sorted(int(n) for n in names if n.isdigit())
 
 
 def _shapes_by_path(tree: Any) -> dict[str, tuple[int, ...] | None]:
@@ -72,16 +181,25 @@ class Checkpointer:
 
     def __init__(self, directory: str, *, max_to_keep: int = 3, async_save: bool = True):
         self.directory = os.path.abspath(directory)
+        self._pending: int | None = None  # the step whose background write may still run
+        self._failed = False  # a save failed (reported once; later waits stay quiet)
         options = ocp.CheckpointManagerOptions(
             max_to_keep=max_to_keep,
             create=True,
             enable_async_checkpointing=async_save,
             cleanup_tmp_directories=True,
         )
-        self.manager = ocp.CheckpointManager(
-            self.directory, options=options,
-            item_handlers={STATE_ITEM: ocp.StandardCheckpointHandler(),
-                           DATA_ITEM: ocp.JsonCheckpointHandler()})
+        _LibraryNoise.acquire()  # before the manager, which may warn about what it finds
+        self._open = True
+        try:
+            self.manager = ocp.CheckpointManager(
+                self.directory, options=options,
+                item_handlers={STATE_ITEM: ocp.StandardCheckpointHandler(),
+                               DATA_ITEM: ocp.JsonCheckpointHandler()})
+        except BaseException:
+            self._open = False
+            _LibraryNoise.release()
+            raise
 
     def latest_step(self) -> int | None:
         """The newest saved step, or None."""
@@ -94,12 +212,35 @@ class Checkpointer:
     def save(self, step: int, state: Any, data_state: dict[str, Any]) -> None:
         """Start saving `state` (a pytree of jax arrays) and `data_state` as `step`;
         returns once the arrays are copied off the devices, the write goes on in the
-        background. A step that is already saved is left as it is."""
+        background. A step that is already saved is left as it is. Raises
+        CheckpointWriteError when this save, or the previous one still being
+        written, fails."""
+        self.wait()  # the previous save's failure is that step's, not this one's
         if step in self.manager.all_steps():
             return
-        self.manager.save(step, args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state)),
-            force=True)
+        self._pending = step
+        try:
+            self.manager.save(step, args=ocp.args.Composite(
+                state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state)),
+                force=True)
+        except Exception as e:  # noqa: BLE001 - orbax/tensorstore fail in many types
+            raise self._write_error(step, e) from None
+
+    def _write_error(self, step: int | None, e: BaseException) -> CheckpointWriteError:
+        """The one-line error of a failed save of `step` (None: not known)."""
+        self._failed = True
+        self._pending = None
+        intact = [s for s in intact_steps(self.directory) if s != step]
+        last = (f"the last intact step is {intact[-1]}" if intact
+                else "there is no intact step yet")
+        what = f"step {step}" if step is not None else "a checkpoint"
+        if is_disk_full(e):
+            err = CheckpointWriteError(f"no space left on {self.directory} while saving {what}; "
+                                       f"{last}")
+            err.errno = errno.ENOSPC
+            return err
+        return CheckpointWriteError(f"could not save {what} to {self.directory} "
+                                    f"({_one_line(e)}); {last}")
 
     def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict[str, Any]]:
         """(state, data_state) of `step`; `abstract_state` is a pytree of
@@ -130,10 +271,10 @@ class Checkpointer:
         self, abstract_state: Any, say: Callable[[str], None] = logger.warning
     ) -> tuple[int, Any, dict[str, Any]] | None:
         """(step, state, data_state) of the newest step that restores, or None when
-        there is no checkpoint. Damaged newer steps are reported through `say` (step
-        and reason) and moved aside; no intact step at all is a CheckpointError
-        naming the directory. A step that does not match the model is a
-        CheckpointError (see `check_matches`)."""
+        there is no checkpoint. Damaged newer steps are moved aside and reported
+        through `say`, one line each (step, reason, where it went); no intact step
+        at all is a CheckpointError naming the directory. A step that does not match
+        the model is a CheckpointError (see `check_matches`)."""
         steps = sorted(self.manager.all_steps(), reverse=True)
         damaged: list[tuple[int, str]] = []
         for step in steps:
@@ -144,10 +285,8 @@ class Checkpointer:
                 raise
             except Exception as e:  # noqa: BLE001 - damage shows up as many error types
                 damaged.append((step, _one_line(e)))
-                say(f"warning: checkpoint step {step} in {self.directory} is damaged and "
-                    f"skipped ({_one_line(e)})")
                 continue
-            self._set_aside([s for s, _ in damaged], say)
+            self._set_aside(damaged, say)
             return step, state, data_state
         if damaged:
             newest, why = damaged[0]
@@ -157,20 +296,22 @@ class Checkpointer:
                 "move the directory away to start afresh")
         return None
 
-    def _set_aside(self, steps: list[int], say: Callable[[str], None]) -> None:
+    def _set_aside(self, damaged: list[tuple[int, str]], say: Callable[[str], None]) -> None:
         """Move damaged step directories to `<directory>.damaged/` (process 0), so
-        that new saves of those steps can happen and nothing damaged is deleted."""
-        if not steps:
+        that new saves of those steps can happen and nothing damaged is deleted; one
+        warning line per step."""
+        if not damaged:
             return
         if jax.process_index() == 0:
             aside = epath.Path(self.directory + ".damaged")
             aside.mkdir(parents=True, exist_ok=True)
-            for step in steps:
+            for step, why in damaged:
                 dest = aside / str(step)
                 if dest.exists():
                     dest = aside / f"{step}-{uuid.uuid4().hex[:8]}"
                 (epath.Path(self.directory) / str(step)).rename(dest)
-                say(f"moved the damaged checkpoint step {step} to {dest}")
+                say(f"warning: checkpoint step {step} in {self.directory} is damaged and "
+                    f"skipped ({why}); moved it to {dest}")
         if jax.process_count() > 1:
             from jax.experimental import multihost_utils
 
@@ -178,13 +319,33 @@ class Checkpointer:
         self.manager.reload()
 
     def wait(self) -> None:
-        """Block until pending saves are on disk."""
-        self.manager.wait_until_finished()
+        """Block until pending saves are on disk. Raises CheckpointWriteError when one
+        failed; after that, quiet (the failure is reported once)."""
+        try:
+            self.manager.wait_until_finished()
+        except Exception as e:  # noqa: BLE001 - orbax/tensorstore fail in many types
+            if self._failed:
+                return
+            raise self._write_error(self._pending, e) from None
+        self._pending = None
 
     def close(self) -> None:
-        """Wait for pending saves, then release the manager."""
-        self.manager.wait_until_finished()
-        self.manager.close()
+        """Wait for pending saves, then release the manager (a failed save raises
+        CheckpointWriteError, once)."""
+        try:
+            self.wait()
+        finally:
+            try:
+                self.manager.close()
+            except Exception:  # noqa: BLE001 - its failure was reported by wait()
+                if not self._failed:
+                    raise
+            finally:
+                # After a failed save, orbax's threads go on failing (and logging) after
+                # the manager is closed: their noise stays filtered.
+                if self._open and not self._failed:
+                    self._open = False
+                    _LibraryNoise.release()
 
 
 def abstract_like(tree: Any) -> Any:

@@ -1,32 +1,35 @@
 """`run(config, workdir)`: the training loop.
 
-Order of things: check the config, build the mesh, load or build the model, make
-the data pipeline, build the optimiser and the jitted step, restore the latest
-checkpoint of the workdir if there is one (params, optimiser, step and data
-position), then train. Everything that can be wrong with the input fails before
-anything is compiled.
+Order of things: check the workdir (writable, not a file, not in use by another
+trainer), check the config, build the mesh, load or build the model, make the data
+pipeline, build the optimiser and the jitted step, take the workdir lock, restore
+the latest checkpoint of the workdir if there is one (params, optimiser, step and
+data position), then train. Everything that can be wrong with the input fails
+before anything is compiled.
 
 The train step is compiled ahead of the first step (a "compiling" line, with the
-time it took). Each update's metrics are fetched once its outputs are ready and
-checked for NaN/inf before any checkpoint that contains that update is written: a
-non-finite loss stops the run with the step and the component, and leaves the last
-good checkpoint as the latest. A step's logged time runs from the end of the previous
-step to the end of its own (update, checkpoint, reward page), so the step times add
-up to the loop's wall time.
+time it took), on a helper thread so that Ctrl-C stops the wait (`signals`). Each
+update's metrics are fetched once its outputs are ready and checked for NaN/inf
+before any checkpoint that contains that update is written: a non-finite loss stops
+the run with the step and the component, and leaves the last good checkpoint as the
+latest. A step's logged time runs from the end of the previous step to the end of
+its own (update, checkpoint, reward page), so the step times add up to the loop's
+wall time.
 
-Workdir layout: `checkpoints/<step>/`, `metrics.jsonl`, `tb/`, `reward_pages/`,
-`config.json`.
+Workdir layout: `train.lock` (while a trainer runs), `checkpoints/<step>/`,
+`metrics.jsonl`, `tb/`, `reward_pages/`, `config.json`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import os
-import signal
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import jax
@@ -38,7 +41,14 @@ from quietstar_jax.loss import quietstar_details
 from quietstar_jax.model import ModelConfig, Params
 from quietstar_jax.thoughts import ThoughtConfig
 from quietstar_jax.train import reward_page
-from quietstar_jax.train.checkpoint import Checkpointer, CheckpointError, checkpoints_dir
+from quietstar_jax.train.checkpoint import (
+    Checkpointer,
+    CheckpointError,
+    CheckpointWriteError,
+    checkpoints_dir,
+    intact_steps,
+    is_disk_full,
+)
 from quietstar_jax.train.config import (
     ConfigError,
     n_ahead_at,
@@ -56,6 +66,14 @@ from quietstar_jax.train.metrics import (
     to_python,
 )
 from quietstar_jax.train.model_setup import LoadedModel, count_params, load_model
+from quietstar_jax.train.signals import (
+    CompileAbandoned,
+    Interrupted,
+    StopRequest,
+    compile_in_background,
+    compile_running,
+    signal_name,
+)
 from quietstar_jax.train.step import (
     TrainState,
     abstract_state,
@@ -65,6 +83,7 @@ from quietstar_jax.train.step import (
     state_shardings,
 )
 from quietstar_jax.train.tokenizer import TextTokenizer, token_pieces
+from quietstar_jax.train.workdir import WorkdirBusy, WorkdirLock, check_workdir
 
 logger = logging.getLogger(__name__)
 
@@ -80,35 +99,11 @@ class ExportError(OSError):
     trained checkpoint is saved."""
 
 
-class _StopFlag:
-    """Set by SIGTERM (preemption): the loop saves a checkpoint and returns."""
+@dataclass
+class _Stage:
+    """What the run is doing, for the line a Ctrl-C leaves."""
 
-    def __init__(self) -> None:
-        self.requested = False
-        self._previous: Any = None
-
-    def install(self) -> None:
-        try:
-            self._previous = signal.signal(signal.SIGTERM, self._handle)
-        except ValueError:  # not the main thread: no handler, no preemption support
-            self._previous = None
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        self.requested = True
-
-    def uninstall(self) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
-            self._previous = None
-
-    def agreed(self) -> bool:
-        """Whether any process was asked to stop (all processes take the same answer)."""
-        if jax.process_count() == 1:
-            return self.requested
-        from jax.experimental import multihost_utils
-
-        flags = multihost_utils.process_allgather(np.int32(self.requested))
-        return bool(np.any(flags))
+    now: str = "setting up"
 
 
 def _one_line(e: BaseException) -> str:
@@ -254,37 +249,133 @@ def run(
 
     on_step: called with the step number after each update's outputs are ready (tests
       use it to send SIGTERM at a chosen step).
-    Returns a summary: `start_step`, `final_step`, `preempted`, `history` (one dict
-    per update: every metric as Python numbers, `step`, `batch_hash`), `checkpoints`
-    (steps on disk), `reward_pages`, `wall_time_s`, `compile_time_s`, `num_params`,
-    `workdir`, `final_state` (the TrainState after the last update).
+    Holds `<workdir>/train.lock` while it runs (a second trainer on the workdir is a
+    SetupError naming the first). SIGTERM or SIGINT during the loop: the update in
+    flight finishes, a checkpoint is saved and the summary says `preempted` and
+    `stop_signal` ("SIGTERM"/"SIGINT"); a workdir already at `num_steps` is said in one
+    line and nothing is written.
+    Returns a summary: `start_step`, `final_step`, `preempted`, `stop_signal`,
+    `history` (one dict per update: every metric as Python numbers, `step`,
+    `batch_hash`), `checkpoints` (steps on disk), `reward_pages`, `wall_time_s`,
+    `compile_time_s`, `num_params`, `workdir`, `final_state` (the TrainState after
+    the last update).
     Raises SetupError for bad input (before compiling), FloatingPointError when a
-    loss component is not finite (naming step and component), and ExportError when
+    loss component is not finite (naming step and component), CheckpointWriteError
+    when a checkpoint cannot be written (e.g. a full disk), ExportError when
     `export_hf_dir`, new or empty when checked before training, is not empty when the
-    export comes (the trained state is checkpointed first).
+    export comes (the trained state is checkpointed first), and `signals.Interrupted`
+    (a KeyboardInterrupt) for a Ctrl-C while setting up or compiling, or a second one.
     """
     t_start = time.time()
     workdir = os.path.abspath(workdir)
-    if config.get("compilation_cache_dir"):
-        _enable_compilation_cache(config.compilation_cache_dir)
-    setup = _Setup(config, workdir)
-    ckpt = Checkpointer(checkpoints_dir(workdir),
-                        max_to_keep=config.keep_checkpoints,
-                        async_save=config.async_checkpointing)
+    lead = jax.process_index() == 0
     try:
-        # The mesh is active while steps are traced, so the activation constraints
-        # (sharding.constrain) keep large intermediates split instead of replicated.
-        with sharding.use_mesh(setup.mesh):
-            return _train(config, workdir, setup, ckpt, on_step, t_start)
-    finally:
+        check_workdir(workdir)
+    except ValueError as e:
+        raise SetupError(str(e)) from None
+    lock = WorkdirLock(workdir)
+    stage = _Stage()
+    try:
+        if lead and jax.process_count() == 1:
+            try:  # a busy workdir is said before the model is loaded
+                lock.check_free()
+            except WorkdirBusy as e:
+                raise SetupError(str(e)) from None
+        if config.get("compilation_cache_dir"):
+            _enable_compilation_cache(config.compilation_cache_dir)
+        setup = _Setup(config, workdir)
+        note = _take_lock(lock, lead, workdir)
+        try:
+            ckpt = Checkpointer(checkpoints_dir(workdir),
+                                max_to_keep=config.keep_checkpoints,
+                                async_save=config.async_checkpointing)
+        except OSError as e:
+            raise SetupError(f"cannot create the checkpoint directory "
+                             f"{checkpoints_dir(workdir)} ({e.strerror or _one_line(e)})") from None
+        try:
+            # The mesh is active while steps are traced, so the activation constraints
+            # (sharding.constrain) keep large intermediates split instead of replicated.
+            with sharding.use_mesh(setup.mesh):
+                summary = _train(config, workdir, setup, ckpt, on_step, t_start, note, stage)
+        except BaseException:
+            with contextlib.suppress(Exception):  # the error in flight is the one to report
+                ckpt.close()
+            raise
         ckpt.close()
+        return summary
+    except Interrupted:
+        raise
+    except KeyboardInterrupt:
+        raise _interrupted(stage.now, workdir) from None
+    except CheckpointWriteError:
+        raise
+    except OSError as e:
+        if not is_disk_full(e):
+            raise
+        raise CheckpointWriteError(
+            f"no space left on {workdir} while writing {e.filename or 'the run'}; "
+            f"{_last_intact(workdir)}") from None
+    finally:
+        lock.release()
+
+
+def _last_intact(workdir: str) -> str:
+    steps = intact_steps(checkpoints_dir(workdir))
+    return f"the last intact step is {steps[-1]}" if steps else "there is no intact step yet"
+
+
+def _interrupted(stage: str, workdir: str) -> Interrupted:
+    """The one line of a run stopped by Ctrl-C without saving."""
+    steps = intact_steps(checkpoints_dir(workdir))
+    last = (f"the last checkpoint is step {steps[-1]} in {checkpoints_dir(workdir)}"
+            if steps else "no checkpoint was written")
+    return Interrupted(f"interrupted while {stage}: stopped without saving; {last}",
+                       compile_abandoned=compile_running())
+
+
+def _take_lock(lock: WorkdirLock, lead: bool, workdir: str) -> str | None:
+    """Process 0 takes the workdir lock (creating the workdir); every process stops
+    with one line when it could not. Returns the stale-lock note, if any."""
+    error, note = None, None
+    if lead:
+        try:
+            note = lock.acquire()
+        except WorkdirBusy as e:
+            error = str(e)
+        except OSError as e:
+            error = (f"workdir {workdir} cannot be written ({e.strerror or _one_line(e)}: "
+                     f"{e.filename or lock.path})")
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        ok = multihost_utils.process_allgather(np.int32(error is None))
+        if error is None and not np.all(ok):
+            error = f"process 0 could not take the lock of workdir {workdir} (see its error)"
+    if error:
+        raise SetupError(error)
+    return note
 
 
 def _train(config: ConfigDict, workdir: str, setup: _Setup, ckpt: Checkpointer,
-           on_step: Callable[[int], None] | None, t_start: float) -> dict[str, Any]:
+           on_step: Callable[[int], None] | None, t_start: float, note: str | None,
+           stage: _Stage) -> dict[str, Any]:
     lead = setup.process_index == 0
     num_params = count_params(setup.model.params)
     start_step, state = _resume(setup, ckpt)
+    summary: dict[str, Any] = {
+        "start_step": start_step, "final_step": start_step, "preempted": False,
+        "stop_signal": None, "history": [], "checkpoints": ckpt.all_steps(),
+        "reward_pages": [], "wall_time_s": 0.0, "compile_time_s": None,
+        "num_params": num_params, "workdir": workdir}
+    if start_step >= config.num_steps:  # finished: say so, write nothing
+        if lead:
+            if note:
+                logger.info(note)
+            logger.info(f"already at step {start_step}; nothing to do (config.num_steps="
+                        f"{config.num_steps}, workdir {workdir})")
+        summary["wall_time_s"] = time.time() - t_start
+        summary["final_state"] = state
+        return summary
     if lead:
         os.makedirs(workdir, exist_ok=True)
         with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
@@ -298,6 +389,8 @@ def _train(config: ConfigDict, workdir: str, setup: _Setup, ckpt: Checkpointer,
         if lead:
             (bar.write if config.progress_bar else logger.info)(line)
 
+    if note:
+        say(note)
     say(f"quietstar: {num_params:,} params, {jax.device_count()} devices, mesh "
         f"{dict(setup.mesh.shape)}, {len(setup.source):,} documents, "
         + (f"resuming from step {start_step}" if start_step else "starting at step 0")
@@ -309,6 +402,10 @@ def _train(config: ConfigDict, workdir: str, setup: _Setup, ckpt: Checkpointer,
 
     compiled: dict[int, Callable[..., Any]] = {}
     compile_time = None
+    stop = StopRequest()
+    # A stop asked for while a later step of the curriculum compiles does not wait for
+    # it (one process: the others could not agree without a collective).
+    abandon = (lambda: stop.requested) if setup.process_count == 1 else None
 
     def step_fn(s: int) -> Callable[..., Any]:
         """The compiled update starting at `s` updates done: compiled ahead of its first
@@ -317,19 +414,20 @@ def _train(config: ConfigDict, workdir: str, setup: _Setup, ckpt: Checkpointer,
         nonlocal compile_time
         n = setup.n_ahead_at(s)
         if n not in compiled:
-            compiled[n], seconds = _compile_step(setup, state, say, s)
+            before, stage.now = stage.now, "compiling the train step"
+            compiled[n], seconds = _compile_step(setup, state, say, s, abandon)
+            stage.now = before
             compile_time = seconds if compile_time is None else compile_time
         return compiled[n]
 
-    if start_step < config.num_steps:
-        step_fn(start_step)
-    stop = _StopFlag()
+    step_fn(start_step)
+    stage.now = "training"
     stop.install()
     history: list[dict[str, Any]] = []
     window: list[dict[str, Any]] = []
     pages: list[str] = []
     step = start_step
-    preempted = False
+    stopped_by: int | None = None
 
     def check(s: int, metrics: dict[str, jax.Array]) -> dict[str, Any]:
         """Fetch one update's metrics and check them (before anything is saved)."""
@@ -351,7 +449,9 @@ def _train(config: ConfigDict, workdir: str, setup: _Setup, ckpt: Checkpointer,
         if s % config.log_every == 0 or s == config.num_steps:
             logged = _window_mean(window)
             writer.write(s, logged)
-            say(f"step {s}: {format_metrics(logged)} lr={logged['lr']:.3g} "
+            # A line of several updates shows their mean, and says so.
+            span = f" (mean of steps {s - len(window) + 1}-{s})" if len(window) > 1 else ""
+            say(f"step {s}{span}: {format_metrics(logged)} lr={logged['lr']:.3g} "
                 f"grad_norm={logged['grad_norm']:.3g} tok/s={logged['tokens_per_s']:.0f}")
             window.clear()
 
@@ -359,19 +459,26 @@ def _train(config: ConfigDict, workdir: str, setup: _Setup, ckpt: Checkpointer,
     # batch, the update (timed once its outputs are ready) and the checkpoint or reward
     # page it writes, so the step times add up to the loop's wall time.
     step_start = time.time()
+    failed = True
     try:
         while step < config.num_steps:
+            try:
+                fn = step_fn(step)
+            except CompileAbandoned:  # stopped while a later n_ahead compiled
+                stopped_by = stop.signum
+                ckpt.save(step, state, setup.data.get_state())
+                break
             local = next(setup.data)
             bhash = _batch_hash(local)
-            state, metrics = step_fn(step)(state, setup.global_batch(local))
+            state, metrics = fn(state, setup.global_batch(local))
             jax.block_until_ready((state, metrics))
             step += 1
             host = check(step, metrics)
             if on_step is not None:
                 on_step(step)
-            stopping = stop.agreed()
+            stopped_by = stop.agreed()
             periodic = config.checkpoint_every and step % config.checkpoint_every == 0
-            if periodic or stopping or step == config.num_steps:
+            if periodic or stopped_by or step == config.num_steps:
                 ckpt.save(step, state, setup.data.get_state())
             if eval_rows is not None and (
                     (config.eval_every and step % config.eval_every == 0)
@@ -382,13 +489,16 @@ def _train(config: ConfigDict, workdir: str, setup: _Setup, ckpt: Checkpointer,
             now = time.time()
             log(step, host, now - step_start, bhash)
             step_start = now
-            if stopping:
-                preempted = True
-                say(f"stop requested (SIGTERM): saved step {step}, exiting")
+            if stopped_by:
                 break
-        if step == config.num_steps and not preempted and config.export_hf_dir:
+        if stopped_by:
+            ckpt.wait()  # saved before it is said
+            say(f"stopped by {signal_name(stopped_by)} after step {step}: checkpoint saved; "
+                f"run again with workdir {workdir} to resume")
+        elif step == config.num_steps and config.export_hf_dir:
             from quietstar_jax import hf
 
+            stage.now = "exporting"
             ckpt.wait()
             try:
                 hf.save_pretrained(config.export_hf_dir, state.params, setup.model.cfg,
@@ -398,23 +508,24 @@ def _train(config: ConfigDict, workdir: str, setup: _Setup, ckpt: Checkpointer,
                 raise ExportError(f"{_one_line(e)}; nothing exported (the trained step "
                                   f"{step} is saved in {checkpoints_dir(workdir)})") from None
             say(f"exported a Hugging Face checkpoint to {config.export_hf_dir}")
+        failed = False
     finally:
         stop.uninstall()
         bar.close()
-        writer.close()
-        ckpt.wait()
-    summary = {
-        "start_step": start_step,
+        # With an error in flight, closing must not replace it with another.
+        with contextlib.suppress(Exception) if failed else contextlib.nullcontext():
+            writer.close()
+            ckpt.wait()
+    summary.update({
         "final_step": step,
-        "preempted": preempted,
+        "preempted": stopped_by is not None,
+        "stop_signal": signal_name(stopped_by),
         "history": history,
         "checkpoints": ckpt.all_steps(),
         "reward_pages": pages,
         "wall_time_s": time.time() - t_start,
         "compile_time_s": compile_time,
-        "num_params": num_params,
-        "workdir": workdir,
-    }
+    })
     if lead:
         summary = _keep_earlier(os.path.join(workdir, "summary.json"), summary)
         with open(os.path.join(workdir, "summary.json"), "w", encoding="utf-8") as f:
@@ -444,9 +555,13 @@ def _keep_earlier(path: str, summary: dict[str, Any]) -> dict[str, Any]:
 
 
 def _compile_step(setup: _Setup, state: TrainState, say: Callable[[str], None],
-                  step: int) -> tuple[Callable[..., Any], float | None]:
+                  step: int, abandon: Callable[[], bool] | None = None,
+                  ) -> tuple[Callable[..., Any], float | None]:
     """(the compiled update starting at `step`, seconds it took) — compiled ahead of
-    its first use, saying so, so that no step's time holds the first compile."""
+    its first use, saying so, so that no step's time holds the first compile. Traced
+    and lowered here (under the caller's mesh), compiled on a helper thread so that a
+    Ctrl-C stops the wait at once (`signals.compile_in_background`; `abandon` raises
+    CompileAbandoned)."""
     fn = setup.train_step(step)
     lower = getattr(fn, "lower", None)
     if lower is None:  # not a jitted function (a test's stand-in)
@@ -460,7 +575,7 @@ def _compile_step(setup: _Setup, state: TrainState, say: Callable[[str], None],
     say("compiling the train step ..." if n == setup.tc.n_ahead and not setup.thought_schedule
         else f"compiling the train step (n_ahead {n}) ...")
     t0 = time.time()
-    compiled = lower(abstract, batch).compile()
+    compiled = compile_in_background(lower(abstract, batch), abandon)
     seconds = time.time() - t0
     release_freed_heap()
     say(f"compiled the train step in {seconds:.1f} s")

@@ -110,8 +110,9 @@ def format_metrics(metrics: Mapping[str, Any], names: tuple[str, ...] = SCALARS_
 
 
 class ProgressBar:
-    """A tqdm bar over the steps (with ETA) showing the latest metrics; silent when
-    disabled."""
+    """A tqdm bar over the steps (with ETA) showing the latest metrics, on stderr;
+    `write` puts a line on stdout above it (so `train.py > log` keeps the lines).
+    Silent when disabled."""
 
     def __init__(self, total: int, initial: int = 0, *, enabled: bool = True):
         self._bar = None
@@ -131,7 +132,7 @@ class ProgressBar:
 
     def write(self, line: str) -> None:
         if self._bar is not None:
-            self._bar.write(line, file=sys.stderr)
+            self._bar.write(line, file=sys.stdout)  # the bar itself stays on stderr
 
     def close(self) -> None:
         if self._bar is not None:
