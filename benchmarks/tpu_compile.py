@@ -328,9 +328,11 @@ def compile_step(config: Any, argv: list[str], topology: str, *, num_slices: int
     t1 = time.perf_counter()
     compiled = lowered.compile()
     t2 = time.perf_counter()
+    hlo = compiled.as_text()
     if hlo_path:
         with open(hlo_path, "w") as f:
-            f.write(compiled.as_text())
+            f.write(hlo)
+    from memory_plan import largest_buffers
 
     ma = compiled.memory_analysis()
     arg, out, alias, temp = (int(getattr(ma, f"{k}_size_in_bytes"))
@@ -403,6 +405,7 @@ def compile_step(config: Any, argv: list[str], topology: str, *, num_slices: int
             "tokens_per_s_per_chip": config.batch_size * seq / max(t_compute, t_memory)
             / n_chips,
         },
+        "largest_buffers": largest_buffers(hlo, 12),  # per chip, from the compiled HLO
         "libtpu": {"path": so, "version": version},
         "jax": jax.__version__,
         "source": H.source_state(),

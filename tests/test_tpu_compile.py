@@ -25,7 +25,7 @@ import tpu_compile as T  # noqa: E402  (defines no flags on import)
 # A tiny model of the default config: one layer, short thoughts, 4 x 16 tokens.
 TINY = ["--config", str(ROOT / "configs" / "default.py"), "--config.model.hidden_size=32",
         "--config.model.intermediate_size=64", "--config.model.num_layers=1",
-        "--config.model.num_heads=2", "--config.model.num_kv_heads=1",
+        "--config.model.num_heads=2", "--config.model.num_kv_heads=2",
         "--config.thought.n_ahead=4", "--config.thought.n_ahead_talk=2",
         "--config.data.seq_len=16", "--config.batch_size=4", "--config.grad_accum=2"]
 
