@@ -59,10 +59,12 @@ def main() -> None:
         with open(path) as f:
             r = json.load(f)
         mesh = tuple(r["mesh"].values())
-        groups[(r["topology"], r["num_slices"], mesh, r["micro_batch"])].append(r)
+        m = r["model"]
+        groups[(r["topology"], r["num_slices"], mesh, r["micro_batch"], m["param_dtype"],
+                m["remat"])].append(r)
 
     table = []
-    for (topo, slices, mesh, micro), rows in sorted(groups.items()):
+    for (topo, slices, mesh, micro, _, _), rows in sorted(groups.items()):
         if len({r["model"]["num_layers"] for r in rows}) < 2:
             continue
         est = extrapolate(rows, args.layers)
@@ -78,8 +80,8 @@ def main() -> None:
     # Per-sequence cost from a slice/mesh compiled at two micro-batch sizes.
     by_mesh: dict[tuple, list[dict[str, Any]]] = defaultdict(list)
     for t in table:
-        by_mesh[(t["topology"], t["num_slices"], t["mesh"])].append(t)
-    for (_, _, mesh), ts in by_mesh.items():
+        by_mesh[(t["topology"], t["num_slices"], t["mesh"], t["param_dtype"])].append(t)
+    for (_, _, mesh, _), ts in by_mesh.items():
         if len(ts) < 2:
             continue
         ts = sorted(ts, key=lambda t: t["micro_batch"])[:2]
@@ -94,23 +96,25 @@ def main() -> None:
 
     print(f"per-chip GB (1e9 bytes), {args.layers} layers extrapolated from compiles at the "
           "layer counts shown")
-    print("| slice | chips | mesh (data, fsdp, tensor) | micro-batch | from layers | arguments "
-          "| temporaries | **peak** | HBM | fits | check at a third count |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    print("| slice | chips | mesh (data, fsdp, tensor) | params | micro-batch | from layers "
+          "| arguments | temporaries | **peak** | HBM | fits | check at a third count |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for t in table:
         chk = "; ".join(f"{c['layers']} layers: line {c['predicted_peak'] / GB:.2f} vs "
                         f"compiled {c['compiled_peak'] / GB:.2f} ({100 * c['error']:+.1f} %)"
                         for c in t["checks"]) or "-"
-        print(f"| {t['topology']} | {t['chips']} | {t['mesh']} | {t['micro_batch']} "
+        print(f"| {t['topology']} | {t['chips']} | {t['mesh']} | {t['param_dtype']} "
+              f"| {t['micro_batch']} "
               f"| {t['from_layers']} | {t['argument_bytes'] / GB:.1f} "
               f"| {t['temp_bytes'] / GB:.1f} | **{t['peak_bytes'] / GB:.1f}** "
               f"| {t['hbm_bytes'] / GB:.1f} | {'yes' if t['fits'] else 'no'} | {chk} |")
     for t in table:
-        if "per_sequence_bytes" in t:
-            print(f"{t['topology']} mesh {t['mesh']}: {t['per_sequence_bytes'] / GB:.2f} GB per "
-                  f"sequence of the micro-batch at {args.layers} layers; largest micro-batch "
-                  f"that fits {t['largest_micro_batch']}")
-            break
+        if "per_sequence_bytes" in t and t["micro_batch"] == min(
+                u["micro_batch"] for u in table if u["topology"] == t["topology"]):
+            print(f"{t['topology']} mesh {t['mesh']} {t['param_dtype']} params: "
+                  f"{t['per_sequence_bytes'] / GB:.2f} GB per sequence of the micro-batch at "
+                  f"{args.layers} layers; largest micro-batch that fits "
+                  f"{t['largest_micro_batch']}")
     if args.out:
         with open(args.out, "w") as f:
             json.dump(table, f, indent=1)
