@@ -225,7 +225,7 @@ def _explicit_model_fields(argv: list[str]) -> set[str]:
 def model_config(config: Any, argv: list[str]) -> tuple[Any, str]:
     """The ModelConfig `train.py` would build for `config` (without loading weights),
     and where its shapes came from."""
-    from quietstar_jax.hf.config import model_config_from_hf, read_config
+    from quietstar_jax import hf
     from quietstar_jax.train.model_setup import inline_model_config
     from quietstar_jax.train.tokenizer import ByteTokenizer
 
@@ -234,15 +234,16 @@ def model_config(config: Any, argv: list[str]) -> tuple[Any, str]:
         return inline_model_config(m, ByteTokenizer().vocab_size), "inline config.model"
     path = m.hf_path
     if os.path.isfile(os.path.join(path, "config.json")):
-        hf, source = read_config(__import__("pathlib").Path(path))
+        hf_config, source = path, os.path.join(path, "config.json")
     else:
         key = os.path.basename(os.path.normpath(path)).lower()
         if key not in KNOWN_MODELS:
             raise ToolError(f"config.model.hf_path={path!r} has no config.json here and is "
                             f"not one of the known models ({', '.join(KNOWN_MODELS)}); "
                             "point it at a checkpoint directory (only config.json is read)")
-        hf, source = KNOWN_MODELS[key], f"published shapes of {key} (no checkpoint here)"
-    cfg = model_config_from_hf(hf, m.dtype, m.param_dtype, source=source,
+        hf_config = KNOWN_MODELS[key]
+        source = f"published shapes of {key} (no checkpoint here)"
+    cfg = hf.model_config_from_hf(hf_config, m.dtype, m.param_dtype, source=source,
                                scan_layers=m.scan_layers, remat=m.remat,
                                attention=m.attention, vocab_chunk=m.vocab_chunk)
     cfg = cfg.replace(vocab_size=cfg.vocab_size + THOUGHT_TOKENS)

@@ -152,3 +152,28 @@ def test_topology_names() -> None:
     assert T._version_matches("0.0.42.1", "libtpu==0.0.42.*")
     assert not T._version_matches("0.0.43", "libtpu==0.0.42.*")
     assert T._version_matches("0.0.42.1", "libtpu==0.0.42.1")
+
+
+def test_model_shapes_as_the_trainer_would_load_them(tmp_path: Path) -> None:
+    """A checkpoint's config.json (no weights), grown by the two thought tokens; the
+    published shapes when the checkpoint is absent; shape fields on the command line win."""
+    from quietstar_jax.train.config import base_config
+
+    config = base_config()
+    config.model.dtype, config.model.remat = "bfloat16", "full"
+    hf_config = dict(T.KNOWN_MODELS["mistral-7b-v0.1"], num_hidden_layers=3, vocab_size=1000)
+    (tmp_path / "config.json").write_text(json.dumps(hf_config))
+    config.model.hf_path = str(tmp_path)
+    cfg, source = T.model_config(config, [])
+    assert (cfg.vocab_size, cfg.num_layers, cfg.hidden_size) == (1002, 3, 4096)
+    assert cfg.dtype == "bfloat16" and cfg.remat == "full" and "config.json" in source
+
+    config.model.hf_path = str(tmp_path / "elsewhere" / "Mistral-7B-v0.1")
+    config.model.num_layers = 2
+    cfg, source = T.model_config(config, ["--config.model.num_layers=2"])
+    assert (cfg.vocab_size, cfg.num_layers, cfg.num_kv_heads) == (32002, 2, 8)
+    assert "published shapes" in source and "num_layers=2" in source
+
+    config.model.hf_path = str(tmp_path / "unknown-model")
+    with pytest.raises(T.ToolError, match="no config.json"):
+        T.model_config(config, [])
