@@ -37,6 +37,12 @@ def extrapolate(rows: list[dict[str, Any]], layers: int) -> dict[str, Any]:
     for k in KEYS:
         pts = [(r["model"]["num_layers"], r["per_chip"][k]) for r in fit]
         out[k] = _line(pts, layers)
+    # The roofline estimate's compute term (analytic FLOPs, linear in layers).
+    out["roofline_compute_s"] = _line(
+        [(r["model"]["num_layers"], r["roofline_estimate"]["compute_s"]) for r in fit], layers)
+    r0 = fit[0]
+    out["roofline_tokens_per_s_per_chip"] = (r0["batch_size"] * r0["seq_len"]
+                                             / out["roofline_compute_s"] / r0["chips"])
     out["checks"] = []
     for r in check:
         n = r["model"]["num_layers"]
@@ -97,8 +103,9 @@ def main() -> None:
     print(f"per-chip GB (1e9 bytes), {args.layers} layers extrapolated from compiles at the "
           "layer counts shown")
     print("| slice | chips | mesh (data, fsdp, tensor) | params | micro-batch | from layers "
-          "| arguments | temporaries | **peak** | HBM | fits | check at a third count |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+          "| arguments | temporaries | **peak** | HBM | fits | check at a third count "
+          "| roofline step (estimate) |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for t in table:
         chk = "; ".join(f"{c['layers']} layers: line {c['predicted_peak'] / GB:.2f} vs "
                         f"compiled {c['compiled_peak'] / GB:.2f} ({100 * c['error']:+.1f} %)"
@@ -107,7 +114,9 @@ def main() -> None:
               f"| {t['micro_batch']} "
               f"| {t['from_layers']} | {t['argument_bytes'] / GB:.1f} "
               f"| {t['temp_bytes'] / GB:.1f} | **{t['peak_bytes'] / GB:.1f}** "
-              f"| {t['hbm_bytes'] / GB:.1f} | {'yes' if t['fits'] else 'no'} | {chk} |")
+              f"| {t['hbm_bytes'] / GB:.1f} | {'yes' if t['fits'] else 'no'} | {chk} "
+              f"| {t['roofline_compute_s']:.2f} s, "
+              f"{t['roofline_tokens_per_s_per_chip']:.0f} tok/s/chip |")
     for t in table:
         if "per_sequence_bytes" in t and t["micro_batch"] == min(
                 u["micro_batch"] for u in table if u["topology"] == t["topology"]):

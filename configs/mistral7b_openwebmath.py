@@ -19,6 +19,16 @@ this step gives 52 GB per device (BENCHMARKS.md, memory plan). On 8 TPU v4 chips
 float32 masters it needs 16 chips, e.g. `--config.mesh="(1,8,2)"` (27 GB per chip).
 With more chips, raise `batch_size` so that batch_size / grad_accum stays divisible by
 data x fsdp.
+
+TPU slices, as the TPU compiler itself sizes this step (`benchmarks/tpu_compile.py`,
+32 layers extrapolated from compiles at 2 and 4; BENCHMARKS.md):
+  v5p-8 (4 chips):   --config.mesh="(1,4,1)"                  60.6 of 102 GB per chip
+                     (micro-batches up to 32 sequences by the per-sequence slope)
+  v5e-16 (16 chips): --config.mesh="(1,4,4)" --config.model.param_dtype=bfloat16
+                     at most 14.0 of 17.2 GB (float32 masters: 17.5, does not fit)
+  v4-8 (4 chips):    none fits (39.5 of 34.4 GB with bfloat16 params, mesh (1,4,1));
+                     use a v4-16 or larger
+  v5p-32 (16 chips): --config.mesh="(1,4,4)" (not compiled; v5p-8's chips, 4x as many)
 """
 
 from quietstar_jax.train.config import base_config
