@@ -2,8 +2,9 @@
 
 Every number is the authors' released code's: AdamW at 1e-6, weight decay 0.001,
 20 warm-up steps then linear decay, clipping at 1.0, 8 sequences per step in 2
-micro-batches of 4 (each sequence thinks twice), sequences of 256 tokens, 12-token
-thoughts (10 sampled) scored on 4 true tokens, bfloat16 compute.
+micro-batches of 4 (each sequence thinks twice), sequences of 256 tokens, n_ahead 12
+(start, 9 sampled tokens, end; n_ahead also counts the base step), each thought scored
+on 4 true tokens, bfloat16 compute.
 
 Needs a local Hugging Face checkpoint (e.g. `huggingface-cli download
 mistralai/Mistral-7B-v0.1 --local-dir checkpoints/Mistral-7B-v0.1`; give another
@@ -13,10 +14,10 @@ path with `--config.model.hf_path`) and the `datasets` package for
 
 Sized for one host with 8 GPUs of 80 GB: float32 master weights and Adam moments are
 sharded over 4-way FSDP x 2-way tensor parallelism (`--config.mesh="(1,4,2)"`); each
-micro-batch of 4 sequences splits over the 4 FSDP groups. XLA's memory analysis of
-this step gives 52 GB per device (BENCHMARKS.md, memory plan). On 8 TPU v4 chips
-(32 GiB) it fits with `--config.model.param_dtype=bfloat16` (31 GB per chip); with
-float32 masters it needs 16 chips, e.g. `--config.mesh="(1,8,2)"` (27 GB per chip).
+micro-batch of 4 sequences splits over the 4 FSDP groups. The CPU compiler's memory
+plan of one micro-batch gives 21.7 GB per device (18.9 GB with bfloat16 params;
+BENCHMARKS.md, memory plan); the TPU compiler's figures, for the whole step with its
+2-micro-batch accumulation, are below.
 With more chips, raise `batch_size` so that batch_size / grad_accum stays divisible by
 data x fsdp.
 
