@@ -203,3 +203,24 @@ def test_non_finite_loss_names_step_and_component():
     with pytest.raises(FloatingPointError, match=r"nll_talk\[1\]"):
         check_finite(metrics, 3)
     check_finite({"loss": 1.0, "nll_base": 1.0}, 0)
+
+
+def test_reinforce_off_leaves_only_the_nll_gradient():
+    """policy_loss_beta = 0 (the experiment's REINFORCE-off arm): the gradient is the
+    NLL term's alone, though the policy loss itself has a non-zero gradient."""
+    cfg, params = tiny(zero_head=False)
+    ids, mask = batch()
+    key = jax.random.key(5)
+
+    def part(p, tc, name):
+        loss, metrics = quietstar_loss(p, cfg, tc, ids, mask, key)
+        return loss if name == "loss" else metrics[name]
+
+    grad = jax.jit(jax.grad(part), static_argnums=(1, 2))
+    off = TC.replace(policy_loss_beta=0.0)
+    g_off, g_nll = grad(params, off, "loss"), grad(params, off, "nll_loss")
+    g_policy = grad(params, TC, "policy_loss")
+    for a, b in zip(jax.tree.leaves(g_off), jax.tree.leaves(g_nll), strict=True):
+        np.testing.assert_allclose(np.asarray(a), TC.base_loss_beta * np.asarray(b),
+                                   rtol=1e-6, atol=1e-9)
+    assert max(float(jnp.abs(x).max()) for x in jax.tree.leaves(g_policy)) > 1e-6
