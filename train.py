@@ -14,12 +14,19 @@ Ctrl-C. Library log records and tracebacks (orbax's) only with `--verbosity=0`.
 
 from __future__ import annotations
 
+import gc
 import os
 import re
 import sys
+import warnings
 
 from absl import app, flags, logging
 from ml_collections import config_flags
+
+# A failed checkpoint save (e.g. a full disk) abandons orbax's write coroutines; when
+# they are collected Python reports each as "never awaited", after the one-line error.
+warnings.filterwarnings("ignore", message=r"coroutine 'async_serialize_from_host",
+                        category=RuntimeWarning)
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -139,6 +146,7 @@ def _main(argv: list[str]) -> None:
     except FloatingPointError as e:
         _fail(f"{e}; stopped without checkpointing it (the last good checkpoint is kept)")
     except CheckpointWriteError as e:
+        gc.collect()  # orbax's abandoned writes, while the filter below still holds
         sys.stderr.write(f"train.py: error: {e}\n")
         sys.exit(1)
     history = summary["history"]
