@@ -333,6 +333,7 @@ def compile_step(config: Any, argv: list[str], topology: str, *, num_slices: int
     if hlo_path:
         with open(hlo_path, "w") as f:
             f.write(hlo)
+    from hlo_report import hlo_report
     from memory_plan import largest_buffers
 
     ma = compiled.memory_analysis()
@@ -407,6 +408,8 @@ def compile_step(config: Any, argv: list[str], topology: str, *, num_slices: int
             / n_chips,
         },
         "largest_buffers": largest_buffers(hlo, 12),  # per chip, from the compiled HLO
+        # upcasts, collectives and large results by named scope (benchmarks/hlo_report.py)
+        "hlo_report": hlo_report(hlo),
         "libtpu": {"path": so, "version": version},
         "jax": jax.__version__,
         "source": H.source_state(),
@@ -443,6 +446,13 @@ def report_lines(r: dict[str, Any]) -> list[str]:
         f" TFLOP/s; memory >= {rf['memory_s_lower_bound']:.3f} s; step >= {rf['step_s']:.2f} s,"
         f" <= {rf['tokens_per_s_per_chip']:.0f} tokens/s per chip",
     ]
+    if "hlo_report" in r:
+        hr = r["hlo_report"]
+        coll = ", ".join(f"{k} {v['count']} ({v['total_bytes'] / GB:.2f} GB)"
+                         for k, v in hr["collectives"].items()) or "none"
+        lines.append(f"HLO (results >= 1 MiB): {hr['upcasts']['count']} bf16->f32 converts "
+                     f"({hr['upcasts']['total_bytes'] / GB:.2f} GB); collectives: {coll}; "
+                     f"custom calls: {hr['custom_calls'] or 'none'}")
     return lines
 
 

@@ -469,37 +469,38 @@ class Attention(nnx.Module):
     ) -> tuple[jax.Array, jax.Array, jax.Array]:
         """x `[batch, t, hidden]` (normed) -> (output projection `[batch, t, hidden]`,
         the new keys and values `[batch, t, kv_heads, head_dim]`). See `DecoderLayer`."""
-        cfg = self.cfg
-        dt = cfg.compute_dtype
-        q = dense(x, _compute(self.q, cfg))
-        k = dense(x, _compute(self.k, cfg))
-        v = dense(x, _compute(self.v, cfg))
-        if cfg.attention_bias:
-            q = q + self.q_bias[...].astype(dt)
-            k = k + self.k_bias[...].astype(dt)
-            v = v + self.v_bias[...].astype(dt)
-        q = constrain(apply_rope(q, rope_tabs), ("batch", "seq", "heads", "head_dim"))
-        k = constrain(apply_rope(k, rope_tabs), KV_AXES)
-        v = constrain(v, KV_AXES)
-        if isinstance(self_mask, FusedCausal):
-            a = fused_causal_attention(q, k, v, self_mask.key_lengths, cfg.sliding_window)
-        elif ctx is None and own is None:
-            a = attend(q, (k, v, self_mask), None)
-        else:
-            if ctx is not None:
-                ctx = (ctx[0].astype(dt), ctx[1].astype(dt), ctx[2])
-            ks, vs, om = own
-            if om.ndim == 3:
-                new_k, new_v = [k], [v]
-            else:  # a block of `group` queries per position, group-major
-                grp = om.shape[2]
-                kb = k.reshape(k.shape[0], grp, -1, *k.shape[2:])
-                vb = v.reshape(v.shape[0], grp, -1, *v.shape[2:])
-                new_k, new_v = [kb[:, i] for i in range(grp)], [vb[:, i] for i in range(grp)]
-            own = ([*(x.astype(dt) for x in ks), *new_k], [*(x.astype(dt) for x in vs), *new_v],
-                   om)
-            a = attend(q, ctx, own)
-        return dense(a, _compute(self.o, cfg), 2), k, v
+        with jax.named_scope("attention"):
+            cfg = self.cfg
+            dt = cfg.compute_dtype
+            q = dense(x, _compute(self.q, cfg))
+            k = dense(x, _compute(self.k, cfg))
+            v = dense(x, _compute(self.v, cfg))
+            if cfg.attention_bias:
+                q = q + self.q_bias[...].astype(dt)
+                k = k + self.k_bias[...].astype(dt)
+                v = v + self.v_bias[...].astype(dt)
+            q = constrain(apply_rope(q, rope_tabs), ("batch", "seq", "heads", "head_dim"))
+            k = constrain(apply_rope(k, rope_tabs), KV_AXES)
+            v = constrain(v, KV_AXES)
+            if isinstance(self_mask, FusedCausal):
+                a = fused_causal_attention(q, k, v, self_mask.key_lengths, cfg.sliding_window)
+            elif ctx is None and own is None:
+                a = attend(q, (k, v, self_mask), None)
+            else:
+                if ctx is not None:
+                    ctx = (ctx[0].astype(dt), ctx[1].astype(dt), ctx[2])
+                ks, vs, om = own
+                if om.ndim == 3:
+                    new_k, new_v = [k], [v]
+                else:  # a block of `group` queries per position, group-major
+                    grp = om.shape[2]
+                    kb = k.reshape(k.shape[0], grp, -1, *k.shape[2:])
+                    vb = v.reshape(v.shape[0], grp, -1, *v.shape[2:])
+                    new_k, new_v = [kb[:, i] for i in range(grp)], [vb[:, i] for i in range(grp)]
+                own = ([*(x.astype(dt) for x in ks), *new_k], [*(x.astype(dt) for x in vs), *new_v],
+                       om)
+                a = attend(q, ctx, own)
+            return dense(a, _compute(self.o, cfg), 2), k, v
 
     __call__ = attention
 
@@ -518,11 +519,12 @@ class MLP(nnx.Module):
     def mlp(self, x: jax.Array) -> jax.Array:
         """x `[batch, t, hidden]` (normed) -> `[batch, t, hidden]`. The gate and up
         projections are named for the "mlp" remat policy."""
-        cfg = self.cfg
-        g = checkpoint_name(dense(x, _compute(self.gate, cfg)), "mlp_gate")
-        u = checkpoint_name(dense(x, _compute(self.up, cfg)), "mlp_up")
-        g, u = constrain(g, ("batch", "seq", "mlp")), constrain(u, ("batch", "seq", "mlp"))
-        return dense(jax.nn.silu(g) * u, _compute(self.down, cfg))
+        with jax.named_scope("mlp"):
+            cfg = self.cfg
+            g = checkpoint_name(dense(x, _compute(self.gate, cfg)), "mlp_gate")
+            u = checkpoint_name(dense(x, _compute(self.up, cfg)), "mlp_up")
+            g, u = constrain(g, ("batch", "seq", "mlp")), constrain(u, ("batch", "seq", "mlp"))
+            return dense(jax.nn.silu(g) * u, _compute(self.down, cfg))
 
     __call__ = mlp
 

@@ -261,12 +261,13 @@ def lse_and_picked(
 
     h: `[..., H]` (compute dtype); w: `[H, V]`; ids: int `[...]` in `[0, V)`.
     """
-    hf, lead = _flat(h)
-    w, vocab_major = _raw(w)
-    spec = _spec(w, chunk_size, scale, masked_ids, dtype or h.dtype, hf.shape[0],
-                 vocab_major)
-    lse, picked = _lse_pick(hf.astype(spec.dtype), w, ids.reshape(-1).astype(jnp.int32), spec)
-    return lse.reshape(lead), picked.reshape(lead)
+    with jax.named_scope("vocab"):
+        hf, lead = _flat(h)
+        w, vocab_major = _raw(w)
+        spec = _spec(w, chunk_size, scale, masked_ids, dtype or h.dtype, hf.shape[0],
+                     vocab_major)
+        lse, picked = _lse_pick(hf.astype(spec.dtype), w, ids.reshape(-1).astype(jnp.int32), spec)
+        return lse.reshape(lead), picked.reshape(lead)
 
 
 def token_nll(
@@ -443,15 +444,16 @@ def draw(
     token axis is left to the map's sharding (not pinned as a batch of one)."""
     if key is None and not greedy:
         raise ValueError("vocab.draw/sample needs a key unless greedy=True")
-    hf, lead = _flat(h)
-    w, vocab_major = _raw(w)
-    spec = _spec(w, chunk_size, 1.0 / logp_temperature, masked_ids, dtype or h.dtype,
-                 hf.shape[0] if n_tokens is None else n_tokens, vocab_major,
-                 mapped=n_tokens is not None and n_tokens != hf.shape[0])
-    tok, picked, lse = _sample_pass(
-        jax.lax.stop_gradient(hf.astype(spec.dtype)), jax.lax.stop_gradient(w), key, spec,
-        sample_temperature, greedy)
-    return Draw(tok.reshape(lead), picked.reshape(lead), lse.reshape(lead))
+    with jax.named_scope("vocab"):
+        hf, lead = _flat(h)
+        w, vocab_major = _raw(w)
+        spec = _spec(w, chunk_size, 1.0 / logp_temperature, masked_ids, dtype or h.dtype,
+                     hf.shape[0] if n_tokens is None else n_tokens, vocab_major,
+                     mapped=n_tokens is not None and n_tokens != hf.shape[0])
+        tok, picked, lse = _sample_pass(
+            jax.lax.stop_gradient(hf.astype(spec.dtype)), jax.lax.stop_gradient(w), key, spec,
+            sample_temperature, greedy)
+        return Draw(tok.reshape(lead), picked.reshape(lead), lse.reshape(lead))
 
 
 def logp_of_draws(
@@ -469,13 +471,14 @@ def logp_of_draws(
     by `draw` from the same h, w and settings: its value needs no vocabulary pass. A draw made
     with another chunk size or stack is fine (the statistics do not depend on them).
     Draws of several steps can be stacked into one call (one backward pass)."""
-    hf, lead = _flat(h)
-    w, vocab_major = _raw(w)
-    spec = _spec(w, chunk_size, 1.0 / logp_temperature, masked_ids, dtype or h.dtype,
-                 hf.shape[0], vocab_major)
-    logp = _logp_of_drawn(hf.astype(spec.dtype), w, d.tok.reshape(-1), d.picked.reshape(-1),
-                          d.lse.reshape(-1), spec)
-    return logp.reshape(lead)
+    with jax.named_scope("vocab"):
+        hf, lead = _flat(h)
+        w, vocab_major = _raw(w)
+        spec = _spec(w, chunk_size, 1.0 / logp_temperature, masked_ids, dtype or h.dtype,
+                     hf.shape[0], vocab_major)
+        logp = _logp_of_drawn(hf.astype(spec.dtype), w, d.tok.reshape(-1), d.picked.reshape(-1),
+                              d.lse.reshape(-1), spec)
+        return logp.reshape(lead)
 
 
 def sample_with_logp(

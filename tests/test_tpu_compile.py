@@ -88,6 +88,12 @@ def test_tiny_step_compiles_and_does_not_fit_a_smaller_budget(tmp_path: Path) ->
     rf = r["roofline_estimate"]
     assert "estimate" in rf["note"] and rf["step_s"] >= rf["compute_s"] > 0
     assert rf["chip_peak_bf16_flops"] == 197e12
+    # The HLO summary (tests/test_hlo_report.py checks its figures): FSDP over 2 chips
+    # makes the partitioner gather the weights.
+    hr = r["hlo_report"]
+    assert {"upcasts", "collectives", "scopes", "custom_calls"} <= set(hr)
+    assert hr["collectives"], hr
+    assert "HLO (results >= 1 MiB)" in p.stdout
 
 
 def test_cost_analysis_counts_a_loop_body_once() -> None:
