@@ -16,12 +16,27 @@ if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {_FAST_COMPILE}".strip()
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-# Data and fixtures live next to the repository, never inside it.
+# The project's data folder next to the repository (large files stay there) ...
 SHARED = REPO_ROOT.parent / "shared"
+# ... and the small files a clone needs to check the parity claims, bundled
+# (tests/fixtures/PROVENANCE.md): `shared_path` parts -> the bundled copy.
+FIXTURES = REPO_ROOT / "tests" / "fixtures"
+BUNDLED = {
+    ("fixtures", "qs_reference"): FIXTURES / "qs_reference",
+    ("data", "stories260K-hf"): FIXTURES / "stories260K-hf",
+    ("data", "stories260K", "reference_outputs.json"):
+        FIXTURES / "stories260K" / "reference_outputs.json",
+}
 
 
 def shared_path(*parts: str) -> Path:
-    """A path under `../shared`; skips the calling test when it is absent."""
+    """The bundled copy of `../shared/<parts>` if the repository has one (BUNDLED), else
+    the path under `../shared`; skips the calling test when neither exists."""
+    for prefix, bundled in BUNDLED.items():
+        if parts[:len(prefix)] == prefix:
+            path = bundled.joinpath(*parts[len(prefix):])
+            if path.exists():
+                return path
     path = SHARED.joinpath(*parts)
     if not path.exists():
         pytest.skip(f"shared data {path} is not available (expected the project's shared/ "
