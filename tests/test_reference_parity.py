@@ -1,8 +1,9 @@
 """Parity with the authors' PyTorch Quiet-STaR code on their tiny Mistral.
 
-`tests/fixtures/qs_reference` (a copy of `../shared/fixtures/qs_reference`) holds the weights in the authors' checkpoint layout,
-inputs, and every number their code computed (losses per step and per token, rewards,
-log-likelihoods of the sampled thought tokens, fed tokens, gradients).
+`tests/fixtures/qs_reference` (a copy of `../shared/fixtures/qs_reference`) holds the
+weights in the authors' checkpoint layout, inputs, and every number their code computed
+(losses per step and per token, rewards, log-likelihoods of the sampled thought tokens,
+fed tokens, gradients).
 """
 
 from __future__ import annotations
