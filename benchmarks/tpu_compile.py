@@ -319,7 +319,9 @@ def compile_step(config: Any, argv: list[str], topology: str, *, num_slices: int
     st_sh = state_shardings(mesh, optimizer, abstract_params, p_sh)
     b_sh = sharding.batch_sharding(mesh)
     step = make_train_step(cfg, tc, optimizer, schedule=schedule,
-                           grad_accum=config.grad_accum, seed=config.seed, mesh=mesh,
+                           grad_accum=config.grad_accum,
+                           grad_accum_dtype=config.get("grad_accum_dtype", "float32"),
+                           seed=config.seed, mesh=mesh,
                            state_sharding=st_sh, batch_sharding=b_sh)
     state = abstract_state(optimizer, abstract_params, st_sh)
     ids = jax.ShapeDtypeStruct((config.batch_size, seq), jnp.int32, sharding=b_sh)
@@ -377,6 +379,7 @@ def compile_step(config: Any, argv: list[str], topology: str, *, num_slices: int
         "thought": {"n_ahead": tc.n_ahead, "n_ahead_talk": tc.n_ahead_talk,
                     "n_passes": tc.n_passes},
         "batch_size": config.batch_size, "grad_accum": config.grad_accum,
+        "grad_accum_dtype": config.get("grad_accum_dtype", "float32"),
         "micro_batch": config.batch_size // config.grad_accum, "seq_len": seq,
         "per_chip": {
             "argument_bytes": arg, "output_bytes": out, "alias_bytes": alias,

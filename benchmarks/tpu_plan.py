@@ -1,14 +1,15 @@
 """The full-model TPU memory table from `benchmarks/tpu_compile.py`'s JSON files.
 
-    python benchmarks/tpu_plan.py benchmarks/results/tpu_compile/*.json --layers 32
+    python benchmarks/tpu_plan.py benchmarks/results/tpu_compile/mistral7b_*.json --layers 32
 
-Groups the compiles by slice, mesh and micro-batch; fits per-chip bytes = a + b * layers
-through the two smallest layer counts of each group and extrapolates to `--layers`;
-where a group has a third layer count, prints the fit's error there (the check that the
-per-layer slope extrapolates). Where one slice and mesh has compiles at two micro-batch
-sizes (at the same two layer counts), fits peak = a + b*L + c*m + d*L*m and gives the
-per-sequence cost at `--layers` and the largest micro-batch that fits (a multiple of
-data x fsdp). Prints a markdown table and writes it as JSON (`--out`).
+Groups the compiles by slice, mesh, micro-batch and accumulation count; fits per-chip
+bytes = a + b * layers through the two smallest layer counts of each group and
+extrapolates to `--layers`; where a group has a third layer count, prints the fit's
+error there (the check that the per-layer slope extrapolates). Where one slice and mesh
+has compiles at two micro-batch sizes (at the same two layer counts), fits peak = a +
+b*L + c*m + d*L*m and gives the per-sequence cost at `--layers` and the largest
+micro-batch that fits (a multiple of data x fsdp). Prints a markdown table and writes
+it as JSON (`--out`).
 """
 
 from __future__ import annotations
@@ -66,18 +67,19 @@ def main() -> None:
             r = json.load(f)
         mesh = tuple(r["mesh"].values())
         m = r["model"]
-        groups[(r["topology"], r["num_slices"], mesh, r["micro_batch"], m["param_dtype"],
-                m["remat"])].append(r)
+        groups[(r["topology"], r["num_slices"], mesh, r["micro_batch"], r["grad_accum"],
+                m["param_dtype"], m["remat"])].append(r)
 
     table = []
-    for (topo, slices, mesh, micro, _, _), rows in sorted(groups.items()):
+    for (topo, slices, mesh, micro, accum, _, _), rows in sorted(groups.items()):
         if len({r["model"]["num_layers"] for r in rows}) < 2:
             continue
         est = extrapolate(rows, args.layers)
         r0 = rows[0]
         hbm = r0["per_chip"].get("chip_hbm_gib", r0["per_chip"]["hbm_gib"]) * 2**30
         table.append({"topology": topo, "num_slices": slices, "chips": r0["chips"],
-                      "mesh": mesh, "micro_batch": micro, "layers": args.layers,
+                      "mesh": mesh, "micro_batch": micro, "grad_accum": accum,
+                      "layers": args.layers,
                       "hbm_bytes": hbm, "fits": est["peak_bytes"] <= hbm,
                       "compile_s": [round(r["compile_s"]) for r in rows],
                       "param_dtype": r0["model"]["param_dtype"],
@@ -86,8 +88,9 @@ def main() -> None:
     # Per-sequence cost from a slice/mesh compiled at two micro-batch sizes.
     by_mesh: dict[tuple, list[dict[str, Any]]] = defaultdict(list)
     for t in table:
-        by_mesh[(t["topology"], t["num_slices"], t["mesh"], t["param_dtype"])].append(t)
-    for (_, _, mesh, _), ts in by_mesh.items():
+        by_mesh[(t["topology"], t["num_slices"], t["mesh"], t["param_dtype"],
+                 t["grad_accum"])].append(t)
+    for (_, _, mesh, _, _), ts in by_mesh.items():
         if len(ts) < 2:
             continue
         ts = sorted(ts, key=lambda t: t["micro_batch"])[:2]
@@ -102,7 +105,8 @@ def main() -> None:
 
     print(f"per-chip GB (1e9 bytes), {args.layers} layers extrapolated from compiles at the "
           "layer counts shown")
-    print("| slice | chips | mesh (data, fsdp, tensor) | params | micro-batch | from layers "
+    print("| slice | chips | mesh (data, fsdp, tensor) | params | micro-batch x accumulated "
+          "| from layers "
           "| arguments | temporaries | **peak** | HBM | fits | check at a third count "
           "| roofline step (estimate) |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
@@ -111,7 +115,7 @@ def main() -> None:
                         f"compiled {c['compiled_peak'] / GB:.2f} ({100 * c['error']:+.1f} %)"
                         for c in t["checks"]) or "-"
         print(f"| {t['topology']} | {t['chips']} | {t['mesh']} | {t['param_dtype']} "
-              f"| {t['micro_batch']} "
+              f"| {t['micro_batch']} x {t['grad_accum']} "
               f"| {t['from_layers']} | {t['argument_bytes'] / GB:.1f} "
               f"| {t['temp_bytes'] / GB:.1f} | **{t['peak_bytes'] / GB:.1f}** "
               f"| {t['hbm_bytes'] / GB:.1f} | {'yes' if t['fits'] else 'no'} | {chk} "
@@ -119,7 +123,8 @@ def main() -> None:
               f"{t['roofline_tokens_per_s_per_chip']:.0f} tok/s/chip |")
     for t in table:
         if "per_sequence_bytes" in t and t["micro_batch"] == min(
-                u["micro_batch"] for u in table if u["topology"] == t["topology"]):
+                u["micro_batch"] for u in table if u["topology"] == t["topology"]
+                and u["grad_accum"] == t["grad_accum"]):
             print(f"{t['topology']} mesh {t['mesh']} {t['param_dtype']} params: "
                   f"{t['per_sequence_bytes'] / GB:.2f} GB per sequence of the micro-batch at "
                   f"{args.layers} layers; largest micro-batch that fits "

@@ -109,6 +109,9 @@ def base_config() -> ConfigDict:
 
     c.batch_size = 8  # sequences per optimiser step, all processes together
     c.grad_accum = 1  # micro-batches per step
+    # dtype of the micro-batches' gradient sum: "float32", or "params" (the params' own
+    # dtype; with bfloat16 params it saves half the sum's memory, docs/SHARDING.md)
+    c.grad_accum_dtype = "float32"
     c.num_steps = 100
     c.log_every = 10
     c.eval_every = 50  # reward page; 0: only at the end
@@ -188,6 +191,8 @@ def validate_config(config: ConfigDict) -> None:
     _check(c.batch_size % c.grad_accum == 0,
            f"config.batch_size={c.batch_size} is not divisible by config.grad_accum="
            f"{c.grad_accum} (every micro-batch must have the same number of sequences)")
+    _check(c.grad_accum_dtype in ("float32", "params"),
+           f"config.grad_accum_dtype={c.grad_accum_dtype!r} must be 'float32' or 'params'")
     _check(len(c.mesh) == 3, f"config.mesh={tuple(c.mesh)} must be (data, fsdp, tensor)")
 
     d = c.data

@@ -167,7 +167,8 @@ class _Setup:
             self._steps[n] = make_train_step(
                 self.model.cfg, self.tc.replace(n_ahead=n), self.optimizer,
                 schedule=self.schedule, grad_accum=self.config.grad_accum,
-                seed=self.config.seed, mesh=self.mesh, state_sharding=self.state_sharding,
+                grad_accum_dtype=self.config.grad_accum_dtype, seed=self.config.seed,
+                mesh=self.mesh, state_sharding=self.state_sharding,
                 batch_sharding=self.batch_sharding)
         return self._steps[n]
 

@@ -220,6 +220,7 @@ def make_train_step(
     *,
     schedule: optax.Schedule | None = None,
     grad_accum: int = 1,
+    grad_accum_dtype: str = "float32",
     seed: int = 0,
     mesh: Mesh | None = None,
     state_sharding: TrainState | None = None,
@@ -235,6 +236,9 @@ def make_train_step(
     `quietstar_loss` averaged over micro-batches (`reward_std` is the mean of the
     micro-batches' stds), `grad_norm` (before clipping), `lr` (of this update),
     `tokens` (non-padding tokens in the batch).
+    grad_accum_dtype: the micro-batch gradient sum's dtype: "float32", or "params" (each
+    param's own dtype: with bfloat16 params it halves the sum's memory, at bfloat16
+    rounding of the sum). The sum is kept in the params' sharding.
     With `mesh`, `state_sharding` and `batch_sharding` (see `state_shardings`,
     `sharding.batch_sharding`) the step runs sharded and keeps those layouts.
     compiler_options: XLA options for this jit (e.g. a lower
@@ -242,6 +246,9 @@ def make_train_step(
     loss_fn: what the step minimises (default `quietstar_loss_fn(model_cfg, thought_cfg)`;
     the benchmarks' plain baseline passes `next_token_loss_fn`); the metrics are its.
     """
+    if grad_accum_dtype not in ("float32", "params"):
+        raise ValueError(f"grad_accum_dtype={grad_accum_dtype!r} must be 'float32' or "
+                         "'params'")
     base_key = jax.random.key(seed)
     if loss_fn is None:
         loss_fn = quietstar_loss_fn(model_cfg, thought_cfg)
@@ -262,13 +269,23 @@ def make_train_step(
             metric_shapes = jax.eval_shape(lambda p, mb: loss_fn(p, mb, key)[1],
                                            state.params, first)
             m_zero = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), metric_shapes)
-            g_zero = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
+            def acc_dtype(p: jax.Array) -> Any:
+                return jnp.float32 if grad_accum_dtype == "float32" else p.dtype
+
+            def in_param_layout(tree: Any) -> Any:
+                if state_sharding is None:
+                    return tree
+                return jax.lax.with_sharding_constraint(tree, state_sharding.params)
+
+            g_zero = in_param_layout(jax.tree.map(
+                lambda p: jnp.zeros(p.shape, acc_dtype(p)), state.params))
 
             def body(carry, xs):
                 g_sum, m_sum = carry
                 i, mb = xs
                 (_, m), g = grad_fn(state.params, mb, jax.random.fold_in(key, i))
-                g_sum = jax.tree.map(lambda a, x: a + x.astype(jnp.float32), g_sum, g)
+                g_sum = in_param_layout(
+                    jax.tree.map(lambda a, x: a + x.astype(a.dtype), g_sum, g))
                 return (g_sum, jax.tree.map(jnp.add, m_sum, m)), None
 
             (g_sum, m_sum), _ = jax.lax.scan(
