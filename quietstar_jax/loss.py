@@ -68,6 +68,7 @@ def validate_inputs(
             f"sequence length {seq} is shorter than n_ahead_talk + 2 = {tc.n_ahead_talk + 2}: "
             "no position would carry a reward"
         )
+    tc.check_think_k(seq)
     check_ids_in_vocab(input_ids, cfg.vocab_size, "input_ids")
     if thought_tokens is not None:
         check_ids_in_vocab(thought_tokens, cfg.vocab_size, "thought_tokens")
@@ -121,7 +122,9 @@ def quietstar_objective(
     thought_tokens: jax.Array | None = None,
 ) -> tuple[jax.Array, dict[str, jax.Array], dict[str, Any]]:
     """(loss, metrics, details): `quietstar_loss` plus the per-position details of
-    `quietstar_details`, from one computation (differentiate with has_aux)."""
+    `quietstar_details`, from one computation (differentiate with has_aux). With
+    `tc.think_k` set, only that many positions per row think (`sparse.sparse_objective`:
+    its details and metrics add the gathered positions and the think gate's)."""
     validate_inputs(cfg, tc, input_ids, attention_mask, thought_tokens)
     if attention_mask is None:
         attention_mask = jnp.ones_like(input_ids)
@@ -129,6 +132,10 @@ def quietstar_objective(
         if tc.sampling == "sample" and thought_tokens is None and tc.num_sampled > 0:
             raise ValueError("quietstar_loss needs an rng to sample thoughts (sampling='sample')")
         rng = jax.random.key(0)
+    if tc.think_k is not None:  # sparse thoughts: only think_k positions per row think
+        from quietstar_jax.sparse import sparse_objective
+
+        return sparse_objective(params, cfg, tc, input_ids, attention_mask, rng, thought_tokens)
     x = jnp.repeat(input_ids, tc.n_passes, axis=0)
     mask = jnp.repeat(attention_mask, tc.n_passes, axis=0)
     rows, seq = x.shape

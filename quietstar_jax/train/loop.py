@@ -149,7 +149,7 @@ class _Setup:
         self.optimizer, self.schedule = optimizer_from_config(config.optim, config.num_steps)
         params = self.model.params
         self.param_sharding = sharding.param_shardings(
-            self.mesh, params, sharding.params_logical_axes(cfg))
+            self.mesh, params, sharding.params_logical_axes(cfg, with_gate="think_gate" in params))
         self.state_sharding = state_shardings(self.mesh, self.optimizer, params,
                                               self.param_sharding)
         self.batch_sharding = sharding.batch_sharding(self.mesh)

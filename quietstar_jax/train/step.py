@@ -24,7 +24,12 @@ from quietstar_jax import model
 from quietstar_jax.loss import hidden_nll, masked_mean, quietstar_loss
 from quietstar_jax.model import ModelConfig, Params
 from quietstar_jax.sharding import BATCH_AXES, replicated
-from quietstar_jax.thoughts import ThoughtConfig, shift_left, thought_param_decay
+from quietstar_jax.thoughts import (
+    ThoughtConfig,
+    gate_param_decay,
+    shift_left,
+    thought_param_decay,
+)
 
 Batch = dict[str, jax.Array]  # input_ids, attention_mask: int32 [batch, seq]
 # (params, micro-batch, thought-sampling key) -> (loss, metrics): what one step minimises.
@@ -61,7 +66,8 @@ def _decay_by_path() -> dict[tuple[str, ...], bool]:
     `thought`) -> its declared `weight_decay` metadata (`model.declare`)."""
     probe = ModelConfig(vocab_size=1, hidden_size=1, intermediate_size=1, num_layers=1,
                         num_heads=1, num_kv_heads=1, attention_bias=True)
-    table = {**model.param_decay(probe), "thought": thought_param_decay()}
+    table = {**model.param_decay(probe), "thought": thought_param_decay(),
+             "think_gate": gate_param_decay()}
     return traverse_util.flatten_dict(table)
 
 

@@ -1,0 +1,361 @@
+"""Sparse thoughts in training (adaptive thinking): only `ThoughtConfig.think_k`
+positions per sequence think.
+
+The positions are the think gate's top positions (`thoughts.ThinkGate`, when the
+params hold `think_gate`) plus a random share `think_explore` (all random without a
+gate), the same positions for every pass of a sequence (so the baseline over passes is
+defined). Their thoughts are `thoughts.thought_of_position` mapped over the gathered
+positions only (`thoughts.map_thoughts`, as generation's `think_at`), with the dense
+rollout's keys (`position_key(rng, s, row * seq + i)`); nothing of a thought runs at
+the other positions, so the cost falls with `think_k`. A position without a thought
+keeps the base prediction: its gain is 0; the talk NLL, the rewards and REINFORCE run
+over the gathered positions only. With `think_k` = the sequence length every position
+is gathered and the objective is `loss.quietstar_objective`'s.
+
+The gate reads the base pass's final hidden (gradient stopped) and two statistics of
+its logits (entropy, top-1 probability; `logit_stats`). Its label at a gathered
+position is gain > `gate_cost`, gain being the position's reward (the talk steps' NLL
+without the thought minus with it, summed), and its loss the margin-weighted
+(|gain - gate_cost|) logistic loss, weighted by `gate_loss_weight` in the total.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from quietstar_jax import model, vocab
+from quietstar_jax.model import ModelConfig, Params
+from quietstar_jax.schedule import ThoughtSchedule
+from quietstar_jax.thoughts import (
+    PositionInputs,
+    RowContext,
+    ThoughtConfig,
+    gate_logit,
+    map_thoughts,
+    mixing_weight,
+    shift_left,
+    token_logp,
+)
+
+SELECT_SALT = 0x5E1EC7  # folded into the step's key for the random positions
+_NEG = -1e30
+
+
+def logit_stats(params: Params, cfg: ModelConfig, h: jax.Array) -> jax.Array:
+    """Entropy and top-1 probability of the plain LM's softmax at hidden `h` `[...,
+    hidden]` -> float32 `[..., 2]`, no gradient; one walk over the vocabulary a chunk
+    of `cfg.vocab_chunk` columns at a time (online max / sum / weighted sum), so no
+    `[..., vocab]` logits exist."""
+    h = jax.lax.stop_gradient(h)
+    w = jax.lax.stop_gradient(model.output_matrix(params, cfg))  # [H, V]
+    hid, v = w.shape
+    c = max(1, min(cfg.vocab_chunk, v))
+    n_chunks = -(-v // c)
+    w = jnp.pad(w, ((0, 0), (0, n_chunks * c - v))).astype(cfg.compute_dtype)
+    hf = h.reshape(-1, hid).astype(cfg.compute_dtype)
+    n = hf.shape[0]
+
+    def body(carry, i):
+        m, s, t = carry
+        wc = jax.lax.dynamic_slice(w, (0, i * c), (hid, c))
+        z = jnp.dot(hf, wc, preferred_element_type=jnp.float32)
+        z = jnp.where((i * c + jnp.arange(c)) < v, z, _NEG)
+        m_new = jnp.maximum(m, z.max(-1))
+        scale = jnp.exp(m - m_new)
+        e = jnp.exp(z - m_new[:, None])
+        return (m_new, s * scale + e.sum(-1), t * scale + (e * z).sum(-1)), None
+
+    init = (jnp.full((n,), _NEG, jnp.float32), jnp.zeros((n,), jnp.float32),
+            jnp.zeros((n,), jnp.float32))
+    (m, s, t), _ = jax.lax.scan(body, init, jnp.arange(n_chunks))
+    entropy = jnp.log(s) - t / s + m  # lse - E[z]
+    top1 = 1.0 / s  # exp(max - lse)
+    return jnp.stack([entropy, top1], -1).reshape(h.shape[:-1] + (2,))
+
+
+def select_positions(
+    tc: ThoughtConfig,
+    valid: jax.Array,
+    score: jax.Array | None,
+    key: jax.Array,
+) -> jax.Array:
+    """The `tc.think_k` positions of each row that think, int32 `[rows, k]` ascending.
+
+    valid: `[rows, seq]` bool (padding is chosen only when a row has fewer valid
+    positions than k); score: the gate's logits `[rows, seq]` (None: no gate, all
+    random). `round(think_explore * k)` positions are drawn uniformly at random
+    without replacement from those the gate did not take; the rest are the gate's top
+    positions (ties broken at random).
+    """
+    rows, seq = valid.shape
+    k = tc.think_k
+    n_rand = k if score is None else int(round(tc.think_explore * k))
+    n_gate = k - n_rand
+    k_tie, k_rand = jax.random.split(key)
+    parts, taken = [], jnp.zeros((rows, seq), bool)
+    if n_gate:
+        tie = jax.random.uniform(k_tie, (rows, seq))
+        s = jax.lax.stop_gradient(score).astype(jnp.float32)
+        # order: valid positions by score, ties at random; padding last
+        s = jnp.where(valid, s + 1e-6 * tie, _NEG + tie)
+        _, top = jax.lax.top_k(s, n_gate)
+        parts.append(top)
+        taken = jnp.zeros((rows, seq), bool).at[jnp.arange(rows)[:, None], top].set(True)
+    if n_rand:
+        r = jax.random.uniform(k_rand, (rows, seq))
+        r = jnp.where(valid, r, r - 2.0)  # valid positions first
+        r = jnp.where(taken, -10.0, r)
+        _, rnd = jax.lax.top_k(r, n_rand)
+        parts.append(rnd)
+    idx = jnp.concatenate(parts, axis=1) if len(parts) > 1 else parts[0]
+    return jnp.sort(idx, axis=1).astype(jnp.int32)
+
+
+class SparseThoughts(NamedTuple):
+    """The thoughts of the gathered positions `positions` `[rows, K]`: per step hidden
+    `step_hidden` (list, `[rows, K, hidden]`, index s - 1), the tokens fed `fed`
+    `[S, rows, K]`, the sampled thought tokens `thought_tokens` `[T, rows, K]` and their
+    REINFORCE log-probs `thought_logp` `[T, rows, K]` (`[0, rows, K]` for pause)."""
+
+    positions: jax.Array
+    step_hidden: list[jax.Array]
+    fed: jax.Array
+    thought_tokens: jax.Array
+    thought_logp: jax.Array
+
+
+def take(a: jax.Array, idx: jax.Array) -> jax.Array:
+    """`a[r, idx[r, j], ...]`: a `[rows, seq, ...]`, idx `[rows, K]` -> `[rows, K, ...]`."""
+    return jax.vmap(lambda ar, ir: ar[ir])(a, idx)
+
+
+def sparse_thoughts(
+    params: Params,
+    cfg: ModelConfig,
+    tc: ThoughtConfig,
+    input_ids: jax.Array,
+    attention_mask: jax.Array,
+    positions: jax.Array,
+    kv0: model.KV,
+    idx: jax.Array,
+    rng: jax.Array | None,
+    thought_tokens: jax.Array | None = None,
+) -> SparseThoughts:
+    """The thoughts (and talk steps) of the gathered positions `idx` `[rows, K]` only:
+    `thoughts.thought_of_position` vmapped over them (`map_thoughts`), each reading
+    its row's base keys/values `kv0` and drawing its tokens with the key the dense
+    rollout gives position (row, i): `position_key(rng, s, row * seq + i)`.
+    thought_tokens: optional full-size `[T, rows, seq]`; the gathered ones are fed."""
+    rows, seq = input_ids.shape
+    valid = attention_mask.astype(bool)
+    given = None
+    if tc.sampling == "pause" and thought_tokens is None:
+        given = jnp.full((rows, idx.shape[1], tc.num_sampled), tc.pause_token_id, jnp.int32)
+    elif thought_tokens is not None:
+        given = take(jnp.moveaxis(thought_tokens, 0, -1), idx)  # [rows, K, T]
+    sch = ThoughtSchedule.of(tc, None, given=given is not None)
+    ar = jnp.arange(seq)
+    x = PositionInputs(
+        pos=take(positions, idx), at=idx, index=idx + seq * jnp.arange(rows)[:, None],
+        ctx_ok=(ar[None, None, :] <= idx[:, :, None]) & valid[:, None, :],
+        own_ok=take(valid, idx), given=given)
+    with jax.named_scope("sparse_thoughts"):
+        mapped = map_thoughts(params, cfg, tc, sch, RowContext(kv0, positions, input_ids), x,
+                              rng)
+    step_hidden, fed, draws = mapped.step_hidden, mapped.fed, mapped.draws
+    drawn = () if draws is None else sch.sampled_steps
+    w_grad = model.vocab_table(params, cfg)
+    logp = []
+    if drawn:
+        hs = jnp.stack([step_hidden[s - 2] for s in drawn])
+        with jax.named_scope("reinforce_logp"):
+            logp.extend(vocab.logp_of_draws(
+                hs, w_grad, draws, logp_temperature=tc.reinforce_temperature,
+                masked_ids=tc.sampled_masked_ids, chunk_size=cfg.vocab_chunk, dtype=cfg.dtype))
+    rest = [s for s in sch.sampled_steps if s not in drawn]
+    if rest and tc.sampling != "pause":
+        hs = jnp.stack([step_hidden[s - 2] for s in rest])
+        toks = jnp.stack([fed[s - 1] for s in rest])
+        with jax.named_scope("reinforce_logp"):
+            logp.extend(token_logp(params, cfg, tc, hs, toks))
+    empty = jnp.zeros((0,) + idx.shape, jnp.int32)
+    toks = [fed[s - 1] for s in sch.sampled_steps]
+    return SparseThoughts(
+        positions=idx, step_hidden=list(step_hidden), fed=fed,
+        thought_tokens=jnp.stack(toks) if toks else empty,
+        thought_logp=jnp.stack(logp) if logp else empty.astype(jnp.float32))
+
+
+def gate_loss_of(logit: jax.Array, gain: jax.Array, ok: jax.Array, cost: float
+                 ) -> tuple[jax.Array, jax.Array]:
+    """The gate's margin-weighted logistic loss at labelled positions `ok`: label gain >
+    cost, weight |gain - cost| (both without gradient). Returns (loss, labels)."""
+    from quietstar_jax.loss import masked_mean
+
+    gain = jax.lax.stop_gradient(gain)
+    label = gain > cost
+    margin = jnp.abs(gain - cost)
+    bce = jax.nn.softplus(jnp.where(label, -logit, logit))
+    return masked_mean(margin * bce, ok), label
+
+
+def _masked_std(x: jax.Array, m: jax.Array) -> jax.Array:
+    from quietstar_jax.loss import masked_mean
+
+    mu = masked_mean(x, m)
+    return jnp.sqrt(masked_mean(jnp.square(x - mu), m))
+
+
+def sparse_objective(
+    params: Params,
+    cfg: ModelConfig,
+    tc: ThoughtConfig,
+    input_ids: jax.Array,
+    attention_mask: jax.Array,
+    rng: jax.Array,
+    thought_tokens: jax.Array | None = None,
+    positions_override: jax.Array | None = None,
+) -> tuple[jax.Array, dict[str, jax.Array], dict[str, Any]]:
+    """(loss, metrics, details) of sparse thoughts; `loss.quietstar_objective` calls it
+    when `tc.think_k` is set (inputs already checked; `rng` set).
+
+    input_ids, attention_mask: `[batch, seq]`. positions_override: `[batch, k]` int
+    positions to think at instead of the gate's and random ones (tests, analysis).
+    metrics: `quietstar_objective`'s, plus `gate_loss`, `think_rate` (gathered valid
+    positions / valid positions), `gate_positive_frac` (labels that say think),
+    `gate_accuracy` (labels the gate's sign matches). details: per-position `reward`
+    `[rows, seq - 1 - n_ahead_talk]` (0 where no thought), `train_reward`,
+    `nll_base_tok`, `nll_talk_tok` (the base prediction's NLL where no thought),
+    `positions` `[rows, K]`, `gain` `[rows, K]` (the reward at the gathered positions),
+    `gate_label`, `gate_ok` (which gathered positions carry a label), `gate_logit`
+    `[rows, seq]` (zeros without a gate), `thoughts` (`SparseThoughts`), `input_ids`.
+    """
+    from quietstar_jax.loss import hidden_nll, masked_mean, training_reward
+
+    n_passes = tc.n_passes
+    x = jnp.repeat(input_ids, n_passes, axis=0)
+    mask = jnp.repeat(attention_mask, n_passes, axis=0)
+    rows, seq = x.shape
+    pad = tc.pad_token_id
+    sch = tc.schedule
+    valid = mask.astype(bool)
+    positions = model.default_positions(mask)
+    with jax.named_scope("base_pass"):
+        h0, kv0 = model.forward(params, cfg, x, mask, positions)[:2]
+
+    has_gate = "think_gate" in params
+    gate_rows = jnp.zeros((rows, seq), jnp.float32)
+    if has_gate:
+        with jax.named_scope("think_gate"):
+            hb = jax.lax.stop_gradient(h0[::n_passes])  # the passes' base passes are equal
+            stats = logit_stats(params, cfg, hb)
+            gate_b = gate_logit(params["think_gate"], hb, stats)  # [batch, seq]
+            gate_rows = jnp.repeat(gate_b, n_passes, axis=0)
+    if positions_override is not None:
+        idx_b = jnp.sort(positions_override.astype(jnp.int32), axis=1)
+    else:
+        idx_b = select_positions(tc, attention_mask.astype(bool),
+                                 gate_b if has_gate else None,
+                                 jax.random.fold_in(rng, SELECT_SALT))
+    idx = jnp.repeat(idx_b, n_passes, axis=0)  # the same positions for every pass
+    th = sparse_thoughts(params, cfg, tc, x, mask, positions, kv0, idx, rng, thought_tokens)
+
+    def targets(k: int) -> tuple[jax.Array, jax.Array]:
+        t = shift_left(x, k)
+        ok = shift_left(valid, k) & (t != pad)
+        return jnp.where(ok, t, 0), ok
+
+    tgt = [targets(sch.target_shift(s)) for s in sch.scored_steps]
+    with jax.named_scope("mixing_head"):
+        mixes = []
+        for s in sch.scored_steps:
+            b = take(shift_left(h0, sch.base_shift(s)), idx)
+            hs = th.step_hidden[s - 1]
+            w = mixing_weight(params["thought"]["mix"], b, hs)
+            wd = w[..., None].astype(hs.dtype)
+            mixes.append(((1 - wd) * b + wd * hs, w))
+    tgt_g = [(take(t, idx), take(ok, idx)) for t, ok in tgt]
+    with jax.named_scope("nll"):
+        nll_b = hidden_nll(params, cfg, h0, tgt[0][0])
+        nll_t = hidden_nll(params, cfg, jnp.stack([m for m, _ in mixes]),
+                           jnp.stack([t for t, _ in tgt_g]))
+    ok1 = tgt[0][1]
+    base_tok = jnp.where(ok1, nll_b, 0.0)
+    nll_base = masked_mean(base_tok, ok1)
+
+    n_reward = sch.rewarded_positions(seq)
+    rew_ok = idx < n_reward
+    gain = jnp.zeros(idx.shape, jnp.float32)
+    nll_talk, w_means, nll_talk_tok = [], [], []
+    r_idx = jnp.arange(rows)[:, None]
+    for k, ((_, w), (_, okk)) in enumerate(zip(mixes, tgt_g, strict=True)):
+        nll_k = jnp.where(okk, nll_t[k], 0.0)
+        nll_talk.append(masked_mean(nll_k, okk))
+        w_means.append(masked_mean(w, okk))
+        base_k = shift_left(base_tok, k)  # the base prediction of the same target
+        nll_talk_tok.append(base_k.at[r_idx, idx].set(nll_k))
+        gain = gain + jax.lax.stop_gradient(take(base_k, idx) - nll_k)
+    gain = jnp.where(rew_ok, gain, 0.0)
+    nll_talk = jnp.stack(nll_talk)
+    nll_thought = jnp.mean(nll_talk)
+    nll_loss = tc.original_loss_weight * nll_base + (1 - tc.original_loss_weight) * nll_thought
+
+    train_gain = training_reward(gain, tc)  # baseline over passes: same positions per pass
+    logp = th.thought_logp
+    with jax.named_scope("policy_loss"):
+        if tc.sampling == "pause" or logp.shape[0] == 0:
+            policy_loss = jnp.zeros((), jnp.float32)
+            policy_per_token = jnp.zeros((0,), jnp.float32)
+        else:
+            m = rew_ok.astype(jnp.float32)
+            per = -jax.lax.stop_gradient(train_gain * m)[None] * logp
+            policy_per_token = jnp.sum(per, axis=(1, 2)) / jnp.maximum(jnp.sum(m), 1.0)
+            policy_loss = jnp.mean(policy_per_token)
+
+    loss = tc.base_loss_beta * nll_loss + tc.policy_loss_beta * policy_loss
+    gate_ok = rew_ok & take(ok1, idx)
+    g_logit = take(gate_rows, idx)
+    gate_loss, label = gate_loss_of(g_logit, gain, gate_ok, tc.gate_cost)
+    if has_gate:
+        loss = loss + tc.gate_loss_weight * gate_loss
+
+    reward = jnp.zeros((rows, seq), jnp.float32).at[r_idx, idx].set(gain)[:, :n_reward]
+    train_reward = (jnp.zeros((rows, seq), jnp.float32).at[r_idx, idx]
+                    .set(train_gain)[:, :n_reward])
+    n_valid = jnp.maximum(jnp.sum(valid), 1)
+    lp_ok = jnp.broadcast_to(rew_ok, logp.shape)
+    metrics = {
+        "loss": loss,
+        "nll_loss": nll_loss,
+        "nll_base": nll_base,
+        "nll_thought": nll_thought,
+        "nll_talk": nll_talk,
+        "policy_loss": policy_loss,
+        "policy_loss_per_token": policy_per_token,
+        "reward_mean": masked_mean(gain, rew_ok),
+        "reward_std": _masked_std(gain, rew_ok),
+        "reward_positive_frac": masked_mean((train_gain > 0).astype(jnp.float32), rew_ok),
+        "mixing_weight_mean": jnp.mean(jnp.stack(w_means)),
+        "thought_logp_mean": masked_mean(logp, lp_ok) if logp.shape[0] > 0 else jnp.zeros(()),
+        "gate_loss": gate_loss,
+        "think_rate": jnp.sum(take(valid, idx)) / n_valid,
+        "gate_positive_frac": masked_mean(label.astype(jnp.float32), gate_ok),
+        "gate_accuracy": masked_mean(((g_logit > 0) == label).astype(jnp.float32), gate_ok),
+    }
+    details = {
+        "reward": reward,
+        "train_reward": train_reward,
+        "nll_base_tok": base_tok,
+        "nll_talk_tok": jnp.stack(nll_talk_tok),
+        "positions": idx,
+        "gain": gain,
+        "gate_label": label,
+        "gate_ok": gate_ok,
+        "gate_logit": gate_rows,
+        "thoughts": th,
+        "input_ids": x,
+    }
+    return loss, metrics, details
