@@ -3,7 +3,8 @@ positions per sequence think.
 
 The positions are the think gate's top positions (`thoughts.ThinkGate`, when the
 params hold `think_gate`) plus a random share `think_explore` (all random without a
-gate), the same positions for every pass of a sequence (so the baseline over passes is
+gate) among the positions that can carry a reward, the same positions for every pass
+of a sequence (so the baseline over passes is
 defined). Their thoughts are `thoughts.thought_of_position` mapped over the gathered
 positions only (`thoughts.map_thoughts`, as generation's `think_at`), with the dense
 rollout's keys (`position_key(rng, s, row * seq + i)`); nothing of a thought runs at
@@ -84,8 +85,9 @@ def select_positions(
 ) -> jax.Array:
     """The `tc.think_k` positions of each row that think, int32 `[rows, k]` ascending.
 
-    valid: `[rows, seq]` bool (padding is chosen only when a row has fewer valid
-    positions than k); score: the gate's logits `[rows, seq]` (None: no gate, all
+    valid: `[rows, seq]` bool, the candidates (the others are chosen only when a row
+    has fewer candidates than k; `sparse_objective` passes the non-padding positions
+    that can carry a reward); score: the gate's logits `[rows, seq]` (None: no gate, all
     random). `round(think_explore * k)` positions are drawn uniformly at random
     without replacement from those the gate did not take; the rest are the gate's top
     positions (ties broken at random).
@@ -257,8 +259,9 @@ def sparse_objective(
     if positions_override is not None:
         idx_b = jnp.sort(positions_override.astype(jnp.int32), axis=1)
     else:
-        idx_b = select_positions(tc, attention_mask.astype(bool),
-                                 gate_b if has_gate else None,
+        # candidates: positions that can carry a reward (and a gate label) come first
+        cand = attention_mask.astype(bool) & (jnp.arange(seq) < sch.rewarded_positions(seq))
+        idx_b = select_positions(tc, cand, gate_b if has_gate else None,
                                  jax.random.fold_in(rng, SELECT_SALT))
     idx = jnp.repeat(idx_b, n_passes, axis=0)  # the same positions for every pass
     th = sparse_thoughts(params, cfg, tc, x, mask, positions, kv0, idx, rng, thought_tokens)

@@ -258,3 +258,42 @@ def test_sparse_cost_falls_with_k():
     k8 = compiled_flops(params, cfg, TC.replace(think_k=8), ids, mask)
     assert k2 < k8 < dense
     assert k2 < 0.35 * dense, (k2, k8, dense)
+
+
+def test_trainer_config_maps_and_checks_the_sparse_options():
+    from quietstar_jax.train.config import ConfigError, base_config, thought_config, validate_config
+    from quietstar_jax.train.model_setup import wants_think_gate
+
+    c = base_config()
+    assert c.thought.think_k is None and not wants_think_gate(c.thought)
+    c.thought.think_k = 8
+    c.thought.gate_cost = 0.25
+    validate_config(c)
+    tc = thought_config(c, {"start_token_id": 1, "end_token_id": 2, "pad_token_id": 0})
+    assert (tc.think_k, tc.gate_cost, tc.think_explore) == (8, 0.25, 0.25)
+    assert wants_think_gate(c.thought)
+    c.thought.think_k = c.data.seq_len + 1
+    with pytest.raises(ConfigError, match="config.thought.think_k"):
+        validate_config(c)
+    c.thought.think_k = 4
+    c.thought.think_explore = 2.0
+    with pytest.raises(ConfigError, match="think_explore"):
+        validate_config(c)
+
+
+def test_train_step_updates_the_gate_and_decays_its_weights_only():
+    from quietstar_jax.train.step import decay_mask, init_state, make_optimizer, make_train_step
+
+    cfg, params = tiny(gate=True)
+    mask = decay_mask(params)["think_gate"]
+    assert mask == {"w0": True, "ws": True, "b0": False, "w1": True, "b1": False}
+    opt, _ = make_optimizer(1e-2, 10, weight_decay=0.1)
+    tc = TC.replace(think_k=3, gate_cost=-1.0)  # every thought "pays": the gate must move
+    step = make_train_step(cfg, tc, opt, donate=False)
+    ids, am = batch()
+    state, metrics = step(init_state(params, opt), {"input_ids": ids, "attention_mask": am})
+    assert float(metrics["gate_loss"]) > 0.0
+    assert 0.0 < float(metrics["think_rate"]) < 1.0
+    moved = jax.tree.map(lambda a, b: float(jnp.max(jnp.abs(a - b))), state.params["think_gate"],
+                         params["think_gate"])
+    assert moved["w1"] > 0.0 and moved["b1"] > 0.0

@@ -202,6 +202,27 @@ def next_token_loss_fn(model_cfg: ModelConfig, thought_cfg: ThoughtConfig) -> Lo
     return loss_fn
 
 
+def materialised_next_token_loss_fn(model_cfg: ModelConfig, thought_cfg: ThoughtConfig
+                                    ) -> LossFn:
+    """`next_token_loss_fn`'s loss with the logits materialised (`model.lm_logits`,
+    `[rows, seq, vocab]` float32, then log-softmax) instead of the chunked vocabulary
+    walk: the plain step a user without thoughts would run, and on small batches the
+    fastest (the benchmarks' "fast plain" baseline)."""
+    def loss_fn(params: Params, micro: Batch, key: jax.Array) -> tuple[jax.Array, dict]:
+        del key
+        x = jnp.repeat(micro["input_ids"], thought_cfg.n_passes, axis=0)
+        m = jnp.repeat(micro["attention_mask"], thought_cfg.n_passes, axis=0)
+        logits = model.lm_logits(params, model_cfg, x, m)
+        t = shift_left(x, 1)
+        ok = shift_left(m.astype(bool), 1) & (t != thought_cfg.pad_token_id)
+        picked = jnp.take_along_axis(logits, jnp.where(ok, t, 0)[..., None], axis=-1)[..., 0]
+        nll = jax.nn.logsumexp(logits, axis=-1) - picked
+        loss = masked_mean(jnp.where(ok, nll, 0.0), ok)
+        return loss, {"loss": loss, "nll_base": loss}
+
+    return loss_fn
+
+
 def split_micro_batches(batch: Batch, n: int, mesh: Mesh | None = None) -> Batch:
     """`[batch, seq]` -> `[n, batch / n, seq]`, micro-batch m holding rows m, m + n, ...
 
