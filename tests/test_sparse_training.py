@@ -91,7 +91,7 @@ def test_gathered_thoughts_equal_the_dense_rollouts_at_those_positions():
     ids, mask = batch()
     key = jax.random.key(11)
     _, _, dense = objective(params, cfg, TC, ids, mask, key)
-    from quietstar_jax.sparse import sparse_objective
+    from quietstar_jax.loss import sparse_objective
 
     pos = jnp.asarray([[1, 4, 8], [0, 2, 5]])
     tc = TC.replace(think_k=3)
@@ -181,14 +181,14 @@ def test_gate_labels_equal_independently_computed_gains():
 def test_default_config_takes_the_dense_path_unchanged(monkeypatch):
     """think_k None (the default): the authors' think-everywhere objective, the sparse
     code never runs, and the loss is the same bits with the option named explicitly."""
-    from quietstar_jax import sparse
+    from quietstar_jax import loss as loss_module
 
     assert ThoughtConfig().think_k is None
 
     def boom(*a, **k):
         raise AssertionError("the sparse objective ran for the default config")
 
-    monkeypatch.setattr(sparse, "sparse_objective", boom)
+    monkeypatch.setattr(loss_module, "sparse_objective", boom)
     cfg, params = tiny()
     ids, mask = batch()
     key = jax.random.key(3)
