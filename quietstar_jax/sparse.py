@@ -74,6 +74,16 @@ def logit_stats(params: Params, cfg: ModelConfig, h: jax.Array) -> jax.Array:
     return jnp.stack([entropy, top1], -1).reshape(h.shape[:-1] + (2,))
 
 
+def stats_from_logits(logits: jax.Array) -> jax.Array:
+    """`logit_stats` from logits already at hand `[..., vocab]` (generation's base
+    logits) -> float32 `[..., 2]`: entropy and top-1 probability."""
+    z = logits.astype(jnp.float32)
+    lse = jax.nn.logsumexp(z, axis=-1)
+    p = jnp.exp(z - lse[..., None])
+    entropy = lse - jnp.sum(p * z, axis=-1)
+    return jnp.stack([entropy, jnp.exp(z.max(-1) - lse)], -1)
+
+
 def select_positions(
     tc: ThoughtConfig,
     valid: jax.Array,

@@ -349,3 +349,41 @@ def test_sparse_run_with_a_gate_resumes_bit_identically(tmp_path):
     for a, b in zip(jax.tree.leaves(full["final_state"]), jax.tree.leaves(second["final_state"]),
                     strict=True):
         assert np.array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_gated_generation_thinks_only_where_the_gate_fires():
+    """A threshold below every gate logit is think-everywhere generation, one above
+    every logit is the base LM's (same tokens, same keys); in between, thoughts only
+    where the gate fires."""
+    from quietstar_jax.generation import generate
+
+    cfg, params = tiny(gate=True)
+    tc = TC.replace(n_passes=1)
+    prompts = [[5, 9, 13, 2], [7, 3]]
+    kw = dict(max_new_tokens=6, rng=jax.random.key(5), eos_token_id=None,
+              return_thoughts=True)
+    always = generate(params, cfg, tc, prompts, **kw)
+    never = generate(params, cfg, tc, prompts, think=False, **kw)
+    g_open = generate(params, cfg, tc, prompts, gate_threshold=-1e30, **kw)
+    g_shut = generate(params, cfg, tc, prompts, gate_threshold=1e30, **kw)
+    assert np.asarray(g_open.thought_mask).all() and not np.asarray(g_shut.thought_mask).any()
+    np.testing.assert_array_equal(g_open.tokens, always.tokens)
+    np.testing.assert_array_equal(g_open.thoughts, always.thoughts)
+    np.testing.assert_array_equal(g_shut.tokens, never.tokens)
+    assert not np.asarray(g_shut.thoughts).any()
+    assert not np.array_equal(always.tokens, never.tokens)  # thoughts change the output
+    # the gate's logits on this model straddle 0 for some threshold: find a mixed one
+    mixed = None
+    for thr in np.linspace(-2, 2, 9):
+        g = generate(params, cfg, tc, prompts, gate_threshold=float(thr), **kw)
+        m = np.asarray(g.thought_mask)
+        if m.any() and not m.all():
+            mixed = g
+            break
+    assert mixed is not None
+    m = np.asarray(mixed.thought_mask)
+    assert not np.asarray(mixed.thoughts)[~m].any() and np.asarray(mixed.thoughts)[m].any()
+    assert not np.asarray(mixed.mixing_weights)[~m].any()
+    with pytest.raises(ValueError, match="think_gate"):
+        generate({k: v for k, v in params.items() if k != "think_gate"}, cfg, tc, prompts,
+                 gate_threshold=0.0, **kw)
