@@ -85,23 +85,31 @@ def train_setup(cfg: Any, mesh: Any, params: Any) -> dict[str, Any]:
     from quietstar_jax.train.step import state_shardings
 
     opt, schedule = optimizer()
-    p_sh = sharding.param_shardings(mesh, params, sharding.params_logical_axes(cfg))
+    p_sh = sharding.param_shardings(mesh, params, sharding.params_logical_axes(
+        cfg, with_gate="think_gate" in params))
     return {"optimizer": opt, "schedule": schedule, "mesh": mesh,
             "state_sharding": state_shardings(mesh, opt, params, p_sh)}
 
 
-def make_step(cfg: Any, tc: Any, setup: dict[str, Any], *, plain: bool = False,
+def make_step(cfg: Any, tc: Any, setup: dict[str, Any], *, plain: bool | str = False,
               batch_sharding: Any = None, seed: int = 0) -> Any:
-    """The trainer's jitted update (Quiet-STaR, or the plain next-token baseline)."""
+    """The trainer's jitted update (Quiet-STaR, or the plain next-token baseline:
+    `plain=True` the chunked vocabulary path, `plain="fast"` materialised logits)."""
     from quietstar_jax import sharding
-    from quietstar_jax.train.step import make_train_step, next_token_loss_fn
+    from quietstar_jax.train.step import (
+        make_train_step,
+        materialised_next_token_loss_fn,
+        next_token_loss_fn,
+    )
 
     mesh = setup["mesh"]
+    loss_fn = (materialised_next_token_loss_fn(cfg, tc) if plain == "fast" else
+               next_token_loss_fn(cfg, tc) if plain else None)
     return make_train_step(
         cfg, tc, setup["optimizer"], schedule=setup["schedule"], seed=seed, mesh=mesh,
         state_sharding=setup["state_sharding"],
         batch_sharding=batch_sharding or sharding.batch_sharding(mesh),
-        loss_fn=next_token_loss_fn(cfg, tc) if plain else None)
+        loss_fn=loss_fn)
 
 
 def initial_state(setup: dict[str, Any], params: Any) -> Any:

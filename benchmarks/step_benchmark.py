@@ -4,6 +4,7 @@
     python benchmarks/step_benchmark.py --sweep none --steps 5
     python benchmarks/step_benchmark.py --preset gpu-1b       # bfloat16 1B Llama, seq 512 (GPU)
     python benchmarks/step_benchmark.py --profile             # where the step's time goes
+    python benchmarks/step_benchmark.py --sweep none --think-k 8  # + sparse and fast plain
 
 Both steps are the trainer's own update, `train.step.make_train_step` (see
 benchmarks/harness.py: the trainer's optimizer, state, shardings and mesh), on the same
@@ -12,7 +13,12 @@ params and rows (`batch` sequences repeated `n_passes` times):
 * Quiet-STaR: the trainer's step as it ships (`quietstar_loss`: the parallel rollout,
   NLL of the base and talk steps, REINFORCE), then clipping and AdamW;
 * plain: the same step with `loss_fn=train.step.next_token_loss_fn` (the mean
-  next-token NLL of `model.forward` on the same rows, n_ahead = 1 style).
+  next-token NLL of `model.forward` on the same rows, n_ahead = 1 style);
+* with `--think-k K`, also sparse: the Quiet-STaR step with `ThoughtConfig.think_k = K`
+  and a think gate (only K positions per row think, `quietstar_jax/sparse.py`), and
+  fast plain: the plain step with materialised logits
+  (`train.step.materialised_next_token_loss_fn`), the fastest plain step on small
+  batches; the ratios against it are in `sparse_ratios`.
 
 Each configuration runs in a fresh subprocess, so its peak resident set (CPU) or
 peak device memory (GPU/TPU) is its own. Times are after compilation (lowering and
@@ -52,6 +58,7 @@ DEFAULTS: dict[str, Any] = dict(
     dtype="float32", param_dtype="float32", remat="none", plain_remat=None, attention="xla",
     scan_layers=True,
     steps=5, warmup=2, plain_steps=None, interleave=0, seed=0, hf_path=None, text_path=None,
+    think_k=None,
 )
 
 # The real SmolLM2-135M (Llama, 30 layers, vocab 49,152 + 2 thought tokens, tied head),
@@ -159,9 +166,20 @@ def build(c: dict[str, Any]) -> dict[str, Any]:
              "attention_mask": jax.device_put(np.ones_like(ids), b_sh)}
     plain_cfg = cfg.replace(remat=c["plain_remat"] or cfg.remat)
     holder = {"state": H.initial_state(setup, params), "batch": batch, "mesh": mesh}
-    return dict(cfg=cfg, tc=tc, holder=holder,
-                qs=H.make_step(cfg, tc, setup, seed=c["seed"]),
-                plain=H.make_step(plain_cfg, tc, setup, plain=True, seed=c["seed"]))
+    out = dict(cfg=cfg, tc=tc, holder=holder,
+               qs=H.make_step(cfg, tc, setup, seed=c["seed"]),
+               plain=H.make_step(plain_cfg, tc, setup, plain=True, seed=c["seed"]))
+    if c["think_k"]:  # sparse thoughts with a think gate, and the fast plain baseline
+        from quietstar_jax.thoughts import init_gate_params
+
+        params_g = {**params, "think_gate": init_gate_params(cfg, jax.random.key(c["seed"]))}
+        setup_g = H.train_setup(cfg, mesh, params_g)
+        out["holder_sparse"] = {"state": H.initial_state(setup_g, params_g), "batch": batch,
+                                "mesh": mesh}
+        out["sparse"] = H.make_step(cfg, tc.replace(think_k=c["think_k"]), setup_g,
+                                    seed=c["seed"])
+        out["fast_plain"] = H.make_step(plain_cfg, tc, setup, plain="fast", seed=c["seed"])
+    return out
 
 
 def measure(st: H.Stepper, c: dict[str, Any], n_steps: int, cpu: bool) -> dict[str, Any]:
@@ -223,12 +241,26 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
                            "rss_after_init_bytes": H.proc_status().get("VmRSS"),
                            "flops": analytic_flops(c)}
     steppers = {}
-    for name in ("qs", "plain"):
-        if mode in ("both", name):
+    names = ("qs", "plain") + (("sparse", "fast_plain") if c["think_k"] else ())
+    for name in names:
+        if mode in ("both", name) or (mode == "qs" and name == "sparse"):
             H.reset_peak_rss()
-            steppers[name] = H.Stepper(b[name], b["holder"], name)
-            n = c["steps"] if name == "qs" else c["plain_steps"] or 3 * c["steps"]
+            holder = b["holder_sparse"] if name == "sparse" else b["holder"]
+            steppers[name] = H.Stepper(b[name], holder, name)
+            n = c["steps"] if name in ("qs", "sparse") else c["plain_steps"] or 3 * c["steps"]
             res[name] = measure(steppers[name], c, n, cpu)
+    if "sparse" in res:
+        sp = res["sparse"]["median_s"]
+        res["sparse_ratios"] = {
+            "sparse_over_qs": sp / res["qs"]["median_s"],
+            **({"sparse_over_plain": sp / res["plain"]["median_s"],
+                "sparse_over_fast_plain": sp / res["fast_plain"]["median_s"],
+                "qs_over_fast_plain": res["qs"]["median_s"] / res["fast_plain"]["median_s"],
+                "plain_over_fast_plain": (res["plain"]["median_s"]
+                                          / res["fast_plain"]["median_s"])}
+               if "fast_plain" in res else {}),
+        }
+        res["sparse"]["think_rate"] = float(steppers["sparse"].metrics["think_rate"])
     if mode == "both":
         res["ratio_of_medians"] = res["qs"]["median_s"] / res["plain"]["median_s"]
         if c["interleave"]:
@@ -238,6 +270,10 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
     pk = None if cpu else peak_flops(env["device_kind"], c["dtype"])
     for name in steppers:
         r = res[name]
+        if f"{name}_useful" not in fl:  # sparse / fast plain: XLA's count only
+            if r["xla_flops"]:
+                r["achieved_flops_per_s_xla"] = r["xla_flops"] / r["median_s"]
+            continue
         r["achieved_flops_per_s_useful"] = fl[f"{name}_useful"] / r["median_s"]
         r["achieved_flops_per_s_dense"] = fl[f"{name}_dense"] / r["median_s"]
         if r["xla_flops"]:
@@ -365,6 +401,17 @@ def report(results: dict[str, Any], out: str) -> None:
         H.log(f"| {name} | {r['median_s']:.3f} | {r['input_tokens_per_s']:.1f} "
               f"| {r['compile_s']:.1f} | {H.fmt_bytes(mem)} | {fl[k + '_useful'] / 1e9:.1f} "
               f"| {xf} | {r['achieved_flops_per_s_useful'] / 1e9:.1f} |")
+    for name, k in (("sparse (think_k)", "sparse"), ("fast plain", "fast_plain")):
+        if k not in main_r:
+            continue
+        r = main_r[k]
+        mem = r.get("peak_rss_process_bytes") or r.get("peak_device_bytes")
+        xf = f"{r['xla_flops'] / 1e9:.1f}" if r.get("xla_flops") else "-"
+        H.log(f"| {name} | {r['median_s']:.3f} | {r['input_tokens_per_s']:.1f} "
+              f"| {r['compile_s']:.1f} | {H.fmt_bytes(mem)} | - | {xf} | - |")
+    if "sparse_ratios" in main_r:
+        H.log("sparse step (think_k=" + str(main_r["config"]["think_k"]) + "): " + ", ".join(
+            f"{k} {v:.2f}" for k, v in main_r["sparse_ratios"].items()))
     inter = main_r.get("interleaved", {})
     H.log(f"ratio Quiet-STaR / plain: {main_r['ratio_of_medians']:.2f} (medians), "
           f"{inter.get('ratio_median', float('nan')):.2f} (interleaved); theory "
@@ -387,9 +434,14 @@ def parse_args() -> tuple[argparse.Namespace, dict[str, Any]]:
     ap.add_argument("--preset", choices=sorted(PRESETS), default="cpu-small")
     for k, v in DEFAULTS.items():
         if k != "scan_layers":
-            t = int if isinstance(v, int) or v is None and k in ("head_dim", "plain_steps") \
-                else str
-            ap.add_argument(f"--{k}", type=t, default=None, help=f"(preset cpu-small: {v})")
+            t = int if isinstance(v, int) or v is None and k in ("head_dim", "plain_steps",
+                                                                 "think_k") else str
+            names = [f"--{k}"] + (["--think-k"] if k == "think_k" else [])
+            ap.add_argument(*names, dest=k, type=t, default=None,
+                            help="sparse thoughts: also time the step with this many "
+                            "thinking positions per row (and a think gate) and a plain step "
+                            "with materialised logits" if k == "think_k" else
+                            f"(preset cpu-small: {v})")
     ap.add_argument("--scan_layers", choices=("true", "false"), default=None)
     ap.add_argument("--sweep", choices=("none", "seq", "n_ahead", "all"), default="all")
     ap.add_argument("--sweep_steps", type=int, default=3, help="timed steps per sweep point")

@@ -14,7 +14,23 @@ import numpy as np
 
 from quietstar_jax import model, vocab
 from quietstar_jax.model import ModelConfig, Params
-from quietstar_jax.thoughts import Rollout, ThoughtConfig, mixed_hidden, rollout, shift_left
+from quietstar_jax.sparse import (
+    SELECT_SALT,
+    gate_loss_of,
+    logit_stats,
+    select_positions,
+    sparse_thoughts,
+    take,
+)
+from quietstar_jax.thoughts import (
+    Rollout,
+    ThoughtConfig,
+    gate_logit,
+    mixed_hidden,
+    mixing_weight,
+    rollout,
+    shift_left,
+)
 
 LOSS_COMPONENTS = ("nll_base", "nll_thought", "policy_loss")
 
@@ -68,6 +84,7 @@ def validate_inputs(
             f"sequence length {seq} is shorter than n_ahead_talk + 2 = {tc.n_ahead_talk + 2}: "
             "no position would carry a reward"
         )
+    tc.check_think_k(seq)
     check_ids_in_vocab(input_ids, cfg.vocab_size, "input_ids")
     if thought_tokens is not None:
         check_ids_in_vocab(thought_tokens, cfg.vocab_size, "thought_tokens")
@@ -98,6 +115,12 @@ def training_reward(reward: jax.Array, tc: ThoughtConfig) -> jax.Array:
     return reward
 
 
+def masked_std(x: jax.Array, mask: jax.Array) -> jax.Array:
+    """Standard deviation of x over `mask` (0 when the mask is empty)."""
+    mu = masked_mean(x, mask)
+    return jnp.sqrt(masked_mean(jnp.square(x - mu), mask))
+
+
 def reinforce_loss(train_reward: jax.Array, thought_logp: jax.Array) -> tuple[jax.Array, jax.Array]:
     """REINFORCE: mean over token steps of mean over rows and rewarded positions of -R logp.
 
@@ -121,7 +144,9 @@ def quietstar_objective(
     thought_tokens: jax.Array | None = None,
 ) -> tuple[jax.Array, dict[str, jax.Array], dict[str, Any]]:
     """(loss, metrics, details): `quietstar_loss` plus the per-position details of
-    `quietstar_details`, from one computation (differentiate with has_aux)."""
+    `quietstar_details`, from one computation (differentiate with has_aux). With
+    `tc.think_k` set, only that many positions per row think (`sparse.sparse_objective`:
+    its details and metrics add the gathered positions and the think gate's)."""
     validate_inputs(cfg, tc, input_ids, attention_mask, thought_tokens)
     if attention_mask is None:
         attention_mask = jnp.ones_like(input_ids)
@@ -129,6 +154,8 @@ def quietstar_objective(
         if tc.sampling == "sample" and thought_tokens is None and tc.num_sampled > 0:
             raise ValueError("quietstar_loss needs an rng to sample thoughts (sampling='sample')")
         rng = jax.random.key(0)
+    if tc.think_k is not None:  # sparse thoughts: only think_k positions per row think
+        return sparse_objective(params, cfg, tc, input_ids, attention_mask, rng, thought_tokens)
     x = jnp.repeat(input_ids, tc.n_passes, axis=0)
     mask = jnp.repeat(attention_mask, tc.n_passes, axis=0)
     rows, seq = x.shape
@@ -249,3 +276,155 @@ def quietstar_details(
         params, config, thought_config, input_ids, attention_mask, rng, thought_tokens
     )
     return details | {"metrics": metrics}
+
+
+def sparse_objective(
+    params: Params,
+    cfg: ModelConfig,
+    tc: ThoughtConfig,
+    input_ids: jax.Array,
+    attention_mask: jax.Array,
+    rng: jax.Array,
+    thought_tokens: jax.Array | None = None,
+    positions_override: jax.Array | None = None,
+) -> tuple[jax.Array, dict[str, jax.Array], dict[str, Any]]:
+    """(loss, metrics, details) of sparse thoughts (`quietstar_jax.sparse`);
+    `quietstar_objective` calls it when `tc.think_k` is set (inputs already checked;
+    `rng` set).
+
+    input_ids, attention_mask: `[batch, seq]`. positions_override: `[batch, k]` int
+    positions to think at instead of the gate's and random ones (tests, analysis).
+    metrics: `quietstar_objective`'s, plus `gate_loss`, `think_rate` (gathered valid
+    positions / valid positions), `gate_positive_frac` (labels that say think),
+    `gate_accuracy` (labels the gate's sign matches). details: per-position `reward`
+    `[rows, seq - 1 - n_ahead_talk]` (0 where no thought), `train_reward`,
+    `nll_base_tok`, `nll_talk_tok` (the base prediction's NLL where no thought),
+    `positions` `[rows, K]`, `gain` `[rows, K]` (the reward at the gathered positions),
+    `gate_label`, `gate_ok` (which gathered positions carry a label), `gate_logit`
+    `[rows, seq]` (zeros without a gate), `thoughts` (`SparseThoughts`), `input_ids`.
+    """
+    n_passes = tc.n_passes
+    x = jnp.repeat(input_ids, n_passes, axis=0)
+    mask = jnp.repeat(attention_mask, n_passes, axis=0)
+    rows, seq = x.shape
+    pad = tc.pad_token_id
+    sch = tc.schedule
+    valid = mask.astype(bool)
+    positions = model.default_positions(mask)
+    with jax.named_scope("base_pass"):
+        h0, kv0 = model.forward(params, cfg, x, mask, positions)[:2]
+
+    has_gate = "think_gate" in params
+    gate_rows = jnp.zeros((rows, seq), jnp.float32)
+    if has_gate:
+        with jax.named_scope("think_gate"):
+            hb = jax.lax.stop_gradient(h0[::n_passes])  # the passes' base passes are equal
+            stats = logit_stats(params, cfg, hb)
+            gate_b = gate_logit(params["think_gate"], hb, stats)  # [batch, seq]
+            gate_rows = jnp.repeat(gate_b, n_passes, axis=0)
+    if positions_override is not None:
+        idx_b = jnp.sort(positions_override.astype(jnp.int32), axis=1)
+    else:
+        # candidates: positions that can carry a reward (and a gate label) come first
+        cand = attention_mask.astype(bool) & (jnp.arange(seq) < sch.rewarded_positions(seq))
+        idx_b = select_positions(tc, cand, gate_b if has_gate else None,
+                                 jax.random.fold_in(rng, SELECT_SALT))
+    idx = jnp.repeat(idx_b, n_passes, axis=0)  # the same positions for every pass
+    th = sparse_thoughts(params, cfg, tc, x, mask, positions, kv0, idx, rng, thought_tokens)
+
+    def targets(k: int) -> tuple[jax.Array, jax.Array]:
+        t = shift_left(x, k)
+        ok = shift_left(valid, k) & (t != pad)
+        return jnp.where(ok, t, 0), ok
+
+    tgt = [targets(sch.target_shift(s)) for s in sch.scored_steps]
+    with jax.named_scope("mixing_head"):
+        mixes = []
+        for s in sch.scored_steps:
+            b = take(shift_left(h0, sch.base_shift(s)), idx)
+            hs = th.step_hidden[s - 1]
+            w = mixing_weight(params["thought"]["mix"], b, hs)
+            wd = w[..., None].astype(hs.dtype)
+            mixes.append(((1 - wd) * b + wd * hs, w))
+    tgt_g = [(take(t, idx), take(ok, idx)) for t, ok in tgt]
+    with jax.named_scope("nll"):
+        nll_b = hidden_nll(params, cfg, h0, tgt[0][0])
+        nll_t = hidden_nll(params, cfg, jnp.stack([m for m, _ in mixes]),
+                           jnp.stack([t for t, _ in tgt_g]))
+    ok1 = tgt[0][1]
+    base_tok = jnp.where(ok1, nll_b, 0.0)
+    nll_base = masked_mean(base_tok, ok1)
+
+    n_reward = sch.rewarded_positions(seq)
+    rew_ok = idx < n_reward
+    gain = jnp.zeros(idx.shape, jnp.float32)
+    nll_talk, w_means, nll_talk_tok = [], [], []
+    r_idx = jnp.arange(rows)[:, None]
+    for k, ((_, w), (_, okk)) in enumerate(zip(mixes, tgt_g, strict=True)):
+        nll_k = jnp.where(okk, nll_t[k], 0.0)
+        nll_talk.append(masked_mean(nll_k, okk))
+        w_means.append(masked_mean(w, okk))
+        base_k = shift_left(base_tok, k)  # the base prediction of the same target
+        nll_talk_tok.append(base_k.at[r_idx, idx].set(nll_k))
+        gain = gain + jax.lax.stop_gradient(take(base_k, idx) - nll_k)
+    gain = jnp.where(rew_ok, gain, 0.0)
+    nll_talk = jnp.stack(nll_talk)
+    nll_thought = jnp.mean(nll_talk)
+    nll_loss = tc.original_loss_weight * nll_base + (1 - tc.original_loss_weight) * nll_thought
+
+    train_gain = training_reward(gain, tc)  # baseline over passes: same positions per pass
+    logp = th.thought_logp
+    with jax.named_scope("policy_loss"):
+        if tc.sampling == "pause" or logp.shape[0] == 0:
+            policy_loss = jnp.zeros((), jnp.float32)
+            policy_per_token = jnp.zeros((0,), jnp.float32)
+        else:
+            m = rew_ok.astype(jnp.float32)
+            per = -jax.lax.stop_gradient(train_gain * m)[None] * logp
+            policy_per_token = jnp.sum(per, axis=(1, 2)) / jnp.maximum(jnp.sum(m), 1.0)
+            policy_loss = jnp.mean(policy_per_token)
+
+    loss = tc.base_loss_beta * nll_loss + tc.policy_loss_beta * policy_loss
+    gate_ok = rew_ok & take(ok1, idx)
+    g_logit = take(gate_rows, idx)
+    gate_loss, label = gate_loss_of(g_logit, gain, gate_ok, tc.gate_cost)
+    if has_gate:
+        loss = loss + tc.gate_loss_weight * gate_loss
+
+    reward = jnp.zeros((rows, seq), jnp.float32).at[r_idx, idx].set(gain)[:, :n_reward]
+    train_reward = (jnp.zeros((rows, seq), jnp.float32).at[r_idx, idx]
+                    .set(train_gain)[:, :n_reward])
+    n_valid = jnp.maximum(jnp.sum(valid), 1)
+    lp_ok = jnp.broadcast_to(rew_ok, logp.shape)
+    metrics = {
+        "loss": loss,
+        "nll_loss": nll_loss,
+        "nll_base": nll_base,
+        "nll_thought": nll_thought,
+        "nll_talk": nll_talk,
+        "policy_loss": policy_loss,
+        "policy_loss_per_token": policy_per_token,
+        "reward_mean": masked_mean(gain, rew_ok),
+        "reward_std": masked_std(gain, rew_ok),
+        "reward_positive_frac": masked_mean((train_gain > 0).astype(jnp.float32), rew_ok),
+        "mixing_weight_mean": jnp.mean(jnp.stack(w_means)),
+        "thought_logp_mean": masked_mean(logp, lp_ok) if logp.shape[0] > 0 else jnp.zeros(()),
+        "gate_loss": gate_loss,
+        "think_rate": jnp.sum(take(valid, idx)) / n_valid,
+        "gate_positive_frac": masked_mean(label.astype(jnp.float32), gate_ok),
+        "gate_accuracy": masked_mean(((g_logit > 0) == label).astype(jnp.float32), gate_ok),
+    }
+    details = {
+        "reward": reward,
+        "train_reward": train_reward,
+        "nll_base_tok": base_tok,
+        "nll_talk_tok": jnp.stack(nll_talk_tok),
+        "positions": idx,
+        "gain": gain,
+        "gate_label": label,
+        "gate_ok": gate_ok,
+        "gate_logit": gate_rows,
+        "thoughts": th,
+        "input_ids": x,
+    }
+    return loss, metrics, details

@@ -48,7 +48,7 @@ from quietstar_jax.axes import (  # noqa: F401  (re-exported: the mesh's rules l
     use_mesh,
 )
 from quietstar_jax.model import ModelConfig, param_logical_axes
-from quietstar_jax.thoughts import thought_logical_axes
+from quietstar_jax.thoughts import gate_logical_axes, thought_logical_axes
 
 # --------------------------------------------------------------------------- the mesh
 
@@ -137,11 +137,15 @@ def make_mesh(
 # --------------------------------------------------------------------------- param shardings
 
 
-def params_logical_axes(cfg: ModelConfig, with_thought: bool = True) -> dict[str, Any]:
-    """Logical axes of the full params pytree (model, and `thought` when present)."""
+def params_logical_axes(cfg: ModelConfig, with_thought: bool = True,
+                        with_gate: bool = False) -> dict[str, Any]:
+    """Logical axes of the full params pytree (model, `thought` when present, and the
+    think gate `think_gate` of sparse thoughts when present)."""
     axes = param_logical_axes(cfg)
     if with_thought:
         axes["thought"] = thought_logical_axes()
+    if with_gate:
+        axes["think_gate"] = gate_logical_axes()
     return axes
 
 
@@ -156,7 +160,7 @@ def sharding_by_path(
     """
     probe = ModelConfig(vocab_size=1, hidden_size=1, intermediate_size=1, num_layers=1,
                         num_heads=1, num_kv_heads=1, attention_bias=True)
-    axes = params_logical_axes(probe)
+    axes = params_logical_axes(probe, with_gate=True)
 
     def lookup(path: tuple[str, ...], shape: tuple[int, ...]) -> NamedSharding:
         node: Any = axes

@@ -42,6 +42,15 @@ class ThoughtConfig:
       start from when they are created (the authors': "---"); None starts them at zero,
       so no token's meaning is built into the thought (read by the trainer and
       `hf.load_pretrained`; params that already hold thought embeddings keep them).
+    think_k: None (the default, the authors' method): every position thinks. An int:
+      sparse thoughts in training, only `think_k` positions per sequence think (the
+      think gate's top positions plus a random share); the rest use the base prediction
+      (`quietstar_jax.sparse`). Must be in [1, sequence length].
+    think_explore: the share of the `think_k` positions drawn at random (exploration and
+      unbiased gate labels), in [0, 1]; all are random without gate params.
+    gate_cost: the cost of a thought in nats: a position's gate label is gain > gate_cost
+      (gain: the talk steps' summed NLL without the thought minus with it).
+    gate_loss_weight: weight of the think gate's margin-weighted logistic loss in the total.
     """
 
     n_ahead: int = 12
@@ -62,6 +71,10 @@ class ThoughtConfig:
     pause_token_id: int | None = None
     masked_token_ids: tuple[int, ...] = ()
     init_token: str | None = "---"
+    think_k: int | None = None
+    think_explore: float = 0.25
+    gate_cost: float = 0.0
+    gate_loss_weight: float = 1.0
 
     def __post_init__(self) -> None:
         if self.n_ahead < 3:
@@ -90,6 +103,25 @@ class ThoughtConfig:
             raise ValueError("ThoughtConfig.init_token='': give a text with at least one "
                              "token, or None for zero-initialised thought embeddings")
         object.__setattr__(self, "masked_token_ids", tuple(int(i) for i in self.masked_token_ids))
+        if self.think_k is not None and (isinstance(self.think_k, bool)
+                                         or not isinstance(self.think_k, int)
+                                         or self.think_k < 1):
+            raise ValueError(f"ThoughtConfig.think_k={self.think_k!r}: must be None (think at "
+                             "every position) or an int >= 1 (positions per sequence)")
+        if not 0.0 <= self.think_explore <= 1.0:
+            raise ValueError(
+                f"ThoughtConfig.think_explore={self.think_explore}: must be in [0, 1]")
+        if not self.gate_loss_weight >= 0:
+            raise ValueError(
+                f"ThoughtConfig.gate_loss_weight={self.gate_loss_weight}: must be >= 0")
+        if not math.isfinite(self.gate_cost):
+            raise ValueError(f"ThoughtConfig.gate_cost={self.gate_cost}: must be finite")
+
+    def check_think_k(self, seq: int) -> None:
+        """Raise unless `think_k` (when set) fits a sequence of `seq` positions."""
+        if self.think_k is not None and self.think_k > seq:
+            raise ValueError(f"ThoughtConfig.think_k={self.think_k} exceeds the sequence length "
+                             f"{seq}: at most every position can think")
 
     @property
     def schedule(self) -> ThoughtSchedule:
@@ -195,6 +227,63 @@ class ThoughtParams(nnx.Module):
         self.start_emb = model.declare(rngs, given, (cfg.hidden_size,), ("embed",), dt)
         self.end_emb = model.declare(rngs, copied, (cfg.hidden_size,), ("embed",), dt)
         self.mix = MixingHead(cfg, rngs=rngs)
+
+
+GATE_HIDDEN = 64  # width of the think gate's hidden layer
+GATE_STATS = 2  # the base logits' statistics the gate reads: entropy, top-1 probability
+
+
+class ThinkGate(nnx.Module):
+    """The think gate (`params["think_gate"]`, present only for sparse thoughts with a gate):
+    per position, from the base pass's final hidden `[..., hidden]` (gradient stopped by
+    the caller) and its logits' statistics `[..., GATE_STATS]` (entropy, top-1
+    probability), the logit `[...]` (float32) that a thought there pays.
+
+    relu(h w0 + stats ws + b0) -> . w1 + b1; torch-Linear default init for the hidden
+    layer, zeros for the output (the gate starts undecided: every position scores 0).
+    """
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        h, g = cfg.hidden_size, GATE_HIDDEN
+        dt = jnp.dtype(cfg.param_dtype)
+        hidden_in = uniform_init(h + GATE_STATS)
+        self.w0 = model.declare(rngs, hidden_in, (h, g), ("embed", "mix_out"), dt)
+        self.ws = model.declare(rngs, hidden_in, (GATE_STATS, g), ("mix_in", "mix_out"), dt)
+        self.b0 = model.declare(rngs, hidden_in, (g,), ("mix_out",), dt, decay=False)
+        self.w1 = model.declare(rngs, model.zeros_init, (g, 1), ("mix_in", "mix_out"), dt)
+        self.b1 = model.declare(rngs, model.zeros_init, (1,), ("mix_out",), dt, decay=False)
+
+    def __call__(self, h: jax.Array, stats: jax.Array) -> jax.Array:
+        f32 = lambda p: p[...].astype(jnp.float32)  # noqa: E731
+        x = h.astype(jnp.float32) @ f32(self.w0) + stats.astype(jnp.float32) @ f32(self.ws)
+        x = jax.nn.relu(x + f32(self.b0))
+        return (x @ f32(self.w1) + f32(self.b1))[..., 0]
+
+
+def gate_param_shapes(cfg: ModelConfig) -> Params:
+    """Shapes of the think gate's params (`params["think_gate"]`)."""
+    return model.param_shapes(cfg, ThinkGate)
+
+
+def gate_logical_axes() -> Params:
+    """Logical axis names of the think gate's params."""
+    return model.param_logical_axes(_PROBE, ThinkGate)
+
+
+def gate_param_decay() -> Params:
+    """Whether weight decay applies to each think gate param."""
+    return model.param_decay(_PROBE, ThinkGate)
+
+
+def init_gate_params(cfg: ModelConfig, rng: jax.Array) -> Params:
+    """Fresh think gate params (`ThinkGate`): they go in `params["think_gate"]`."""
+    return model.to_params(ThinkGate(cfg, rngs=nnx.Rngs(params=rng)))
+
+
+def gate_logit(gate: Params, h: jax.Array, stats: jax.Array) -> jax.Array:
+    """The think gate (`ThinkGate`) of params `gate`: hidden `[..., hidden]`, stats
+    `[..., GATE_STATS]` -> logit `[...]` float32."""
+    return model.from_params(gate, _PROBE, ThinkGate)(h, stats)
 
 
 class QuietStarLM(model.CausalLM):

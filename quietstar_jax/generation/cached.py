@@ -49,10 +49,12 @@ from quietstar_jax.generation.sampling import (
 from quietstar_jax.model import KV, ModelConfig, Params
 from quietstar_jax.protocols import Tokenizer
 from quietstar_jax.schedule import ThoughtSchedule, window_visible
+from quietstar_jax.sparse import stats_from_logits
 from quietstar_jax.thoughts import (
     PositionInputs,
     RowContext,
     ThoughtConfig,
+    gate_logit,
     map_thoughts,
     mixed_hidden,
 )
@@ -69,12 +71,15 @@ class Generation(NamedTuple):
       token (None without thinking or unless asked for).
     mixing_weights: float32 `[B, N]`, the mixing head's weight w of each new token
       (None without thinking or unless asked for).
+    thought_mask: bool `[B, N]`, whether a thought preceded each new token (with a
+      think gate, `gate_threshold`; None otherwise).
     """
 
     tokens: jax.Array
     lengths: jax.Array
     thoughts: jax.Array | None
     mixing_weights: jax.Array | None
+    thought_mask: jax.Array | None = None
 
 
 # --------------------------------------------------------------------------- inputs
@@ -226,7 +231,7 @@ def _append_token(
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "tc", "sc", "max_new_tokens", "think",
-                                             "eos_id", "pad_id"))
+                                             "eos_id", "pad_id", "gate_threshold"))
 def _generate_cached(
     params: Params,
     ids: jax.Array,
@@ -240,7 +245,8 @@ def _generate_cached(
     think: bool,
     eos_id: int | None,
     pad_id: int,
-) -> tuple[jax.Array, jax.Array, jax.Array]:
+    gate_threshold: float | None = None,
+) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
     b, p = ids.shape
     n = max_new_tokens
     n_thought = tc.num_sampled if think else 0
@@ -253,6 +259,7 @@ def _generate_cached(
     out_tok = jnp.full((b, n), pad_id, jnp.int32)
     out_thought = jnp.zeros((b, n, n_thought), jnp.int32)
     out_w = jnp.zeros((b, n), jnp.float32)
+    out_fire = jnp.zeros((b, n), bool)
     done = jnp.zeros((b,), bool)
 
     def cond(state):
@@ -260,9 +267,16 @@ def _generate_cached(
         return (t < n) & ~jnp.all(done)
 
     def body(state):
-        t, cache, valid, cpos, h_last, pos_last, out_tok, out_thought, out_w, done = state
+        (t, cache, valid, cpos, h_last, pos_last, out_tok, out_thought, out_w, out_fire,
+         done) = state
         key = _token_key(rng, t)
-        if think:
+        if think and gate_threshold is not None:
+            logits, thought, w, fire = _gated_thought(params, cfg, tc, cache, valid, cpos,
+                                                      h_last, pos_last, key, gate_threshold)
+            out_thought = out_thought.at[:, t].set(thought)
+            out_w = out_w.at[:, t].set(w)
+            out_fire = out_fire.at[:, t].set(fire)
+        elif think:
             mixed, thought, w = think_at(params, cfg, tc, cache, valid[:, None, :], cpos,
                                          h_last[:, None, :], pos_last[:, None], key)
             logits = model.logits_from_hidden(params, cfg, mixed[:, 0])
@@ -277,12 +291,37 @@ def _generate_cached(
         pos_new = pos_last + 1
         h_new, cache, valid, cpos = _append_token(
             params, cfg, cache, valid, cpos, tok, pos_new, p + t)
-        return t + 1, cache, valid, cpos, h_new, pos_new, out_tok, out_thought, out_w, done
+        return (t + 1, cache, valid, cpos, h_new, pos_new, out_tok, out_thought, out_w,
+                out_fire, done)
 
     state = (jnp.zeros((), jnp.int32), cache, cache_valid, cache_pos, h[:, -1], positions[:, -1],
-             out_tok, out_thought, out_w, done)
+             out_tok, out_thought, out_w, out_fire, done)
     state = jax.lax.while_loop(cond, body, state)
-    return state[6], state[7], state[8]
+    return state[6], state[7], state[8], state[9]
+
+
+def _gated_thought(params, cfg, tc, cache, valid, cpos, h_last, pos_last, key, threshold):
+    """One step of gated thinking: the think gate (`params["think_gate"]`) on the last
+    hidden `[B, hidden]` and its base logits' statistics; rows whose gate logit exceeds
+    `threshold` think (`think_at`) and take the mixed logits, the others the base
+    logits. The thought runs only when some row fires (`lax.cond`). Returns (logits
+    `[B, vocab]`, thought tokens `[B, n_ahead - 3]` (0 where none), mixing weight `[B]`,
+    fired `[B]`)."""
+    b = h_last.shape[0]
+    base = model.logits_from_hidden(params, cfg, h_last)
+    fire = gate_logit(params["think_gate"], h_last, stats_from_logits(base)) > threshold
+
+    def thinking(_):
+        mixed, thought, w = think_at(params, cfg, tc, cache, valid[:, None, :], cpos,
+                                     h_last[:, None, :], pos_last[:, None], key)
+        return model.logits_from_hidden(params, cfg, mixed[:, 0]), thought[:, 0], w[:, 0]
+
+    def not_thinking(_):
+        return (base, jnp.zeros((b, tc.num_sampled), jnp.int32), jnp.zeros((b,), jnp.float32))
+
+    logits, thought, w = jax.lax.cond(jnp.any(fire), thinking, not_thinking, None)
+    logits = jnp.where(fire[:, None], logits, base)
+    return logits, jnp.where(fire[:, None], thought, 0), jnp.where(fire, w, 0.0), fire
 
 
 class Request(NamedTuple):
@@ -348,6 +387,7 @@ def generate(
     pad_token_id: int | None = None,
     return_thoughts: bool = False,
     pad_to_multiple: int = 16,
+    gate_threshold: float | None = None,
 ) -> Generation:
     """Cached generation, with thoughts (`think=True`) or as the plain base LM.
 
@@ -360,18 +400,29 @@ def generate(
     eos_token_id: stop a row after it (default -1: cfg.eos_token_id; None: never stop).
     pad_token_id: fills the prompt padding and the tokens after eos (default
       tc.pad_token_id, else eos, else 0).
-    Returns a `Generation` (thoughts and mixing weights only with return_thoughts).
+    gate_threshold: with thinking, think only before the tokens where the think gate
+      (`params["think_gate"]`, trained with sparse thoughts) gives a logit above this
+      (sparse training's labels: a thought pays more than `gate_cost`); the others use
+      the base prediction. None (default): think before every token.
+    Returns a `Generation` (thoughts and mixing weights only with return_thoughts;
+    `thought_mask` with a gate threshold).
     """
+    if gate_threshold is not None and think and "think_gate" not in params:
+        raise ValueError("gate_threshold needs a think gate: params have no 'think_gate' "
+                         "(train with ThoughtConfig.think_k and gate_loss_weight > 0)")
     r = prepare_request(cfg, tc, prompts, max_new_tokens=max_new_tokens, rng=rng,
                         think=think, greedy=greedy, temperature=temperature, top_p=top_p,
                         eos_token_id=eos_token_id, pad_token_id=pad_token_id,
                         pad_to_multiple=pad_to_multiple)
-    toks, thoughts, w = _generate_cached(
+    gated = think and gate_threshold is not None
+    toks, thoughts, w, fired = _generate_cached(
         params, r.ids, r.mask, r.rng, cfg=r.cfg, tc=r.tc, sc=r.sc,
-        max_new_tokens=max_new_tokens, think=think, eos_id=r.eos_id, pad_id=r.pad_id)
+        max_new_tokens=max_new_tokens, think=think, eos_id=r.eos_id, pad_id=r.pad_id,
+        gate_threshold=float(gate_threshold) if gated else None)
     toks, lengths = _finish(toks, r.eos_id, r.pad_id)
     keep = think and return_thoughts
-    return Generation(toks, lengths, thoughts if keep else None, w if keep else None)
+    return Generation(toks, lengths, thoughts if keep else None, w if keep else None,
+                      fired if gated else None)
 
 
 def _mask_only(tc: ThoughtConfig) -> ThoughtConfig | None:

@@ -30,7 +30,7 @@ class ConfigError(ValueError):
 def _thought_defaults() -> ConfigDict:
     c = ConfigDict()
     for f in dataclasses.fields(ThoughtConfig):
-        if f.name in _TOKEN_FIELDS or f.name == "pause_token_id":
+        if f.name in _TOKEN_FIELDS or f.name in ("pause_token_id", "think_k"):
             setattr(c, f.name, config_dict.placeholder(int))
         else:
             setattr(c, f.name, f.default)
@@ -213,6 +213,9 @@ def validate_config(config: ConfigDict) -> None:
     _check(d.seq_len >= t.n_ahead_talk + 2,
            f"config.data.seq_len={d.seq_len} must be >= config.thought.n_ahead_talk + 2 = "
            f"{t.n_ahead_talk + 2} (no position would carry a reward)")
+    _check(t.get("think_k") is None or t.think_k <= d.seq_len,
+           f"config.thought.think_k={t.get('think_k')} exceeds config.data.seq_len={d.seq_len} "
+           "(at most every position can think)")
 
     o = c.optim
     _check(o.lr >= 0, f"config.optim.lr={o.lr} must be >= 0")

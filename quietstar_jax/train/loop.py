@@ -149,7 +149,7 @@ class _Setup:
         self.optimizer, self.schedule = optimizer_from_config(config.optim, config.num_steps)
         params = self.model.params
         self.param_sharding = sharding.param_shardings(
-            self.mesh, params, sharding.params_logical_axes(cfg))
+            self.mesh, params, sharding.params_logical_axes(cfg, with_gate="think_gate" in params))
         self.state_sharding = state_shardings(self.mesh, self.optimizer, params,
                                               self.param_sharding)
         self.batch_sharding = sharding.batch_sharding(self.mesh)
@@ -195,6 +195,7 @@ class _Setup:
 
 def _make_eval_fn(cfg: ModelConfig, tc: ThoughtConfig, mesh: Any) -> Callable[..., Any]:
     rep = sharding.replicated(mesh)
+    tc = tc.replace(think_k=None)  # the page shows every position's thought and reward
 
     def fn(params: Params, ids: jax.Array, mask: jax.Array, key: jax.Array) -> tuple:
         d = quietstar_details(params, cfg, tc, ids, mask, key)
@@ -502,7 +503,10 @@ def _train(config: ConfigDict, workdir: str, setup: _Setup, ckpt: Checkpointer,
             stage.now = "exporting"
             ckpt.wait()
             try:
-                hf.save_pretrained(config.export_hf_dir, state.params, setup.model.cfg,
+                # the think gate of sparse thoughts has no checkpoint name: it stays in
+                # the training checkpoint
+                export = {k: v for k, v in state.params.items() if k != "think_gate"}
+                hf.save_pretrained(config.export_hf_dir, export, setup.model.cfg,
                                    tokenizer=setup.model.hf_tokenizer,
                                    overwrite=config.export_hf_overwrite)
             except FileExistsError as e:  # the directory was filled while training

@@ -18,7 +18,7 @@ from quietstar_jax.loss import LOSS_COMPONENTS
 # loss = nll_loss + policy_term (policy_loss_beta x policy_loss): the policy term is
 # shown beside the total, whose scale (beta = 1e6) it dominates.
 SCALARS_SHOWN = ("loss", "nll_loss", "policy_term", "nll_base", "nll_thought", "reward_mean",
-                 "mixing_weight_mean")
+                 "mixing_weight_mean", "think_rate", "gate_loss")  # the last two: think_k set
 
 
 def check_finite(metrics: dict[str, Any], step: int) -> None:

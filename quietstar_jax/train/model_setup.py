@@ -16,7 +16,7 @@ from jax.sharding import Mesh
 
 from quietstar_jax import sharding
 from quietstar_jax.model import ModelConfig, Params, init_params
-from quietstar_jax.thoughts import init_thought_params
+from quietstar_jax.thoughts import init_gate_params, init_thought_params
 from quietstar_jax.train.config import thought_init_text
 from quietstar_jax.train.tokenizer import ByteTokenizer, HFTokenizer, TextTokenizer
 
@@ -70,7 +70,25 @@ def build_inline_model(model: Any, thought: Any, mesh: Mesh, seed: int) -> Loade
 
     params = sharding.sharded_init(init, mesh, sharding.params_logical_axes(cfg),
                                    jax.random.key(seed))
-    return LoadedModel(cfg, params, tok, None)
+    return LoadedModel(cfg, add_think_gate(params, cfg, thought, mesh, seed), tok, None)
+
+
+def wants_think_gate(thought: Any) -> bool:
+    """Sparse thoughts (`config.thought.think_k` set) with a gate loss
+    (`gate_loss_weight` > 0) train a think gate; without one, positions are random."""
+    return thought.get("think_k") is not None and thought.get("gate_loss_weight", 0.0) > 0
+
+
+def add_think_gate(params: Params, cfg: ModelConfig, thought: Any, mesh: Mesh,
+                   seed: int) -> Params:
+    """`params` with fresh think gate params (`params["think_gate"]`, placed on the
+    mesh) when the config trains one (`wants_think_gate`); unchanged otherwise."""
+    if not wants_think_gate(thought) or "think_gate" in params:
+        return params
+    axes = sharding.params_logical_axes(cfg, with_thought=False, with_gate=True)
+    gate = sharding.sharded_init(lambda key: init_gate_params(cfg, key), mesh,
+                                 axes["think_gate"], jax.random.fold_in(jax.random.key(seed), 25))
+    return {**params, "think_gate": gate}
 
 
 def load_hf_model(model: Any, thought: Any, mesh: Mesh, seed: int) -> LoadedModel:
@@ -92,6 +110,7 @@ def load_hf_model(model: Any, thought: Any, mesh: Mesh, seed: int) -> LoadedMode
     if hf_tok is None:
         raise FileNotFoundError(f"config.model.hf_path={path!r} has no tokenizer files; the "
                                 "trainer needs the checkpoint's tokenizer")
+    params = add_think_gate(params, cfg, thought, mesh, seed)
     return LoadedModel(cfg, params, HFTokenizer(hf_tok), hf_tok)
 
 

@@ -24,7 +24,12 @@ from quietstar_jax import model
 from quietstar_jax.loss import hidden_nll, masked_mean, quietstar_loss
 from quietstar_jax.model import ModelConfig, Params
 from quietstar_jax.sharding import BATCH_AXES, replicated
-from quietstar_jax.thoughts import ThoughtConfig, shift_left, thought_param_decay
+from quietstar_jax.thoughts import (
+    ThoughtConfig,
+    gate_param_decay,
+    shift_left,
+    thought_param_decay,
+)
 
 Batch = dict[str, jax.Array]  # input_ids, attention_mask: int32 [batch, seq]
 # (params, micro-batch, thought-sampling key) -> (loss, metrics): what one step minimises.
@@ -61,7 +66,8 @@ def _decay_by_path() -> dict[tuple[str, ...], bool]:
     `thought`) -> its declared `weight_decay` metadata (`model.declare`)."""
     probe = ModelConfig(vocab_size=1, hidden_size=1, intermediate_size=1, num_layers=1,
                         num_heads=1, num_kv_heads=1, attention_bias=True)
-    table = {**model.param_decay(probe), "thought": thought_param_decay()}
+    table = {**model.param_decay(probe), "thought": thought_param_decay(),
+             "think_gate": gate_param_decay()}
     return traverse_util.flatten_dict(table)
 
 
@@ -190,6 +196,27 @@ def next_token_loss_fn(model_cfg: ModelConfig, thought_cfg: ThoughtConfig) -> Lo
         t = shift_left(x, 1)
         ok = shift_left(m.astype(bool), 1) & (t != thought_cfg.pad_token_id)
         nll = hidden_nll(params, model_cfg, h, jnp.where(ok, t, 0))
+        loss = masked_mean(jnp.where(ok, nll, 0.0), ok)
+        return loss, {"loss": loss, "nll_base": loss}
+
+    return loss_fn
+
+
+def materialised_next_token_loss_fn(model_cfg: ModelConfig, thought_cfg: ThoughtConfig
+                                    ) -> LossFn:
+    """`next_token_loss_fn`'s loss with the logits materialised (`model.lm_logits`,
+    `[rows, seq, vocab]` float32, then log-softmax) instead of the chunked vocabulary
+    walk: the plain step a user without thoughts would run, and on small batches the
+    fastest (the benchmarks' "fast plain" baseline)."""
+    def loss_fn(params: Params, micro: Batch, key: jax.Array) -> tuple[jax.Array, dict]:
+        del key
+        x = jnp.repeat(micro["input_ids"], thought_cfg.n_passes, axis=0)
+        m = jnp.repeat(micro["attention_mask"], thought_cfg.n_passes, axis=0)
+        logits = model.lm_logits(params, model_cfg, x, m)
+        t = shift_left(x, 1)
+        ok = shift_left(m.astype(bool), 1) & (t != thought_cfg.pad_token_id)
+        picked = jnp.take_along_axis(logits, jnp.where(ok, t, 0)[..., None], axis=-1)[..., 0]
+        nll = jax.nn.logsumexp(logits, axis=-1) - picked
         loss = masked_mean(jnp.where(ok, nll, 0.0), ok)
         return loss, {"loss": loss, "nll_base": loss}
 
