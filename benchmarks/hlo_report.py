@@ -14,7 +14,12 @@ shape is per device) and sums, per instruction result of at least `min_bytes`:
   memory, and several results share one buffer over time, so the figures rank where large
   arrays come from; the compiler's memory analysis gives the peak.
 - `upcasts`: `convert` results from a 16-bit float to float32 (count, total bytes, the
-  largest with their op_name): where the program widens bfloat16 arrays.
+  largest with their op_name): where the program widens bfloat16 arrays. The operand's
+  dtype is read from the operand itself or, where the text does not type operands (TPU),
+  from the instruction that defines it.
+- `widened`: results the compiler computes in float32 although the program asked for
+  bfloat16 (the TPU compiler's `float_type_correction_info` with original type BF16,
+  e.g. elementwise ops on chips without bfloat16 vector units): count, bytes, by scope.
 - `collectives`: all-gather / all-reduce / reduce-scatter / all-to-all /
   collective-permute results (count, total and largest bytes, the largest with their
   op_name): what the partitioner moves between chips, e.g. a gather of a vocabulary-split
@@ -45,6 +50,7 @@ _INSTRUCTION = re.compile(
     r"(?P<opcode>[\w\-]+)\((?P<operands>[^)]*)")
 _OP_NAME = re.compile(r'op_name="([^"]*)"')
 _TARGET = re.compile(r'custom_call_target="([^"]*)"')
+_FIRST_OPERAND = re.compile(r"\s*(?:(\w+)\[[^\]]*\]\S*\s+)?%?([\w.\-]+)")
 
 
 def instructions(hlo_text: str) -> list[dict[str, Any]]:
@@ -57,13 +63,15 @@ def instructions(hlo_text: str) -> list[dict[str, Any]]:
         if not m or m.group("dtype") not in DTYPE_BYTES:
             continue
         dims = [int(x) for x in m.group("dims").split(",") if x]
-        operand = re.match(r"\s*(\w+)\[", m.group("operands"))
+        operand = _FIRST_OPERAND.match(m.group("operands"))
         on, target = _OP_NAME.search(line), _TARGET.search(line)
         out.append({
             "name": m.group("name"), "dtype": m.group("dtype"), "dims": dims,
             "bytes": math.prod(dims) * DTYPE_BYTES[m.group("dtype")],
             "opcode": m.group("opcode"),
             "operand_dtype": operand.group(1) if operand else None,
+            "operand": operand.group(2) if operand else None,
+            "widened": '"original_type":"BF16"' in line and m.group("dtype") == "f32",
             "op_name": on.group(1) if on else "",
             "target": target.group(1) if target else None,
         })
@@ -89,6 +97,10 @@ def _brief(i: dict[str, Any]) -> dict[str, Any]:
 def hlo_report(hlo_text: str, min_bytes: int = 1 << 20, top: int = 5) -> dict[str, Any]:
     """The summary described in the module docstring, per device, bytes as integers."""
     insts = instructions(hlo_text)
+    dtype_of = {i["name"]: i["dtype"] for i in insts}
+    for i in insts:
+        if i["operand_dtype"] is None and i["operand"] is not None:
+            i["operand_dtype"] = dtype_of.get(i["operand"])
     large = [i for i in insts if i["bytes"] >= min_bytes]
 
     scopes: dict[str, dict[str, Any]] = {}
@@ -105,6 +117,11 @@ def hlo_report(hlo_text: str, min_bytes: int = 1 << 20, top: int = 5) -> dict[st
                "by_scope": dict(Counter(scope_of(i["op_name"]) for i in ups)),
                "largest": [_brief(i) for i in ups[:top]]}
 
+    wide = sorted((i for i in large if i["widened"]), key=lambda i: -i["bytes"])
+    widened = {"count": len(wide), "total_bytes": sum(i["bytes"] for i in wide),
+               "by_scope": dict(Counter(scope_of(i["op_name"]) for i in wide)),
+               "largest": [_brief(i) for i in wide[:top]]}
+
     coll = sorted((i for i in insts if i["opcode"].removesuffix("-start") in COLLECTIVES),
                   key=lambda i: -i["bytes"])
     collectives: dict[str, Any] = {}
@@ -118,5 +135,5 @@ def hlo_report(hlo_text: str, min_bytes: int = 1 << 20, top: int = 5) -> dict[st
                                  "largest": [_brief(i) for i in these[:top]]}
 
     custom = Counter(i["target"] for i in insts if i["opcode"] == "custom-call")
-    return {"min_bytes": min_bytes, "scopes": scopes, "upcasts": upcasts,
+    return {"min_bytes": min_bytes, "scopes": scopes, "upcasts": upcasts, "widened": widened,
             "collectives": collectives, "custom_calls": dict(custom)}

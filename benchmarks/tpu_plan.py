@@ -67,11 +67,13 @@ def main() -> None:
             r = json.load(f)
         mesh = tuple(r["mesh"].values())
         m = r["model"]
-        groups[(r["topology"], r["num_slices"], mesh, r["micro_batch"], r["grad_accum"],
+        accum = (r["grad_accum"], r.get("grad_accum_dtype", "float32"))
+        groups[(r["topology"], r["num_slices"], mesh, r["micro_batch"], accum,
                 m["param_dtype"], m["remat"])].append(r)
 
     table = []
-    for (topo, slices, mesh, micro, accum, _, _), rows in sorted(groups.items()):
+    for (topo, slices, mesh, micro, (accum, accum_dtype), _, _), rows in sorted(
+            groups.items()):
         if len({r["model"]["num_layers"] for r in rows}) < 2:
             continue
         est = extrapolate(rows, args.layers)
@@ -79,6 +81,7 @@ def main() -> None:
         hbm = r0["per_chip"].get("chip_hbm_gib", r0["per_chip"]["hbm_gib"]) * 2**30
         table.append({"topology": topo, "num_slices": slices, "chips": r0["chips"],
                       "mesh": mesh, "micro_batch": micro, "grad_accum": accum,
+                      "grad_accum_dtype": accum_dtype,
                       "layers": args.layers,
                       "hbm_bytes": hbm, "fits": est["peak_bytes"] <= hbm,
                       "compile_s": [round(r["compile_s"]) for r in rows],
@@ -89,8 +92,8 @@ def main() -> None:
     by_mesh: dict[tuple, list[dict[str, Any]]] = defaultdict(list)
     for t in table:
         by_mesh[(t["topology"], t["num_slices"], t["mesh"], t["param_dtype"],
-                 t["grad_accum"])].append(t)
-    for (_, _, mesh, _, _), ts in by_mesh.items():
+                 t["grad_accum"], t["grad_accum_dtype"])].append(t)
+    for (_, _, mesh, *_), ts in by_mesh.items():
         if len(ts) < 2:
             continue
         ts = sorted(ts, key=lambda t: t["micro_batch"])[:2]
@@ -115,7 +118,8 @@ def main() -> None:
                         f"compiled {c['compiled_peak'] / GB:.2f} ({100 * c['error']:+.1f} %)"
                         for c in t["checks"]) or "-"
         print(f"| {t['topology']} | {t['chips']} | {t['mesh']} | {t['param_dtype']} "
-              f"| {t['micro_batch']} x {t['grad_accum']} "
+              f"| {t['micro_batch']} x {t['grad_accum']}"
+              f"{' (sum in params dtype)' if t['grad_accum_dtype'] == 'params' else ''} "
               f"| {t['from_layers']} | {t['argument_bytes'] / GB:.1f} "
               f"| {t['temp_bytes'] / GB:.1f} | **{t['peak_bytes'] / GB:.1f}** "
               f"| {t['hbm_bytes'] / GB:.1f} | {'yes' if t['fits'] else 'no'} | {chk} "

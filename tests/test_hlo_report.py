@@ -76,6 +76,25 @@ def test_an_upcast_in_a_named_scope_is_counted_with_its_size() -> None:
     assert r["scopes"]["vocab"]["count"] == 1
 
 
+def test_untyped_operands_and_widened_results_as_the_tpu_compiler_prints_them() -> None:
+    """TPU HLO text names operands without their types, and marks float32 results of
+    bfloat16 ops with `float_type_correction_info`: the convert's source dtype comes from
+    the operand's own line, and the widened results are counted by scope."""
+    text = "\n".join([
+        '  %p.0 = bf16[1024,1024]{1,0:T(8,128)(2,1)} parameter(0)',
+        '  %convert.7 = f32[1024,1024]{1,0:T(8,128)} convert(%p.0)',
+        '  %neg.2 = f32[1024,1024]{1,0:T(8,128)} negate(%convert.7), '
+        'metadata={op_name="jit(f)/transpose(jvp(mlp))/neg"}, '
+        'backend_config={"float_type_correction_info":{"original_type":"BF16"}}',
+        '  %neg.3 = f32[1024,1024]{1,0:T(8,128)} negate(%convert.7), '
+        'metadata={op_name="jit(f)/mlp/neg"}',
+    ])
+    r = hlo_report(text)
+    assert r["upcasts"]["count"] == 1 and r["upcasts"]["total_bytes"] == 4 * MIB
+    assert r["widened"]["count"] == 1 and r["widened"]["by_scope"] == {"mlp": 1}
+    assert r["widened"]["total_bytes"] == 4 * MIB
+
+
 def test_a_gather_of_a_sharded_array_is_a_collective() -> None:
     """A [2048, 1024] float32 array sharded over 4 simulated devices, used whole: the
     partitioner all-gathers it, and the report shows the gathered size (8 MiB). Run in a
