@@ -363,7 +363,7 @@ def worked_step(params: Params, cfg: ModelConfig, es: EvalSet, delim: str,
     Returns means and per-answer arrays (`es.ok` order): nll, hit (the answer's argmax),
     step_hit (the decoded intermediate is right)."""
     fn = make_next_logits_fn(cfg)
-    ids, d = es.batch["input_ids"], TOK.encode(delim)[0]
+    ids, (d,) = es.batch["input_ids"], TOK.encode(delim, add_bos=False)
     rows, cols = np.nonzero(es.ok)
     offs = es.positions[rows, cols]  # token index of "=" (the answer is at off + 1)
     n, seq = len(rows), ids.shape[1]

@@ -297,3 +297,46 @@ def test_bootstrap_interval_matches_a_direct_computation():
     assert got[0] < values.mean() < got[1]
     # One problem, one value: no spread.
     assert bootstrap_ci(np.full(10, 0.25), np.zeros(10), samples=20) == [0.25, 0.25]
+
+
+def test_worked_step_decodes_the_step_then_scores_the_answer(monkeypatch):
+    """The worked_step arm: the document up to the question's "=", the delimiter, the
+    model's greedy token, the delimiter, then the answer is scored. A stand-in LM that
+    knows every step checks the sequences it is shown and gets every answer."""
+    from experiments import latent_steps as ls
+
+    p = ls.Protocol(hidden=16, layers=1, heads=2, kv_heads=1, intermediate=24)
+    es = ls.eval_set(p, "eval", False, 5)
+    d = ord(corpus.get_task(p.task).delim)
+    seen = []
+
+    def fake(cfg):
+        def fn(params, ids, mask, pos):
+            ids, pos = np.asarray(ids), np.asarray(pos)
+            out = np.zeros((len(ids), 260), np.float32)
+            for i, (row, q) in enumerate(zip(ids, pos, strict=True)):
+                text = bytes(row[1:q + 1].tolist()).decode()
+                seen.append(text)
+                assert np.asarray(mask)[i, :q + 1].all()
+                line = text.splitlines()[-1]
+                if line.endswith("=" + chr(d)):  # write the intermediate
+                    out[i, ord(corpus.apply(line[2], line[4]))] = 5.0
+                else:  # "...=;m;": the answer is outer(m)
+                    assert line[-3] == line[-1] == chr(d)
+                    out[i, ord(corpus.apply(line[0], line[-2]))] = 5.0
+            return out
+        return fn
+
+    monkeypatch.setattr(ls, "make_next_logits_fn", fake)
+    got = ls.worked_step(None, ls.model_config(p), es, chr(d), chunk=7)
+    n = int(es.ok.sum())
+    assert len(seen) == 2 * n
+    assert got["hit_think"] == got["step_correct"] == 1.0
+    assert got["answers"]["hit_think"].shape == (n,)
+    # The rest of each document (before the question) is the skipped text itself.
+    rows, cols = np.nonzero(es.ok)
+    for k, (r, c) in enumerate(zip(rows, cols, strict=True)):
+        prefix = es.docs[r].text[:es.positions[r, c]]
+        assert seen[k] == prefix + chr(d)
+    np.testing.assert_allclose(got["answers"]["nll_think"],
+                               -np.log(np.exp(5.0) / (np.exp(5.0) + 259)), rtol=1e-6)
