@@ -82,8 +82,11 @@ class Protocol:
     kv_heads: int = 2
     intermediate: int = 172
     seq_len: int = 64
-    explicit_frac: float = 0.5
-    pretrain_steps: int = 2000
+    # semi6 has 1.5x the facts of dash4: 0.75 explicit keeps each fact's exposure as in
+    # dash4 at 0.5 (at 0.5 and 2000 steps the LM learnt no fact: loss flat at 1.10), and
+    # fewer skipped documents leave fewer memorised composites.
+    explicit_frac: float = 0.75
+    pretrain_steps: int = 3000
     pretrain_batch: int = 32
     pretrain_lr: float = 3e-3
     steps: int = 200  # second phase, every arm
@@ -112,8 +115,8 @@ class Protocol:
 
 
 FULL = Protocol()
-QUICK = Protocol(pretrain_steps=2000, steps=100, sweep=(4,), pretrain_seeds=(0, 1), seeds=(0,),
-                 eval_docs=96, curve_docs=24, curve_points=2)
+QUICK = Protocol(steps=100, sweep=(4,), pretrain_seeds=(0,), seeds=(0, 1), eval_docs=96,
+                 curve_docs=24, curve_points=2)
 
 
 # ------------------------------------------------------------------ data
@@ -305,17 +308,28 @@ def fed_thoughts(es: EvalSet, kind: str, num_sampled: int, seed: int) -> np.ndar
 
 
 def evaluate(fn: Callable[..., dict], params: Params, es: EvalSet, seed: int,
-             chunk: int = 64, given: np.ndarray | None = None) -> dict[str, Any]:
+             chunk: int = 32, given: np.ndarray | None = None) -> dict[str, Any]:
     """Means over every answer of `es`, plus the raw arrays (numpy) for analysis.
-    `given` `[T, docs, seq]`: thought tokens to feed (`fed_thoughts`) instead of sampling."""
+    `given` `[T, docs, seq]`: thought tokens to feed (`fed_thoughts`) instead of sampling.
+    Every call sees `chunk` rows (the last chunk padded with BOS-only rows that have no
+    answers), so each configuration compiles once."""
     outs = []
     for i in range(0, len(es.docs), chunk):
         sl = slice(i, i + chunk)
+        n = len(es.docs[sl])
+
+        def pad(x: np.ndarray, fill: int, axis: int = 0, n: int = n) -> np.ndarray:
+            width = [(0, 0)] * x.ndim
+            width[axis] = (0, chunk - n)
+            return np.pad(x, width, constant_values=fill)
+
+        ids = pad(es.batch["input_ids"][sl], TOK.pad_token_id)
+        mask = pad(es.batch["attention_mask"][sl], 0)
+        ids[n:, 0], mask[n:, 0] = TOK.bos_token_id, 1
         key = jax.random.fold_in(jax.random.key(seed), 1_000_000 + i)
-        extra = () if given is None else (given[:, sl],)
-        outs.append(jax.device_get(fn(params, es.batch["input_ids"][sl],
-                                      es.batch["attention_mask"][sl], es.positions[sl], key,
-                                      *extra)))
+        extra = () if given is None else (pad(given[:, sl], int(given.min()), axis=1),)
+        o = jax.device_get(fn(params, ids, mask, pad(es.positions[sl], -1), key, *extra))
+        outs.append({k: v[:, :n] if k == "thought" else v[:n] for k, v in o.items()})
     raw = {k: np.concatenate([o[k] for o in outs], axis=1 if k == "thought" else 0)
            for k in outs[0]}
     ok = es.ok

@@ -340,3 +340,25 @@ def test_worked_step_decodes_the_step_then_scores_the_answer(monkeypatch):
         assert seen[k] == prefix + chr(d)
     np.testing.assert_allclose(got["answers"]["nll_think"],
                                -np.log(np.exp(5.0) / (np.exp(5.0) + 259)), rtol=1e-6)
+
+
+def test_evaluate_pads_the_last_chunk_without_changing_any_answer():
+    """`evaluate` feeds fixed-size chunks (one compile per configuration); the padding
+    rows change no answer's values (fed thoughts: nothing is sampled)."""
+    from experiments import latent_steps as ls
+
+    p = ls.Protocol(hidden=16, layers=1, heads=2, kv_heads=1, intermediate=24)
+    es = ls.eval_set(p, "eval", False, 6)
+    cfg = ls.model_config(p)
+    params = ls.add_thought_params(model.init_params(cfg, jax.random.key(0)), cfg, 0, 1.0)
+    params["thought"]["mix"]["w2"] = 0.3 * jax.random.normal(jax.random.key(2), (16, 1))
+    fn = ls.make_eval_fn(cfg, ls.thought_config(p, 4))
+    fed = ls.fed_thoughts(es, "oracle", 1, seed=0)
+    whole = ls.evaluate(fn, params, es, 0, chunk=6, given=fed)
+    padded = ls.evaluate(fn, params, es, 0, chunk=4, given=fed)
+    n = int(es.ok.sum())
+    for k in ("nll_base", "nll_think", "hit_think", "weight"):
+        assert padded["answers"][k].shape == (n,)
+        np.testing.assert_allclose(padded["answers"][k], whole["answers"][k], rtol=1e-5,
+                                   atol=1e-6)
+    assert padded["raw"]["thought"].shape == whole["raw"]["thought"].shape
