@@ -133,22 +133,36 @@ def test_tiny_experiment_writes_the_results_file(tmp_path):
     args = ["--out", str(tmp_path), "--quick"]
     for kv in ("hidden=16", "intermediate=24", "layers=1", "heads=2", "kv_heads=1",
                "pretrain_steps=2", "pretrain_batch=4", "steps=2", "batch=2", "sweep=4",
-               "seeds=0,1", "eval_docs=3", "curve_docs=2", "curve_points=2", "log_every=1"):
+               "pretrain_seeds=0,1", "seeds=0,1", "eval_docs=3", "curve_docs=2",
+               "curve_points=2", "log_every=1", "bootstrap=50"):
         args += ["--set", kv]
     assert latent_steps.main(args) == 0
     res = json.loads((tmp_path / "results.json").read_text())
+    assert res["runs"] == [{"lm": lm, "seed": s} for lm in (0, 1) for s in (0, 1)]
     for table in ("answer_nll", "answer_accuracy"):
-        for key in ("base", "thinking", "pause", "plain_lm", "calibration_only",
-                    "oracle_thought", "random_thought"):
-            assert len(res[table]["per_seed"][key]) == 2
-            assert res[table][key] == pytest.approx(np.mean(res[table]["per_seed"][key]))
+        for key in ("plain_lm", "pause", "thinking", "reinforce_off", "random_thought",
+                    "oracle_thought", "calibration_only", "worked_step", "pretrained"):
+            e = res[table][key]
+            assert len(e["per_seed"]) == 4
+            assert e["mean"] == pytest.approx(np.mean(e["per_seed"]))
+            lo, hi = e["ci95"]
+            assert lo <= e["mean"] + 1e-9 and e["mean"] <= hi + 1e-9
+        d = res[table]["differences"]["thinking_minus_plain_lm"]
+        assert d["mean"] == pytest.approx(res[table]["thinking"]["mean"]
+                                          - res[table]["plain_lm"]["mean"])
+        assert set(d["per_lm"]) == {"0", "1"}
+    for key in ("before_training", "thinking", "reinforce_off"):
+        e = res["intermediate_in_thought"][key]
+        assert 0.0 <= e["mean"] <= 1.0 and len(e["per_seed"]) == 4 and len(e["ci95"]) == 2
     assert set(res["n_ahead_sweep"]) == {"4"}
-    for row in res["n_ahead_sweep"].values():
-        assert {"base", "thinking"} <= set(row)
-    assert 0.0 <= res["intermediate_in_thought"] <= 1.0
-    assert res["seeds"] == [0, 1]
+    assert res["seeds"] == [0, 1] and res["pretrain_seeds"] == [0, 1]
     ex = res["per_seed"][0]["arms"]["pause"]["examples"][0]
     assert set(ex["thought"]) == {"_"}  # the pause control's thought is its fixed token
+    # The per-answer values the intervals come from, saved beside the results.
+    saved = np.load(tmp_path / "answers.npz")
+    assert saved["thinking_hit"].shape == (4, res["answers_per_run"])
+    np.testing.assert_allclose(saved["thinking_hit"].mean(axis=1),
+                               res["answer_accuracy"]["thinking"]["per_seed"])
 
 
 def test_fed_thoughts_are_what_the_oracle_and_random_arms_claim_and_calibration_zeroes_them():
@@ -195,3 +209,156 @@ def test_fed_thoughts_are_what_the_oracle_and_random_arms_claim_and_calibration_
     np.testing.assert_allclose(out["nll_calibration"][ok], -logp[np.arange(len(rows)), target],
                                rtol=2e-4, atol=2e-5)
     assert not np.allclose(out["nll_calibration"][ok], out["nll_base"][ok])
+
+
+def test_default_task_holds_out_compositions_and_the_init_byte_is_not_in_it():
+    """The default task: its splits hold out whole problems (compositions) while every
+    step is trained, the worked step's delimiter is not the thought init's byte, and no
+    document contains the init byte or the pause byte."""
+    from experiments import latent_steps as ls
+
+    task = corpus.get_task(None)
+    assert ls.Protocol().task == task.name == corpus.DEFAULT_TASK
+    init_byte = ls.Protocol().init_token[0]
+    assert task.delim != init_byte
+    parts = {name: set(corpus.problems_of(name)) for name in corpus.SPLITS}
+    assert sum(map(len, parts.values())) == len(corpus.all_problems()) == len(
+        task.functions) ** 2 * len(corpus.ENTITIES)
+    assert not parts["train"] & (parts["tune"] | parts["eval"])
+    assert len(parts["eval"]) > 100  # more held-out compositions than the first task's 63
+    first = {(p.inner, p.x) for p in parts["train"]}
+    second = {(p.outer, p.intermediate) for p in parts["train"]}
+    for p in parts["eval"] | parts["tune"]:
+        assert (p.inner, p.x) in first and (p.outer, p.intermediate) in second
+    text = "".join(d.text for split in corpus.SPLITS
+                   for d in corpus.documents(split, seed=0, count=200))
+    assert init_byte not in text and chr(ls.PAUSE_ID) not in text and task.delim in text
+    # The training stream uses training problems only.
+    batch = next(ls.train_batches(ls.Protocol(), 5, 8))
+    for row, mask in zip(batch["input_ids"], batch["attention_mask"], strict=True):
+        for line in bytes(row[1:mask.sum()].tolist()).decode().splitlines():
+            assert corpus.parse_line(line)[0] in parts["train"]
+    # The first task is still reachable, unchanged.
+    old = corpus.get_task("dash4")
+    assert old.delim == "-" and len(corpus.problems_of("eval", "dash4")) == 63
+    assert corpus.problems_of("train", "dash4")[0].text(True).count("-") == 2
+
+
+def test_pause_arm_feeds_only_the_pause_token():
+    """The experiment's pause arm: every sampled-thought slot is the pause byte (whose
+    embedding row only the pause thoughts train), with the same length as the thinking
+    arm's thoughts and no policy loss."""
+    from experiments import latent_steps as ls
+    from quietstar_jax.thoughts import rollout
+
+    p = ls.Protocol(hidden=16, layers=1, heads=2, kv_heads=1, intermediate=24)
+    tc = ls.arm_thought_config(p, "pause")
+    think = ls.arm_thought_config(p, "thinking")
+    off = ls.arm_thought_config(p, "reinforce_off")
+    assert tc.sampling == "pause" and tc.pause_token_id == ls.PAUSE_ID
+    assert tc.n_ahead == think.n_ahead and tc.num_sampled == think.num_sampled >= 1
+    assert off.policy_loss_beta == 0.0 and think.policy_loss_beta > 0
+    assert off.replace(policy_loss_beta=think.policy_loss_beta) == think
+    cfg = ls.model_config(p)
+    params = ls.add_thought_params(model.init_params(cfg, jax.random.key(0)), cfg, 0, 1.0)
+    es = ls.eval_set(p, "eval", False, 4)
+    ro = rollout(params, cfg, tc, jnp.asarray(es.batch["input_ids"]),
+                 jnp.asarray(es.batch["attention_mask"]), jax.random.key(1))
+    fed = np.asarray(ro.fed_tokens)
+    assert np.all(np.asarray(ro.thought_tokens) == ls.PAUSE_ID)
+    n = tc.n_ahead
+    assert np.all(fed[0] == tc.start_token_id) and np.all(fed[n - 2] == tc.end_token_id)
+    assert np.all(fed[1:n - 2] == ls.PAUSE_ID)
+
+
+def test_bootstrap_interval_matches_a_direct_computation():
+    """Per-problem bootstrap: resample problems with replacement (every answer of a
+    drawn problem, in every run), mean, percentile interval; checked against a plain
+    loop over the same draws."""
+    from experiments.latent_steps import bootstrap_ci
+
+    rng = np.random.default_rng(7)
+    groups = rng.integers(0, 25, size=120) * 3 + 5  # 25 problems, unsorted, non-contiguous
+    values = rng.random((3, 120)) < 0.3  # 3 runs x 120 answers of 0/1 hits
+    got = bootstrap_ci(values, groups, samples=400, seed=11)
+    uniq = np.unique(groups)
+    draws = np.random.default_rng(11).integers(len(uniq), size=(400, len(uniq)))
+    per_answer = values.astype(float).mean(axis=0)
+    stats = []
+    for row in draws:
+        chosen = np.concatenate([per_answer[groups == uniq[k]] for k in row])
+        stats.append(chosen.mean())
+    np.testing.assert_allclose(got, np.percentile(stats, [2.5, 97.5]), rtol=1e-12)
+    # The same thing over all runs' answers pooled (equal answers per run).
+    pooled = []
+    for row in draws:
+        pooled.append(np.concatenate([values[:, groups == uniq[k]].ravel() for k in row]).mean())
+    np.testing.assert_allclose(got, np.percentile(pooled, [2.5, 97.5]), rtol=1e-12)
+    assert got[0] < values.mean() < got[1]
+    # One problem, one value: no spread.
+    assert bootstrap_ci(np.full(10, 0.25), np.zeros(10), samples=20) == [0.25, 0.25]
+
+
+def test_worked_step_decodes_the_step_then_scores_the_answer(monkeypatch):
+    """The worked_step arm: the document up to the question's "=", the delimiter, the
+    model's greedy token, the delimiter, then the answer is scored. A stand-in LM that
+    knows every step checks the sequences it is shown and gets every answer."""
+    from experiments import latent_steps as ls
+
+    p = ls.Protocol(hidden=16, layers=1, heads=2, kv_heads=1, intermediate=24)
+    es = ls.eval_set(p, "eval", False, 5)
+    d = ord(corpus.get_task(p.task).delim)
+    seen = []
+
+    def fake(cfg):
+        def fn(params, ids, mask, pos):
+            ids, pos = np.asarray(ids), np.asarray(pos)
+            out = np.zeros((len(ids), 260), np.float32)
+            for i, (row, q) in enumerate(zip(ids, pos, strict=True)):
+                text = bytes(row[1:q + 1].tolist()).decode()
+                seen.append(text)
+                assert np.asarray(mask)[i, :q + 1].all()
+                line = text.splitlines()[-1]
+                if line.endswith("=" + chr(d)):  # write the intermediate
+                    out[i, ord(corpus.apply(line[2], line[4]))] = 5.0
+                else:  # "...=;m;": the answer is outer(m)
+                    assert line[-3] == line[-1] == chr(d)
+                    out[i, ord(corpus.apply(line[0], line[-2]))] = 5.0
+            return out
+        return fn
+
+    monkeypatch.setattr(ls, "make_next_logits_fn", fake)
+    got = ls.worked_step(None, ls.model_config(p), es, chr(d), chunk=7)
+    n = int(es.ok.sum())
+    assert len(seen) == 2 * n
+    assert got["hit_think"] == got["step_correct"] == 1.0
+    assert got["answers"]["hit_think"].shape == (n,)
+    # The rest of each document (before the question) is the skipped text itself.
+    rows, cols = np.nonzero(es.ok)
+    for k, (r, c) in enumerate(zip(rows, cols, strict=True)):
+        prefix = es.docs[r].text[:es.positions[r, c]]
+        assert seen[k] == prefix + chr(d)
+    np.testing.assert_allclose(got["answers"]["nll_think"],
+                               -np.log(np.exp(5.0) / (np.exp(5.0) + 259)), rtol=1e-6)
+
+
+def test_evaluate_pads_the_last_chunk_without_changing_any_answer():
+    """`evaluate` feeds fixed-size chunks (one compile per configuration); the padding
+    rows change no answer's values (fed thoughts: nothing is sampled)."""
+    from experiments import latent_steps as ls
+
+    p = ls.Protocol(hidden=16, layers=1, heads=2, kv_heads=1, intermediate=24)
+    es = ls.eval_set(p, "eval", False, 6)
+    cfg = ls.model_config(p)
+    params = ls.add_thought_params(model.init_params(cfg, jax.random.key(0)), cfg, 0, 1.0)
+    params["thought"]["mix"]["w2"] = 0.3 * jax.random.normal(jax.random.key(2), (16, 1))
+    fn = ls.make_eval_fn(cfg, ls.thought_config(p, 4))
+    fed = ls.fed_thoughts(es, "oracle", 1, seed=0)
+    whole = ls.evaluate(fn, params, es, 0, chunk=6, given=fed)
+    padded = ls.evaluate(fn, params, es, 0, chunk=4, given=fed)
+    n = int(es.ok.sum())
+    for k in ("nll_base", "nll_think", "hit_think", "weight"):
+        assert padded["answers"][k].shape == (n,)
+        np.testing.assert_allclose(padded["answers"][k], whole["answers"][k], rtol=1e-5,
+                                   atol=1e-6)
+    assert padded["raw"]["thought"].shape == whole["raw"]["thought"].shape
