@@ -1,4 +1,5 @@
-"""The paper's setting (ALGORITHM.md section 4): Mistral-7B on OpenWebMath.
+"""The paper's setting: Mistral-7B on OpenWebMath (docs/ALGORITHM.md, section 10:
+Optimisation in the paper's setting).
 
 Every number is the authors' released code's: AdamW at 1e-6, weight decay 0.001,
 20 warm-up steps then linear decay, clipping at 1.0, 8 sequences per step in 2

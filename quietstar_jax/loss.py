@@ -1,6 +1,7 @@
 """The Quiet-STaR objective: NLL of the base and talk steps, rewards, REINFORCE.
 
-See ALGORITHM.md section 3. Rows are the batch repeated `n_passes` times
+See docs/ALGORITHM.md, sections 7-9 (talk steps and the NLL; rewards, the baseline and
+REINFORCE; the total loss). Rows are the batch repeated `n_passes` times
 consecutively; a label equal to `pad_id` (or masked out) is ignored everywhere.
 """
 
@@ -239,7 +240,7 @@ def quietstar_loss(
     rng: jax.Array | None,
     thought_tokens: jax.Array | None = None,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """The Quiet-STaR training loss (ALGORITHM.md sections 2-3).
+    """The Quiet-STaR training loss (docs/ALGORITHM.md, sections 3-9).
 
     input_ids, attention_mask: `[batch, seq]`, right-padded with `pad_token_id`.
     rng: key for thought sampling (the same key gives the same thoughts).

@@ -1,7 +1,8 @@
 """The thought schedule: which step of a thought feeds what, where, and how it runs.
 
-This is the one place that knows the step arithmetic of ALGORITHM.md section 2 (a
-leaf module: it imports only jax and numpy). The rollout (`thoughts.rollout`),
+This is the one place that knows the step arithmetic of docs/ALGORITHM.md, sections 4-7
+(the step schedule, what each query sees, the mixing head, talk steps); a leaf module:
+it imports only jax and numpy. The rollout (`thoughts.rollout`),
 generation's `think_at`, the recompute reference, the mixing head's base hidden
 (`thoughts.mixed_hidden`), the losses and the FLOP count of the benchmarks read it.
 

@@ -1,5 +1,6 @@
 """The thought schedule (`quietstar_jax.schedule`): every step's kind, shift and position
-agree with ALGORITHM.md section 2, and the split into sequential and block steps."""
+agree with docs/ALGORITHM.md, section 4 (One thought: the step schedule), and the split
+into sequential and block steps."""
 
 from __future__ import annotations
 

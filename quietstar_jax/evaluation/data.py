@@ -4,7 +4,8 @@ Datasets come from a local file (jsonl; GSM8K `{"question", "answer"}`, Commonse
 in the Hugging Face flat schema or the original nested one) or, when reachable, from
 Hugging Face `datasets` (`hf:<name>`) or TensorFlow Datasets (`tfds:<name>`).
 
-Direct-answer prompts (ALGORITHM.md section 5, the authors' `eval_helpers.py`):
+Direct-answer prompts (docs/ALGORITHM.md, section 11: Evaluation with thoughts; the
+authors' `eval_helpers.py`):
 
 * GSM8K: `"Q: " + question + "\\nA:" + answer.split("####")[-1] + "\\n"`, i.e.
   `"Q: ...\\nA: 72\\n"`; scored tokens are those after the first answer token (the

@@ -1,6 +1,7 @@
 """Model-side scoring for evaluation: base and thinking predictions of whole prompts.
 
-ALGORITHM.md section 5: `n_ahead_talk = 1`, `n_passes = 1`; the thinking prediction
+docs/ALGORITHM.md, section 11 (Evaluation with thoughts): `n_ahead_talk = 1`,
+`n_passes = 1`; the thinking prediction
 at position i is the mixed logits after the end token (n_ahead - 1 thought steps:
 start, sampled tokens, end), the base prediction the step-0 logits (the model with
 no thought). Perplexity needs every position: one `thoughts.rollout` (all positions

@@ -4,7 +4,8 @@ Functions for notebooks and for the command line (`python -m quietstar_jax.evalu
 `evaluation.cli`; tasks gsm8k, csqa, perplexity, cot):
 
 * `evaluate_gsm8k`, `evaluate_csqa`: zero-shot direct answering with the authors'
-  metric (ALGORITHM.md section 5; see `evaluation.data` for the prompts and valid tokens and
+  metric (docs/ALGORITHM.md, section 11: Evaluation with thoughts; see `evaluation.data`
+  for the prompts and valid tokens and
   `evaluation.metrics.answer_score`): `accuracy` is the mean over examples of the product
   of renormalised true-token probabilities, `exact_match` the share of examples whose
   every scored token is the argmax over the valid tokens, `first_token_match` the

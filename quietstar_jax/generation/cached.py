@@ -1,4 +1,4 @@
-"""Cached generation with thoughts (ALGORITHM.md section 6).
+"""Cached generation with thoughts (docs/ALGORITHM.md, section 12: Generation with thoughts).
 
 For each new token the model thinks at the last position (start-of-thought,
 `n_ahead - 3` sampled thought tokens, end-of-thought), mixes the end step's hidden
