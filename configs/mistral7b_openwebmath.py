@@ -27,9 +27,11 @@ TPU slices, as the TPU compiler itself sizes this step (`benchmarks/tpu_compile.
   v5p-8 (4 chips):   --config.mesh="(1,4,1)"                  60.6 of 102 GB per chip
                      (micro-batches up to 32 sequences by the per-sequence slope)
   v5e-16 (16 chips): --config.mesh="(1,4,4)" --config.model.param_dtype=bfloat16
-                     at most 14.0 of 17.2 GB (float32 masters: 17.5, does not fit)
-  v4-8 (4 chips):    none fits (39.5 of 34.4 GB with bfloat16 params, mesh (1,4,1));
-                     use a v4-16 or larger
+                     11.5 of 17.2 GB (float32 masters: 17.5, does not fit)
+  v4-8 (4 chips):    --config.mesh="(1,4,1)" --config.model.param_dtype=bfloat16
+                     --config.grad_accum_dtype=params          32.3 of 34.4 GB
+                     (with the float32 gradient sum: 39.5, does not fit)
+  v4-16 (8 chips):   --config.mesh="(1,4,2)"                  30.5 of 34.4 GB per chip
   v5p-32 (16 chips): --config.mesh="(1,4,4)"                  17.2 of 102 GB per chip
 """
 
