@@ -17,7 +17,8 @@ The config and its overrides are taken as train.py takes them (`--config FILE`,
 `config.json` (no weights); without the checkpoint, the published shapes of a known
 model (`KNOWN_MODELS`, by the path's last component) stand in. Shape fields given on the
 command line (`--config.model.num_layers=2`) replace the checkpoint's. The mesh is
-`config.mesh` unless `--mesh` is given.
+`--mesh`, else `config.mesh`, with its tensor size replaced by what the slice's chip
+count leaves when the config's mesh is for another count.
 
 Prints and writes JSON (`--out`): per-chip argument, output, donated (aliased),
 temporary and peak bytes (`compiled.memory_analysis()`; peak = arguments + outputs -
@@ -305,6 +306,10 @@ def compile_step(config: Any, argv: list[str], topology: str, *, num_slices: int
     tc.check_token_ids(v)
     devices = topology_devices(topo, num_slices)
     mesh_shape = parse_mesh(mesh_text, config.mesh)
+    if mesh_text is None and -1 not in mesh_shape and math.prod(mesh_shape) != len(devices):
+        # The config's mesh is for another device count: keep its data and fsdp sizes
+        # and let tensor take the rest (v5p-8: (1, 4, 2) -> (1, 4, 1); 16 chips: (1, 4, 4)).
+        mesh_shape = (*mesh_shape[:2], -1)
     try:
         mesh = sharding.make_mesh(mesh_shape, devices)
         micro = config.batch_size // config.grad_accum
