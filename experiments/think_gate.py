@@ -132,6 +132,7 @@ class Setup:
     cost_ks: tuple[int, ...] = (4, 8)
     cost_steps: int = 10
     log_every: int = 20
+    dense_arm: bool = True  # also train the think-everywhere model (think_k None, no gate)
 
 
 FULL = Setup()
@@ -237,7 +238,8 @@ def pretrained(s: Setup, log: Callable[[str], None], cache: str | None) -> Param
     for i in range(s.pretrain_steps):
         state, m = step(state, next(data))
         if (i + 1) % 200 == 0 or i + 1 == s.pretrain_steps:
-            log(f"  pretrain step {i + 1}: nll {float(m['nll_base']):.3f} ({time.time() - t0:.0f}s)")
+            log(f"  pretrain step {i + 1}: nll {float(m['nll_base']):.3f} "
+                f"({time.time() - t0:.0f}s)")
     if path:
         os.makedirs(cache, exist_ok=True)
         with open(path, "wb") as f:
@@ -255,13 +257,15 @@ def with_thought_and_gate(lm: Params, s: Setup) -> Params:
     return jax.tree.map(jnp.copy, out)
 
 
-def finetune(s: Setup, params: Params, log: Callable[[str], None]
+def finetune(s: Setup, params: Params, log: Callable[[str], None], dense: bool = False
              ) -> tuple[Params, list[dict]]:
-    """Quiet-STaR with sparse thoughts (think_k) and the think gate, the trainer's step."""
+    """Quiet-STaR with sparse thoughts (think_k) and the think gate, the trainer's step;
+    `dense`: the authors' think-everywhere objective instead (params without a gate)."""
     cfg = model_config(s)
     opt, sched = make_optimizer(s.lr, s.steps, warmup_steps=s.warmup, end_lr_ratio=0.1,
                                 weight_decay=0.01)
-    step = make_train_step(cfg, thought_config(s, s.think_k), opt, schedule=sched, seed=s.seed)
+    step = make_train_step(cfg, thought_config(s, None if dense else s.think_k), opt,
+                           schedule=sched, seed=s.seed)
     state = init_state(params, opt)
     data = train_batches(s, FINETUNE_DATA_SEED + s.seed, s.batch)
     keys = ("nll_base", "nll_thought", "reward_mean", "gate_loss", "gate_positive_frac",
@@ -275,8 +279,8 @@ def finetune(s: Setup, params: Params, log: Callable[[str], None]
                                      for k in keys if k in window[0]}
             hist.append(rec)
             window = []
-            log(f"  finetune {json.dumps({k: round(v, 4) for k, v in rec.items()})} "
-                f"({time.time() - t0:.0f}s)")
+            shown = json.dumps({k: round(v, 4) for k, v in rec.items()})
+            log(f"  finetune{' dense' if dense else ''} {shown} ({time.time() - t0:.0f}s)")
     return state.params, hist
 
 
@@ -527,6 +531,16 @@ def run(s: Setup, out_dir: str, cache: str | None = None, cost: bool = True,
     t_ev = time.time() - t0 - t_pre - t_ft
     res: dict[str, Any] = {k: v for k, v in ev.items() if not k.startswith("_")}
     res["must_show"] = must_show(ev["curve"], ev["always"], ev["never"])
+    if s.dense_arm:  # the think-everywhere model from the same start: the ceiling's training
+        t1 = time.time()
+        start = {k: v for k, v in with_thought_and_gate(lm, s).items() if k != "think_gate"}
+        dparams, dhist = finetune(s, start, log, dense=True)
+        dev = evaluate_model(s, dparams)
+        res["dense_trained"] = {
+            "never": dev["never"], "always": dev["always"], "history": dhist,
+            "diagnostics": dev["diagnostics"], "time_s": time.time() - t1,
+            "curve": [{k: v for k, v in r.items() if k not in ("gated", "gated_minus_random")}
+                      for r in dev["curve"]]}
     if cost:
         sc = step_cost(s, params, log)
         res["step_cost_plain_steps"] = sc["ratios"]
@@ -559,8 +573,9 @@ def report(res: dict[str, Any]) -> str:
         g = row["gated_minus_random"]
         lines.append(
             f"| {row['rate']:.2f} | " + " | ".join(cells)
-            + f" | {g['accuracy']:+.3f} [{g['accuracy_ci95'][0]:+.3f}, {g['accuracy_ci95'][1]:+.3f}]"
-            + f" | {g['nll']:+.3f} [{g['nll_ci95'][0]:+.3f}, {g['nll_ci95'][1]:+.3f}] |")
+            + f" | {g['accuracy']:+.3f} [{g['accuracy_ci95'][0]:+.3f}, "
+            f"{g['accuracy_ci95'][1]:+.3f}] | {g['nll']:+.3f} [{g['nll_ci95'][0]:+.3f}, "
+            f"{g['nll_ci95'][1]:+.3f}] |")
     nv, al = res["never"], res["always"]
     lines += ["", f"never-think: accuracy {nv['accuracy']:.3f}, NLL {nv['nll']:.3f}; "
               f"always-think: accuracy {al['accuracy']:.3f}, NLL {al['nll']:.3f}"]
@@ -575,6 +590,16 @@ def report(res: dict[str, Any]) -> str:
     if res.get("step_cost_plain_steps"):
         lines.append("sparse step in fast plain steps: " + ", ".join(
             f"k={k}: {v:.2f}" for k, v in res["step_cost_plain_steps"].items()))
+    if "dense_trained" in res:
+        dn = res["dense_trained"]
+        lines.append(
+            f"think-everywhere trained model (no gate): never {dn['never']['accuracy']:.3f} / "
+            f"{dn['never']['nll']:.3f}, always {dn['always']['accuracy']:.3f} / "
+            f"{dn['always']['nll']:.3f}; its curve (random / entropy / oracle acc / NLL):")
+        for r in dn["curve"]:
+            lines.append(f"  rate {r['rate']:.2f}: " + "; ".join(
+                f"{n} {r[n]['accuracy']:.3f} / {r[n]['nll']:.3f}"
+                for n in ("random", "entropy", "oracle")))
     d = res["diagnostics"]
     lines.append("diagnostics: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else
                                              f"{k} {v}" for k, v in d.items()))
