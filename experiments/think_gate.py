@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import hashlib
 import json
 import os
@@ -287,12 +288,14 @@ def finetune(s: Setup, params: Params, log: Callable[[str], None], dense: bool =
 # ------------------------------------------------------------------ evaluation
 
 
+@functools.cache
 def make_position_fn(cfg: ModelConfig, tc: ThoughtConfig) -> Callable[..., dict]:
-    """Jitted: per position of `[rows, seq]` documents, the NLL and argmax hit of the
-    true next token for the base prediction and the thinking one (mixed logits after
-    the end-of-thought, one pass, n_ahead_talk = 1), the base entropy and the gate's
-    logit (zeros without gate params). All `[rows, seq]` (the last position's target is
-    position 0's token: never scored)."""
+    """Jitted (one per configuration, cached): per position of `[rows, seq]`
+    documents, the NLL and argmax hit of the true next token for the base prediction
+    and the thinking one (mixed logits after the end-of-thought, one pass,
+    n_ahead_talk = 1), the base entropy and the gate's logit (zeros without gate
+    params). All `[rows, seq]` (the last position's target is position 0's token:
+    never scored)."""
     tc = tc.replace(n_ahead_talk=1, n_passes=1, think_k=None)
     s = tc.n_ahead - 1
 
