@@ -107,6 +107,9 @@ class Setup:
     kv_heads: int = 2
     intermediate: int = 172
     seq_len: int = 64
+    # The first two-hop task, where the dash initialisation makes thoughts useful today
+    # (latent_steps' default is now a task it cannot write; docs/EXPERIMENTS.md).
+    task: str = "dash4"
     explicit_frac: float = 0.5
     pretrain_steps: int = 2000
     pretrain_batch: int = 32
@@ -155,11 +158,12 @@ def encode_batch(docs: list[Document], seq_len: int) -> dict[str, np.ndarray]:
 
 
 def train_batches(s: Setup, data_seed: int, batch: int) -> Iterator[dict[str, np.ndarray]]:
-    pool = problems_of("train")
+    pool = problems_of("train", s.task)
     i = 0
     while True:
         docs = [make_document("train", data_seed, i + j, explicit_frac=s.explicit_frac,
-                              max_chars=s.seq_len - 4, pool=pool) for j in range(batch)]
+                              max_chars=s.seq_len - 4, pool=pool, task=s.task)
+                for j in range(batch)]
         i += batch
         yield encode_batch(docs, s.seq_len)
 
@@ -167,9 +171,10 @@ def train_batches(s: Setup, data_seed: int, batch: int) -> Iterator[dict[str, np
 def eval_docs(s: Setup, split: str = "eval") -> tuple[dict[str, np.ndarray], np.ndarray]:
     """Held-out skipped documents and their answer positions `[docs, P]` (-1: none): the
     token position whose next-token prediction is the answer."""
-    pool = problems_of(split)
+    pool = problems_of(split, s.task)
     docs = [make_document(split, EVAL_DOC_SEED, i, explicit_frac=0.0,
-                          max_chars=s.seq_len - 4, pool=pool) for i in range(s.eval_docs)]
+                          max_chars=s.seq_len - 4, pool=pool, task=s.task)
+            for i in range(s.eval_docs)]
     width = max(len(d.problems) for d in docs)
     pos = np.full((len(docs), width), -1, np.int32)
     for r, d in enumerate(docs):
@@ -215,7 +220,7 @@ def plain_step(cfg: ModelConfig, opt: optax.GradientTransformation) -> Callable:
 
 
 PRETRAIN_FIELDS = ("hidden", "layers", "heads", "kv_heads", "intermediate", "seq_len",
-                   "explicit_frac", "pretrain_steps", "pretrain_batch", "pretrain_lr")
+                   "task", "explicit_frac", "pretrain_steps", "pretrain_batch", "pretrain_lr")
 
 
 def pretrained(s: Setup, log: Callable[[str], None], cache: str | None) -> Params:
