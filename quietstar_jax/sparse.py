@@ -27,7 +27,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from quietstar_jax import model, vocab
+from quietstar_jax import model
 from quietstar_jax.model import ModelConfig, Params
 from quietstar_jax.schedule import ThoughtSchedule
 from quietstar_jax.thoughts import (
@@ -35,7 +35,7 @@ from quietstar_jax.thoughts import (
     RowContext,
     ThoughtConfig,
     map_thoughts,
-    token_logp,
+    reinforce_logps,
 )
 
 SELECT_SALT = 0x5E1EC7  # folded into the step's key for the random positions
@@ -175,21 +175,7 @@ def sparse_thoughts(
         mapped = map_thoughts(params, cfg, tc, sch, RowContext(kv0, positions, input_ids), x,
                               rng)
     step_hidden, fed, draws = mapped.step_hidden, mapped.fed, mapped.draws
-    drawn = () if draws is None else sch.sampled_steps
-    w_grad = model.vocab_table(params, cfg)
-    logp = []
-    if drawn:
-        hs = jnp.stack([step_hidden[s - 2] for s in drawn])
-        with jax.named_scope("reinforce_logp"):
-            logp.extend(vocab.logp_of_draws(
-                hs, w_grad, draws, logp_temperature=tc.reinforce_temperature,
-                masked_ids=tc.sampled_masked_ids, chunk_size=cfg.vocab_chunk, dtype=cfg.dtype))
-    rest = [s for s in sch.sampled_steps if s not in drawn]
-    if rest and tc.sampling != "pause":
-        hs = jnp.stack([step_hidden[s - 2] for s in rest])
-        toks = jnp.stack([fed[s - 1] for s in rest])
-        with jax.named_scope("reinforce_logp"):
-            logp.extend(token_logp(params, cfg, tc, hs, toks))
+    logp = reinforce_logps(params, cfg, tc, sch, step_hidden, fed, draws)
     empty = jnp.zeros((0,) + idx.shape, jnp.int32)
     toks = [fed[s - 1] for s in sch.sampled_steps]
     return SparseThoughts(

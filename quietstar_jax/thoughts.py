@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+from collections.abc import Sequence
 from typing import Any, Literal, NamedTuple, get_args
 
 import jax
@@ -638,6 +639,38 @@ def map_thoughts(
     return MappedThoughts(step_hidden, fed, draws, traces)
 
 
+def reinforce_logps(
+    params: Params,
+    cfg: ModelConfig,
+    tc: ThoughtConfig,
+    sch: ThoughtSchedule,
+    step_hidden: Sequence[jax.Array],
+    fed: Sequence[jax.Array],
+    draws: Any,
+) -> list[jax.Array]:
+    """The REINFORCE log-probs of the sampled thought tokens, one `[...]` array per sampled
+    step (the token fed on step s was drawn from step s - 1's hidden state): all drawn
+    steps in one call and all given ones in another, so one backward vocabulary pass (and
+    one output-matrix gradient) each. `draws`: the stacked `vocab.Draw` of the sampled
+    steps, or None when the tokens were given. Pause thoughts have no policy."""
+    drawn = () if draws is None else sch.sampled_steps
+    w_grad = model.vocab_table(params, cfg)
+    logp: list[jax.Array] = []
+    if drawn:
+        hs = jnp.stack([step_hidden[s - 2] for s in drawn])
+        with jax.named_scope("reinforce_logp"):
+            logp.extend(vocab.logp_of_draws(
+                hs, w_grad, draws, logp_temperature=tc.reinforce_temperature,
+                masked_ids=tc.sampled_masked_ids, chunk_size=cfg.vocab_chunk, dtype=cfg.dtype))
+    given = [s for s in sch.sampled_steps if s not in drawn]
+    if given and tc.sampling != "pause":
+        hs = jnp.stack([step_hidden[s - 2] for s in given])
+        toks = jnp.stack([fed[s - 1] for s in given])
+        with jax.named_scope("reinforce_logp"):
+            logp.extend(token_logp(params, cfg, tc, hs, toks))
+    return logp
+
+
 def rollout(
     params: Params,
     cfg: ModelConfig,
@@ -717,8 +750,6 @@ def rollout(
         draws = mapped.draws
     else:
         step_hidden, fed, traces, draws = [], [], [], None
-    drawn = () if draws is None else sch.sampled_steps  # the steps whose token was drawn
-
     if replay:  # the differentiable outputs: the traced ones, with the replayed backward
         n = sch.num_steps
         offsets = jnp.asarray([sch.position_offset(s) for s in sch.steps])
@@ -740,23 +771,7 @@ def rollout(
         h0 = norm(out_b)
         step_hidden = list(jnp.moveaxis(norm(out_s).reshape(rows, n, seq, -1), 1, 0))
 
-    # The REINFORCE log-probs (the token fed on step s was drawn from step s - 1's
-    # hidden state), all drawn steps in one call and all given ones in another: one
-    # backward vocabulary pass (and one output-matrix gradient) for each.
-    w_grad = model.vocab_table(params, cfg)
-    thought_logp = []
-    if drawn:
-        hs = jnp.stack([step_hidden[s - 2] for s in drawn])
-        with jax.named_scope("reinforce_logp"):
-            thought_logp.extend(vocab.logp_of_draws(
-                hs, w_grad, draws, logp_temperature=tc.reinforce_temperature,
-                masked_ids=tc.sampled_masked_ids, chunk_size=cfg.vocab_chunk, dtype=cfg.dtype))
-    given = [s for s in sch.sampled_steps if s not in drawn]
-    if given and tc.sampling != "pause":  # pause thoughts have no policy
-        hs = jnp.stack([step_hidden[s - 2] for s in given])
-        toks = jnp.stack([fed[s - 1] for s in given])
-        with jax.named_scope("reinforce_logp"):
-            thought_logp.extend(token_logp(params, cfg, tc, hs, toks))
+    thought_logp = reinforce_logps(params, cfg, tc, sch, step_hidden, fed, draws)
 
     empty = jnp.zeros((0, rows, seq), jnp.int32)
     thought_toks = [fed[s - 1] for s in sch.sampled_steps]
