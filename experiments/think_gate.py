@@ -60,11 +60,11 @@ import optax
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from experiments.latent_corpus import (  # noqa: E402
-    Document,
     answer_offsets,
     make_document,
     problems_of,
 )
+from experiments.latent_steps import EVAL_DOC_SEED, TOK, encode_batch  # noqa: E402
 from quietstar_jax import model  # noqa: E402
 from quietstar_jax.loss import masked_mean, token_nll  # noqa: E402
 from quietstar_jax.model import ModelConfig, Params  # noqa: E402
@@ -86,13 +86,10 @@ from quietstar_jax.train.step import (  # noqa: E402
     make_train_step,
     materialised_next_token_loss_fn,
 )
-from quietstar_jax.train.tokenizer import ByteTokenizer  # noqa: E402
 
-TOK = ByteTokenizer()
 # The seeds of experiments/latent_steps.py (same pretrained LM, same data streams).
 PRETRAIN_DATA_SEED = 101
 FINETUNE_DATA_SEED = 202
-EVAL_DOC_SEED = 303
 SELECTORS = ("gated", "random", "entropy", "oracle")
 
 
@@ -144,17 +141,6 @@ QUICK = Setup(steps=100, eval_docs=96, cost_steps=5)
 
 
 # ------------------------------------------------------------------ data and model
-
-
-def encode_batch(docs: list[Document], seq_len: int) -> dict[str, np.ndarray]:
-    """BOS + bytes, right-padded with the pad id: int32 `[len(docs), seq_len]` x2."""
-    ids = np.full((len(docs), seq_len), TOK.pad_token_id, np.int32)
-    mask = np.zeros((len(docs), seq_len), np.int32)
-    for r, d in enumerate(docs):
-        t = TOK.encode(d.text, add_bos=True)[:seq_len]
-        ids[r, :len(t)] = t
-        mask[r, :len(t)] = 1
-    return {"input_ids": ids, "attention_mask": mask}
 
 
 def train_batches(s: Setup, data_seed: int, batch: int) -> Iterator[dict[str, np.ndarray]]:
