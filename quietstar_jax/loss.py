@@ -312,8 +312,13 @@ def sparse_objective(
     sch = tc.schedule
     valid = mask.astype(bool)
     positions = model.default_positions(mask)
+    # With full rematerialisation the base pass and the thoughts run without gradient
+    # and the backward pass replays them together (`sparse_thoughts`' base_trace).
+    replay = cfg.remat == "full" and sch.num_steps > 0
     with jax.named_scope("base_pass"):
-        h0, kv0 = model.forward(params, cfg, x, mask, positions)[:2]
+        base = model.forward(jax.lax.stop_gradient(params) if replay else params, cfg, x, mask,
+                             positions, trace=replay)
+    h0, kv0 = base[:2]
 
     has_gate = "think_gate" in params
     gate_rows = jnp.zeros((rows, seq), jnp.float32)
@@ -331,7 +336,10 @@ def sparse_objective(
         idx_b = select_positions(tc, cand, gate_b if has_gate else None,
                                  jax.random.fold_in(rng, SELECT_SALT))
     idx = jnp.repeat(idx_b, n_passes, axis=0)  # the same positions for every pass
-    th = sparse_thoughts(params, cfg, tc, x, mask, positions, kv0, idx, rng, thought_tokens)
+    th = sparse_thoughts(params, cfg, tc, x, mask, positions, kv0, idx, rng, thought_tokens,
+                         base_trace=base[2] if replay else None)
+    if th.base_hidden is not None:
+        h0 = th.base_hidden
 
     def targets(k: int) -> tuple[jax.Array, jax.Array]:
         t = shift_left(x, k)

@@ -36,6 +36,7 @@ from quietstar_jax.thoughts import (
     ThoughtConfig,
     map_thoughts,
     reinforce_logps,
+    replayed_hidden,
 )
 
 SELECT_SALT = 0x5E1EC7  # folded into the step's key for the random positions
@@ -127,13 +128,16 @@ class SparseThoughts(NamedTuple):
     """The thoughts of the gathered positions `positions` `[rows, K]`: per step hidden
     `step_hidden` (list, `[rows, K, hidden]`, index s - 1), the tokens fed `fed`
     `[S, rows, K]`, the sampled thought tokens `thought_tokens` `[T, rows, K]` and their
-    REINFORCE log-probs `thought_logp` `[T, rows, K]` (`[0, rows, K]` for pause)."""
+    REINFORCE log-probs `thought_logp` `[T, rows, K]` (`[0, rows, K]` for pause), and,
+    when the backward pass is replayed, the differentiable base hidden `base_hidden`
+    `[rows, seq, hidden]` (None otherwise: the caller's base pass is differentiated)."""
 
     positions: jax.Array
     step_hidden: list[jax.Array]
     fed: jax.Array
     thought_tokens: jax.Array
     thought_logp: jax.Array
+    base_hidden: jax.Array | None = None
 
 
 def take(a: jax.Array, idx: jax.Array) -> jax.Array:
@@ -152,12 +156,18 @@ def sparse_thoughts(
     idx: jax.Array,
     rng: jax.Array | None,
     thought_tokens: jax.Array | None = None,
+    base_trace: model.LayerTrace | None = None,
 ) -> SparseThoughts:
     """The thoughts (and talk steps) of the gathered positions `idx` `[rows, K]` only:
     `thoughts.thought_of_position` vmapped over them (`map_thoughts`), each reading
     its row's base keys/values `kv0` and drawing its tokens with the key the dense
     rollout gives position (row, i): `position_key(rng, s, row * seq + i)`.
-    thought_tokens: optional full-size `[T, rows, seq]`; the gathered ones are fed."""
+    thought_tokens: optional full-size `[T, rows, seq]`; the gathered ones are fed.
+    base_trace: the trace of a base pass run without gradient (`model.forward(...,
+    trace=True)`): the thoughts then run without gradient too, and the backward pass
+    replays each layer once over the base sequence and all gathered steps together
+    (`thoughts.replayed_hidden`, as the dense rollout does with remat "full"): one
+    weight-gradient pass instead of one per decoder call."""
     rows, seq = input_ids.shape
     valid = attention_mask.astype(bool)
     given = None
@@ -171,17 +181,25 @@ def sparse_thoughts(
         pos=take(positions, idx), at=idx, index=idx + seq * jnp.arange(rows)[:, None],
         ctx_ok=(ar[None, None, :] <= idx[:, :, None]) & valid[:, None, :],
         own_ok=take(valid, idx), given=given)
+    replay = base_trace is not None and sch.num_steps > 0
+    run_params = jax.lax.stop_gradient(params) if replay else params
     with jax.named_scope("sparse_thoughts"):
-        mapped = map_thoughts(params, cfg, tc, sch, RowContext(kv0, positions, input_ids), x,
-                              rng)
+        mapped = map_thoughts(run_params, cfg, tc, sch, RowContext(kv0, positions, input_ids),
+                              x, rng, trace=replay)
     step_hidden, fed, draws = mapped.step_hidden, mapped.fed, mapped.draws
+    base_hidden = None
+    if replay:
+        base_hidden, step_hidden = replayed_hidden(params, cfg, tc, sch, input_ids,
+                                                   attention_mask, positions, base_trace,
+                                                   mapped, x)
     logp = reinforce_logps(params, cfg, tc, sch, step_hidden, fed, draws)
     empty = jnp.zeros((0,) + idx.shape, jnp.int32)
     toks = [fed[s - 1] for s in sch.sampled_steps]
     return SparseThoughts(
         positions=idx, step_hidden=list(step_hidden), fed=fed,
         thought_tokens=jnp.stack(toks) if toks else empty,
-        thought_logp=jnp.stack(logp) if logp else empty.astype(jnp.float32))
+        thought_logp=jnp.stack(logp) if logp else empty.astype(jnp.float32),
+        base_hidden=base_hidden)
 
 
 def gate_loss_of(logit: jax.Array, gain: jax.Array, ok: jax.Array, cost: float

@@ -671,6 +671,58 @@ def reinforce_logps(
     return logp
 
 
+def replayed_hidden(
+    params: Params,
+    cfg: ModelConfig,
+    tc: ThoughtConfig,
+    sch: ThoughtSchedule,
+    input_ids: jax.Array,
+    attention_mask: jax.Array,
+    positions: jax.Array,
+    base_trace: model.LayerTrace,
+    mapped: MappedThoughts,
+    x: PositionInputs,
+) -> tuple[jax.Array, list[jax.Array]]:
+    """The differentiable outputs of a base pass and its thoughts that ran without
+    gradient, traced (`model.forward(..., trace=True)`, `map_thoughts(..., trace=True)`):
+    the traced values, with the backward pass that replays every layer once over the
+    base sequence and all steps of the P thinking positions together
+    (`model.replay_layers`). The dense rollout passes every position (P = seq), the
+    sparse objective its gathered ones.
+
+    input_ids, attention_mask, positions: `[rows, seq]`; x: the thinking positions'
+    `PositionInputs` (`[rows, P]`, ctx_ok `[rows, P, seq]`). Returns the base hidden
+    `[rows, seq, hidden]` and per step `[rows, P, hidden]`, after the final norm.
+    """
+    rows, n_pos = x.pos.shape
+    window, n = cfg.sliding_window, sch.num_steps
+
+    def ctx_mask_at(s: int) -> jax.Array:  # [rows, P, seq]
+        if window is None:
+            return x.ctx_ok
+        q_pos = x.pos[:, :, None] + sch.position_offset(s)
+        return x.ctx_ok & window_visible(q_pos, positions[:, None, :], window)
+
+    offsets = jnp.asarray([sch.position_offset(s) for s in sch.steps])
+    geo = model.JointGeometry(
+        base_positions=positions,
+        base_mask=model.self_attention_mask(cfg, positions, attention_mask),
+        step_positions=(x.pos[:, None, :] + offsets[None, :, None]).reshape(rows, -1),
+        ctx_mask=jnp.concatenate([ctx_mask_at(s) for s in sch.steps], 1),
+        own_mask=(x.own_ok[:, :, None, None]
+                  & sch.own_block_mask(sch.steps, sch.steps, window)[None, None]),
+    )
+    emb_steps = jnp.stack([step_embedding(params, cfg, tc, sch, s, mapped.fed[s - 1])
+                           for s in sch.steps], 1)
+    with jax.named_scope("replayed_backward"):
+        out_b, out_s = model.replay_layers(
+            cfg, params["layers"],
+            model.embed_tokens(params, cfg, input_ids).astype(cfg.compute_dtype),
+            emb_steps.reshape(rows, n * n_pos, -1), base_trace, mapped.traces, geo)
+    norm = lambda h: model.rms_norm(h, params["final_norm"], cfg.rms_norm_eps)  # noqa: E731
+    return norm(out_b), list(jnp.moveaxis(norm(out_s).reshape(rows, n, n_pos, -1), 1, 0))
+
+
 def rollout(
     params: Params,
     cfg: ModelConfig,
@@ -713,7 +765,6 @@ def rollout(
     if tc.sampling == "pause" and thought_tokens is None:
         thought_tokens = jnp.full((tc.num_sampled, rows, seq), tc.pause_token_id, jnp.int32)
     sch = ThoughtSchedule.of(tc, num_steps, given=thought_tokens is not None)
-    window = cfg.sliding_window
     # With full rematerialisation the steps run without gradient and the backward pass
     # replays all of them together, layer by layer (`model.replay_layers`).
     replay = cfg.remat == "full" and sch.num_steps > 0
@@ -726,13 +777,6 @@ def rollout(
 
     idx = jnp.arange(seq)
     base_ctx = (idx[None, :] <= idx[:, None])[None] & valid[:, None, :]  # [rows, q, k]
-    dt = cfg.compute_dtype
-
-    def ctx_mask_at(s: int) -> jax.Array:  # [rows, seq, seq], for the replay
-        if window is None:
-            return base_ctx
-        q_pos = positions[:, :, None] + sch.position_offset(s)
-        return base_ctx & window_visible(q_pos, positions[:, None, :], window)
 
     # Every position's thought is one function (`thought_of_position`: its steps, its
     # draws, its queries on its row's base keys and its own keys), vmapped over the
@@ -746,30 +790,12 @@ def rollout(
         # (named scopes inside: thought_steps, sampling, thought_block)
         mapped = map_thoughts(run_params, cfg, tc, sch, RowContext(kv0, positions, input_ids),
                               x, rng, trace=replay)
-        step_hidden, fed, traces = mapped.step_hidden, list(mapped.fed), mapped.traces
-        draws = mapped.draws
+        step_hidden, fed, draws = mapped.step_hidden, list(mapped.fed), mapped.draws
     else:
-        step_hidden, fed, traces, draws = [], [], [], None
+        step_hidden, fed, draws = [], [], None
     if replay:  # the differentiable outputs: the traced ones, with the replayed backward
-        n = sch.num_steps
-        offsets = jnp.asarray([sch.position_offset(s) for s in sch.steps])
-        own_mask = sch.own_block_mask(sch.steps, sch.steps, window)
-        geo = model.JointGeometry(
-            base_positions=positions,
-            base_mask=model.self_attention_mask(cfg, positions, attention_mask),
-            step_positions=(positions[:, None, :] + offsets[None, :, None]).reshape(rows, -1),
-            ctx_mask=jnp.concatenate([ctx_mask_at(s) for s in sch.steps], 1),
-            own_mask=valid[:, :, None, None] & own_mask[None, None],
-        )
-        emb_steps = jnp.stack([step_embedding(params, cfg, tc, sch, s, fed[s - 1])
-                               for s in sch.steps], 1)
-        with jax.named_scope("replayed_backward"):
-            out_b, out_s = model.replay_layers(
-                cfg, params["layers"], model.embed_tokens(params, cfg, input_ids).astype(dt),
-                emb_steps.reshape(rows, n * seq, -1), base[2], traces, geo)
-        norm = lambda x: model.rms_norm(x, params["final_norm"], cfg.rms_norm_eps)
-        h0 = norm(out_b)
-        step_hidden = list(jnp.moveaxis(norm(out_s).reshape(rows, n, seq, -1), 1, 0))
+        h0, step_hidden = replayed_hidden(params, cfg, tc, sch, input_ids, attention_mask,
+                                          positions, base[2], mapped, x)
 
     thought_logp = reinforce_logps(params, cfg, tc, sch, step_hidden, fed, draws)
 

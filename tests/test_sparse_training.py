@@ -96,6 +96,39 @@ def test_all_positions_gathered_equals_dense_loss_and_gradients(gate, variant):
                                    err_msg=jax.tree_util.keystr(path))
 
 
+@pytest.mark.parametrize("window,given", [(None, False), (4, False), (None, True)])
+def test_replayed_backward_of_gathered_thoughts_equals_plain_autodiff(window, given):
+    """remat "full": the sparse step runs its base pass and gathered thoughts without
+    gradient and replays them layer by layer in the backward pass
+    (`thoughts.replayed_hidden`); loss, metrics and every gradient equal plain autodiff
+    through the same computation (remat "none"), 3 of 10 positions per row, with a gate,
+    a sliding window, and with fed thought tokens."""
+    cfg, params = tiny(gate=True)
+    cfg = cfg.replace(sliding_window=window)
+    ids, mask = batch()
+    key = jax.random.key(13)
+    tc = TC.replace(think_k=3, think_explore=0.5)
+    toks = None
+    if given:
+        toks = jax.random.randint(jax.random.key(14), (tc.num_sampled, 4, SEQ), 1, 65)
+    f = jax.jit(jax.value_and_grad(quietstar_loss, has_aux=True), static_argnums=(1, 2))
+    (loss_p, met_p), g_p = f(params, cfg, tc, ids, mask, key, toks)
+    (loss_r, met_r), g_r = f(params, cfg.replace(remat="full"), tc, ids, mask, key, toks)
+    assert float(met_p["policy_loss"]) != 0.0 and float(met_p["think_rate"]) < 0.5
+    np.testing.assert_allclose(loss_r, loss_p, rtol=1e-5, atol=1e-5)
+    for name in ("nll_base", "nll_thought", "policy_loss", "reward_mean", "gate_loss"):
+        np.testing.assert_allclose(met_r[name], met_p[name], rtol=1e-5, atol=1e-5,
+                                   err_msg=name)
+    flat_p = jax.tree_util.tree_leaves_with_path(g_p)
+    flat_r = jax.tree.leaves(g_r)
+    assert len(flat_p) == len(flat_r)
+    for (path, gp), gr in zip(flat_p, flat_r, strict=True):
+        atol = 1e-5 * max(float(np.abs(gp).max()), 1e-3)
+        np.testing.assert_allclose(gr, gp, rtol=1e-5, atol=atol,
+                                   err_msg=jax.tree_util.keystr(path))
+    assert float(jnp.max(jnp.abs(g_p["layers"]["up"]))) > 0  # the check has teeth
+
+
 def test_gathered_thoughts_equal_the_dense_rollouts_at_those_positions():
     """Same key: the thought tokens (and every step's hidden state) of the gathered
     positions are the dense rollout's at those positions."""
