@@ -121,3 +121,23 @@ print("GATHER", r["collectives"]["all-gather"]["largest"][0]["bytes"])
     assert p.returncode == 0, p.stderr[-3000:]
     assert "DEVICES 4" in p.stdout
     assert f"GATHER {2048 * 1024 * 4}" in p.stdout, p.stdout
+
+
+def test_compare_hlo_hashes_the_program_not_its_source_locations() -> None:
+    """benchmarks/compare_hlo.py: the same function compiled from two source locations
+    (other file/line metadata and debug tables) hashes the same; one changed op does not."""
+    from compare_hlo import program_hash
+
+    x = jnp.ones((8, 8), jnp.float32)
+    src_a = "def f(x):\n    return jnp.tanh(x @ x) * 2.0\n"
+    src_b = "\n\n\n" + src_a  # the same program, defined three lines lower
+    src_c = src_a.replace("* 2.0", "* 3.0")
+    hashes = []
+    for i, src in enumerate((src_a, src_b, src_c)):
+        ns = {"jnp": jnp}
+        exec(compile(src, f"/tmp/compare_hlo_case_{i}.py", "exec"), ns)
+        text = jax.jit(ns["f"]).lower(x).compile().as_text()
+        hashes.append(program_hash(text))
+    assert hashes[0] == hashes[1]
+    assert hashes[0][0] != hashes[2][0]
+    assert hashes[0][1] > 0

@@ -1,0 +1,124 @@
+"""Paired A/B of the compiled training step between two source trees: is the program the
+same?
+
+    python benchmarks/compare_hlo.py --base 5401b0c                  # toy + SmolLM2
+    python benchmarks/compare_hlo.py --base HEAD~1 --preset cpu-small --step sparse
+
+For each `step_benchmark.py` preset, the chosen step (`qs`: the think-everywhere
+Quiet-STaR step as it ships; `plain`; `sparse` with `--think-k`) is built and compiled
+for this host by the code of the working tree and by the code of git revision `--base`
+(checked out into a temporary worktree), each in its own subprocess. Printed per side:
+XLA's FLOPs, the temporaries, and a hash of the optimised HLO's instructions with their
+metadata and the debug tables (source files, function names, stack frames) removed. Equal
+hashes mean the two trees compile to the same program, so neither can be faster or
+leaner on this backend; a refactor that should not change the step is checked this way,
+and a timing A/B (`step_benchmark.py` on each tree) is then only needed when the hashes
+differ. Exit status 1 when they differ.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from typing import Any
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+# An HLO instruction line or a computation header; everything else (the debug tables of
+# file names, function names and stack frames) names source locations, not the program.
+_PROGRAM_LINE = re.compile(r"^\s*(ROOT )?%?[A-Za-z_.0-9-]+ = |^ENTRY|^%|^[a-z_]+\.")
+_METADATA = re.compile(r", metadata=\{[^}]*\}|, stack_frame_id=[0-9]+")
+
+
+def program_hash(hlo_text: str) -> tuple[str, int]:
+    """(sha1 prefix, instruction count) of an optimised HLO module's instructions, metadata
+    and debug tables removed."""
+    lines = [_METADATA.sub("", ln) for ln in hlo_text.splitlines() if _PROGRAM_LINE.match(ln)]
+    body = "\n".join(lines)
+    return hashlib.sha1(body.encode()).hexdigest()[:16], sum(" = " in ln for ln in lines)
+
+
+def child(preset: str, step: str, think_k: int | None) -> dict[str, Any]:
+    """Build and compile one step with the code on sys.path (run inside a subprocess)."""
+    sys.path.insert(0, HERE)
+    import step_benchmark as SB
+
+    c = dict(SB.PRESETS[preset], think_k=think_k)
+    built = SB.build(c)
+    holder = built["holder_sparse"] if step == "sparse" else built["holder"]
+    st = SB.H.Stepper(built[step], holder, step)
+    cost = st.compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, list | tuple) else cost
+    digest, n = program_hash(st.compiled.as_text())
+    return {"hlo_sha1": digest, "instructions": n, "xla_flops": float(cost["flops"]),
+            "temp_bytes": int(st.compiled.memory_analysis().temp_size_in_bytes),
+            "compile_s": round(st.compile_s, 1)}
+
+
+def run_side(tree: str, preset: str, step: str, think_k: int | None) -> dict[str, Any]:
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([tree, os.path.join(tree, "benchmarks")]))
+    cmd = [sys.executable, os.path.abspath(__file__), "--child", preset, "--step", step]
+    if think_k:
+        cmd += ["--think-k", str(think_k)]
+    # the benchmark module and the package come from `tree`; this script only drives them
+    out = subprocess.run(cmd, env=env, cwd=os.path.join(tree, "benchmarks"), text=True,
+                         capture_output=True)
+    if out.returncode != 0:
+        sys.exit(f"compare_hlo: error: {preset}/{step} failed in {tree}:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--base", help="git revision to compare the working tree with")
+    ap.add_argument("--preset", nargs="+", default=["cpu-small", "smollm2"],
+                    help="step_benchmark presets (default: the toy and SmolLM2-135M)")
+    ap.add_argument("--step", default="qs", choices=("qs", "plain", "sparse"))
+    ap.add_argument("--think-k", type=int, default=None, help="think_k of the sparse step")
+    ap.add_argument("--child", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.step == "sparse" and not args.think_k:
+        ap.error("--step sparse needs --think-k")
+    if args.child:
+        print(json.dumps(child(args.child, args.step, args.think_k)))
+        return 0
+    if not args.base:
+        ap.error("--base REV is required")
+    rev = subprocess.run(["git", "-C", ROOT, "rev-parse", "--short", args.base], text=True,
+                         capture_output=True)
+    if rev.returncode != 0:
+        ap.error(f"--base {args.base}: not a git revision of {ROOT}")
+    base_rev = rev.stdout.strip()
+    differ = False
+    with tempfile.TemporaryDirectory(prefix="compare_hlo_") as tmp:
+        base_tree = os.path.join(tmp, "base")
+        subprocess.run(["git", "-C", ROOT, "worktree", "add", "--detach", "-q", base_tree,
+                        base_rev], check=True)
+        try:
+            for preset in args.preset:
+                sides = {f"base {base_rev}": run_side(base_tree, preset, args.step, args.think_k),
+                         "working tree": run_side(ROOT, preset, args.step, args.think_k)}
+                for name, r in sides.items():
+                    print(f"{preset:10s} {args.step:6s} {name:16s} hlo {r['hlo_sha1']} "
+                          f"({r['instructions']} instructions)  XLA GFLOP "
+                          f"{r['xla_flops'] / 1e9:.2f}  temporaries {r['temp_bytes'] / 1e9:.3f} GB"
+                          f"  compile {r['compile_s']} s")
+                a, b = sides.values()
+                same = a["hlo_sha1"] == b["hlo_sha1"]
+                differ |= not same
+                print(f"{preset:10s} {args.step:6s} -> "
+                      f"{'same program' if same else 'DIFFERENT programs'}")
+        finally:
+            subprocess.run(["git", "-C", ROOT, "worktree", "remove", "--force", base_tree],
+                           check=False)
+    return 1 if differ else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
