@@ -1,4 +1,5 @@
-"""The benchmark figures quoted in README.md and BENCHMARKS.md, from the results JSON.
+"""The benchmark figures quoted in README.md, BENCHMARKS.md and docs/TRAINING.md, from
+the results JSON.
 
 Each quoted figure has a short id in `FIGURES`: the results file it comes from (under
 `benchmarks/results/`), the key path to its value in that file, and how it is written.
@@ -27,7 +28,7 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
-DOCS = ("README.md", "BENCHMARKS.md")
+DOCS = ("README.md", "BENCHMARKS.md", "docs/TRAINING.md")
 # <!-- fig:ID -->TEXT<!-- /fig -->, on one line.
 MARKER = re.compile(r"<!-- fig:([A-Za-z0-9_.-]+) -->(.*?)<!-- /fig -->")
 
@@ -59,6 +60,7 @@ _TOY = "step_cpu_cpu-small_main.json"  # issue 7's toy, trainer's step, 7cc826f
 _TOY2 = "ab_2026-12-02/t_integ_cpu-small_2.json"
 _TOYOLD = "step_cpu_cpu-small.json"  # the toy at b5490cb (hand-written update functions)
 _GENTOY = "generation_from_step_benchmark.json"
+_PLAN8 = "memory_plan_mistral7b_8dev_fsdp4_tp2_trainer_step.json"
 _PLAN = "tpu_compile/plan_32_layers.json"  # list: 0 v4-8 b4, 1 v4-8, 2 v4-8 sum in bf16,
 # 3 v4-16, 4 v5e-16 bf16 params, 5 v5e-16, 6 v5p-8, 7 v5p-8 b8, 8 v5p-32
 
@@ -104,6 +106,8 @@ FIGURES: dict[str, Figure] = {
     "smollm2_xla_gflop": Figure(_S2B, _main("qs", "xla_flops"), scale=GIGA),
     "smollm2_temp_gb": Figure(_S2B, _main("qs", "memory_analysis", "temp"), "{:.3f}",
                               scale=GB),
+    "smollm2_temp_gb_1dp": Figure(_S2B, _main("qs", "memory_analysis", "temp"), "{:.1f}",
+                                  scale=GB),
     "smollm2_args_gb": Figure(_S2B, _main("qs", "memory_analysis", "argument"), scale=GB),
     # SmolLM2 thinking generation, batch 1, 40 tokens.
     "gen_greedy_over_base": Figure(_GEN, ("thinking_over_base", "cached_thinking"),
@@ -115,6 +119,7 @@ FIGURES: dict[str, Figure] = {
     "gen_sampled_tok_s": Figure(_GEN, ("runs", "cached_thinking_sampled", "tokens_per_s")),
     # Issue 7's toy (Mistral-style, 4 x 128 tokens), the trainer's step at 7cc826f.
     "toy_qs_s": Figure(_TOY, _main("qs", "median_s"), "{:.3f}"),
+    "toy_qs_s_2dp": Figure(_TOY, _main("qs", "median_s")),
     "toy_qs_min_s": Figure(_TOY, _main("qs", "min_s")),
     "toy_qs_max_s": Figure(_TOY, _main("qs", "max_s")),
     "toy_qs_tok_s": Figure(_TOY, _main("qs", "input_tokens_per_s"), "{:.1f}"),
@@ -164,6 +169,16 @@ FIGURES: dict[str, Figure] = {
     # Cached thinking generation against recomputing everything (stories260K).
     "gen_cached_vs_recompute": Figure(_GENTOY, ("cached_vs_recompute_speedup",), "{:.1f}"),
     # Mistral-7B compiled by the TPU compiler, extrapolated to 32 layers (GB per chip).
+    # Mistral-7B on 8 simulated CPU devices, mesh (1, 4, 2), the trainer's step, one
+    # micro-batch of 4, 32 layers extrapolated from 2 and 4 (GB per device).
+    "mistral7b_8dev_f32_gb": Figure(_PLAN8, ("variants", 0, "estimate", "peak_bytes"),
+                                    "{:.1f}", scale=GB),
+    "mistral7b_8dev_f32_temp_gb": Figure(_PLAN8, ("variants", 0, "estimate", "temp_bytes"),
+                                         "{:.1f}", scale=GB),
+    "mistral7b_8dev_bf16_gb": Figure(_PLAN8, ("variants", 1, "estimate", "peak_bytes"),
+                                     "{:.1f}", scale=GB),
+    "mistral7b_8dev_bf16_temp_gb": Figure(_PLAN8, ("variants", 1, "estimate", "temp_bytes"),
+                                          "{:.1f}", scale=GB),
     "tpu_v4_8_b4_gb": Figure(_PLAN, (0, "peak_bytes"), "{:.1f}", scale=GB),
     "tpu_v4_8_gb": Figure(_PLAN, (1, "peak_bytes"), "{:.1f}", scale=GB),
     "tpu_v4_8_sum_params_gb": Figure(_PLAN, (2, "peak_bytes"), "{:.1f}", scale=GB),
@@ -277,7 +292,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     mode.add_argument("--write", action="store_true",
                       help="rewrite the marked figures from the JSON")
     p.add_argument("--docs", nargs="+", type=Path, default=[ROOT / d for d in DOCS],
-                   help="the Markdown files (default: README.md BENCHMARKS.md)")
+                   help="the Markdown files (default: README.md BENCHMARKS.md "
+                   "docs/TRAINING.md)")
     p.add_argument("--results", type=Path, default=RESULTS,
                    help="the results directory (default: benchmarks/results)")
     args = p.parse_args(argv)

@@ -22,6 +22,7 @@ RESULTS = ROOT / "benchmarks" / "results"
 def _copy_docs(tmp_path: Path) -> list[Path]:
     out = []
     for name in report.DOCS:
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(ROOT / name, tmp_path / name)
         out.append(tmp_path / name)
     return out
