@@ -3,9 +3,8 @@
     python benchmarks/plot.py benchmarks/results/step_cpu_cpu-small.json \
         --out benchmarks/step_scaling_cpu.png
 
-Needs matplotlib, a benchmark-time tool only (not a project dependency). Without it in
-the environment: `pip install --target /tmp/plotdeps matplotlib` and run with
-`PYTHONPATH=/tmp/plotdeps`.
+Needs matplotlib, a benchmark-time tool only (not a core dependency): the `experiments`
+extra, `pip install -e ".[experiments]"`.
 
 Left: seconds per update step against sequence length (Quiet-STaR and plain steps),
 with the Quiet-STaR step the analytic FLOP count predicts when scaled through the
@@ -43,8 +42,7 @@ def main() -> None:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        sys.exit("plot.py needs matplotlib: pip install --target /tmp/plotdeps matplotlib, "
-                 "then PYTHONPATH=/tmp/plotdeps python benchmarks/plot.py ...")
+        sys.exit('plot.py needs matplotlib: pip install -e ".[experiments]"')
     from flops import analytic_flops
 
     with open(args.json) as f:

@@ -45,7 +45,12 @@ def _int_setting(value: Any, name: str) -> int | None:
 
 
 def detected_cluster(environ: Mapping[str, str] | None = None) -> str | None:
-    """Name of a multi-process cluster JAX can configure itself on, or None."""
+    """Name of a multi-process cluster JAX can configure itself on, or None.
+
+    Only the question "is this a job of more than one process?": the answers (address,
+    count, id) are left to `jax.distributed.initialize`'s own detection, which has no
+    public form of this question, queries the TPU metadata server, and would also
+    start a one-process job under SLURM."""
     env = os.environ if environ is None else environ
     hosts = env.get("TPU_WORKER_HOSTNAMES", "")
     if "," in hosts or env.get("MEGASCALE_COORDINATOR_ADDRESS"):
@@ -94,24 +99,19 @@ def distributed_settings(
                               ("process_id", pid)) if v is not None}
 
 
-def _on_cpu(environ: Mapping[str, str]) -> bool:
-    platforms = environ.get("JAX_PLATFORMS", "") or (jax.config.jax_platforms or "")
-    return platforms.split(",")[0].strip().lower() == "cpu"
-
-
 def maybe_initialize(
     coordinator_address: str | None = None,
     num_processes: int | None = None,
     process_id: int | None = None,
     *,
-    cpu_collectives: str = "gloo",
     environ: Mapping[str, str] | None = None,
 ) -> bool:
     """Join a multi-process JAX job when one is configured; return whether it did.
 
-    Call once, first thing, before any JAX device is used. On CPU-only runs
-    (`JAX_PLATFORMS=cpu`, or no accelerator plugin installed) cross-process
-    collectives use `cpu_collectives` ("gloo"). Idempotent: a second call does nothing.
+    Call once, first thing, before any JAX device is used. Idempotent: a second call
+    does nothing. `jax.distributed.initialize` fills in what the settings leave out
+    from the cluster it detects, and on CPU its cross-process collectives are gloo's
+    (JAX's default; `JAX_CPU_COLLECTIVES_IMPLEMENTATION=mpi` picks MPI).
     """
     env = os.environ if environ is None else environ
     if jax.distributed.is_initialized():
@@ -119,19 +119,8 @@ def maybe_initialize(
     settings = distributed_settings(coordinator_address, num_processes, process_id, env)
     if settings is None:
         return False
-    if _on_cpu(env) or not _has_accelerator_plugin():
-        jax.config.update("jax_cpu_collectives_implementation", cpu_collectives)
     jax.distributed.initialize(**settings)
     return True
-
-
-def _has_accelerator_plugin() -> bool:
-    """Whether a GPU/TPU backend could exist, without initialising any backend."""
-    import importlib.util
-
-    return any(importlib.util.find_spec(m) is not None
-               for m in ("jax_cuda12_plugin", "jax_cuda13_plugin", "libtpu", "jax_rocm60_plugin",
-                         "jax_rocm7_plugin"))
 
 
 def is_main_process() -> bool:

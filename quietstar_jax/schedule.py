@@ -37,11 +37,10 @@ API (all static Python except the two mask functions, which take arrays):
 
 - `ThoughtSchedule.of(tc, num_steps=None, *, talk=True, given=False)`; `tc` is any
   object with `n_ahead` and `n_ahead_talk` (a `ThoughtConfig`).
-- `steps`, `kind(s)`, `is_sampled(s)` (also for a traced `s`), `sampled_steps`,
-  `sampled_index(s)`, `num_sampled` (tokens of a whole thought), `start_step`,
-  `end_step`, `talk_shift(s)`, `position_offset(s)`, `base_shift(s)`,
-  `target_shift(s)`, `scored_steps`, `rewarded_positions(seq)`, `sequential_steps`,
-  `block_steps`.
+- `steps`, `kind(s)`, `sampled_steps`, `sampled_index(s)`, `num_sampled` (tokens of
+  a whole thought), `start_step`, `end_step`, `talk_shift(s)`, `position_offset(s)`,
+  `base_shift(s)`, `target_shift(s)`, `scored_steps`, `rewarded_positions(seq)`,
+  `sequential_steps`, `block_steps`.
 - `own_visible(s, key_steps, window, strict=False)`: which own keys a step's query sees.
 - `window_visible(q_pos, k_pos, window)`: the sliding-window rule, the one copy of it
   (`model.causal_mask`, the rollout's context masks, generation's cache masks use it).
@@ -167,10 +166,6 @@ class ThoughtSchedule:
         if s == self.end_step:
             return END
         return TALK
-
-    def is_sampled(self, s: Any) -> Any:
-        """Whether step `s` is fed a sampled token; works on a traced `s` (a bool array)."""
-        return (s >= self.start_step + 1) & (s <= self.last_sampled_step)
 
     @property
     def sampled_steps(self) -> tuple[int, ...]:

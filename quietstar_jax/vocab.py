@@ -29,7 +29,7 @@ Ops:
   excluded (or the argmax), no gradient, with the statistics of its log-prob at
   `T_reinforce`, from one pass over the vocabulary; `logp_of_draws(h, w, draws)` gives
   that log-prob with gradient and no further forward pass (draws of several steps
-  stacked: one backward pass); `sample_with_logp` is the two together.
+  stacked: one backward pass).
 - `sample_categorical(key, logits)`: the same draw from logits already in memory
   (generation's last token); with one chunk the chunked sampler gives its tokens.
 """
@@ -331,7 +331,7 @@ def sample_categorical(key: jax.Array, logits: jax.Array) -> jax.Array:
     token inside it by its inverse CDF (one uniform number per block instead of the V
     Gumbel numbers of `jax.random.categorical`; the PRNG dominated sampling on CPU).
     A token of probability 0 (a masked id) is never drawn. These are the tokens of
-    `sample_with_logp` on the same key when it walks the vocab in one chunk.
+    `draw` on the same key when it walks the vocab in one chunk.
     """
     lead, v = logits.shape[:-1], logits.shape[-1]
     lay = layout(v, v)
@@ -479,23 +479,3 @@ def logp_of_draws(
         logp = _logp_of_drawn(hf.astype(spec.dtype), w, d.tok.reshape(-1), d.picked.reshape(-1),
                               d.lse.reshape(-1), spec)
         return logp.reshape(lead)
-
-
-def sample_with_logp(
-    h: jax.Array,
-    w: jax.Array | VocabMajor,
-    key: jax.Array | None,
-    *,
-    sample_temperature: float = 1.0,
-    logp_temperature: float = 1.0,
-    masked_ids: tuple[int, ...] = (),
-    greedy: bool = False,
-    chunk_size: int = DEFAULT_CHUNK,
-    dtype: str | None = None,
-) -> tuple[jax.Array, jax.Array]:
-    """`draw` then `logp_of_draws`: (token int32 `[...]`, its log-prob float32 `[...]`
-    with gradient in h and w), from one vocabulary pass."""
-    kw = dict(logp_temperature=logp_temperature, masked_ids=masked_ids, chunk_size=chunk_size,
-              dtype=dtype)
-    d = draw(h, w, key, sample_temperature=sample_temperature, greedy=greedy, **kw)
-    return d.tok, logp_of_draws(h, w, d, **kw)

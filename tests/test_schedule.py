@@ -21,7 +21,6 @@ def test_steps_follow_the_algorithm(n_ahead, n_ahead_talk):
         want = ("start" if s == 1 else "sampled" if s <= n_ahead - 2 else
                 "end" if s == n_ahead - 1 else "talk")
         assert sch.kind(s) == want
-        assert bool(sch.is_sampled(s)) == (want == "sampled")
         assert sch.position_offset(s) == s
         assert sch.base_shift(s) == max(0, s - (n_ahead - 1))
         assert sch.target_shift(s) == sch.base_shift(s) + 1

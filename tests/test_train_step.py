@@ -55,14 +55,34 @@ def max_diff(a, b):
                zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True))
 
 
-def test_lr_schedule_is_warmup_then_linear_decay():
-    sched = lr_schedule(1e-3, warmup_steps=4, total_steps=12, end_lr_ratio=0.0)
-    # transformers' get_linear_schedule_with_warmup, written out.
-    want = [1e-3 * s / 4 if s < 4 else 1e-3 * max(0.0, (12 - s) / 8) for s in range(14)]
-    got = [float(sched(s)) for s in range(14)]
-    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-12)
-    floor = lr_schedule(1.0, 0, 10, end_lr_ratio=0.1)
-    assert float(floor(0)) == 1.0 and float(floor(20)) == pytest.approx(0.1)
+def _linear_warmup_decay(lr, warmup, total, end_ratio, step):
+    """The schedule written out (transformers' get_linear_schedule_with_warmup with a
+    floor at `lr * end_ratio`), in plain Python floats."""
+    if step < warmup:
+        return lr * step / warmup
+    frac = min((step - warmup) / max(total - warmup, 1), 1.0)
+    return lr + (lr * end_ratio - lr) * frac
+
+
+@pytest.mark.parametrize("lr,warmup,total,end_ratio", [
+    (1e-3, 4, 12, 0.0), (3e-4, 10, 110, 0.1), (1.0, 0, 10, 0.1), (2e-5, 0, 7, 0.0)])
+def test_lr_schedule_is_warmup_then_linear_decay(lr, warmup, total, end_ratio):
+    sched = lr_schedule(lr, warmup_steps=warmup, total_steps=total, end_lr_ratio=end_ratio)
+    steps = sorted({0, warmup // 2, warmup, (warmup + total) // 2, total - 1, total,
+                    total + 5})
+    want = [_linear_warmup_decay(lr, warmup, total, end_ratio, s) for s in steps]
+    np.testing.assert_allclose([float(sched(s)) for s in steps], want, rtol=1e-6,
+                               atol=1e-12)
+    # As the train step calls it: an int32 step under jit.
+    jitted = jax.jit(jax.vmap(sched))(jnp.asarray(steps, jnp.int32))
+    np.testing.assert_allclose(np.asarray(jitted), want, rtol=1e-6, atol=1e-12)
+    assert float(sched(total + 100)) == pytest.approx(lr * end_ratio, rel=1e-6, abs=1e-12)
+    assert float(sched(warmup)) == pytest.approx(lr, rel=1e-6)
+
+
+def test_lr_schedule_rejects_negative_steps():
+    with pytest.raises(ValueError, match="warmup_steps=-1"):
+        lr_schedule(1e-3, warmup_steps=-1, total_steps=10)
 
 
 def test_decay_mask_skips_norms_and_biases():

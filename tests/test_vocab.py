@@ -112,10 +112,10 @@ def test_greedy_draw_is_the_masked_argmax_and_its_logp_has_the_right_gradient(
     want_tok = jnp.argmax(_masked_logits(hid, w, 1.0, masked), axis=-1)
 
     def fused(hid, w):
-        tok, lp = vocab.sample_with_logp(hid, _oriented(w, vocab_major), None, greedy=True,
-                                         logp_temperature=3.0, masked_ids=masked,
-                                         chunk_size=chunk)
-        return jnp.sum(cot * lp), tok
+        kw = dict(logp_temperature=3.0, masked_ids=masked, chunk_size=chunk)
+        d = vocab.draw(hid, _oriented(w, vocab_major), None, greedy=True, **kw)
+        lp = vocab.logp_of_draws(hid, _oriented(w, vocab_major), d, **kw)
+        return jnp.sum(cot * lp), d.tok
 
     def dense(hid, w):
         logp = jax.nn.log_softmax(_masked_logits(hid, w, 1.0, masked) / 3.0, axis=-1)
@@ -173,8 +173,9 @@ def test_one_chunk_sampler_gives_the_unchunked_samplers_tokens() -> None:
 
 def test_sampled_logp_matches_the_logp_of_the_drawn_token() -> None:
     hid, w, _ = _problem(514, seed=10)
-    tok, lp = vocab.sample_with_logp(hid, w, jax.random.key(0), sample_temperature=1.0,
-                                     logp_temperature=3.0, masked_ids=(512, 513), chunk_size=77)
+    kw = dict(logp_temperature=3.0, masked_ids=(512, 513), chunk_size=77)
+    d = vocab.draw(hid, w, jax.random.key(0), sample_temperature=1.0, **kw)
+    tok, lp = d.tok, vocab.logp_of_draws(hid, w, d, **kw)
     want = vocab.token_logp(hid, w, tok, temperature=3.0, masked_ids=(512, 513), chunk_size=514)
     np.testing.assert_allclose(lp, want, rtol=1e-6, atol=1e-6)
     assert not np.isin(np.asarray(tok), [512, 513]).any()
@@ -238,8 +239,9 @@ _MESH_SCRIPT = textwrap.dedent(
 
     def f(hid, w):
         nll = vocab.token_nll(hid, w, ids, chunk_size=96)
-        tok, lp = vocab.sample_with_logp(hid, w, key, logp_temperature=3.0,
-                                         masked_ids=(5, 7), chunk_size=96)
+        kw = dict(logp_temperature=3.0, masked_ids=(5, 7), chunk_size=96)
+        d = vocab.draw(hid, w, key, **kw)
+        tok, lp = d.tok, vocab.logp_of_draws(hid, w, d, **kw)
         return jnp.sum(nll) + jnp.sum(lp), tok
 
     step = jax.jit(jax.value_and_grad(f, argnums=(0, 1), has_aux=True))

@@ -348,13 +348,6 @@ class Checkpointer:
                     _LibraryNoise.release()
 
 
-def abstract_like(tree: Any) -> Any:
-    """ShapeDtypeStructs (with shardings) of a pytree of arrays."""
-    return jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)),
-        tree)
-
-
 def checkpoints_dir(workdir: str | os.PathLike) -> str:
     """The checkpoint directory of a training workdir (`<workdir>/checkpoints`)."""
     return os.path.join(workdir, CHECKPOINTS_DIR)

@@ -47,17 +47,19 @@ class TrainState(NamedTuple):
 def lr_schedule(lr: float, warmup_steps: int, total_steps: int,
                 end_lr_ratio: float = 0.0) -> optax.Schedule:
     """Linear warm-up from 0 to `lr` over `warmup_steps`, then linear decay to
-    `lr * end_lr_ratio` at `total_steps` (as transformers' linear schedule)."""
-    decay = max(total_steps - warmup_steps, 1)
-    end = lr * end_lr_ratio
-
-    def schedule(step: jax.Array) -> jax.Array:
-        step = jnp.asarray(step, jnp.float32)
-        warm = lr * step / max(warmup_steps, 1)
-        frac = jnp.clip((step - warmup_steps) / decay, 0.0, 1.0)
-        return jnp.where(step < warmup_steps, warm, lr + (end - lr) * frac)
-
-    return schedule
+    `lr * end_lr_ratio` at `total_steps` and constant after (as transformers' linear
+    schedule): optax's `linear_schedule`s joined at `warmup_steps`. When
+    `total_steps <= warmup_steps` the decay takes one step. step: int scalar -> float32
+    scalar."""
+    if warmup_steps < 0 or total_steps < 0:
+        raise ValueError(f"warmup_steps={warmup_steps} and total_steps={total_steps} "
+                         "must be >= 0")
+    decay = optax.linear_schedule(lr, lr * end_lr_ratio,
+                                  transition_steps=max(total_steps - warmup_steps, 1))
+    if warmup_steps == 0:
+        return decay
+    warmup = optax.linear_schedule(0.0, lr, transition_steps=warmup_steps)
+    return optax.join_schedules([warmup, decay], [warmup_steps])
 
 
 @functools.cache
