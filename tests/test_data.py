@@ -272,14 +272,21 @@ def test_resume_from_saved_state_matches_the_uninterrupted_run_across_epochs(cut
         assert (x["attention_mask"] == y["attention_mask"]).all()
 
 
-def test_old_epoch_index_state_is_read_and_changed_batch_size_is_refused():
+def test_old_epoch_index_state_and_changed_batch_size():
+    """A pre-Grain `{"epoch", "index"}` state and a state read with another batch size
+    continue at the same row when it is a whole number of batches; else DataError."""
     src = docs(10)
     first, _ = batches(src, 4)  # 12 rows: epoch 1, index 2
     assert first.state == DataState(epoch=1, index=2)
+    saved = first.get_state()
     old = TokenBatches(src, TOK.encode, seq_len=16, local_batch=3, pad_id=256, seed=7)
     old.set_state({"epoch": 1, "index": 2})  # a checkpoint of the pre-Grain pipeline
-    assert (next(old)["input_ids"] == next(first)["input_ids"]).all()
     other = TokenBatches(src, TOK.encode, seq_len=16, local_batch=2, pad_id=256, seed=7)
+    other.set_state(saved)  # rows 12, 13 next
+    want = next(first)["input_ids"]  # rows 12, 13, 14
+    assert (next(old)["input_ids"] == want).all()
+    assert (next(other)["input_ids"] == want[:2]).all()
+    assert other.state == DataState(epoch=1, index=4)
     with pytest.raises(DataError, match="batch size"):
         other.set_state(first.get_state())  # 15 rows are not whole 2-row batches
     with pytest.raises(DataError, match="batch size"):

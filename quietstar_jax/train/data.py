@@ -397,28 +397,25 @@ class TokenBatches:
         return {"grain": self.iterator.get_state(), **self.state.to_dict()}
 
     def set_state(self, state: dict[str, Any]) -> None:
-        """Continue after the batches that `state` (of `get_state`) counts. A state of
-        the pre-Grain pipeline (`{"epoch", "index"}` only) is read as that position;
-        the rest of its epoch then follows Grain's permutation, not the old one. A
-        saved position that this pipeline's batch size, process count and dataset
-        size cannot reach raises DataError."""
+        """Continue after the rows that `state` (of `get_state`) counts, through the
+        Grain iterator's `set_state`. The saved Grain state is used as it is when it
+        agrees with the saved (epoch, index) under this run's batch size and share;
+        otherwise (a state of the pre-Grain pipeline, `{"epoch", "index"}` only, or a
+        run whose per-process batch size changed) the iterator is placed at that
+        (epoch, index), as the pre-Grain pipeline did, if it is a whole number of
+        batches, else DataError. A pre-Grain state's epoch continues in Grain's order,
+        not the old one."""
         if "epoch" not in state or "index" not in state:
             raise DataError(f"data state {state!r} has no epoch and index")
         want = DataState.from_dict(state)
         rows = want.rows(self.share)
-        if "grain" in state:
-            batches = int(state["grain"]["next_index"])
-            if batches * self.local_batch != rows:
+        saved = state.get("grain")
+        if saved is None or int(saved["next_index"]) * self.local_batch != rows:
+            if rows % self.local_batch:
                 raise DataError(
-                    f"the saved data position ({batches} batches, epoch {want.epoch} "
-                    f"index {want.index}) does not match this run's {self.local_batch} "
-                    f"rows a batch and {self.share} documents a process per epoch: the "
-                    "batch size, process count or dataset changed since it was saved")
-            self.iterator.set_state(state["grain"])
-            return
-        if rows % self.local_batch:
-            raise DataError(
-                f"the saved data position (epoch {want.epoch} index {want.index}, "
-                f"{rows} rows) is not a whole number of {self.local_batch}-row batches: "
-                "the batch size or dataset changed since it was saved")
-        self.iterator.set_state({"next_index": rows // self.local_batch})
+                    f"the saved data position (epoch {want.epoch} index {want.index}, "
+                    f"{rows} rows) is not a whole number of this run's "
+                    f"{self.local_batch}-row batches: the batch size changed since it "
+                    "was saved")
+            saved = {"next_index": rows // self.local_batch}
+        self.iterator.set_state(dict(saved))
