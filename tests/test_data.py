@@ -312,3 +312,15 @@ def test_two_processes_cover_each_document_of_an_epoch_once(n):
         assert len(both) == len(set(both)) == 2 * share
         assert set(both) <= set(src.documents)
     assert streams[0][:share] != streams[0][share:2 * share]
+
+
+def test_nearby_seeds_do_not_share_permutations():
+    """Grain shuffles epoch e with seed + e; the seed it gets is a hash of data.seed, so
+    seed 8's first epoch is not seed 7's second (as it would be with raw seeds)."""
+    src = docs(50)
+    a = TokenBatches(src, TOK.encode, seq_len=8, local_batch=2, pad_id=256, seed=7)
+    b = TokenBatches(src, TOK.encode, seq_len=8, local_batch=2, pad_id=256, seed=8)
+    assert a.order(1).tolist() != b.order(0).tolist()
+    assert a.order(0).tolist() != a.order(1).tolist()
+    with pytest.raises(DataError, match="seed=-1"):
+        TokenBatches(src, TOK.encode, seq_len=8, local_batch=2, pad_id=256, seed=-1)
