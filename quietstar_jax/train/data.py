@@ -4,13 +4,15 @@ A *source* is a random-access list of documents (`len(source)`, `source[i] -> st
 generated arithmetic problems, local files (plain text, jsonl, parquet), a
 tensorflow-datasets `data_source` (no TensorFlow needed) or a Hugging Face dataset.
 
-`TokenBatches` walks a source epoch by epoch. Each epoch has a seeded permutation of
-the documents; process `p` of `P` takes every `P`-th document of it (all processes
-take the same number). A document becomes one row: its tokens, cut to a random
-window of `seq_len` when longer (the window's offset is drawn from a generator
-seeded by `(seed, epoch, document)`), right-padded with `pad_id` when shorter, as
-the authors did. Its position, `DataState(epoch, index)`, is a small JSON-able dict
-saved with each checkpoint; restoring it continues with the next unseen batch.
+`TokenBatches` is a Grain (`grain.MapDataset`) pipeline that walks a source epoch by
+epoch. Each epoch has a seeded permutation of the documents (Grain's shuffle);
+process `p` of `P` takes every `P`-th document of it (all processes take the same
+number). A document becomes one row: its tokens, cut to a random window of
+`seq_len` when longer (the window's offset is drawn from a generator seeded by
+`(seed, epoch, document)`), right-padded with `pad_id` when shorter, as the authors
+did. Its position, the Grain iterator's state with the readable
+`DataState(epoch, index)`, is a small JSON-able dict saved with each checkpoint;
+restoring it continues with the next unseen batch.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import os
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
+import grain
 import numpy as np
 
 from quietstar_jax.train.arithmetic import arithmetic_document
@@ -257,7 +260,8 @@ def make_source(data: Any) -> DocumentSource:
 @dataclasses.dataclass(frozen=True)
 class DataState:
     """Where a `TokenBatches` stands: `index` documents of this process's share of
-    epoch `epoch` have been used (the same on every process)."""
+    epoch `epoch` have been used (the same on every process). A finished epoch reads
+    `(epoch, share)` until the next row of `epoch + 1` is taken."""
 
     epoch: int = 0
     index: int = 0
@@ -268,6 +272,18 @@ class DataState:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> DataState:
         return cls(epoch=int(d["epoch"]), index=int(d["index"]))
+
+    def rows(self, share: int) -> int:
+        """Rows used since the start of epoch 0, with `share` rows per epoch."""
+        return self.epoch * share + self.index
+
+    @classmethod
+    def after(cls, rows: int, share: int) -> DataState:
+        """The position after `rows` rows, with `share` rows per epoch."""
+        if rows == 0:
+            return cls()
+        epoch, index = divmod(rows - 1, share)
+        return cls(epoch=epoch, index=index + 1)
 
 
 def window(tokens: Sequence[int], seq_len: int, pad_id: int,
@@ -288,11 +304,27 @@ def window(tokens: Sequence[int], seq_len: int, pad_id: int,
     return ids, mask
 
 
+def shuffle_seed(seed: int) -> int:
+    """The seed given to Grain's shuffle for `data.seed`: Grain shuffles epoch `e` with
+    `seed + e`, so seeds `s` and `s + 1` would share permutations one epoch apart;
+    a hash of `seed` keeps the runs of nearby seeds unrelated."""
+    return int(np.random.default_rng([seed, 0x5EED]).integers(0, 2**32))
+
+
 class TokenBatches:
-    """Iterator of this process's rows of each global batch.
+    """Iterator of this process's rows of each global batch, a Grain pipeline.
 
     Yields `{"input_ids", "attention_mask"}`, int32 `[local_batch, seq_len]`.
     `encode(text) -> list[int]` tokenises a document.
+
+    The pipeline (`grain.MapDataset`): document indices `0..len(source)-1` ->
+    Grain's global shuffle (a new permutation each epoch; none when `shuffle` is
+    False) -> process `p` of `P` takes every `P`-th of them, `len(source) // P` per
+    epoch -> repeated epoch after epoch -> each index read from `source`, tokenised,
+    cut to a window (offset seeded by `(seed, epoch, document)`) and padded ->
+    batches of `local_batch` rows, which run across epoch boundaries. It is read
+    synchronously (no prefetch threads). `get_state()` is the Grain iterator's state
+    plus the readable `DataState`; `set_state` also takes an old `{"epoch", "index"}`.
     """
 
     def __init__(
@@ -310,52 +342,80 @@ class TokenBatches:
     ):
         if not 0 <= process_index < process_count:
             raise ValueError(f"process_index={process_index} not in [0, {process_count})")
+        if seed < 0:
+            raise DataError(f"config.data.seed={seed} must be >= 0")
+        if local_batch < 1 or seq_len < 1:
+            raise DataError(f"local_batch={local_batch} and seq_len={seq_len} must be >= 1")
         self.source, self.encode = source, encode
         self.seq_len, self.local_batch, self.pad_id = seq_len, local_batch, pad_id
         self.seed, self.shuffle = seed, shuffle
         self.process_index, self.process_count = process_index, process_count
-        self.share = len(source) // process_count
+        n = len(source)
+        self.share = n // process_count
         if self.share == 0:
-            raise DataError(f"the dataset has {len(source)} documents, fewer than the "
+            raise DataError(f"the dataset has {n} documents, fewer than the "
                             f"{process_count} processes")
-        self.state = DataState()
-        self._order_epoch: int | None = None
-        self._order: np.ndarray | None = None
+        docs = grain.MapDataset.range(n)
+        if shuffle:
+            docs = docs.shuffle(seed=shuffle_seed(seed))
+        # Every P-th document of the epoch's order, the same number on every process;
+        # past the end the slice and the shuffle go on into the next epoch.
+        docs = docs[process_index:process_index + process_count * self.share:process_count]
+        self.documents = docs.repeat()  # [i] = document of row i of this process
+        rows = self.documents.map_with_index(
+            lambda i, doc: dict(zip(("input_ids", "attention_mask"),
+                                    self.row(i // self.share, doc), strict=True)))
+        self.dataset = rows.batch(local_batch, drop_remainder=True)
+        self.iterator = self.dataset.to_iter_dataset(
+            grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)).__iter__()
 
     def order(self, epoch: int) -> np.ndarray:
         """Document indices of this process's share of `epoch`, in visiting order."""
-        if self._order_epoch != epoch:
-            n = len(self.source)
-            perm = (np.random.default_rng([self.seed, epoch]).permutation(n)
-                    if self.shuffle else np.arange(n))
-            self._order = perm[self.process_index::self.process_count][: self.share]
-            self._order_epoch = epoch
-        return self._order
+        base = epoch * self.share
+        return np.asarray([self.documents[base + j] for j in range(self.share)], np.int64)
 
     def row(self, epoch: int, doc: int) -> tuple[np.ndarray, np.ndarray]:
-        """The row document `doc` gives in `epoch`."""
-        tokens = self.encode(self.source[doc])
-        rng = np.random.default_rng([self.seed, epoch, doc])
+        """The row document `doc` gives in `epoch`: (ids, mask), int32 `[seq_len]`."""
+        tokens = self.encode(self.source[int(doc)])
+        rng = np.random.default_rng([self.seed, epoch, int(doc)])
         return window(tokens, self.seq_len, self.pad_id, rng)
+
+    @property
+    def state(self) -> DataState:
+        """The position as (epoch, index) (from the Grain iterator's batch count)."""
+        batches = int(self.iterator.get_state()["next_index"])
+        return DataState.after(batches * self.local_batch, self.share)
 
     def __iter__(self) -> TokenBatches:
         return self
 
     def __next__(self) -> dict[str, np.ndarray]:
-        ids = np.empty((self.local_batch, self.seq_len), np.int32)
-        mask = np.empty((self.local_batch, self.seq_len), np.int32)
-        epoch, index = self.state.epoch, self.state.index
-        for r in range(self.local_batch):
-            if index >= self.share:
-                epoch, index = epoch + 1, 0
-            doc = int(self.order(epoch)[index])
-            ids[r], mask[r] = self.row(epoch, doc)
-            index += 1
-        self.state = DataState(epoch, index)
-        return {"input_ids": ids, "attention_mask": mask}
+        return next(self.iterator)
 
-    def get_state(self) -> dict[str, int]:
-        return self.state.to_dict()
+    def get_state(self) -> dict[str, Any]:
+        """JSON-able: `{"grain": <Grain iterator state>, "epoch", "index"}`."""
+        return {"grain": self.iterator.get_state(), **self.state.to_dict()}
 
     def set_state(self, state: dict[str, Any]) -> None:
-        self.state = DataState.from_dict(state)
+        """Continue after the rows that `state` (of `get_state`) counts, through the
+        Grain iterator's `set_state`. The saved Grain state is used as it is when it
+        agrees with the saved (epoch, index) under this run's batch size and share;
+        otherwise (a state of the pre-Grain pipeline, `{"epoch", "index"}` only, or a
+        run whose per-process batch size changed) the iterator is placed at that
+        (epoch, index), as the pre-Grain pipeline did, if it is a whole number of
+        batches, else DataError. A pre-Grain state's epoch continues in Grain's order,
+        not the old one."""
+        if "epoch" not in state or "index" not in state:
+            raise DataError(f"data state {state!r} has no epoch and index")
+        want = DataState.from_dict(state)
+        rows = want.rows(self.share)
+        saved = state.get("grain")
+        if saved is None or int(saved["next_index"]) * self.local_batch != rows:
+            if rows % self.local_batch:
+                raise DataError(
+                    f"the saved data position (epoch {want.epoch} index {want.index}, "
+                    f"{rows} rows) is not a whole number of this run's "
+                    f"{self.local_batch}-row batches: the batch size changed since it "
+                    "was saved")
+            saved = {"next_index": rows // self.local_batch}
+        self.iterator.set_state(dict(saved))

@@ -56,7 +56,7 @@ from quietstar_jax.train.config import (
     thought_config,
     validate_config,
 )
-from quietstar_jax.train.data import TokenBatches, make_source, window
+from quietstar_jax.train.data import DataError, TokenBatches, make_source, window
 from quietstar_jax.train.host_memory import release_freed_heap
 from quietstar_jax.train.metrics import (
     MetricsWriter,
@@ -602,7 +602,10 @@ def _resume(setup: _Setup, ckpt: Checkpointer) -> tuple[int, TrainState]:
         return 0, setup.initial_state()
     step, state, data_state = restored
     setup.model.params = None
-    setup.data.set_state(data_state)
+    try:
+        setup.data.set_state(data_state)
+    except DataError as e:
+        raise SetupError(f"checkpoint of step {step}: {e}") from e
     return step, state
 
 
