@@ -65,6 +65,7 @@ from experiments.latent_corpus import (  # noqa: E402
     problems_of,
 )
 from experiments.latent_steps import EVAL_DOC_SEED, TOK, encode_batch  # noqa: E402
+from experiments.think_gate_text import TextSetup  # noqa: E402
 from quietstar_jax import model  # noqa: E402
 from quietstar_jax.loss import masked_mean, token_nll  # noqa: E402
 from quietstar_jax.model import ModelConfig, Params  # noqa: E402
@@ -138,6 +139,8 @@ class Setup:
 
 FULL = Setup()
 QUICK = Setup(steps=100, eval_docs=96, cost_steps=5)
+TEXT_FULL = TextSetup()
+TEXT_QUICK = TextSetup(steps=10, eval_windows=8)
 
 
 # ------------------------------------------------------------------ data and model
@@ -515,7 +518,9 @@ def _spearman(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def run(s: Setup, out_dir: str, cache: str | None = None, cost: bool = True,
-        log: Callable[[str], None] = print) -> dict[str, Any]:
+        log: Callable[[str], None] = print, text: Any = None) -> dict[str, Any]:
+    """The two-hop run; with `text` (a `think_gate_text.TextSetup`) also the SmolLM2-135M
+    text half, under `smollm2_text` (`{"skipped": why}` when its files are missing)."""
     t0 = time.time()
     lm = pretrained(s, log, cache)
     t_pre = time.time() - t0
@@ -545,6 +550,14 @@ def run(s: Setup, out_dir: str, cache: str | None = None, cost: bool = True,
     res["setup"] = dataclasses.asdict(s)
     res["time_s"] = {"pretrain_or_cache": t_pre, "finetune": t_ft, "evaluate": t_ev,
                      "total": time.time() - t0}
+    if text is not None:  # the SmolLM2-135M text half (think_gate_text.py)
+        from experiments.think_gate_text import run_text
+
+        try:
+            res["smollm2_text"] = run_text(text, log, s.rates, s.bootstrap)
+        except FileNotFoundError as e:
+            log(f"SmolLM2 text half skipped: {e}")
+            res["smollm2_text"] = {"skipped": str(e)}
     res["loadavg_end"] = os.getloadavg()
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, "results.json"), "w") as f:
@@ -558,11 +571,12 @@ def run(s: Setup, out_dir: str, cache: str | None = None, cost: bool = True,
     return res
 
 
-def report(res: dict[str, Any]) -> str:
+def curve_table(curve_rows: list[dict[str, Any]]) -> list[str]:
+    """The curve as markdown table lines (accuracy / NLL per selector, gated - random)."""
     lines = ["| rate | gated acc / NLL | random | entropy | oracle | gated - random acc "
              "[95 % CI] | gated - random NLL [95 % CI] |",
              "| --- | --- | --- | --- | --- | --- | --- |"]
-    for row in res["curve"]:
+    for row in curve_rows:
         cells = [f"{row[n]['accuracy']:.3f} / {row[n]['nll']:.3f}" for n in SELECTORS]
         g = row["gated_minus_random"]
         lines.append(
@@ -570,6 +584,11 @@ def report(res: dict[str, Any]) -> str:
             + f" | {g['accuracy']:+.3f} [{g['accuracy_ci95'][0]:+.3f}, "
             f"{g['accuracy_ci95'][1]:+.3f}] | {g['nll']:+.3f} [{g['nll_ci95'][0]:+.3f}, "
             f"{g['nll_ci95'][1]:+.3f}] |")
+    return lines
+
+
+def report(res: dict[str, Any]) -> str:
+    lines = curve_table(res["curve"])
     nv, al = res["never"], res["always"]
     lines += ["", f"never-think: accuracy {nv['accuracy']:.3f}, NLL {nv['nll']:.3f}; "
               f"always-think: accuracy {al['accuracy']:.3f}, NLL {al['nll']:.3f}"]
@@ -597,6 +616,17 @@ def report(res: dict[str, Any]) -> str:
     d = res["diagnostics"]
     lines.append("diagnostics: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else
                                              f"{k} {v}" for k, v in d.items()))
+    text = res.get("smollm2_text")
+    if text and "curve" in text:
+        nv, al = text["never"], text["always"]
+        lines += ["", "SmolLM2-135M text (every scored position; accuracy = top-1 next "
+                  "token):", *curve_table(text["curve"]),
+                  f"never-think: {nv['accuracy']:.3f} / {nv['nll']:.3f}; always-think: "
+                  f"{al['accuracy']:.3f} / {al['nll']:.3f}",
+                  "diagnostics: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else
+                                              f"{k} {v}" for k, v in text["diagnostics"].items())]
+    elif text:
+        lines.append(f"SmolLM2-135M text half skipped: {text.get('skipped')}")
     return "\n".join(lines) + "\n"
 
 
@@ -608,16 +638,21 @@ def plot(res: dict[str, Any], path: str) -> str:
         import matplotlib.pyplot as plt
     except ImportError:
         return "matplotlib not importable: no plot (pip install -e .[experiments])"
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    rates = [r["rate"] for r in res["curve"]]
-    for ax, metric in zip(axes, ("accuracy", "nll"), strict=True):
-        for n in SELECTORS:
-            ax.plot(rates, [r[n][metric] for r in res["curve"]], marker="o", label=n)
-        ax.axhline(res["never"][metric], color="gray", ls=":", label="never")
-        ax.axhline(res["always"][metric], color="black", ls="--", label="always")
-        ax.set_xlabel("think rate")
-        ax.set_ylabel(f"answer {metric}")
-    axes[0].legend()
+    parts = [("two-hop answers", res)]
+    if "curve" in res.get("smollm2_text", {}):
+        parts.append(("SmolLM2-135M text", res["smollm2_text"]))
+    fig, axes = plt.subplots(len(parts), 2, figsize=(10, 4 * len(parts)), squeeze=False)
+    for row_axes, (title, part) in zip(axes, parts, strict=True):
+        rates = [r["rate"] for r in part["curve"]]
+        for ax, metric in zip(row_axes, ("accuracy", "nll"), strict=True):
+            for n in SELECTORS:
+                ax.plot(rates, [r[n][metric] for r in part["curve"]], marker="o", label=n)
+            ax.axhline(part["never"][metric], color="gray", ls=":", label="never")
+            ax.axhline(part["always"][metric], color="black", ls="--", label="always")
+            ax.set_xlabel("think rate")
+            ax.set_ylabel(f"{metric}")
+            ax.set_title(title)
+        row_axes[0].legend()
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     return f"plot: {path}"
@@ -640,14 +675,22 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--cache", default=None,
                     help="directory for the pretrained LM (latent_steps' --cache files)")
     ap.add_argument("--no-cost", action="store_true", help="skip the step-cost timing")
+    ap.add_argument("--no-text", action="store_true",
+                    help="skip the SmolLM2-135M text half (think_gate_text.py)")
     ap.add_argument("--set", action="append", default=[], metavar="NAME=VALUE")
     a = ap.parse_args(argv)
     s = QUICK if a.quick else FULL
     fields = {f.name: f for f in dataclasses.fields(Setup)}
+    text = TEXT_QUICK if a.quick else TEXT_FULL
+    text_fields = {f"text_{f.name}": f for f in dataclasses.fields(TextSetup)}
     for kv in a.set:
         name, _, val = kv.partition("=")
+        if name in text_fields:
+            f = text_fields[name]
+            text = dataclasses.replace(text, **{f.name: parse_value(f, val)})
+            continue
         if name not in fields:
-            ap.error(f"--set {name}: no such field")
+            ap.error(f"--set {name}: no such field (the text half's are text_<name>)")
         s = dataclasses.replace(s, **{name: parse_value(fields[name], val)})
     os.makedirs(a.out, exist_ok=True)
     logf = open(os.path.join(a.out, "log.txt"), "w")
@@ -657,7 +700,7 @@ def main(argv: list[str] | None = None) -> None:
         logf.write(msg + "\n")
         logf.flush()
 
-    run(s, a.out, a.cache, cost=not a.no_cost, log=log)
+    run(s, a.out, a.cache, cost=not a.no_cost, log=log, text=None if a.no_text else text)
     logf.close()
 
 

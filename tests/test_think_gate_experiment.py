@@ -39,9 +39,14 @@ def live():
 
 
 def test_results_json(tmp_path):
-    res = tg.run(TINY, str(tmp_path), cost=True, log=quiet)
+    from experiments.think_gate_text import TextSetup
+
+    # the SmolLM2 text half, with its model missing: recorded as skipped, with the reason
+    res = tg.run(TINY, str(tmp_path), cost=True, log=quiet,
+                 text=TextSetup(hf_dir=str(tmp_path / "no_model")))
     with open(tmp_path / "results.json") as f:
         out = json.load(f)
+    assert "no SmolLM2-135M at" in out["smollm2_text"]["skipped"]
     assert {"curve", "always", "never", "step_cost_plain_steps", "must_show"} <= set(out)
     assert [r["rate"] for r in out["curve"]] == list(TINY.rates)
     for row in out["curve"]:
@@ -161,3 +166,47 @@ def test_must_show_logic():
     assert m["accuracy"]["rate"] == 0.25 and m["accuracy"]["gated_beats_random"]
     assert m["accuracy"]["passed"] and m["passed"]
     assert m["nll"]["degenerate"] and not m["nll"]["passed"]
+
+
+def test_text_half_holds_out_the_last_documents(tmp_path):
+    """think_gate_text: windows of the first documents train, of the last ones evaluate;
+    each window is a run of one document's consecutive tokens."""
+    from experiments.think_gate_text import text_windows
+
+    docs = ["a" * 9, "b" * 5, "c" * 8, "d" * 12]
+    path = tmp_path / "docs.txt"
+    path.write_text("\n\n".join(docs) + "\n")
+
+    def tok(s):
+        return {"input_ids": [ord(ch) for ch in s]}
+
+    train, held = text_windows(tok, str(path), 4, held_out=1)
+    assert {chr(r[0]) for r in train} == {"a", "b", "c"}
+    assert len(train) == 2 + 1 + 2 and len(held) == 3
+    assert all(len(set(r)) == 1 for r in np.concatenate([train, held]))
+    assert {chr(r[0]) for r in held} == {"d"}
+    with pytest.raises(ValueError, match="none would be left"):
+        text_windows(tok, str(path), 4, held_out=4)
+    with pytest.raises(FileNotFoundError, match="no text file"):
+        text_windows(tok, str(tmp_path / "missing.txt"), 4, held_out=1)
+
+
+def test_text_half_moves_the_lm_at_its_own_learning_rate():
+    """The new parts (thought, think_gate) learn at head_lr; the LM's params at lm_lr
+    (0 here: unchanged)."""
+    import optax
+
+    from experiments.think_gate_text import two_speed_optimizer
+
+    params = {"embed": jnp.ones((3, 2)), "layers": {"q": jnp.ones((2, 2))},
+              "thought": {"start_emb": jnp.ones((2,))}, "think_gate": {"w1": jnp.ones((2, 1))}}
+    opt = two_speed_optimizer(params, 0.0, 0.1)
+    grads = jax.tree.map(jnp.ones_like, params)
+    updates, _ = opt.update(grads, opt.init(params), params)
+    new = optax.apply_updates(params, updates)
+    for k in ("embed", "layers"):
+        assert all(bool(jnp.all(a == b)) for a, b in zip(jax.tree.leaves(new[k]),
+                                                            jax.tree.leaves(params[k])))
+    for k in ("thought", "think_gate"):
+        assert all(bool(jnp.all(a < b)) for a, b in zip(jax.tree.leaves(new[k]),
+                                                           jax.tree.leaves(params[k])))
