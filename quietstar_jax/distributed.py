@@ -123,11 +123,6 @@ def maybe_initialize(
     return True
 
 
-def is_main_process() -> bool:
-    """True on process 0: the one that logs, writes metrics and shows progress."""
-    return jax.process_index() == 0
-
-
 def global_batch(
     local_rows: np.ndarray,
     sharding: jax.sharding.Sharding,
@@ -150,20 +145,3 @@ def global_batch(
             f"({rows.stop - rows.start} rows)"
         )
     return jax.make_array_from_process_local_data(sharding, local_rows, shape)
-
-
-def sync(name: str) -> None:
-    """A barrier across processes (no-op with one process)."""
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
-        multihost_utils.sync_global_devices(name)
-
-
-def gather_to_host(tree: Any) -> Any:
-    """Every array of `tree` as a full numpy array on every process (small trees only)."""
-    if jax.process_count() == 1:
-        return jax.tree.map(np.asarray, tree)
-    from jax.experimental import multihost_utils
-
-    return jax.tree.map(np.asarray, multihost_utils.process_allgather(tree, tiled=True))

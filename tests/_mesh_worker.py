@@ -26,6 +26,17 @@ import os
 import sys
 
 
+def host_copy(tree):
+    """Every array of `tree` as a full numpy array on every process."""
+    import jax
+    import numpy as np
+
+    if jax.process_count() == 1:
+        return jax.tree.map(np.asarray, tree)
+    from jax.experimental import multihost_utils
+
+    return jax.tree.map(np.asarray, multihost_utils.process_allgather(tree, tiled=True))
+
 def _setup(spec: dict) -> None:
     # Cheaper CPU code generation: these tests check sharding, not XLA's CPU backend.
     os.environ["XLA_FLAGS"] = (
@@ -132,7 +143,7 @@ def run_one(spec: dict, run: dict) -> None:
         state, _ = ckpt.restore(ckpt.latest_step(), abstract)
         ckpt.close()
     start = int(jax.device_get(state.step))
-    init_host = distributed.gather_to_host(state.params)
+    init_host = host_copy(state.params)
     rows = sharding.process_rows(b_sh, GLOBAL_BATCH)
     step_fn = make_train_step(cfg, tc, opt, schedule=schedule, seed=7, mesh=mesh,
                               state_sharding=st_sh, batch_sharding=b_sh)
@@ -149,7 +160,7 @@ def run_one(spec: dict, run: dict) -> None:
         ckpt = Checkpointer(run["save_ckpt"], async_save=False)
         ckpt.save(int(jax.device_get(state.step)), state, {"note": "mesh test"})
         ckpt.close()
-    final_host = distributed.gather_to_host(state.params)
+    final_host = host_copy(state.params)
     leaves = jax.tree_util.tree_leaves_with_path(state.params)
     out = {
         "mesh": dict(mesh.shape),
@@ -165,10 +176,10 @@ def run_one(spec: dict, run: dict) -> None:
                          for k, v in leaves},
         "process_index": jax.process_index(),
     }
-    suffix = "" if distributed.is_main_process() else f".p{jax.process_index()}"
+    suffix = "" if jax.process_index() == 0 else f".p{jax.process_index()}"
     with open(os.path.join(spec["out"], run["name"] + suffix + ".json"), "w") as f:
         json.dump(out, f)
-    if distributed.is_main_process():
+    if jax.process_index() == 0:
         flat = lambda t, pre: {pre + jax.tree_util.keystr(k): v
                                for k, v in jax.tree_util.tree_leaves_with_path(t)}
         np.savez(os.path.join(spec["out"], run["name"] + ".npz"),
@@ -217,7 +228,12 @@ def main() -> None:
         run_one(spec, run)
     if spec.get("hf_check"):
         hf_check(spec)
-    distributed.sync("worker-done")
+    import jax
+
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices("worker-done")
 
 
 if __name__ == "__main__":
