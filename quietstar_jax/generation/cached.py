@@ -72,7 +72,16 @@ class Generation(NamedTuple):
     mixing_weights: float32 `[B, N]`, the mixing head's weight w of each new token
       (None without thinking or unless asked for).
     thought_mask: bool `[B, N]`, whether a thought preceded each new token (with a
-      think gate, `gate_threshold`; None otherwise).
+      think gate, `gate_threshold` or `gate_rate`; None otherwise).
+    think_rate: float32 `[]`, the fraction of the live new tokens (those up to and
+      including each row's first eos) before which a thought ran: 1 when thinking
+      everywhere (also `generate_recompute`), 0 without thinking (`think_stats`).
+    thought_tokens_per_token: float32 `[]`, thought tokens fed per live new token:
+      `think_rate * (n_ahead - 1)` (start, n_ahead - 3 sampled tokens, end: each one
+      model step); 0 without thinking.
+    gate_thresholds: float32 `[N]`, the gate threshold in force before each new token
+      (constant with `gate_threshold`, the running one with `gate_rate`; None without
+      a gate).
     """
 
     tokens: jax.Array
@@ -80,6 +89,26 @@ class Generation(NamedTuple):
     thoughts: jax.Array | None
     mixing_weights: jax.Array | None
     thought_mask: jax.Array | None = None
+    think_rate: jax.Array | None = None
+    thought_tokens_per_token: jax.Array | None = None
+    gate_thresholds: jax.Array | None = None
+
+
+def think_stats(
+    thought_mask: jax.Array, lengths: jax.Array, n_ahead: int
+) -> tuple[jax.Array, jax.Array]:
+    """(think rate, thought tokens per new token), float32 scalars, over the live new
+    tokens: token t of row b is live when t < lengths[b].
+
+    thought_mask: bool `[B, N]`, a thought before new token (b, t); lengths: int `[B]`;
+    n_ahead: thought length (each thought feeds `n_ahead - 1` tokens: start, the
+    `n_ahead - 3` sampled ones, end). A call with no live token has rate 0.
+    """
+    live = jnp.arange(thought_mask.shape[1])[None, :] < lengths[:, None]
+    n_live = jnp.sum(live)
+    rate = jnp.sum(thought_mask & live) / jnp.maximum(n_live, 1)
+    rate = rate.astype(jnp.float32)
+    return rate, rate * (n_ahead - 1)
 
 
 # --------------------------------------------------------------------------- inputs
@@ -230,13 +259,38 @@ def _append_token(
     return h[:, 0], cache, cache_valid, cache_pos
 
 
+GATE_RATE_STEP = 0.5  # default step of the running threshold (`generate(gate_rate=)`)
+GATE_RATE_PROMPT_SLOTS = 64  # the last prompt slots whose gate logits set its start
+
+
+def gate_logits_of(params: Params, cfg: ModelConfig, h: jax.Array) -> jax.Array:
+    """The think gate's logit `[...]` (float32) at base hidden states `h` `[..., hidden]`:
+    `thoughts.gate_logit` of `params["think_gate"]` on `h` and its base logits'
+    statistics (`sparse.stats_from_logits`)."""
+    base = model.logits_from_hidden(params, cfg, h)
+    return gate_logit(params["think_gate"], h, stats_from_logits(base))
+
+
+def initial_rate_threshold(
+    logits: jax.Array, valid: jax.Array, rate: jax.Array | float
+) -> jax.Array:
+    """Start of the running threshold of `generate(gate_rate=rate)`: the `1 - rate`
+    quantile (linear interpolation, as `numpy.quantile`) of the gate logits `[B, W]` at
+    the valid `[B, W]` prompt slots, all rows together: the threshold that would have
+    made a fraction `rate` of the prompt's own tokens think. float32 `[]`."""
+    x = jnp.where(valid, logits.astype(jnp.float32), jnp.nan).ravel()
+    return jnp.nanquantile(x, 1.0 - rate).astype(jnp.float32)
+
+
 @functools.partial(jax.jit, static_argnames=("cfg", "tc", "sc", "max_new_tokens", "think",
-                                             "eos_id", "pad_id", "gate_threshold"))
+                                             "eos_id", "pad_id", "gate_mode"))
 def _generate_cached(
     params: Params,
     ids: jax.Array,
     mask: jax.Array,
     rng: jax.Array,
+    gate_value: jax.Array | None = None,
+    gate_step: jax.Array | None = None,
     *,
     cfg: ModelConfig,
     tc: ThoughtConfig | None,
@@ -245,11 +299,16 @@ def _generate_cached(
     think: bool,
     eos_id: int | None,
     pad_id: int,
-    gate_threshold: float | None = None,
-) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+    gate_mode: str | None = None,
+) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array, jax.Array]:
+    """gate_mode None: think before every token (with `think`); "threshold": think where
+    the gate logit > gate_value; "rate": where it exceeds a running threshold that
+    holds the fraction of thinking live rows at gate_value (`_next_threshold`).
+    Returns (tokens, thoughts, mixing weights, fired `[B, N]`, thresholds `[N]`)."""
     b, p = ids.shape
     n = max_new_tokens
     n_thought = tc.num_sampled if think else 0
+    gated = think and gate_mode is not None
     positions = model.default_positions(mask)
     h, kv = model.forward(params, cfg, ids, mask, positions)
     pad_kv = [(0, 0), (0, 0), (0, n), (0, 0), (0, 0)]
@@ -259,8 +318,17 @@ def _generate_cached(
     out_tok = jnp.full((b, n), pad_id, jnp.int32)
     out_thought = jnp.zeros((b, n, n_thought), jnp.int32)
     out_w = jnp.zeros((b, n), jnp.float32)
-    out_fire = jnp.zeros((b, n), bool)
+    out_fire = jnp.full((b, n), think and not gated)
+    out_thr = jnp.zeros((n,), jnp.float32)
     done = jnp.zeros((b,), bool)
+    if gated and gate_mode == "rate":
+        w = min(p, GATE_RATE_PROMPT_SLOTS)
+        thr0 = initial_rate_threshold(gate_logits_of(params, cfg, h[:, p - w:]),
+                                      mask[:, p - w:].astype(bool), gate_value)
+    elif gated:
+        thr0 = jnp.asarray(gate_value, jnp.float32)
+    else:
+        thr0 = jnp.zeros((), jnp.float32)
 
     def cond(state):
         t, *_, done = state
@@ -268,14 +336,17 @@ def _generate_cached(
 
     def body(state):
         (t, cache, valid, cpos, h_last, pos_last, out_tok, out_thought, out_w, out_fire,
-         done) = state
+         thr, out_thr, done) = state
         key = _token_key(rng, t)
-        if think and gate_threshold is not None:
+        if gated:
             logits, thought, w, fire = _gated_thought(params, cfg, tc, cache, valid, cpos,
-                                                      h_last, pos_last, key, gate_threshold)
+                                                      h_last, pos_last, key, thr)
             out_thought = out_thought.at[:, t].set(thought)
             out_w = out_w.at[:, t].set(w)
             out_fire = out_fire.at[:, t].set(fire)
+            out_thr = out_thr.at[t].set(thr)
+            if gate_mode == "rate":
+                thr = _next_threshold(thr, fire, ~done, gate_value, gate_step)
         elif think:
             mixed, thought, w = think_at(params, cfg, tc, cache, valid[:, None, :], cpos,
                                          h_last[:, None, :], pos_last[:, None], key)
@@ -292,21 +363,34 @@ def _generate_cached(
         h_new, cache, valid, cpos = _append_token(
             params, cfg, cache, valid, cpos, tok, pos_new, p + t)
         return (t + 1, cache, valid, cpos, h_new, pos_new, out_tok, out_thought, out_w,
-                out_fire, done)
+                out_fire, thr, out_thr, done)
 
     state = (jnp.zeros((), jnp.int32), cache, cache_valid, cache_pos, h[:, -1], positions[:, -1],
-             out_tok, out_thought, out_w, out_fire, done)
+             out_tok, out_thought, out_w, out_fire, thr0, out_thr, done)
     state = jax.lax.while_loop(cond, body, state)
-    return state[6], state[7], state[8], state[9]
+    return state[6], state[7], state[8], state[9], state[11]
+
+
+def _next_threshold(
+    thr: jax.Array, fire: jax.Array, live: jax.Array, rate: jax.Array, step: jax.Array
+) -> jax.Array:
+    """The running threshold of `gate_rate` (an integral controller, the Robbins-Monro
+    estimate of the gate logits' `1 - rate` quantile): `thr + step * (fired share of
+    the live rows - rate)`. Summed over the steps the updates telescope, so the share
+    of thinking tokens (step means over live rows) differs from `rate` by exactly
+    `(last threshold - first) / (step * steps)`."""
+    share = jnp.sum(fire & live) / jnp.maximum(jnp.sum(live), 1)
+    return (thr + step * (share - rate)).astype(jnp.float32)
 
 
 def _gated_thought(params, cfg, tc, cache, valid, cpos, h_last, pos_last, key, threshold):
     """One step of gated thinking: the think gate (`params["think_gate"]`) on the last
     hidden `[B, hidden]` and its base logits' statistics; rows whose gate logit exceeds
     `threshold` think (`think_at`) and take the mixed logits, the others the base
-    logits. The thought runs only when some row fires (`lax.cond`). Returns (logits
-    `[B, vocab]`, thought tokens `[B, n_ahead - 3]` (0 where none), mixing weight `[B]`,
-    fired `[B]`)."""
+    logits. The thought runs only when some row fires (`lax.cond`), and then for the
+    whole batch (its cost does not fall with the number of rows that fire: one row
+    firing costs the batch's full thought). Returns (logits `[B, vocab]`, thought tokens
+    `[B, n_ahead - 3]` (0 where none), mixing weight `[B]`, fired `[B]`)."""
     b = h_last.shape[0]
     base = model.logits_from_hidden(params, cfg, h_last)
     fire = gate_logit(params["think_gate"], h_last, stats_from_logits(base)) > threshold
@@ -388,6 +472,8 @@ def generate(
     return_thoughts: bool = False,
     pad_to_multiple: int = 16,
     gate_threshold: float | None = None,
+    gate_rate: float | None = None,
+    gate_rate_step: float = GATE_RATE_STEP,
 ) -> Generation:
     """Cached generation, with thoughts (`think=True`) or as the plain base LM.
 
@@ -404,25 +490,54 @@ def generate(
       (`params["think_gate"]`, trained with sparse thoughts) gives a logit above this
       (sparse training's labels: a thought pays more than `gate_cost`); the others use
       the base prediction. None (default): think before every token.
+    gate_rate: instead of a fixed threshold, a target share r in [0, 1] of thinking
+      tokens: the threshold starts at the `1 - r` quantile of the gate logits over the
+      prompts' last `GATE_RATE_PROMPT_SLOTS` tokens (`initial_rate_threshold`) and
+      after each new token moves by `gate_rate_step * (share of the live rows that
+      thought - r)` (`_next_threshold`), so the realised share over the call tracks r
+      (it differs from r by (last threshold - first) / (gate_rate_step * steps)).
+      The threshold is shared by the rows of the batch.
+    gate_rate_step: the running threshold's step, in gate-logit units (> 0).
+    With a gate, the thought runs for the whole batch whenever some row's gate fires
+    (the rows that did not fire take the base prediction): a batch of B rows pays a
+    thought on about 1 - (1 - r)^B of its steps, not on a share r.
     Returns a `Generation` (thoughts and mixing weights only with return_thoughts;
-    `thought_mask` with a gate threshold).
+    `thought_mask` and `gate_thresholds` with a gate; `think_rate` and
+    `thought_tokens_per_token` always).
     """
-    if gate_threshold is not None and think and "think_gate" not in params:
-        raise ValueError("gate_threshold needs a think gate: params have no 'think_gate' "
+    if gate_threshold is not None and gate_rate is not None:
+        raise ValueError(f"gate_threshold={gate_threshold} and gate_rate={gate_rate}: give "
+                         "one of them (a fixed threshold, or a target rate that a running "
+                         "threshold holds), not both")
+    if gate_rate is not None and not 0.0 <= gate_rate <= 1.0:
+        raise ValueError(f"gate_rate={gate_rate}: must be a share of tokens in [0, 1]")
+    if gate_rate is not None and not gate_rate_step > 0:
+        raise ValueError(f"gate_rate_step={gate_rate_step}: must be > 0")
+    if gate_threshold is not None and np.isnan(gate_threshold):
+        raise ValueError(f"gate_threshold={gate_threshold}: must be a number, not NaN")
+    gate_mode = ("threshold" if gate_threshold is not None
+                 else "rate" if gate_rate is not None else None)
+    if gate_mode is not None and think and "think_gate" not in params:
+        raise ValueError(f"gate_{gate_mode} needs a think gate: params have no 'think_gate' "
                          "(train with ThoughtConfig.think_k and gate_loss_weight > 0)")
     r = prepare_request(cfg, tc, prompts, max_new_tokens=max_new_tokens, rng=rng,
                         think=think, greedy=greedy, temperature=temperature, top_p=top_p,
                         eos_token_id=eos_token_id, pad_token_id=pad_token_id,
                         pad_to_multiple=pad_to_multiple)
-    gated = think and gate_threshold is not None
-    toks, thoughts, w, fired = _generate_cached(
-        params, r.ids, r.mask, r.rng, cfg=r.cfg, tc=r.tc, sc=r.sc,
-        max_new_tokens=max_new_tokens, think=think, eos_id=r.eos_id, pad_id=r.pad_id,
-        gate_threshold=float(gate_threshold) if gated else None)
+    gated = think and gate_mode is not None
+    value = (gate_threshold if gate_mode == "threshold" else gate_rate) if gated else None
+    toks, thoughts, w, fired, thresholds = _generate_cached(
+        params, r.ids, r.mask, r.rng,
+        None if value is None else jnp.asarray(value, jnp.float32),
+        jnp.asarray(gate_rate_step, jnp.float32) if gated else None,
+        cfg=r.cfg, tc=r.tc, sc=r.sc, max_new_tokens=max_new_tokens, think=think,
+        eos_id=r.eos_id, pad_id=r.pad_id, gate_mode=gate_mode if gated else None)
     toks, lengths = _finish(toks, r.eos_id, r.pad_id)
+    rate, per_token = think_stats(fired, lengths, r.tc.n_ahead if think else 1)
     keep = think and return_thoughts
     return Generation(toks, lengths, thoughts if keep else None, w if keep else None,
-                      fired if gated else None)
+                      fired if gated else None, rate, per_token,
+                      thresholds if gated else None)
 
 
 def _mask_only(tc: ThoughtConfig) -> ThoughtConfig | None:

@@ -1,0 +1,166 @@
+"""Gated generation (issue 25): the think rate it reports, the running threshold of
+`generate(gate_rate=)` and its checks, against counts and recomputes made here."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from quietstar_jax import model
+from quietstar_jax.generation import generate
+from quietstar_jax.generation.cached import think_stats
+from quietstar_jax.thoughts import (
+    ThoughtConfig,
+    gate_logit,
+    init_gate_params,
+    init_thought_params,
+)
+
+VOCAB, START, END, PAD = 67, 65, 66, 0
+TC = ThoughtConfig(n_ahead=5, n_ahead_talk=1, n_passes=1, start_token_id=START,
+                   end_token_id=END, pad_token_id=PAD)
+PROMPTS = [[5, 9, 13, 2, 44, 17, 30], [7, 3, 21]]
+
+
+def tiny(gate_scale: float = 0.3):
+    """A tiny random LM with a live mixing head and a think gate whose logits spread
+    (its output layer random, not the zero init)."""
+    cfg = model.ModelConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=48,
+                            num_layers=2, num_heads=4, num_kv_heads=2, initializer_range=0.2)
+    params = model.init_params(cfg, jax.random.key(0))
+    params["thought"] = init_thought_params(params, cfg, jax.random.key(1), init_token_id=7)
+    params["thought"]["mix"]["w2"] = 0.5 * jax.random.normal(jax.random.key(2), (32, 1))
+    params["think_gate"] = init_gate_params(cfg, jax.random.key(4))
+    params["think_gate"]["w1"] = gate_scale * jax.random.normal(jax.random.key(5), (64, 1))
+    return cfg, params
+
+
+def naive_rate(mask: np.ndarray, lengths: np.ndarray) -> float:
+    """Thoughts over live tokens, counted one token at a time."""
+    thought = live = 0
+    for b in range(mask.shape[0]):
+        for t in range(mask.shape[1]):
+            if t < lengths[b]:
+                live += 1
+                thought += bool(mask[b, t])
+    return thought / max(live, 1)
+
+
+def recomputed_gate_logits(params, cfg, prompts, tokens) -> tuple[np.ndarray, np.ndarray]:
+    """The gate logit before every new token and at every prompt token, from one
+    uncached forward pass per row over prompt + new tokens (no padding): returns
+    (before new token `[B, N]`, prompt positions: a list of `[P_b]`). The gate's inputs
+    (entropy, top-1 probability of the base logits) are computed here in numpy."""
+    before, at_prompt = [], []
+    for row, p in enumerate(prompts):
+        seq = np.asarray(list(p) + list(np.asarray(tokens[row])), np.int32)[None]
+        n = seq.shape[1]
+        h, _ = model.forward(params, cfg.replace(attention="xla"), jnp.asarray(seq),
+                             jnp.ones((1, n), jnp.int32), jnp.arange(n)[None])
+        z = np.asarray(model.logits_from_hidden(params, cfg, h), np.float64)[0]
+        z = z - z.max(-1, keepdims=True)
+        prob = np.exp(z) / np.exp(z).sum(-1, keepdims=True)
+        entropy = -(prob * np.log(prob)).sum(-1)
+        stats = np.stack([entropy, prob.max(-1)], -1).astype(np.float32)
+        g = np.asarray(gate_logit(params["think_gate"], h[0], jnp.asarray(stats)))
+        before.append(g[len(p) - 1:n - 1])
+        at_prompt.append(g[:len(p)])
+    return np.stack(before), at_prompt
+
+
+def test_think_stats_counts_only_live_tokens():
+    rng = np.random.default_rng(0)
+    mask = rng.random((4, 9)) < 0.3
+    lengths = np.array([9, 3, 0, 6])
+    rate, per_token = think_stats(jnp.asarray(mask), jnp.asarray(lengths), n_ahead=7)
+    np.testing.assert_allclose(rate, naive_rate(mask, lengths), rtol=1e-6)
+    np.testing.assert_allclose(per_token, 6 * naive_rate(mask, lengths), rtol=1e-6)
+    assert float(think_stats(jnp.asarray(mask), jnp.zeros(4, jnp.int32), 7)[0]) == 0.0
+
+
+def test_reported_think_rate_equals_the_count_and_the_recomputed_gate():
+    """Threshold gating with an eos that ends row 0 early: the reported think rate is
+    the count of thoughts over live tokens; the thought mask is where an uncached
+    recompute of the gate logit exceeds the threshold; thinking everywhere reports 1
+    and n_ahead - 1 thought tokens per token, the base LM 0."""
+    cfg, params = tiny()
+    kw = dict(max_new_tokens=24, rng=jax.random.key(5), return_thoughts=True)
+    probe = generate(params, cfg, TC, PROMPTS, gate_threshold=0.0, eos_token_id=None, **kw)
+    logits, _ = recomputed_gate_logits(params, cfg, PROMPTS, probe.tokens)
+    thr = float(np.median(logits))  # a threshold that fires on about half the tokens
+    free = generate(params, cfg, TC, PROMPTS, gate_threshold=thr, eos_token_id=None, **kw)
+    eos = int(np.asarray(free.tokens)[0, 4])  # row 0 stops at or before its 5th token
+    g = generate(params, cfg, TC, PROMPTS, gate_threshold=thr, eos_token_id=eos, **kw)
+    logits, _ = recomputed_gate_logits(params, cfg, PROMPTS, free.tokens)
+    np.testing.assert_array_equal(free.thought_mask, logits > thr)
+    mask, lengths = np.asarray(g.thought_mask), np.asarray(g.lengths)
+    assert lengths[0] <= 5 and 0 < mask.mean() < 1
+    assert naive_rate(mask, lengths) != mask.mean()  # the dead tokens do not count
+    np.testing.assert_allclose(g.think_rate, naive_rate(mask, lengths), rtol=1e-6)
+    np.testing.assert_allclose(g.thought_tokens_per_token,
+                               (TC.n_ahead - 1) * naive_rate(mask, lengths), rtol=1e-6)
+    np.testing.assert_allclose(g.gate_thresholds, np.full(24, thr, np.float32))
+    always = generate(params, cfg, TC, PROMPTS, eos_token_id=eos, **kw)
+    base = generate(params, cfg, TC, PROMPTS, think=False, eos_token_id=eos, **kw)
+    assert float(always.think_rate) == 1.0
+    assert float(always.thought_tokens_per_token) == TC.n_ahead - 1
+    assert float(base.think_rate) == 0.0 and float(base.thought_tokens_per_token) == 0.0
+    assert always.thought_mask is None and always.gate_thresholds is None
+
+
+def test_running_threshold_follows_its_recomputed_update():
+    """gate_rate: the start is the 1 - r quantile of the prompts' gate logits and each
+    step moves the threshold by step * (fired share - r); replayed here in numpy from
+    recomputed gate logits, the thresholds and the thought mask agree."""
+    cfg, params = tiny()
+    r, step, n = 0.3, 0.25, 20
+    g = generate(params, cfg, TC, PROMPTS, max_new_tokens=n, rng=jax.random.key(7),
+                 eos_token_id=None, gate_rate=r, gate_rate_step=step)
+    before, at_prompt = recomputed_gate_logits(params, cfg, PROMPTS, g.tokens)
+    thr = np.quantile(np.concatenate(at_prompt), 1 - r)
+    thresholds, fired = [], []
+    for t in range(n):
+        thresholds.append(thr)
+        f = before[:, t] > thr
+        fired.append(f)
+        thr = thr + step * (f.mean() - r)
+    np.testing.assert_allclose(g.gate_thresholds, thresholds, atol=1e-4)
+    np.testing.assert_array_equal(g.thought_mask, np.stack(fired, 1))
+
+
+@pytest.mark.parametrize("rate", [0.1, 0.4])
+def test_gate_rate_holds_the_target_over_a_long_generation(rate):
+    """Random gate logits, 2 rows x 300 tokens: the realised share of thinking tokens
+    (counted from the thought mask) is within 0.02 of the target, and the gap is the
+    controller's telescoped sum (last threshold - first) / (step * steps)."""
+    cfg, params = tiny(gate_scale=1.0)
+    n, step = 300, 0.5
+    g = generate(params, cfg, TC, PROMPTS, max_new_tokens=n, rng=jax.random.key(11),
+                 eos_token_id=None, gate_rate=rate, gate_rate_step=step)
+    mask = np.asarray(g.thought_mask)
+    realised = mask.mean()
+    assert abs(realised - rate) <= 0.02, (realised, rate)
+    np.testing.assert_allclose(g.think_rate, realised, rtol=1e-6)
+    thr = np.asarray(g.gate_thresholds, np.float64)
+    last = thr[-1] + step * (mask[:, -1].mean() - rate)
+    np.testing.assert_allclose(realised - rate, (last - thr[0]) / (step * n), atol=1e-5)
+    # the threshold is not pinned: the gate logits it compares vary from token to token
+    assert np.ptp(thr) > 0 and mask.any(axis=1).all()
+
+
+def test_gate_options_are_checked():
+    cfg, params = tiny()
+    kw = dict(max_new_tokens=3, rng=jax.random.key(0))
+    with pytest.raises(ValueError, match="not both"):
+        generate(params, cfg, TC, PROMPTS, gate_threshold=0.0, gate_rate=0.1, **kw)
+    with pytest.raises(ValueError, match=r"gate_rate=1.5.*\[0, 1\]"):
+        generate(params, cfg, TC, PROMPTS, gate_rate=1.5, **kw)
+    with pytest.raises(ValueError, match="gate_rate_step=0"):
+        generate(params, cfg, TC, PROMPTS, gate_rate=0.1, gate_rate_step=0, **kw)
+    with pytest.raises(ValueError, match="NaN"):
+        generate(params, cfg, TC, PROMPTS, gate_threshold=float("nan"), **kw)
+    no_gate = {k: v for k, v in params.items() if k != "think_gate"}
+    with pytest.raises(ValueError, match="gate_rate needs a think gate"):
+        generate(no_gate, cfg, TC, PROMPTS, gate_rate=0.1, **kw)
