@@ -164,3 +164,68 @@ def test_gate_options_are_checked():
     no_gate = {k: v for k, v in params.items() if k != "think_gate"}
     with pytest.raises(ValueError, match="gate_rate needs a think gate"):
         generate(no_gate, cfg, TC, PROMPTS, gate_rate=0.1, **kw)
+
+
+def _gated_workdir(tmp_path, gate: bool):
+    """A training workdir of stories260K with thought params (a live mixing head) and,
+    with `gate`, a think gate with random output weights."""
+    import json
+
+    import orbax.checkpoint as ocp
+    from conftest import shared_path
+
+    from quietstar_jax import hf
+
+    hf_dir = shared_path("data", "stories260K-hf")
+    cfg, params, tok = hf.load_pretrained(hf_dir)
+    params = dict(params)
+    mix = dict(params["thought"]["mix"])
+    mix["w2"] = 0.5 * jax.random.normal(jax.random.key(3), mix["w2"].shape)
+    params["thought"] = dict(params["thought"], mix=mix)
+    if gate:
+        params["think_gate"] = init_gate_params(cfg, jax.random.key(4))
+        params["think_gate"]["w1"] = jax.random.normal(jax.random.key(5), (64, 1))
+    wd = tmp_path / ("gated" if gate else "plain")
+    (wd / "checkpoints").mkdir(parents=True)
+    ckpt = ocp.StandardCheckpointer()
+    ckpt.save((wd / "checkpoints" / "5" / "state").resolve(), {"params": params, "step": 5})
+    ckpt.wait_until_finished()
+    (wd / "config.json").write_text(json.dumps({
+        "model": {"hf_path": str(hf_dir), "param_dtype": "float32"},
+        "thought": {"n_ahead": 4, "n_ahead_talk": 1, "n_passes": 1, "sampling": "sample",
+                    "start_token_id": None, "end_token_id": None, "pad_token_id": None}}))
+    return wd
+
+
+def test_generate_cli_prints_the_think_rate(tmp_path, capsys):
+    """`python -m quietstar_jax.generation` with --gate-rate: the printed and written
+    think rate is the share of new tokens marked as thought-preceded, and thought tokens
+    per token are n_ahead - 1 times it; thinking everywhere prints rate 1; the gate
+    flags are checked."""
+    import json
+
+    from quietstar_jax.generation.cli import main
+
+    wd = _gated_workdir(tmp_path, gate=True)
+    out = tmp_path / "gen.json"
+    args = [str(wd), "--prompt", "Once upon a time", "--prompt", "The dog", "--ignore-eos",
+            "--max-new-tokens", "24", "--out", str(out)]
+    assert main(args + ["--gate-rate", "0.5"]) == 0
+    res = json.loads(out.read_text())
+    flags = [f for item in res["thinking"] for f in item["thought_before"]]
+    assert len(flags) == 48 and 0 < sum(flags) < 48
+    assert res["think_rate"] == pytest.approx(sum(flags) / 48)
+    assert res["thought_tokens_per_token"] == pytest.approx(3 * sum(flags) / 48)
+    err = capsys.readouterr().err
+    assert f"think rate {sum(flags) / 48:.3f} (gate rate target 0.5)" in err
+    assert main(args) == 0
+    assert json.loads(out.read_text())["think_rate"] == 1.0
+    assert "think rate 1.000 (every token), 3.00 thought tokens" in capsys.readouterr().err
+    assert main(args + ["--gate-rate", "2"]) == 2
+    assert "--gate-rate=2.0 must be a share in [0, 1]" in capsys.readouterr().err
+    assert main(args + ["--gate-threshold", "0", "--mode", "base"]) == 2
+    plain = _gated_workdir(tmp_path, gate=False)
+    assert main([str(plain)] + args[1:] + ["--gate-threshold", "0"]) == 2
+    assert "no 'think_gate'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # argparse: the two gate flags exclude each other
+        main(args + ["--gate-threshold", "0", "--gate-rate", "0.5"])

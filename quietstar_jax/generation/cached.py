@@ -571,9 +571,10 @@ def generate_text(
     **kwargs: Any,
 ) -> list[dict[str, Any]]:
     """`generate` on strings: each text is encoded with the tokenizer's special tokens
-    (BOS); returns per text {"prompt", "completion", "tokens", and with
-    return_thoughts=True "thoughts": one decoded thought string per new token,
-    "thought_ids" (their token ids), "mixing_weights"}."""
+    (BOS); returns per text {"prompt", "completion", "tokens", when thinking
+    "thought_before" (per new token, whether a thought preceded it: all True without a
+    gate), and with return_thoughts=True "thoughts": one decoded thought string per new
+    token, "thought_ids" (their token ids), "mixing_weights"}."""
     if isinstance(texts, str):
         raise TypeError("texts must be a list of strings, not one string")
     prompts = [tokenizer(t)["input_ids"] for t in texts]
@@ -589,6 +590,9 @@ def generate_text(
         completion = (full[len(before):] if full.startswith(before)
                       else tokenizer.decode(new, skip_special_tokens=True))
         item: dict[str, Any] = {"prompt": text, "tokens": new, "completion": completion}
+        if kwargs.get("think", True):
+            item["thought_before"] = (np.asarray(gen.thought_mask)[i, : lengths[i]].tolist()
+                                      if gen.thought_mask is not None else [True] * len(new))
         if gen.thoughts is not None:
             th = np.asarray(gen.thoughts)[i, : lengths[i]]
             item["thoughts"] = [tokenizer.decode(row.tolist()) for row in th]
