@@ -229,3 +229,32 @@ def test_generate_cli_prints_the_think_rate(tmp_path, capsys):
     assert "no 'think_gate'" in capsys.readouterr().err
     with pytest.raises(SystemExit):  # argparse: the two gate flags exclude each other
         main(args + ["--gate-threshold", "0", "--gate-rate", "0.5"])
+
+
+def test_evaluation_cli_prints_the_cot_think_rate(tmp_path, capsys):
+    """`python -m quietstar_jax.evaluation --tasks cot` with a gate: the thinking run's
+    think rate and thought tokens per token are written and printed; a gate that never
+    fires gives rate 0 (the thinking run is the base LM), one that always fires rate 1;
+    the gate flags need the cot task."""
+    import json
+
+    from conftest import shared_path
+
+    from quietstar_jax.evaluation import cli as evaluate_cli
+
+    wd = _gated_workdir(tmp_path, gate=True)
+    out = tmp_path / "r.json"
+    args = [str(wd), "--tasks", "cot", "--gsm8k", str(shared_path("data", "gsm8k")),
+            "--cot-limit", "2", "--cot-votes", "2", "--cot-solution-tokens", "8",
+            "--cot-batch-size", "4", "--out", str(out)]
+    rates = {}
+    for flag, value in (("--gate-threshold", "1e30"), ("--gate-threshold", "-1e30"),
+                        ("--gate-rate", "0.5")):
+        assert evaluate_cli.main(args + [f"{flag}={value}"]) == 0
+        thinking = json.loads(out.read_text())["results"]["cot"]["thinking"]
+        rates[value] = thinking["think_rate"]
+        assert thinking["thought_tokens_per_token"] == pytest.approx(3 * rates[value])
+        assert f"[cot] thinking: think rate {rates[value]:.3f} (gate " in capsys.readouterr().err
+    assert rates["1e30"] == 0.0 and rates["-1e30"] == 1.0 and 0 < rates["0.5"] < 1
+    assert evaluate_cli.main([str(wd), "--tasks", "gsm8k", "--gate-rate", "0.5"]) == 2
+    assert "apply to the generated task (cot) only" in capsys.readouterr().err
