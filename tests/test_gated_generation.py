@@ -111,43 +111,52 @@ def test_reported_think_rate_equals_the_count_and_the_recomputed_gate():
 
 
 def test_running_threshold_follows_its_recomputed_update():
-    """gate_rate: the start is the 1 - r quantile of the prompts' gate logits and each
-    step moves the threshold by step * (fired share - r); replayed here in numpy from
-    recomputed gate logits, the thresholds and the thought mask agree."""
+    """gate_rate: running mean and variance of the gate logits (from the prompts', then
+    each token's with weight GATE_RATE_MEMORY) and an integral offset give the
+    threshold mean + std * (z + offset); replayed here in numpy from recomputed gate
+    logits, the thresholds and the thought mask agree."""
+    from statistics import NormalDist
+
+    from quietstar_jax.generation.cached import GATE_RATE_MEMORY as A
+
     cfg, params = tiny()
     r, step, n = 0.3, 0.25, 20
     g = generate(params, cfg, TC, PROMPTS, max_new_tokens=n, rng=jax.random.key(7),
                  eos_token_id=None, gate_rate=r, gate_rate_step=step)
     before, at_prompt = recomputed_gate_logits(params, cfg, PROMPTS, g.tokens)
-    thr = np.quantile(np.concatenate(at_prompt), 1 - r)
+    seen = np.concatenate(at_prompt).astype(np.float64)
+    mean, var, offset = seen.mean(), seen.var(), 0.0
+    z = NormalDist().inv_cdf(1 - r)
     thresholds, fired = [], []
     for t in range(n):
+        thr = mean + np.sqrt(var) * (z + offset)
         thresholds.append(thr)
-        f = before[:, t] > thr
-        fired.append(f)
-        thr = thr + step * (f.mean() - r)
-    np.testing.assert_allclose(g.gate_thresholds, thresholds, atol=1e-4)
+        x = before[:, t].astype(np.float64)
+        fired.append(x > thr)
+        offset += step * ((x > thr).mean() - r)
+        var = (1 - A) * var + A * ((x - mean) ** 2).mean()
+        mean += A * (x - mean).mean()
+    np.testing.assert_allclose(g.gate_thresholds, thresholds, rtol=1e-4, atol=1e-4)
     np.testing.assert_array_equal(g.thought_mask, np.stack(fired, 1))
+    assert 0 < np.asarray(g.thought_mask).mean() < 1
 
 
 @pytest.mark.parametrize("rate", [0.1, 0.4])
-def test_gate_rate_holds_the_target_over_a_long_generation(rate):
-    """Random gate logits, 2 rows x 300 tokens: the realised share of thinking tokens
-    (counted from the thought mask) is within 0.02 of the target, and the gap is the
-    controller's telescoped sum (last threshold - first) / (step * steps)."""
-    cfg, params = tiny(gate_scale=1.0)
-    n, step = 300, 0.5
-    g = generate(params, cfg, TC, PROMPTS, max_new_tokens=n, rng=jax.random.key(11),
-                 eos_token_id=None, gate_rate=rate, gate_rate_step=step)
+@pytest.mark.parametrize("gate_scale", [1.0, 30.0])
+def test_gate_rate_holds_the_target_over_a_long_generation(rate, gate_scale):
+    """Random gate logits (at two scales: the threshold's moves are relative to the
+    logits' spread), 2 rows x 300 tokens: the realised share of thinking tokens
+    (counted from the thought mask) is within 0.02 of the target; 32 tokens are
+    already within 0.1."""
+    cfg, params = tiny(gate_scale=gate_scale)
+    kw = dict(rng=jax.random.key(11), eos_token_id=None, gate_rate=rate)
+    g = generate(params, cfg, TC, PROMPTS, max_new_tokens=300, **kw)
     mask = np.asarray(g.thought_mask)
-    realised = mask.mean()
-    assert abs(realised - rate) <= 0.02, (realised, rate)
-    np.testing.assert_allclose(g.think_rate, realised, rtol=1e-6)
-    thr = np.asarray(g.gate_thresholds, np.float64)
-    last = thr[-1] + step * (mask[:, -1].mean() - rate)
-    np.testing.assert_allclose(realised - rate, (last - thr[0]) / (step * n), atol=1e-5)
-    # the threshold is not pinned: the gate logits it compares vary from token to token
-    assert np.ptp(thr) > 0 and mask.any(axis=1).all()
+    assert abs(mask.mean() - rate) <= 0.02, (mask.mean(), rate)
+    np.testing.assert_allclose(g.think_rate, mask.mean(), rtol=1e-6)
+    assert mask.any(axis=1).all()  # both rows think somewhere
+    short = np.asarray(generate(params, cfg, TC, PROMPTS, max_new_tokens=32, **kw).thought_mask)
+    assert abs(short.mean() - rate) <= 0.1, (short.mean(), rate)
 
 
 def test_gate_options_are_checked():

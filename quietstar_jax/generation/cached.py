@@ -259,8 +259,10 @@ def _append_token(
     return h[:, 0], cache, cache_valid, cache_pos
 
 
-GATE_RATE_STEP = 0.5  # default step of the running threshold (`generate(gate_rate=)`)
-GATE_RATE_PROMPT_SLOTS = 64  # the last prompt slots whose gate logits set its start
+GATE_RATE_STEP = 0.25  # default integral gain of the running threshold (`generate(gate_rate=)`)
+GATE_RATE_MEMORY = 0.1  # weight of each new token in the running mean / variance of the logits
+GATE_RATE_PROMPT_SLOTS = 64  # the last prompt slots whose gate logits start those estimates
+GATE_RATE_MIN_SCALE = 1e-3  # floor of the running standard deviation (a constant gate)
 
 
 def gate_logits_of(params: Params, cfg: ModelConfig, h: jax.Array) -> jax.Array:
@@ -271,15 +273,49 @@ def gate_logits_of(params: Params, cfg: ModelConfig, h: jax.Array) -> jax.Array:
     return gate_logit(params["think_gate"], h, stats_from_logits(base))
 
 
-def initial_rate_threshold(
-    logits: jax.Array, valid: jax.Array, rate: jax.Array | float
-) -> jax.Array:
-    """Start of the running threshold of `generate(gate_rate=rate)`: the `1 - rate`
-    quantile (linear interpolation, as `numpy.quantile`) of the gate logits `[B, W]` at
-    the valid `[B, W]` prompt slots, all rows together: the threshold that would have
-    made a fraction `rate` of the prompt's own tokens think. float32 `[]`."""
-    x = jnp.where(valid, logits.astype(jnp.float32), jnp.nan).ravel()
-    return jnp.nanquantile(x, 1.0 - rate).astype(jnp.float32)
+class RateControl(NamedTuple):
+    """State of the running threshold of `generate(gate_rate=r)` (float32 scalars): a
+    running mean `mean` and variance `var` of the gate logits and an integral term
+    `offset` (in standard deviations). The threshold is
+    `mean + max(sqrt(var), GATE_RATE_MIN_SCALE) * (z + offset)` with z the standard
+    normal's `1 - r` quantile (clipped to [-10, 10]): the `1 - r` quantile of the
+    logits if they were normal, the offset correcting for their real shape."""
+
+    mean: jax.Array
+    var: jax.Array
+    offset: jax.Array
+
+    @staticmethod
+    def start(logits: jax.Array, valid: jax.Array) -> RateControl:
+        """From the gate logits `[B, W]` at the valid `[B, W]` prompt slots (all rows
+        together): their mean and variance, offset 0."""
+        x = logits.astype(jnp.float32)
+        n = jnp.maximum(jnp.sum(valid), 1)
+        mean = jnp.sum(jnp.where(valid, x, 0.0)) / n
+        var = jnp.sum(jnp.where(valid, (x - mean) ** 2, 0.0)) / n
+        return RateControl(mean, var, jnp.zeros((), jnp.float32))
+
+    def threshold(self, rate: jax.Array) -> jax.Array:
+        z = jnp.clip(jax.scipy.special.ndtri(1.0 - rate), -10.0, 10.0)
+        scale = jnp.maximum(jnp.sqrt(self.var), GATE_RATE_MIN_SCALE)
+        return (self.mean + scale * (z + self.offset)).astype(jnp.float32)
+
+    def update(self, logits: jax.Array, fire: jax.Array, live: jax.Array, rate: jax.Array,
+               step: jax.Array) -> RateControl:
+        """After a token: logits `[B]` of the gate, fire `[B]`, live `[B]` (rows not yet
+        done). offset += step * (fired share of the live rows - rate); mean and var move
+        towards the live rows' logits with weight `GATE_RATE_MEMORY`. Summed over the
+        steps the offset updates telescope: the share of thinking tokens (step means
+        over live rows) differs from `rate` by (last offset - 0) / (step * steps)."""
+        n = jnp.maximum(jnp.sum(live), 1)
+        share = jnp.sum(fire & live) / n
+        x = logits.astype(jnp.float32)
+        a = GATE_RATE_MEMORY
+        d_mean = jnp.sum(jnp.where(live, x - self.mean, 0.0)) / n
+        d_var = jnp.sum(jnp.where(live, (x - self.mean) ** 2, 0.0)) / n
+        return RateControl((self.mean + a * d_mean).astype(jnp.float32),
+                           ((1 - a) * self.var + a * d_var).astype(jnp.float32),
+                           (self.offset + step * (share - rate)).astype(jnp.float32))
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "tc", "sc", "max_new_tokens", "think",
@@ -303,7 +339,7 @@ def _generate_cached(
 ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array, jax.Array]:
     """gate_mode None: think before every token (with `think`); "threshold": think where
     the gate logit > gate_value; "rate": where it exceeds a running threshold that
-    holds the fraction of thinking live rows at gate_value (`_next_threshold`).
+    holds the fraction of thinking live rows at gate_value (`RateControl`).
     Returns (tokens, thoughts, mixing weights, fired `[B, N]`, thresholds `[N]`)."""
     b, p = ids.shape
     n = max_new_tokens
@@ -323,12 +359,11 @@ def _generate_cached(
     done = jnp.zeros((b,), bool)
     if gated and gate_mode == "rate":
         w = min(p, GATE_RATE_PROMPT_SLOTS)
-        thr0 = initial_rate_threshold(gate_logits_of(params, cfg, h[:, p - w:]),
-                                      mask[:, p - w:].astype(bool), gate_value)
-    elif gated:
-        thr0 = jnp.asarray(gate_value, jnp.float32)
-    else:
-        thr0 = jnp.zeros((), jnp.float32)
+        ctl = RateControl.start(gate_logits_of(params, cfg, h[:, p - w:]),
+                                mask[:, p - w:].astype(bool))
+    else:  # a fixed threshold: the control's mean, never updated
+        zero = jnp.zeros((), jnp.float32)
+        ctl = RateControl(jnp.asarray(gate_value if gated else 0.0, jnp.float32), zero, zero)
 
     def cond(state):
         t, *_, done = state
@@ -336,17 +371,18 @@ def _generate_cached(
 
     def body(state):
         (t, cache, valid, cpos, h_last, pos_last, out_tok, out_thought, out_w, out_fire,
-         thr, out_thr, done) = state
+         ctl, out_thr, done) = state
         key = _token_key(rng, t)
         if gated:
-            logits, thought, w, fire = _gated_thought(params, cfg, tc, cache, valid, cpos,
-                                                      h_last, pos_last, key, thr)
+            thr = ctl.threshold(gate_value) if gate_mode == "rate" else ctl.mean
+            logits, thought, w, fire, gate = _gated_thought(
+                params, cfg, tc, cache, valid, cpos, h_last, pos_last, key, thr)
             out_thought = out_thought.at[:, t].set(thought)
             out_w = out_w.at[:, t].set(w)
             out_fire = out_fire.at[:, t].set(fire)
             out_thr = out_thr.at[t].set(thr)
             if gate_mode == "rate":
-                thr = _next_threshold(thr, fire, ~done, gate_value, gate_step)
+                ctl = ctl.update(gate, fire, ~done, gate_value, gate_step)
         elif think:
             mixed, thought, w = think_at(params, cfg, tc, cache, valid[:, None, :], cpos,
                                          h_last[:, None, :], pos_last[:, None], key)
@@ -363,24 +399,12 @@ def _generate_cached(
         h_new, cache, valid, cpos = _append_token(
             params, cfg, cache, valid, cpos, tok, pos_new, p + t)
         return (t + 1, cache, valid, cpos, h_new, pos_new, out_tok, out_thought, out_w,
-                out_fire, thr, out_thr, done)
+                out_fire, ctl, out_thr, done)
 
     state = (jnp.zeros((), jnp.int32), cache, cache_valid, cache_pos, h[:, -1], positions[:, -1],
-             out_tok, out_thought, out_w, out_fire, thr0, out_thr, done)
+             out_tok, out_thought, out_w, out_fire, ctl, out_thr, done)
     state = jax.lax.while_loop(cond, body, state)
     return state[6], state[7], state[8], state[9], state[11]
-
-
-def _next_threshold(
-    thr: jax.Array, fire: jax.Array, live: jax.Array, rate: jax.Array, step: jax.Array
-) -> jax.Array:
-    """The running threshold of `gate_rate` (an integral controller, the Robbins-Monro
-    estimate of the gate logits' `1 - rate` quantile): `thr + step * (fired share of
-    the live rows - rate)`. Summed over the steps the updates telescope, so the share
-    of thinking tokens (step means over live rows) differs from `rate` by exactly
-    `(last threshold - first) / (step * steps)`."""
-    share = jnp.sum(fire & live) / jnp.maximum(jnp.sum(live), 1)
-    return (thr + step * (share - rate)).astype(jnp.float32)
 
 
 def _gated_thought(params, cfg, tc, cache, valid, cpos, h_last, pos_last, key, threshold):
@@ -390,10 +414,12 @@ def _gated_thought(params, cfg, tc, cache, valid, cpos, h_last, pos_last, key, t
     logits. The thought runs only when some row fires (`lax.cond`), and then for the
     whole batch (its cost does not fall with the number of rows that fire: one row
     firing costs the batch's full thought). Returns (logits `[B, vocab]`, thought tokens
-    `[B, n_ahead - 3]` (0 where none), mixing weight `[B]`, fired `[B]`)."""
+    `[B, n_ahead - 3]` (0 where none), mixing weight `[B]`, fired `[B]`, gate logits
+    `[B]`)."""
     b = h_last.shape[0]
     base = model.logits_from_hidden(params, cfg, h_last)
-    fire = gate_logit(params["think_gate"], h_last, stats_from_logits(base)) > threshold
+    gate = gate_logit(params["think_gate"], h_last, stats_from_logits(base))
+    fire = gate > threshold
 
     def thinking(_):
         mixed, thought, w = think_at(params, cfg, tc, cache, valid[:, None, :], cpos,
@@ -405,7 +431,7 @@ def _gated_thought(params, cfg, tc, cache, valid, cpos, h_last, pos_last, key, t
 
     logits, thought, w = jax.lax.cond(jnp.any(fire), thinking, not_thinking, None)
     logits = jnp.where(fire[:, None], logits, base)
-    return logits, jnp.where(fire[:, None], thought, 0), jnp.where(fire, w, 0.0), fire
+    return logits, jnp.where(fire[:, None], thought, 0), jnp.where(fire, w, 0.0), fire, gate
 
 
 class Request(NamedTuple):
@@ -491,13 +517,14 @@ def generate(
       (sparse training's labels: a thought pays more than `gate_cost`); the others use
       the base prediction. None (default): think before every token.
     gate_rate: instead of a fixed threshold, a target share r in [0, 1] of thinking
-      tokens: the threshold starts at the `1 - r` quantile of the gate logits over the
-      prompts' last `GATE_RATE_PROMPT_SLOTS` tokens (`initial_rate_threshold`) and
-      after each new token moves by `gate_rate_step * (share of the live rows that
-      thought - r)` (`_next_threshold`), so the realised share over the call tracks r
-      (it differs from r by (last threshold - first) / (gate_rate_step * steps)).
-      The threshold is shared by the rows of the batch.
-    gate_rate_step: the running threshold's step, in gate-logit units (> 0).
+      tokens, held by a running threshold shared by the rows (`RateControl`): running
+      mean m and variance v of the gate logits (started on the prompts' last
+      `GATE_RATE_PROMPT_SLOTS` tokens, then each new token's live rows with weight
+      `GATE_RATE_MEMORY`) give threshold m + sqrt(v) * (z_r + offset), z_r the normal
+      `1 - r` quantile; after each token offset += gate_rate_step * (share of the live
+      rows that thought - r) (an integral controller), so the realised share over the
+      call differs from r by exactly (last offset) / (gate_rate_step * steps).
+    gate_rate_step: the offset's gain, in standard deviations of the logits (> 0).
     With a gate, the thought runs for the whole batch whenever some row's gate fires
     (the rows that did not fire take the base prediction): a batch of B rows pays a
     thought on about 1 - (1 - r)^B of its steps, not on a share r.
