@@ -125,8 +125,9 @@ def marginal(
     (b - a) * batch / (best time of b tokens - best time of a tokens), each length
     compiled first, then the two lengths timed in turn (at least `repeats` times each
     and until `min_seconds` have passed: cheap calls get more tries); also the ratio
-    to variant "base" and, for gated variants, the realised think rate and the share of
-    steps where some row thought (the b call)."""
+    to variant "base" and, for gated variants, the realised think rate (the b call's),
+    and over the b call's last b - a tokens (those the marginal speed times) the think
+    rate and the share of steps where some row thought."""
     a, b = lengths
     res: dict[str, Any] = {}
     for name, fn in variants.items():
@@ -146,8 +147,10 @@ def marginal(
              "marginal_tokens_per_s": (b - a) * batch / dt if dt > 0 else float("nan"),
              "think_rate": float(out.think_rate),
              "thought_tokens_per_token": float(out.thought_tokens_per_token)}
-        if out.thought_mask is not None:
-            r["batch_steps_thinking"] = float(np.asarray(out.thought_mask).any(0).mean())
+        if out.thought_mask is not None:  # over the b - a marginal tokens of the b call
+            m = np.asarray(out.thought_mask)[:, a:]
+            r["marginal_think_rate"] = float(m.mean())
+            r["batch_steps_thinking"] = float(m.any(0).mean())
             r["final_threshold"] = float(np.asarray(out.gate_thresholds)[-1])
         res[name] = r
         print(f"marginal {name}: {r['marginal_tokens_per_s']:.1f} tokens/s", file=sys.stderr)
@@ -271,12 +274,15 @@ def main(argv: list[str] | None = None) -> int:
           f"{a.marginal_repeats} tries and >= {a.marginal_min_seconds:g} s; batch {a.batch}; "
           f"greedy thoughts and tokens; {gate_source}):")
     print(f"{'variant':>22}  {'tokens/s':>9}  {'of base':>8}  {'think rate':>10}  "
-          f"{'thought tok/tok':>15}  {'batch steps thinking':>20}")
+          f"{'thought tok/tok':>15}  {'marginal think rate':>19}  {'batch steps thinking':>20}")
     for key, r in marg.items():
         steps = r.get("batch_steps_thinking", r["think_rate"])
         print(f"{key:>22}  {r['marginal_tokens_per_s']:>9.1f}  1/{1 / r['of_base']:<6.2f}  "
               f"{r['think_rate']:>10.3f}  {r['thought_tokens_per_token']:>15.2f}  "
-              f"{steps:>20.3f}")
+              f"{r.get('marginal_think_rate', r['think_rate']):>19.3f}  {steps:>20.3f}")
+    print(f"(think rate, thought tokens per token: the {lengths[1]}-token call; marginal think "
+          f"rate, batch steps thinking: its last {lengths[1] - lengths[0]} tokens, the ones "
+          "the speed is of)")
     print(json.dumps(report, indent=1))
     Path(a.out).write_text(json.dumps(report, indent=1) + "\n")
     return 0
