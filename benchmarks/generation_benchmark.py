@@ -1,7 +1,10 @@
-"""Generation speed: cached thinking generation vs recomputing everything per token.
+"""Generation speed: cached thinking generation vs recomputing everything per token,
+and the marginal speed of base, think-everywhere and gated generation.
 
     python benchmarks/generation_benchmark.py [--model DIR] [--prompt-len 256]
         [--n-ahead 12] [--new-tokens 64] [--recompute-tokens 16] [--batch 1]
+        [--gate-rate 0.1 | --gate-threshold T] [--marginal-tokens 8,32]
+        [--marginal-repeats 5] [--marginal-min-seconds 3] [--marginal-only] [--no-recompute]
         [--out generation_benchmark.json]
 
 Both generators think before every new token (start, n_ahead - 3 thought tokens,
@@ -13,6 +16,18 @@ positions than the current length). Each generator is compiled and run once, the
 timed on `--repeats` more runs; tokens/s = batch * new tokens / median seconds. The model is
 stories260K (`--model`, default ../shared/data/stories260K-hf when present) or a
 tiny random Llama. Prints a table and JSON.
+
+Marginal speed (issue 25): for base, think-everywhere and gated generation (the
+think gate at `--gate-rate`, a running threshold, or `--gate-threshold`), a call of
+a = 8 and one of b = 32 new tokens on the same prompts (each compiled first, then the
+best of several runs); marginal tokens/s = (b - a) * batch / (t_b - t_a),
+so the prefill and the call overhead cancel (a and b timed in turn, at least
+`--marginal-repeats` times and `--marginal-min-seconds`); each is also given as a ratio to base
+from the same run. A model without a trained gate gets a think gate with random
+seeded weights (the output says so): its choices mean nothing, only its speed at the
+realised rate does. With batch > 1 the gated step runs the thought for the whole
+batch whenever some row's gate fires (`lax.cond` on any row), so the cost follows the
+share of steps where any row fired ("batch steps thinking"), not the think rate.
 """
 
 from __future__ import annotations
@@ -33,6 +48,7 @@ from quietstar_jax.generation import cached as G
 from quietstar_jax.generation import reference as R
 from quietstar_jax.model import ModelConfig
 from quietstar_jax.sharding import make_mesh
+from quietstar_jax.thoughts import GATE_HIDDEN, init_gate_params
 
 DEFAULT_MODEL = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "stories260K-hf"
 DEFAULT_TEXT = DEFAULT_MODEL.parent / "tinystories" / "tinystories_val_head.txt"
@@ -64,6 +80,16 @@ def _load(model: str | None, n_ahead: int, prompt_len: int, batch: int, seed: in
     return cfg, params, tc, prompts, "tiny random llama (stories260K shape)"
 
 
+def _check_fits(cfg: ModelConfig, a: argparse.Namespace, lengths: tuple[int, int]) -> None:
+    """The prompt, the longest call and its thoughts must fit the model's positions."""
+    longest = max(a.new_tokens, a.recompute_tokens, lengths[1])
+    need = a.prompt_len + longest - 2 + a.n_ahead
+    if need > cfg.max_position_embeddings:
+        raise SystemExit(f"error: --prompt-len {a.prompt_len} + {longest} new tokens + "
+                         f"n_ahead {a.n_ahead} needs {need} positions; the model has "
+                         f"{cfg.max_position_embeddings}")
+
+
 def _timed(fn: Any, repeats: int) -> tuple[G.Generation, float, list[float]]:
     """(result, first-call seconds incl. compile, seconds of `repeats` further calls)."""
     t0 = time.perf_counter()
@@ -78,6 +104,61 @@ def _timed(fn: Any, repeats: int) -> tuple[G.Generation, float, list[float]]:
     return out, first, times
 
 
+def with_gate(cfg: ModelConfig, params: dict, seed: int) -> tuple[dict, str]:
+    """(params with a think gate, where it comes from): the model's own trained gate,
+    or random seeded weights (output layer N(0, 1): the logits spread) when it has
+    none."""
+    if "think_gate" in params:
+        return params, "the model's trained think gate"
+    gate = init_gate_params(cfg, jax.random.key(seed + 1))
+    gate["w1"] = jax.random.normal(jax.random.key(seed + 2), (GATE_HIDDEN, 1))
+    return dict(params, think_gate=gate), (
+        f"random think gate (seed {seed}; the model has no trained gate): the speed "
+        "figure only, its choices mean nothing")
+
+
+def marginal(
+    variants: dict[str, Any], lengths: tuple[int, int], batch: int, repeats: int,
+    min_seconds: float = 0.0,
+) -> dict[str, Any]:
+    """Marginal tokens/s of each variant `name -> fn(max_new_tokens) -> Generation`:
+    (b - a) * batch / (best time of b tokens - best time of a tokens), each length
+    compiled first, then the two lengths timed in turn (at least `repeats` times each
+    and until `min_seconds` have passed: cheap calls get more tries); also the ratio
+    to variant "base" and, for gated variants, the realised think rate (the b call's),
+    and over the b call's last b - a tokens (those the marginal speed times) the think
+    rate and the share of steps where some row thought."""
+    a, b = lengths
+    res: dict[str, Any] = {}
+    for name, fn in variants.items():
+        outs = {n: fn(n) for n in (a, b)}
+        jax.block_until_ready([o.tokens for o in outs.values()])  # compile
+        times: dict[int, list[float]] = {a: [], b: []}
+        start = time.perf_counter()
+        while len(times[a]) < repeats or time.perf_counter() - start < min_seconds:
+            for n in (a, b):
+                t0 = time.perf_counter()
+                jax.block_until_ready(fn(n).tokens)
+                times[n].append(time.perf_counter() - t0)
+        best = {n: min(ts) for n, ts in times.items()}
+        dt = best[b] - best[a]
+        out = outs[b]
+        r = {"best_s": {str(a): best[a], str(b): best[b]}, "tries": len(times[a]),
+             "marginal_tokens_per_s": (b - a) * batch / dt if dt > 0 else float("nan"),
+             "think_rate": float(out.think_rate),
+             "thought_tokens_per_token": float(out.thought_tokens_per_token)}
+        if out.thought_mask is not None:  # over the b - a marginal tokens of the b call
+            m = np.asarray(out.thought_mask)[:, a:]
+            r["marginal_think_rate"] = float(m.mean())
+            r["batch_steps_thinking"] = float(m.any(0).mean())
+            r["final_threshold"] = float(np.asarray(out.gate_thresholds)[-1])
+        res[name] = r
+        print(f"marginal {name}: {r['marginal_tokens_per_s']:.1f} tokens/s", file=sys.stderr)
+    for r in res.values():
+        r["of_base"] = r["marginal_tokens_per_s"] / res["base"]["marginal_tokens_per_s"]
+    return res
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default=None)
@@ -90,9 +171,32 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-recompute", action="store_true",
                    help="skip the recompute-everything generator (slow on real models)")
+    gate = p.add_mutually_exclusive_group()
+    gate.add_argument("--gate-rate", type=float, default=None,
+                      help="gated generation: target share of thinking tokens (running "
+                      "threshold; default 0.1 unless --gate-threshold)")
+    gate.add_argument("--gate-threshold", type=float, default=None,
+                      help="gated generation: fixed threshold on the gate logit")
+    p.add_argument("--marginal-only", action="store_true",
+                   help="only the marginal speed of base, thinking and gated generation")
+    p.add_argument("--marginal-tokens", default="8,32",
+                   help="a,b: the two call lengths of the marginal speed")
+    p.add_argument("--marginal-repeats", type=int, default=5,
+                   help="timed runs per call length (at least; best kept)")
+    p.add_argument("--marginal-min-seconds", type=float, default=3.0,
+                   help="time each variant's two lengths for at least this long")
     p.add_argument("--out", default="generation_benchmark.json")
     a = p.parse_args(argv)
+    lengths = tuple(int(x) for x in a.marginal_tokens.split(","))
+    if len(lengths) != 2 or not 1 <= lengths[0] < lengths[1]:
+        raise SystemExit(f"error: --marginal-tokens {a.marginal_tokens!r}: give a,b with "
+                         "1 <= a < b")
+    if a.gate_rate is not None and not 0 <= a.gate_rate <= 1:
+        raise SystemExit(f"error: --gate-rate {a.gate_rate} must be in [0, 1]")
+    if a.gate_threshold is None and a.gate_rate is None:
+        a.gate_rate = 0.1
     cfg, params, tc, prompts, name = _load(a.model, a.n_ahead, a.prompt_len, a.batch, a.seed)
+    _check_fits(cfg, a, lengths)
     common = dict(greedy=True, eos_token_id=None, pad_to_multiple=1)
     runs = {
         "cached_thinking": (a.new_tokens, lambda: G.generate(
@@ -109,6 +213,8 @@ def main(argv: list[str] | None = None) -> int:
     }
     if a.no_recompute:
         del runs["recompute_thinking"]
+    if a.marginal_only:
+        runs = {}
     res: dict[str, Any] = {}
     outs = {}
     for key, (n, fn) in runs.items():
@@ -124,9 +230,20 @@ def main(argv: list[str] | None = None) -> int:
         ratio = res["cached_thinking"]["tokens_per_s"] / res["recompute_thinking"]["tokens_per_s"]
     else:
         same, ratio = None, None
-    base_tps = res["cached_base"]["tokens_per_s"]
-    of_base = {k: res[k]["tokens_per_s"] / base_tps
-               for k in ("cached_thinking", "cached_thinking_sampled")}
+    gparams, gate_source = with_gate(cfg, params, a.seed)
+    gate_kw = ({"gate_rate": a.gate_rate} if a.gate_rate is not None
+               else {"gate_threshold": a.gate_threshold})
+    gate_name = ("gated_rate_" + f"{a.gate_rate:g}" if a.gate_rate is not None
+                 else "gated_threshold_" + f"{a.gate_threshold:g}")
+    marg = marginal({
+        "base": lambda n: G.generate(params, cfg, tc, prompts, max_new_tokens=n, think=False,
+                                     **common),
+        "thinking": lambda n: G.generate(params, cfg, tc, prompts, max_new_tokens=n, **common),
+        gate_name: lambda n: G.generate(gparams, cfg, tc, prompts, max_new_tokens=n,
+                                        **gate_kw, **common),
+    }, lengths, a.batch, a.marginal_repeats, a.marginal_min_seconds)
+    of_base = ({k: res[k]["tokens_per_s"] / res["cached_base"]["tokens_per_s"]
+                for k in ("cached_thinking", "cached_thinking_sampled")} if res else None)
     report = {
         "model": name, "prompt_len": a.prompt_len, "batch": a.batch, "n_ahead": tc.n_ahead,
         "thought_tokens": tc.num_sampled, "device": str(jax.devices()[0]),
@@ -135,8 +252,12 @@ def main(argv: list[str] | None = None) -> int:
         "runs": res, "cached_vs_recompute_speedup": ratio,
         "same_tokens": same, "thinking_over_base": of_base,
         "floor_over_base": 1 / (tc.n_ahead - 1 + 1),
+        "marginal": {"tokens": list(lengths), "repeats": a.marginal_repeats,
+                     "min_seconds": a.marginal_min_seconds,
+                     "gate": gate_source, **gate_kw, "runs": marg},
     }
-    print(f"{'generator':>20}  {'new tokens':>10}  {'seconds':>8}  {'tokens/s':>9}")
+    if res:
+        print(f"{'generator':>20}  {'new tokens':>10}  {'seconds':>8}  {'tokens/s':>9}")
     for key, r in res.items():
         print(f"{key:>20}  {r['new_tokens']:>10}  {r['seconds']:>8.3f}  "
               f"{r['tokens_per_s']:>9.1f}")
@@ -144,9 +265,24 @@ def main(argv: list[str] | None = None) -> int:
         print(f"cached thinking is {ratio:.1f}x faster than recomputing everything "
               f"(prompt {a.prompt_len} tokens, n_ahead {tc.n_ahead}, batch {a.batch}; "
               f"same tokens: {same})")
-    print(f"thinking / base tokens/s: greedy thoughts 1/{1 / of_base['cached_thinking']:.1f}, "
-          f"sampled thoughts 1/{1 / of_base['cached_thinking_sampled']:.1f} (floor 1/"
-          f"{tc.n_ahead}: {tc.n_ahead - 1} thought steps + 1 base step per token)")
+    if of_base:
+        print(f"thinking / base tokens/s: greedy thoughts 1/"
+              f"{1 / of_base['cached_thinking']:.1f}, sampled thoughts 1/"
+              f"{1 / of_base['cached_thinking_sampled']:.1f} (floor 1/{tc.n_ahead}: "
+              f"{tc.n_ahead - 1} thought steps + 1 base step per token)")
+    print(f"marginal tokens/s ((b - a) * batch / (t_b - t_a), a, b = {lengths}, best of >= "
+          f"{a.marginal_repeats} tries and >= {a.marginal_min_seconds:g} s; batch {a.batch}; "
+          f"greedy thoughts and tokens; {gate_source}):")
+    print(f"{'variant':>22}  {'tokens/s':>9}  {'of base':>8}  {'think rate':>10}  "
+          f"{'thought tok/tok':>15}  {'marginal think rate':>19}  {'batch steps thinking':>20}")
+    for key, r in marg.items():
+        steps = r.get("batch_steps_thinking", r["think_rate"])
+        print(f"{key:>22}  {r['marginal_tokens_per_s']:>9.1f}  1/{1 / r['of_base']:<6.2f}  "
+              f"{r['think_rate']:>10.3f}  {r['thought_tokens_per_token']:>15.2f}  "
+              f"{r.get('marginal_think_rate', r['think_rate']):>19.3f}  {steps:>20.3f}")
+    print(f"(think rate, thought tokens per token: the {lengths[1]}-token call; marginal think "
+          f"rate, batch steps thinking: its last {lengths[1] - lengths[0]} tokens, the ones "
+          "the speed is of)")
     print(json.dumps(report, indent=1))
     Path(a.out).write_text(json.dumps(report, indent=1) + "\n")
     return 0

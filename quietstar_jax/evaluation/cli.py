@@ -2,11 +2,17 @@
 
     python -m quietstar_jax.evaluation MODEL --tasks gsm8k,csqa,perplexity,cot
         [--gsm8k hf|FILE] [--csqa hf|FILE] [--text FILE] [--n-ahead 12] [--limit N]
-        [--no-thinking] [--out eval_results.json]
+        [--no-thinking] [--gate-threshold T | --gate-rate R] [--out eval_results.json]
 
 MODEL is a Hugging Face directory or a training workdir / checkpoint step directory.
 Runs each task base and thinking side by side (`evaluation.tasks`), reports progress
-on stderr, prints a table of the results and writes them as JSON.
+on stderr, prints a table of the results and writes them as JSON. When thinking, each
+task's think rate (share of tokens preceded by a thought) and thought tokens per
+token are printed: the scored tasks (gsm8k, csqa, perplexity) think at every
+position (rate 1); the generated one (cot) thinks everywhere too, or with a trained
+think gate only where it fires (--gate-threshold T: its logit above T; --gate-rate R:
+before a share R of the tokens, by a running threshold), and reports the rate it
+realised.
 """
 
 from __future__ import annotations
@@ -63,6 +69,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--cot-solution-tokens", type=int, default=384)
     p.add_argument("--cot-batch-size", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
+    gate = p.add_mutually_exclusive_group()
+    gate.add_argument("--gate-threshold", type=float, default=None,
+                      help="cot: think only where the think gate's logit exceeds this")
+    gate.add_argument("--gate-rate", type=float, default=None,
+                      help="cot: think before this share of the tokens (running threshold "
+                      "on the think gate's logit)")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
     p.add_argument("--out", default="eval_results.json", help="JSON output path")
     return p
@@ -92,6 +104,20 @@ def _table_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
     return rows
 
 
+def _think_line(result: dict[str, Any], n_ahead: int) -> str:
+    """The think rate and thought tokens per token of a task's thinking run: the cot
+    task reports what it realised, the scored tasks think at every position."""
+    m = result.get("thinking", {})
+    if "think_rate" not in m:
+        return (f"think rate 1.000 (every position), {n_ahead - 1:.2f} thought tokens per "
+                "token")
+    gate = m.get("gate")
+    how = ("every token" if not gate else f"gate threshold {gate['threshold']}"
+           if "threshold" in gate else f"gate rate target {gate['rate']}")
+    return (f"think rate {m['think_rate']:.3f} ({how}), {m['thought_tokens_per_token']:.2f} "
+            "thought tokens per token")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Command-line entry point; bad input ends with one `error: ...` line (exit 2)."""
     return run_cli(_run, argv)
@@ -108,6 +134,15 @@ def _check_args(args: argparse.Namespace) -> None:
         value = getattr(args, name)
         if value is not None and value < 1:
             raise ValueError(f"--{name.replace('_', '-')}={value} must be >= 1")
+    gated = args.gate_threshold is not None or args.gate_rate is not None
+    if args.gate_rate is not None and not 0 <= args.gate_rate <= 1:
+        raise ValueError(f"--gate-rate={args.gate_rate} must be a share in [0, 1]")
+    if gated and args.no_thinking:
+        raise ValueError("--gate-threshold / --gate-rate choose where to think: not with "
+                         "--no-thinking")
+    if gated and "cot" not in [t.strip() for t in args.tasks.split(",")]:
+        raise ValueError("--gate-threshold / --gate-rate apply to the generated task (cot) "
+                         "only: the scored tasks think at every position; add cot to --tasks")
 
 
 def _run(argv: Sequence[str] | None) -> int:
@@ -153,8 +188,13 @@ def _run(argv: Sequence[str] | None) -> int:
                                          temperature=args.cot_temperature,
                                          max_solution_tokens=args.cot_solution_tokens,
                                          batch_size=args.cot_batch_size, seed=args.seed,
-                                         log=lambda m: print(m, file=sys.stderr, flush=True))
+                                         log=lambda m: print(m, file=sys.stderr, flush=True),
+                                         gate_threshold=args.gate_threshold,
+                                         gate_rate=args.gate_rate)
         print(f"[{task}] done in {results[task]['seconds']:.1f}s", file=sys.stderr)
+        if tc is not None:
+            print(f"[{task}] thinking: {_think_line(results[task], tc.n_ahead)}",
+                  file=sys.stderr)
     print(format_table(_table_rows(results),
                        ["task", "model", "n_ahead", "metric", "value", "exact_match",
                         "first_token", "n", "seconds"]))

@@ -60,11 +60,19 @@ def _generate_rows(
     pad_to_multiple: int,
     eos_id: int | None,
     log: Callable[[str], None] | None = None,
+    gate: dict[str, float | None] | None = None,
+    counts: dict[str, int] | None = None,
 ) -> list[list[int]]:
     """Generate for many prompts in fixed-size batches (sorted by length, the last
-    batch filled with repeats), returning the new tokens of each prompt."""
+    batch filled with repeats), returning the new tokens of each prompt.
+
+    gate: `generate`'s gate_threshold / gate_rate (when thinking); counts: when given,
+    its "tokens" and "thoughts" are increased by the new tokens of the prompts (up to
+    each one's eos; the repeats that fill the last batch not counted) and the thoughts
+    that preceded them."""
     order = np.argsort([len(p) for p in prompts], kind="stable")
     out: list[list[int]] = [[] for _ in prompts]
+    gate = gate if think and gate else {}
     n_batches = -(-len(order) // batch_size)
     for k, start in enumerate(range(0, len(order), batch_size)):
         if log is not None:
@@ -75,10 +83,15 @@ def _generate_rows(
         gen = generate(params, cfg, tc, batch, max_new_tokens=max_new_tokens,
                        rng=jax.random.fold_in(rng, k), think=think, greedy=temperature == 0,
                        temperature=temperature if temperature > 0 else 1.0,
-                       eos_token_id=eos_id, pad_to_multiple=pad_to_multiple)
+                       eos_token_id=eos_id, pad_to_multiple=pad_to_multiple, **gate)
         toks, lengths = np.asarray(gen.tokens), np.asarray(gen.lengths)
+        fired = (np.asarray(gen.thought_mask) if gen.thought_mask is not None
+                 else np.full(toks.shape, think))
         for r, i in enumerate(idx):
             out[i] = toks[r, :lengths[r]].tolist()
+            if counts is not None:
+                counts["tokens"] = counts.get("tokens", 0) + int(lengths[r])
+                counts["thoughts"] = counts.get("thoughts", 0) + int(fired[r, :lengths[r]].sum())
     return out
 
 
@@ -98,13 +111,20 @@ def run_cot(
     rng: jax.Array,
     pad_to_multiple: int = 64,
     log: Callable[[str], None] | None = None,
+    gate_threshold: float | None = None,
+    gate_rate: float | None = None,
 ) -> dict[str, Any]:
     """Chain-of-thought majority-vote accuracy over GSM8K rows (`question`, `answer`).
 
     think: generate with thoughts (tc's n_ahead) or as the base LM.
     log: called with progress lines (e.g. `print`).
+    gate_threshold / gate_rate: with thinking, think only where the think gate fires
+      (`generate`'s options; the model's params need a `think_gate`).
     Returns {"accuracy", "questions", "votes", "mean_solution_tokens", "per_question":
-    [{"question", "truth", "votes", "prediction", "correct", "solutions"}]}.
+    [{"question", "truth", "votes", "prediction", "correct", "solutions"}], and when
+    thinking "think_rate" (share of the generated tokens, solutions and answers, up to
+    each one's eos, preceded by a thought) and "thought_tokens_per_token" (n_ahead - 1
+    per thought)}.
     """
     if n_votes < 1 or max_solution_tokens < 1 or answer_tokens < 1:
         raise ValueError("n_votes, max_solution_tokens and answer_tokens must be >= 1")
@@ -112,8 +132,11 @@ def run_cot(
     prompt_texts = [cot_prompt(r["question"]) for r in rows]
     prompt_ids = [list(tokenizer(t)["input_ids"]) for t in prompt_texts]
     flat = [p for p in prompt_ids for _ in range(n_votes)]
+    counts: dict[str, int] = {}
     common = dict(think=think, temperature=temperature, batch_size=batch_size,
-                  pad_to_multiple=pad_to_multiple, eos_id=tokenizer.eos_token_id)
+                  pad_to_multiple=pad_to_multiple, eos_id=tokenizer.eos_token_id,
+                  gate={"gate_threshold": gate_threshold, "gate_rate": gate_rate},
+                  counts=counts)
     stage = lambda name: None if log is None else (lambda m: log(f"{name}: {m}"))
     sols = _generate_rows(params, cfg, tc, flat, max_new_tokens=max_solution_tokens,
                           rng=jax.random.fold_in(rng, 0), log=stage("solutions"), **common)
@@ -140,6 +163,10 @@ def run_cot(
         per_q.append({"question": row["question"], "truth": truth, "votes": votes,
                       "prediction": pred, "correct": pred is not None and pred == truth,
                       "solutions": sol_texts})
-    return {"accuracy": correct / max(len(rows), 1), "questions": len(rows), "votes": n_votes,
-            "mean_solution_tokens": float(np.mean(sol_lens)) if sol_lens else 0.0,
-            "per_question": per_q}
+    res = {"accuracy": correct / max(len(rows), 1), "questions": len(rows), "votes": n_votes,
+           "mean_solution_tokens": float(np.mean(sol_lens)) if sol_lens else 0.0,
+           "per_question": per_q}
+    if think:
+        rate = counts.get("thoughts", 0) / max(counts.get("tokens", 0), 1)
+        res |= {"think_rate": rate, "thought_tokens_per_token": rate * (tc.n_ahead - 1)}
+    return res

@@ -386,12 +386,16 @@ def evaluate_cot(
     seed: int = 0,
     return_examples: bool = False,
     log: Callable[[str], None] | None = None,
+    gate_threshold: float | None = None,
+    gate_rate: float | None = None,
 ) -> dict[str, Any]:
     """Chain-of-thought GSM8K majority-vote accuracy, base and (with tc) thinking.
 
     The questions are shuffled with `np.random.default_rng(shuffle_seed).permutation`
     (None: file order) and the first `limit` kept (the authors: 128 after a seed-42
-    shuffle)."""
+    shuffle). gate_threshold / gate_rate: the thinking run thinks only where the think
+    gate fires (`generation.generate`); its results hold "think_rate" and
+    "thought_tokens_per_token" (`cot.run_cot`)."""
     t0 = time.perf_counter()
     _check_limit(limit)
     tc = _prepare_tc(tc, tokenizer, cfg)
@@ -409,10 +413,15 @@ def evaluate_cot(
                       temperature=temperature, max_solution_tokens=max_solution_tokens,
                       answer_tokens=answer_tokens, batch_size=batch_size,
                       rng=jax.random.fold_in(rng, k),
-                      log=None if log is None else (lambda m, n=name: log(f"[cot {n}] {m}")))
+                      log=None if log is None else (lambda m, n=name: log(f"[cot {n}] {m}")),
+                      gate_threshold=gate_threshold, gate_rate=gate_rate)
         out[name] = {"accuracy": res["accuracy"],
                      "mean_solution_tokens": res["mean_solution_tokens"],
                      "seconds": time.perf_counter() - t1}
+        if think:
+            out[name] |= {k: res[k] for k in ("think_rate", "thought_tokens_per_token")}
+            out[name]["gate"] = ({"threshold": gate_threshold} if gate_threshold is not None
+                                 else {"rate": gate_rate} if gate_rate is not None else None)
         if return_examples:
             out[name]["per_question"] = res["per_question"]
     out["seconds"] = time.perf_counter() - t0

@@ -72,7 +72,16 @@ class Generation(NamedTuple):
     mixing_weights: float32 `[B, N]`, the mixing head's weight w of each new token
       (None without thinking or unless asked for).
     thought_mask: bool `[B, N]`, whether a thought preceded each new token (with a
-      think gate, `gate_threshold`; None otherwise).
+      think gate, `gate_threshold` or `gate_rate`; None otherwise).
+    think_rate: float32 `[]`, the fraction of the live new tokens (those up to and
+      including each row's first eos) before which a thought ran: 1 when thinking
+      everywhere (also `generate_recompute`), 0 without thinking (`think_stats`).
+    thought_tokens_per_token: float32 `[]`, thought tokens fed per live new token:
+      `think_rate * (n_ahead - 1)` (start, n_ahead - 3 sampled tokens, end: each one
+      model step); 0 without thinking.
+    gate_thresholds: float32 `[N]`, the gate threshold in force before each new token
+      (constant with `gate_threshold`, the running one with `gate_rate`; None without
+      a gate).
     """
 
     tokens: jax.Array
@@ -80,6 +89,26 @@ class Generation(NamedTuple):
     thoughts: jax.Array | None
     mixing_weights: jax.Array | None
     thought_mask: jax.Array | None = None
+    think_rate: jax.Array | None = None
+    thought_tokens_per_token: jax.Array | None = None
+    gate_thresholds: jax.Array | None = None
+
+
+def think_stats(
+    thought_mask: jax.Array, lengths: jax.Array, n_ahead: int
+) -> tuple[jax.Array, jax.Array]:
+    """(think rate, thought tokens per new token), float32 scalars, over the live new
+    tokens: token t of row b is live when t < lengths[b].
+
+    thought_mask: bool `[B, N]`, a thought before new token (b, t); lengths: int `[B]`;
+    n_ahead: thought length (each thought feeds `n_ahead - 1` tokens: start, the
+    `n_ahead - 3` sampled ones, end). A call with no live token has rate 0.
+    """
+    live = jnp.arange(thought_mask.shape[1])[None, :] < lengths[:, None]
+    n_live = jnp.sum(live)
+    rate = jnp.sum(thought_mask & live) / jnp.maximum(n_live, 1)
+    rate = rate.astype(jnp.float32)
+    return rate, rate * (n_ahead - 1)
 
 
 # --------------------------------------------------------------------------- inputs
@@ -230,13 +259,74 @@ def _append_token(
     return h[:, 0], cache, cache_valid, cache_pos
 
 
+GATE_RATE_STEP = 0.25  # default integral gain of the running threshold (`generate(gate_rate=)`)
+GATE_RATE_MEMORY = 0.1  # weight of each new token in the running mean / variance of the logits
+GATE_RATE_PROMPT_SLOTS = 64  # the last prompt slots whose gate logits start those estimates
+GATE_RATE_MIN_SCALE = 1e-3  # floor of the running standard deviation (a constant gate)
+
+
+def gate_logits_of(params: Params, cfg: ModelConfig, h: jax.Array) -> jax.Array:
+    """The think gate's logit `[...]` (float32) at base hidden states `h` `[..., hidden]`:
+    `thoughts.gate_logit` of `params["think_gate"]` on `h` and its base logits'
+    statistics (`sparse.stats_from_logits`)."""
+    base = model.logits_from_hidden(params, cfg, h)
+    return gate_logit(params["think_gate"], h, stats_from_logits(base))
+
+
+class RateControl(NamedTuple):
+    """State of the running threshold of `generate(gate_rate=r)` (float32 scalars): a
+    running mean `mean` and variance `var` of the gate logits and an integral term
+    `offset` (in standard deviations). The threshold is
+    `mean + max(sqrt(var), GATE_RATE_MIN_SCALE) * (z + offset)` with z the standard
+    normal's `1 - r` quantile (clipped to [-10, 10]): the `1 - r` quantile of the
+    logits if they were normal, the offset correcting for their real shape."""
+
+    mean: jax.Array
+    var: jax.Array
+    offset: jax.Array
+
+    @staticmethod
+    def start(logits: jax.Array, valid: jax.Array) -> RateControl:
+        """From the gate logits `[B, W]` at the valid `[B, W]` prompt slots (all rows
+        together): their mean and variance, offset 0."""
+        x = logits.astype(jnp.float32)
+        n = jnp.maximum(jnp.sum(valid), 1)
+        mean = jnp.sum(jnp.where(valid, x, 0.0)) / n
+        var = jnp.sum(jnp.where(valid, (x - mean) ** 2, 0.0)) / n
+        return RateControl(mean, var, jnp.zeros((), jnp.float32))
+
+    def threshold(self, rate: jax.Array) -> jax.Array:
+        z = jnp.clip(jax.scipy.special.ndtri(1.0 - rate), -10.0, 10.0)
+        scale = jnp.maximum(jnp.sqrt(self.var), GATE_RATE_MIN_SCALE)
+        return (self.mean + scale * (z + self.offset)).astype(jnp.float32)
+
+    def update(self, logits: jax.Array, fire: jax.Array, live: jax.Array, rate: jax.Array,
+               step: jax.Array) -> RateControl:
+        """After a token: logits `[B]` of the gate, fire `[B]`, live `[B]` (rows not yet
+        done). offset += step * (fired share of the live rows - rate); mean and var move
+        towards the live rows' logits with weight `GATE_RATE_MEMORY`. Summed over the
+        steps the offset updates telescope: the share of thinking tokens (step means
+        over live rows) differs from `rate` by (last offset - 0) / (step * steps)."""
+        n = jnp.maximum(jnp.sum(live), 1)
+        share = jnp.sum(fire & live) / n
+        x = logits.astype(jnp.float32)
+        a = GATE_RATE_MEMORY
+        d_mean = jnp.sum(jnp.where(live, x - self.mean, 0.0)) / n
+        d_var = jnp.sum(jnp.where(live, (x - self.mean) ** 2, 0.0)) / n
+        return RateControl((self.mean + a * d_mean).astype(jnp.float32),
+                           ((1 - a) * self.var + a * d_var).astype(jnp.float32),
+                           (self.offset + step * (share - rate)).astype(jnp.float32))
+
+
 @functools.partial(jax.jit, static_argnames=("cfg", "tc", "sc", "max_new_tokens", "think",
-                                             "eos_id", "pad_id", "gate_threshold"))
+                                             "eos_id", "pad_id", "gate_mode"))
 def _generate_cached(
     params: Params,
     ids: jax.Array,
     mask: jax.Array,
     rng: jax.Array,
+    gate_value: jax.Array | None = None,
+    gate_step: jax.Array | None = None,
     *,
     cfg: ModelConfig,
     tc: ThoughtConfig | None,
@@ -245,11 +335,16 @@ def _generate_cached(
     think: bool,
     eos_id: int | None,
     pad_id: int,
-    gate_threshold: float | None = None,
-) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+    gate_mode: str | None = None,
+) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array, jax.Array]:
+    """gate_mode None: think before every token (with `think`); "threshold": think where
+    the gate logit > gate_value; "rate": where it exceeds a running threshold that
+    holds the fraction of thinking live rows at gate_value (`RateControl`).
+    Returns (tokens, thoughts, mixing weights, fired `[B, N]`, thresholds `[N]`)."""
     b, p = ids.shape
     n = max_new_tokens
     n_thought = tc.num_sampled if think else 0
+    gated = think and gate_mode is not None
     positions = model.default_positions(mask)
     h, kv = model.forward(params, cfg, ids, mask, positions)
     pad_kv = [(0, 0), (0, 0), (0, n), (0, 0), (0, 0)]
@@ -259,8 +354,16 @@ def _generate_cached(
     out_tok = jnp.full((b, n), pad_id, jnp.int32)
     out_thought = jnp.zeros((b, n, n_thought), jnp.int32)
     out_w = jnp.zeros((b, n), jnp.float32)
-    out_fire = jnp.zeros((b, n), bool)
+    out_fire = jnp.full((b, n), think and not gated)
+    out_thr = jnp.zeros((n,), jnp.float32)
     done = jnp.zeros((b,), bool)
+    if gated and gate_mode == "rate":
+        w = min(p, GATE_RATE_PROMPT_SLOTS)
+        ctl = RateControl.start(gate_logits_of(params, cfg, h[:, p - w:]),
+                                mask[:, p - w:].astype(bool))
+    else:  # a fixed threshold: the control's mean, never updated
+        zero = jnp.zeros((), jnp.float32)
+        ctl = RateControl(jnp.asarray(gate_value if gated else 0.0, jnp.float32), zero, zero)
 
     def cond(state):
         t, *_, done = state
@@ -268,14 +371,18 @@ def _generate_cached(
 
     def body(state):
         (t, cache, valid, cpos, h_last, pos_last, out_tok, out_thought, out_w, out_fire,
-         done) = state
+         ctl, out_thr, done) = state
         key = _token_key(rng, t)
-        if think and gate_threshold is not None:
-            logits, thought, w, fire = _gated_thought(params, cfg, tc, cache, valid, cpos,
-                                                      h_last, pos_last, key, gate_threshold)
+        if gated:
+            thr = ctl.threshold(gate_value) if gate_mode == "rate" else ctl.mean
+            logits, thought, w, fire, gate = _gated_thought(
+                params, cfg, tc, cache, valid, cpos, h_last, pos_last, key, thr)
             out_thought = out_thought.at[:, t].set(thought)
             out_w = out_w.at[:, t].set(w)
             out_fire = out_fire.at[:, t].set(fire)
+            out_thr = out_thr.at[t].set(thr)
+            if gate_mode == "rate":
+                ctl = ctl.update(gate, fire, ~done, gate_value, gate_step)
         elif think:
             mixed, thought, w = think_at(params, cfg, tc, cache, valid[:, None, :], cpos,
                                          h_last[:, None, :], pos_last[:, None], key)
@@ -292,24 +399,27 @@ def _generate_cached(
         h_new, cache, valid, cpos = _append_token(
             params, cfg, cache, valid, cpos, tok, pos_new, p + t)
         return (t + 1, cache, valid, cpos, h_new, pos_new, out_tok, out_thought, out_w,
-                out_fire, done)
+                out_fire, ctl, out_thr, done)
 
     state = (jnp.zeros((), jnp.int32), cache, cache_valid, cache_pos, h[:, -1], positions[:, -1],
-             out_tok, out_thought, out_w, out_fire, done)
+             out_tok, out_thought, out_w, out_fire, ctl, out_thr, done)
     state = jax.lax.while_loop(cond, body, state)
-    return state[6], state[7], state[8], state[9]
+    return state[6], state[7], state[8], state[9], state[11]
 
 
 def _gated_thought(params, cfg, tc, cache, valid, cpos, h_last, pos_last, key, threshold):
     """One step of gated thinking: the think gate (`params["think_gate"]`) on the last
     hidden `[B, hidden]` and its base logits' statistics; rows whose gate logit exceeds
     `threshold` think (`think_at`) and take the mixed logits, the others the base
-    logits. The thought runs only when some row fires (`lax.cond`). Returns (logits
-    `[B, vocab]`, thought tokens `[B, n_ahead - 3]` (0 where none), mixing weight `[B]`,
-    fired `[B]`)."""
+    logits. The thought runs only when some row fires (`lax.cond`), and then for the
+    whole batch (its cost does not fall with the number of rows that fire: one row
+    firing costs the batch's full thought). Returns (logits `[B, vocab]`, thought tokens
+    `[B, n_ahead - 3]` (0 where none), mixing weight `[B]`, fired `[B]`, gate logits
+    `[B]`)."""
     b = h_last.shape[0]
     base = model.logits_from_hidden(params, cfg, h_last)
-    fire = gate_logit(params["think_gate"], h_last, stats_from_logits(base)) > threshold
+    gate = gate_logit(params["think_gate"], h_last, stats_from_logits(base))
+    fire = gate > threshold
 
     def thinking(_):
         mixed, thought, w = think_at(params, cfg, tc, cache, valid[:, None, :], cpos,
@@ -321,7 +431,7 @@ def _gated_thought(params, cfg, tc, cache, valid, cpos, h_last, pos_last, key, t
 
     logits, thought, w = jax.lax.cond(jnp.any(fire), thinking, not_thinking, None)
     logits = jnp.where(fire[:, None], logits, base)
-    return logits, jnp.where(fire[:, None], thought, 0), jnp.where(fire, w, 0.0), fire
+    return logits, jnp.where(fire[:, None], thought, 0), jnp.where(fire, w, 0.0), fire, gate
 
 
 class Request(NamedTuple):
@@ -388,6 +498,8 @@ def generate(
     return_thoughts: bool = False,
     pad_to_multiple: int = 16,
     gate_threshold: float | None = None,
+    gate_rate: float | None = None,
+    gate_rate_step: float = GATE_RATE_STEP,
 ) -> Generation:
     """Cached generation, with thoughts (`think=True`) or as the plain base LM.
 
@@ -404,25 +516,55 @@ def generate(
       (`params["think_gate"]`, trained with sparse thoughts) gives a logit above this
       (sparse training's labels: a thought pays more than `gate_cost`); the others use
       the base prediction. None (default): think before every token.
+    gate_rate: instead of a fixed threshold, a target share r in [0, 1] of thinking
+      tokens, held by a running threshold shared by the rows (`RateControl`): running
+      mean m and variance v of the gate logits (started on the prompts' last
+      `GATE_RATE_PROMPT_SLOTS` tokens, then each new token's live rows with weight
+      `GATE_RATE_MEMORY`) give threshold m + sqrt(v) * (z_r + offset), z_r the normal
+      `1 - r` quantile; after each token offset += gate_rate_step * (share of the live
+      rows that thought - r) (an integral controller), so the realised share over the
+      call differs from r by exactly (last offset) / (gate_rate_step * steps).
+    gate_rate_step: the offset's gain, in standard deviations of the logits (> 0).
+    With a gate, the thought runs for the whole batch whenever some row's gate fires
+    (the rows that did not fire take the base prediction): a batch of B rows pays a
+    thought on about 1 - (1 - r)^B of its steps, not on a share r.
     Returns a `Generation` (thoughts and mixing weights only with return_thoughts;
-    `thought_mask` with a gate threshold).
+    `thought_mask` and `gate_thresholds` with a gate; `think_rate` and
+    `thought_tokens_per_token` always).
     """
-    if gate_threshold is not None and think and "think_gate" not in params:
-        raise ValueError("gate_threshold needs a think gate: params have no 'think_gate' "
+    if gate_threshold is not None and gate_rate is not None:
+        raise ValueError(f"gate_threshold={gate_threshold} and gate_rate={gate_rate}: give "
+                         "one of them (a fixed threshold, or a target rate that a running "
+                         "threshold holds), not both")
+    if gate_rate is not None and not 0.0 <= gate_rate <= 1.0:
+        raise ValueError(f"gate_rate={gate_rate}: must be a share of tokens in [0, 1]")
+    if gate_rate is not None and not gate_rate_step > 0:
+        raise ValueError(f"gate_rate_step={gate_rate_step}: must be > 0")
+    if gate_threshold is not None and np.isnan(gate_threshold):
+        raise ValueError(f"gate_threshold={gate_threshold}: must be a number, not NaN")
+    gate_mode = ("threshold" if gate_threshold is not None
+                 else "rate" if gate_rate is not None else None)
+    if gate_mode is not None and think and "think_gate" not in params:
+        raise ValueError(f"gate_{gate_mode} needs a think gate: params have no 'think_gate' "
                          "(train with ThoughtConfig.think_k and gate_loss_weight > 0)")
     r = prepare_request(cfg, tc, prompts, max_new_tokens=max_new_tokens, rng=rng,
                         think=think, greedy=greedy, temperature=temperature, top_p=top_p,
                         eos_token_id=eos_token_id, pad_token_id=pad_token_id,
                         pad_to_multiple=pad_to_multiple)
-    gated = think and gate_threshold is not None
-    toks, thoughts, w, fired = _generate_cached(
-        params, r.ids, r.mask, r.rng, cfg=r.cfg, tc=r.tc, sc=r.sc,
-        max_new_tokens=max_new_tokens, think=think, eos_id=r.eos_id, pad_id=r.pad_id,
-        gate_threshold=float(gate_threshold) if gated else None)
+    gated = think and gate_mode is not None
+    value = (gate_threshold if gate_mode == "threshold" else gate_rate) if gated else None
+    toks, thoughts, w, fired, thresholds = _generate_cached(
+        params, r.ids, r.mask, r.rng,
+        None if value is None else jnp.asarray(value, jnp.float32),
+        jnp.asarray(gate_rate_step, jnp.float32) if gated else None,
+        cfg=r.cfg, tc=r.tc, sc=r.sc, max_new_tokens=max_new_tokens, think=think,
+        eos_id=r.eos_id, pad_id=r.pad_id, gate_mode=gate_mode if gated else None)
     toks, lengths = _finish(toks, r.eos_id, r.pad_id)
+    rate, per_token = think_stats(fired, lengths, r.tc.n_ahead if think else 1)
     keep = think and return_thoughts
     return Generation(toks, lengths, thoughts if keep else None, w if keep else None,
-                      fired if gated else None)
+                      fired if gated else None, rate, per_token,
+                      thresholds if gated else None)
 
 
 def _mask_only(tc: ThoughtConfig) -> ThoughtConfig | None:
@@ -456,9 +598,10 @@ def generate_text(
     **kwargs: Any,
 ) -> list[dict[str, Any]]:
     """`generate` on strings: each text is encoded with the tokenizer's special tokens
-    (BOS); returns per text {"prompt", "completion", "tokens", and with
-    return_thoughts=True "thoughts": one decoded thought string per new token,
-    "thought_ids" (their token ids), "mixing_weights"}."""
+    (BOS); returns per text {"prompt", "completion", "tokens", when thinking
+    "thought_before" (per new token, whether a thought preceded it: all True without a
+    gate), and with return_thoughts=True "thoughts": one decoded thought string per new
+    token, "thought_ids" (their token ids), "mixing_weights"}."""
     if isinstance(texts, str):
         raise TypeError("texts must be a list of strings, not one string")
     prompts = [tokenizer(t)["input_ids"] for t in texts]
@@ -474,6 +617,9 @@ def generate_text(
         completion = (full[len(before):] if full.startswith(before)
                       else tokenizer.decode(new, skip_special_tokens=True))
         item: dict[str, Any] = {"prompt": text, "tokens": new, "completion": completion}
+        if kwargs.get("think", True):
+            item["thought_before"] = (np.asarray(gen.thought_mask)[i, : lengths[i]].tolist()
+                                      if gen.thought_mask is not None else [True] * len(new))
         if gen.thoughts is not None:
             th = np.asarray(gen.thoughts)[i, : lengths[i]]
             item["thoughts"] = [tokenizer.decode(row.tolist()) for row in th]

@@ -5,13 +5,16 @@
         [--thought-sampling sample|greedy] [--thought-temperature T]
         [--greedy | --temperature 1 --top-p 1] [--mode thinking|base|both]
         [--show-thoughts] [--ignore-eos] [--mask-special-thought-tokens] [--seed 0]
-        [--dtype float32] [--out generations.json]
+        [--gate-threshold T | --gate-rate R] [--dtype float32] [--out generations.json]
 
 MODEL is a Hugging Face directory or a training workdir / checkpoint step directory.
 Prints each completion (and, with --show-thoughts, every new token with the thought
 that preceded it and the mixing weight, one line each: special tokens by name,
-newlines and other control characters escaped), the speed in tokens/s, and writes
-JSON.
+newlines and other control characters escaped), the speed in tokens/s, when thinking
+the think rate (share of new tokens preceded by a thought) and thought tokens per new
+token (n_ahead - 1 per thought), and writes JSON. With a trained think gate,
+--gate-threshold T thinks only where the gate's logit exceeds T, --gate-rate R before
+a share R of the tokens (a running threshold; `generate`'s gate_threshold / gate_rate).
 """
 
 from __future__ import annotations
@@ -60,6 +63,13 @@ def _parser() -> argparse.ArgumentParser:
                    help="thoughts never draw the tokenizer's special tokens (eos, bos, pad, "
                    "...); off by default, as the authors")
     p.add_argument("--seed", type=int, default=0)
+    gate = p.add_mutually_exclusive_group()
+    gate.add_argument("--gate-threshold", type=float, default=None,
+                      help="think only where the think gate's logit exceeds this (needs a "
+                      "checkpoint trained with a gate)")
+    gate.add_argument("--gate-rate", type=float, default=None,
+                      help="think before this share of the tokens, by a running threshold "
+                      "on the think gate's logit (in [0, 1])")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
     p.add_argument("--out", default="generations.json")
     return p
@@ -95,6 +105,11 @@ def _check_args(args: argparse.Namespace, prompts: list[str]) -> None:
     if args.thought_temperature is not None and not args.thought_temperature > 0:
         raise ValueError(f"--thought-temperature={args.thought_temperature} must be > 0; for "
                          "greedy thoughts use --thought-sampling greedy")
+    if args.gate_rate is not None and not 0 <= args.gate_rate <= 1:
+        raise ValueError(f"--gate-rate={args.gate_rate} must be a share in [0, 1]")
+    if (args.gate_rate is not None or args.gate_threshold is not None) and args.mode == "base":
+        raise ValueError("--gate-threshold / --gate-rate choose where to think: they need "
+                         "--mode thinking or both")
 
 
 def _read_prompts(path: str) -> list[str]:
@@ -125,12 +140,14 @@ def _run(argv: Sequence[str] | None) -> int:
     results: dict[str, Any] = {"model": str(args.model), "n_ahead": tc.n_ahead,
                                "thought_tokens": tc.num_sampled}
     eos = {"eos_token_id": None} if args.ignore_eos else {}
+    gate = {"gate_threshold": args.gate_threshold, "gate_rate": args.gate_rate}
     for mode in modes:
         t0 = time.perf_counter()
         out = generate_text(params, cfg, tc, tok, prompts, max_new_tokens=args.max_new_tokens,
                             rng=jax.random.key(args.seed), think=mode == "thinking",
                             greedy=args.greedy, temperature=args.temperature,
-                            top_p=args.top_p, return_thoughts=True, **eos)
+                            top_p=args.top_p, return_thoughts=True, **eos,
+                            **(gate if mode == "thinking" else {}))
         seconds = time.perf_counter() - t0
         results[mode] = out
         n_new = sum(len(item["tokens"]) for item in out)
@@ -142,6 +159,15 @@ def _run(argv: Sequence[str] | None) -> int:
             print(_show(item, tok, args.show_thoughts))
         print(f"[{mode}] {n_new} new tokens in {seconds:.2f} s: {n_new / seconds:.1f} tokens/s "
               "(compile included)", file=sys.stderr)
+        if mode == "thinking":
+            rate = sum(sum(item["thought_before"]) for item in out) / max(n_new, 1)
+            results["think_rate"] = rate
+            results["thought_tokens_per_token"] = rate * (tc.n_ahead - 1)
+            how = ("every token" if args.gate_threshold is None and args.gate_rate is None
+                   else f"gate threshold {args.gate_threshold}" if args.gate_rate is None
+                   else f"gate rate target {args.gate_rate}")
+            print(f"[thinking] think rate {rate:.3f} ({how}), "
+                  f"{rate * (tc.n_ahead - 1):.2f} thought tokens per new token", file=sys.stderr)
     write_json(args.out, results)
     print(f"wrote {args.out}", file=sys.stderr)
     return 0

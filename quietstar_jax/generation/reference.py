@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from quietstar_jax import model
-from quietstar_jax.generation.cached import Generation, _finish, prepare_request
+from quietstar_jax.generation.cached import Generation, _finish, prepare_request, think_stats
 from quietstar_jax.generation.sampling import (
     SamplingConfig,
     _mask_real_logits,
@@ -159,4 +159,7 @@ def generate_recompute(
         params, r.ids, r.mask, r.rng, cfg=r.cfg, tc=r.tc, sc=r.sc,
         max_new_tokens=max_new_tokens, think=think, exact_rng=exact_rng)
     toks, lengths = _finish(toks, r.eos_id, r.pad_id)
-    return Generation(toks, lengths, thoughts if think else None, w if think else None)
+    rate, per_token = think_stats(jnp.full(toks.shape, think), lengths,
+                                  r.tc.n_ahead if think else 1)
+    return Generation(toks, lengths, thoughts if think else None, w if think else None,
+                      think_rate=rate, thought_tokens_per_token=per_token)
