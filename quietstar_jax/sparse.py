@@ -18,6 +18,12 @@ its logits (entropy, top-1 probability; `logit_stats`). Its label at a gathered
 position is gain > `gate_cost`, gain being the position's reward (the talk steps' NLL
 without the thought minus with it, summed), and its loss the margin-weighted
 (|gain - gate_cost|) logistic loss, weighted by `gate_loss_weight` in the total.
+
+Thought lengths (`ThoughtConfig.think_lengths`): the gate has one output per length and
+training runs one group of `think_k` positions per length (`loss.sparse_objective`),
+each with its own positions (its gate output's top ones), keys (`length_keys`) and
+labels (gain > `ThoughtConfig.thought_cost` of its length); `choose_length` is the
+use-time rule.
 """
 
 from __future__ import annotations
