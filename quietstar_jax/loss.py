@@ -150,12 +150,13 @@ def quietstar_objective(
     """(loss, metrics, details): `quietstar_loss` plus the per-position details of
     `quietstar_details`, from one computation (differentiate with has_aux). With
     `tc.think_k` set, only that many positions per row think (`sparse.sparse_objective`:
-    its details and metrics add the gathered positions and the think gate's)."""
+    its details and metrics add the gathered positions and the think gate's; with
+    `tc.think_lengths`, one group of positions per thought length)."""
     validate_inputs(cfg, tc, input_ids, attention_mask, thought_tokens)
     if attention_mask is None:
         attention_mask = jnp.ones_like(input_ids)
     if rng is None:
-        if tc.sampling == "sample" and thought_tokens is None and tc.num_sampled > 0:
+        if tc.sampling == "sample" and thought_tokens is None and max(tc.lengths) > 0:
             raise ValueError("quietstar_loss needs an rng to sample thoughts (sampling='sample')")
         rng = jax.random.key(0)
     if tc.think_k is not None:  # sparse thoughts: only think_k positions per row think

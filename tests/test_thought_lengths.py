@@ -291,3 +291,19 @@ def test_trainer_config_maps_the_lengths_and_makes_a_gate_per_length():
     c.thought.think_k = None
     with pytest.raises(ConfigError, match="needs think_k"):
         validate_config(c)
+
+
+def test_train_step_with_two_lengths_trains_both_gate_outputs():
+    from quietstar_jax.train.step import init_state, make_optimizer, make_train_step
+
+    cfg, params = two_length_params()
+    opt, _ = make_optimizer(1e-2, 10, weight_decay=0.1)
+    tc = TC.replace(think_k=3, think_lengths=LENGTHS, gate_cost=-1.0, gate_token_cost=0.1)
+    step = make_train_step(cfg, tc, opt, donate=False)
+    ids, am = batch()
+    state, metrics = step(init_state(params, opt), {"input_ids": ids, "attention_mask": am})
+    assert metrics["think_rate_per_length"].shape == (2,)
+    assert all(0.0 < float(r) < 1.0 for r in metrics["think_rate_per_length"])
+    assert float(metrics["gate_loss"]) > 0.0 and np.isfinite(float(metrics["loss"]))
+    moved = np.abs(np.asarray(state.params["think_gate"]["b1"] - params["think_gate"]["b1"]))
+    assert (moved > 0).all()
