@@ -307,3 +307,32 @@ def test_train_step_with_two_lengths_trains_both_gate_outputs():
     assert float(metrics["gate_loss"]) > 0.0 and np.isfinite(float(metrics["loss"]))
     moved = np.abs(np.asarray(state.params["think_gate"]["b1"] - params["think_gate"]["b1"]))
     assert (moved > 0).all()
+
+
+@pytest.mark.parametrize("mode", ["given", "pause"])
+def test_fed_and_pause_thoughts_of_each_length(mode):
+    """Given thought tokens `[max length, rows, seq]`: a length-L group is fed their first
+    L at its positions; pause thoughts: every group's tokens are the pause id and there is
+    nothing to reinforce."""
+    cfg, params = two_length_params()
+    ids, mask = batch()
+    tc = TC.replace(think_k=3, think_lengths=LENGTHS)
+    toks = None
+    if mode == "given":
+        toks = jax.random.randint(jax.random.key(14), (LENGTHS[-1], 4, SEQ), 1, 65)
+    else:
+        tc = tc.replace(sampling="pause", pause_token_id=9)
+    f = jax.jit(quietstar_objective, static_argnums=(1, 2))
+    _, metrics, details = f(params, cfg, tc, ids, mask, jax.random.key(2), toks)
+    for li, g in enumerate(details["groups"]):
+        idx = np.asarray(g["positions"])
+        got = np.asarray(g["thoughts"].thought_tokens)
+        assert got.shape == (LENGTHS[li],) + idx.shape
+        if mode == "given":
+            rows = np.arange(idx.shape[0])[:, None]
+            np.testing.assert_array_equal(got, np.asarray(toks)[: LENGTHS[li]][:, rows, idx])
+        else:
+            assert (got == 9).all()
+    if mode == "pause":
+        assert float(metrics["policy_loss"]) == 0.0
+    assert np.isfinite(float(metrics["loss"]))
