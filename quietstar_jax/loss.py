@@ -16,8 +16,8 @@ import numpy as np
 from quietstar_jax import model, vocab
 from quietstar_jax.model import ModelConfig, Params
 from quietstar_jax.sparse import (
-    SELECT_SALT,
     gate_loss_of,
+    length_keys,
     logit_stats,
     select_positions,
     sparse_thoughts,
@@ -27,6 +27,7 @@ from quietstar_jax.thoughts import (
     Rollout,
     ThoughtConfig,
     gate_logit,
+    gate_outputs,
     mixed_hidden,
     mixing_weight,
     rollout,
@@ -95,10 +96,12 @@ def validate_inputs(
             f"{tuple(input_ids.shape)}"
         )
     if thought_tokens is not None:
-        want = (tc.num_sampled, input_ids.shape[0] * tc.n_passes, seq)
+        want = (max(tc.lengths), input_ids.shape[0] * tc.n_passes, seq)
+        what = ("n_ahead - 3" if tc.think_lengths is None
+                else "the longest of ThoughtConfig.think_lengths")
         if tuple(thought_tokens.shape) != want:
             raise ValueError(
-                f"thought_tokens shape {tuple(thought_tokens.shape)} != (n_ahead - 3, "
+                f"thought_tokens shape {tuple(thought_tokens.shape)} != ({what}, "
                 f"batch * n_passes, seq) = {want}"
             )
 
@@ -147,12 +150,13 @@ def quietstar_objective(
     """(loss, metrics, details): `quietstar_loss` plus the per-position details of
     `quietstar_details`, from one computation (differentiate with has_aux). With
     `tc.think_k` set, only that many positions per row think (`sparse.sparse_objective`:
-    its details and metrics add the gathered positions and the think gate's)."""
+    its details and metrics add the gathered positions and the think gate's; with
+    `tc.think_lengths`, one group of positions per thought length)."""
     validate_inputs(cfg, tc, input_ids, attention_mask, thought_tokens)
     if attention_mask is None:
         attention_mask = jnp.ones_like(input_ids)
     if rng is None:
-        if tc.sampling == "sample" and thought_tokens is None and tc.num_sampled > 0:
+        if tc.sampling == "sample" and thought_tokens is None and max(tc.lengths) > 0:
             raise ValueError("quietstar_loss needs an rng to sample thoughts (sampling='sample')")
         rng = jax.random.key(0)
     if tc.think_k is not None:  # sparse thoughts: only think_k positions per row think
@@ -294,117 +298,204 @@ def sparse_objective(
     `rng` set).
 
     input_ids, attention_mask: `[batch, seq]`. positions_override: `[batch, k]` int
-    positions to think at instead of the gate's and random ones (tests, analysis).
-    metrics: `quietstar_objective`'s, plus `gate_loss`, `think_rate` (gathered valid
-    positions / valid positions), `gate_positive_frac` (labels that say think),
-    `gate_accuracy` (labels the gate's sign matches). details: per-position `reward`
-    `[rows, seq - 1 - n_ahead_talk]` (0 where no thought), `train_reward`,
-    `nll_base_tok`, `nll_talk_tok` (the base prediction's NLL where no thought),
-    `positions` `[rows, K]`, `gain` `[rows, K]` (the reward at the gathered positions),
-    `gate_label`, `gate_ok` (which gathered positions carry a label), `gate_logit`
-    `[rows, seq]` (zeros without a gate), `thoughts` (`SparseThoughts`), `input_ids`.
+    positions to think at instead of the gate's and random ones (tests, analysis); with
+    several thought lengths also `[n_lengths, batch, k]` (one set per length).
+    thought_tokens: `[max(tc.lengths), rows, seq]`; a length-L group is fed the first L.
+
+    Thought lengths (`tc.lengths`: `think_lengths`, else one, `num_sampled`): one group
+    per length. Group l gathers `think_k` positions per row by the gate's column l (plus
+    the random share; keys `sparse.length_keys(rng, l)`), thinks there with thoughts of
+    `lengths[l]` sampled tokens (`tc.of_length`) and is scored as one length is: talk
+    NLL, gains, REINFORCE over its positions, gate column l's loss against the labels
+    gain > `tc.thought_cost(lengths[l])`. The base pass runs once; the thought NLL, the
+    policy loss and the gate loss are the means over the groups. With one length this is
+    the one-length objective, bit for bit.
+
+    metrics: `quietstar_objective`'s, plus `gate_loss`, `think_rate` (valid positions
+    that think at some length / valid positions), `gate_positive_frac` (labels that say
+    think), `gate_accuracy` (labels the gate's sign matches), pooled over the groups;
+    with `think_lengths` set also per length `[n_lengths]`: `think_rate_per_length`,
+    `gain_mean_per_length`, `nll_thought_per_length`, `gate_loss_per_length`,
+    `gate_positive_frac_per_length`, `gate_accuracy_per_length`. details: `groups`, per
+    length a dict of per-position `reward` `[rows, seq - 1 - n_ahead_talk]` (0 where no
+    thought), `train_reward`, `nll_talk_tok` (the base prediction's NLL where no
+    thought), `positions` `[rows, K]`, `gain` `[rows, K]` (the reward at the gathered
+    positions), `gate_label`, `gate_ok` (which gathered positions carry a label),
+    `thoughts` (`SparseThoughts`), `length`; `nll_base_tok`, `gate_logit` `[rows, seq]`
+    (`[rows, seq, n_lengths]` with several lengths; zeros without a gate), `input_ids`,
+    `lengths`; with one length also that group's keys at the top level.
     """
     n_passes = tc.n_passes
     x = jnp.repeat(input_ids, n_passes, axis=0)
     mask = jnp.repeat(attention_mask, n_passes, axis=0)
     rows, seq = x.shape
     pad = tc.pad_token_id
-    sch = tc.schedule
+    lengths = tc.lengths
+    n_len = len(lengths)
+    tcs = [tc.of_length(length) for length in lengths]
+    schs = [t.schedule for t in tcs]
     valid = mask.astype(bool)
     positions = model.default_positions(mask)
     # With full rematerialisation the base pass and the thoughts run without gradient
     # and the backward pass replays them together (`sparse_thoughts`' base_trace).
-    replay = cfg.remat == "full" and sch.num_steps > 0
+    replay = cfg.remat == "full" and schs[0].num_steps > 0
     with jax.named_scope("base_pass"):
         base = model.forward(jax.lax.stop_gradient(params) if replay else params, cfg, x, mask,
                              positions, trace=replay)
     h0, kv0 = base[:2]
 
     has_gate = "think_gate" in params
-    gate_rows = jnp.zeros((rows, seq), jnp.float32)
+    gate_cols = jnp.zeros((rows, seq, n_len), jnp.float32)  # [rows, seq, n_lengths]
     if has_gate:
+        n_out = gate_outputs(params["think_gate"])
+        if n_out != n_len:
+            raise ValueError(
+                f"params['think_gate'] scores {n_out} thought length(s) but the config "
+                f"trains {n_len} (ThoughtConfig.think_lengths={tc.think_lengths}): make the "
+                f"gate with init_gate_params(cfg, rng, n_lengths={n_len})")
         with jax.named_scope("think_gate"):
             hb = jax.lax.stop_gradient(h0[::n_passes])  # the passes' base passes are equal
             stats = logit_stats(params, cfg, hb)
-            gate_b = gate_logit(params["think_gate"], hb, stats)  # [batch, seq]
-            gate_rows = jnp.repeat(gate_b, n_passes, axis=0)
+            gate_b = gate_logit(params["think_gate"], hb, stats)  # [batch, seq(, n_lengths)]
+            if n_len == 1:
+                gate_b = gate_b[..., None]
+            gate_cols = jnp.repeat(gate_b, n_passes, axis=0)
+    override = None
     if positions_override is not None:
-        idx_b = jnp.sort(positions_override.astype(jnp.int32), axis=1)
-    else:
-        # candidates: positions that can carry a reward (and a gate label) come first
-        cand = attention_mask.astype(bool) & (jnp.arange(seq) < sch.rewarded_positions(seq))
-        idx_b = select_positions(tc, cand, gate_b if has_gate else None,
-                                 jax.random.fold_in(rng, SELECT_SALT))
-    idx = jnp.repeat(idx_b, n_passes, axis=0)  # the same positions for every pass
-    th = sparse_thoughts(params, cfg, tc, x, mask, positions, kv0, idx, rng, thought_tokens,
-                         base_trace=base[2] if replay else None)
-    if th.base_hidden is not None:
-        h0 = th.base_hidden
+        override = jnp.asarray(positions_override).astype(jnp.int32)
+        if override.ndim == 2:
+            override = jnp.broadcast_to(override, (n_len,) + override.shape)
+        if override.ndim != 3 or override.shape[0] != n_len:
+            raise ValueError(f"positions_override shape {tuple(positions_override.shape)}: "
+                             f"must be [batch, k] or [n_lengths={n_len}, batch, k]")
+    # candidates: positions that can carry a reward (and a gate label) come first
+    cand = attention_mask.astype(bool) & (jnp.arange(seq) < schs[0].rewarded_positions(seq))
+    idxs, ths = [], []
+    for li, tc_l in enumerate(tcs):
+        k_select, k_thought = length_keys(rng, li)
+        if override is not None:
+            idx_b = jnp.sort(override[li], axis=1)
+        else:
+            idx_b = select_positions(tc, cand, gate_b[..., li] if has_gate else None, k_select)
+        idx = jnp.repeat(idx_b, n_passes, axis=0)  # the same positions for every pass
+        toks = None if thought_tokens is None else thought_tokens[: tc_l.num_sampled]
+        idxs.append(idx)
+        ths.append(sparse_thoughts(params, cfg, tc_l, x, mask, positions, kv0, idx, k_thought,
+                                   toks, base_trace=base[2] if replay else None))
+    if ths[0].base_hidden is not None:
+        # One group's replayed base feeds the base NLL and every mixing head; the other
+        # groups' replays carry their thoughts' gradient into the base pass (through its
+        # keys/values) and their base output is unused (a zero cotangent).
+        h0 = ths[0].base_hidden
 
     def targets(k: int) -> tuple[jax.Array, jax.Array]:
         t = shift_left(x, k)
         ok = shift_left(valid, k) & (t != pad)
         return jnp.where(ok, t, 0), ok
 
-    tgt = [targets(sch.target_shift(s)) for s in sch.scored_steps]
+    # the scored steps' targets x[i + 1 ..] are the same for every length
+    tgt = [targets(schs[0].target_shift(s)) for s in schs[0].scored_steps]
     with jax.named_scope("mixing_head"):
-        mixes = []
-        for s in sch.scored_steps:
-            b = take(shift_left(h0, sch.base_shift(s)), idx)
-            hs = th.step_hidden[s - 1]
-            w = mixing_weight(params["thought"]["mix"], b, hs)
-            wd = w[..., None].astype(hs.dtype)
-            mixes.append(((1 - wd) * b + wd * hs, w))
-    tgt_g = [(take(t, idx), take(ok, idx)) for t, ok in tgt]
+        mixes_of = []
+        for th, sch, idx in zip(ths, schs, idxs, strict=True):
+            mixes = []
+            for s in sch.scored_steps:
+                b = take(shift_left(h0, sch.base_shift(s)), idx)
+                hs = th.step_hidden[s - 1]
+                w = mixing_weight(params["thought"]["mix"], b, hs)
+                wd = w[..., None].astype(hs.dtype)
+                mixes.append(((1 - wd) * b + wd * hs, w))
+            mixes_of.append(mixes)
+    tgt_of = [[(take(t, idx), take(ok, idx)) for t, ok in tgt] for idx in idxs]
     with jax.named_scope("nll"):
         nll_b = hidden_nll(params, cfg, h0, tgt[0][0])
-        nll_t = hidden_nll(params, cfg, jnp.stack([m for m, _ in mixes]),
-                           jnp.stack([t for t, _ in tgt_g]))
+        nll_t = hidden_nll(params, cfg, jnp.stack([m for ms in mixes_of for m, _ in ms]),
+                           jnp.stack([t for tg in tgt_of for t, _ in tg]))
     ok1 = tgt[0][1]
     base_tok = jnp.where(ok1, nll_b, 0.0)
     nll_base = masked_mean(base_tok, ok1)
 
-    n_reward = sch.rewarded_positions(seq)
-    rew_ok = idx < n_reward
-    gain = jnp.zeros(idx.shape, jnp.float32)
-    nll_talk, w_means, nll_talk_tok = [], [], []
+    n_reward = schs[0].rewarded_positions(seq)
+    n_talk = len(tgt)
     r_idx = jnp.arange(rows)[:, None]
-    for k, ((_, w), (_, okk)) in enumerate(zip(mixes, tgt_g, strict=True)):
-        nll_k = jnp.where(okk, nll_t[k], 0.0)
-        nll_talk.append(masked_mean(nll_k, okk))
-        w_means.append(masked_mean(w, okk))
-        base_k = shift_left(base_tok, k)  # the base prediction of the same target
-        nll_talk_tok.append(base_k.at[r_idx, idx].set(nll_k))
-        gain = gain + jax.lax.stop_gradient(take(base_k, idx) - nll_k)
-    gain = jnp.where(rew_ok, gain, 0.0)
-    nll_talk = jnp.stack(nll_talk)
+    groups: list[dict[str, Any]] = []
+    w_means: list[jax.Array] = []
+    for li, (th, idx) in enumerate(zip(ths, idxs, strict=True)):
+        rew_ok = idx < n_reward
+        gain = jnp.zeros(idx.shape, jnp.float32)
+        nll_talk, nll_talk_tok = [], []
+        for k, ((_, w), (_, okk)) in enumerate(zip(mixes_of[li], tgt_of[li], strict=True)):
+            nll_k = jnp.where(okk, nll_t[li * n_talk + k], 0.0)
+            nll_talk.append(masked_mean(nll_k, okk))
+            w_means.append(masked_mean(w, okk))
+            base_k = shift_left(base_tok, k)  # the base prediction of the same target
+            nll_talk_tok.append(base_k.at[r_idx, idx].set(nll_k))
+            gain = gain + jax.lax.stop_gradient(take(base_k, idx) - nll_k)
+        gain = jnp.where(rew_ok, gain, 0.0)
+        train_gain = training_reward(gain, tc)  # baseline over passes: same positions per pass
+        logp = th.thought_logp
+        with jax.named_scope("policy_loss"):
+            if tc.sampling == "pause" or logp.shape[0] == 0:
+                policy_loss = jnp.zeros((), jnp.float32)
+                policy_per_token = jnp.zeros((0,), jnp.float32)
+            else:
+                m = rew_ok.astype(jnp.float32)
+                per = -jax.lax.stop_gradient(train_gain * m)[None] * logp
+                policy_per_token = jnp.sum(per, axis=(1, 2)) / jnp.maximum(jnp.sum(m), 1.0)
+                policy_loss = jnp.mean(policy_per_token)
+        gate_ok = rew_ok & take(ok1, idx)
+        g_logit = take(gate_cols[..., li], idx)
+        gate_loss, label = gate_loss_of(g_logit, gain, gate_ok, tc.thought_cost(lengths[li]))
+        groups.append({
+            "length": lengths[li], "positions": idx, "gain": gain, "rew_ok": rew_ok,
+            "train_gain": train_gain, "nll_talk": jnp.stack(nll_talk),
+            "nll_talk_tok": jnp.stack(nll_talk_tok), "logp": logp,
+            "policy_loss": policy_loss, "policy_per_token": policy_per_token,
+            "gate_ok": gate_ok, "g_logit": g_logit, "gate_loss": gate_loss,
+            "gate_label": label, "thoughts": th,
+            "reward": jnp.zeros((rows, seq), jnp.float32).at[r_idx, idx].set(gain)[:, :n_reward],
+            "train_reward": (jnp.zeros((rows, seq), jnp.float32).at[r_idx, idx]
+                             .set(train_gain)[:, :n_reward]),
+        })
+
+    def mean_of(key: str) -> jax.Array:  # over the groups (the value itself for one)
+        vals = [g[key] for g in groups]
+        return vals[0] if n_len == 1 else jnp.mean(jnp.stack(vals), axis=0)
+
+    def pooled(key: str) -> jax.Array:  # the groups' gathered positions side by side
+        vals = [g[key] for g in groups]
+        return vals[0] if n_len == 1 else jnp.concatenate(vals, axis=1)
+
+    nll_talk = mean_of("nll_talk")
     nll_thought = jnp.mean(nll_talk)
     nll_loss = tc.original_loss_weight * nll_base + (1 - tc.original_loss_weight) * nll_thought
-
-    train_gain = training_reward(gain, tc)  # baseline over passes: same positions per pass
-    logp = th.thought_logp
-    with jax.named_scope("policy_loss"):
-        if tc.sampling == "pause" or logp.shape[0] == 0:
-            policy_loss = jnp.zeros((), jnp.float32)
-            policy_per_token = jnp.zeros((0,), jnp.float32)
-        else:
-            m = rew_ok.astype(jnp.float32)
-            per = -jax.lax.stop_gradient(train_gain * m)[None] * logp
-            policy_per_token = jnp.sum(per, axis=(1, 2)) / jnp.maximum(jnp.sum(m), 1.0)
-            policy_loss = jnp.mean(policy_per_token)
-
+    policy_loss = mean_of("policy_loss")
+    policy_per_token = (groups[0]["policy_per_token"] if n_len == 1 else
+                        jnp.concatenate([g["policy_per_token"] for g in groups]))
     loss = tc.base_loss_beta * nll_loss + tc.policy_loss_beta * policy_loss
-    gate_ok = rew_ok & take(ok1, idx)
-    g_logit = take(gate_rows, idx)
-    gate_loss, label = gate_loss_of(g_logit, gain, gate_ok, tc.gate_cost)
+    gate_loss = mean_of("gate_loss")
     if has_gate:
         loss = loss + tc.gate_loss_weight * gate_loss
 
-    reward = jnp.zeros((rows, seq), jnp.float32).at[r_idx, idx].set(gain)[:, :n_reward]
-    train_reward = (jnp.zeros((rows, seq), jnp.float32).at[r_idx, idx]
-                    .set(train_gain)[:, :n_reward])
+    gain, rew_ok, train_gain = pooled("gain"), pooled("rew_ok"), pooled("train_gain")
+    label, gate_ok, g_logit = pooled("gate_label"), pooled("gate_ok"), pooled("g_logit")
     n_valid = jnp.maximum(jnp.sum(valid), 1)
-    lp_ok = jnp.broadcast_to(rew_ok, logp.shape)
+    if n_len == 1:
+        think_rate = jnp.sum(take(valid, idxs[0])) / n_valid
+    else:  # a position thinking at two lengths counts once
+        thinks = jnp.zeros((rows, seq), bool)
+        for idx in idxs:
+            thinks = thinks.at[r_idx, idx].set(True)
+        think_rate = jnp.sum(thinks & valid) / n_valid
+    lp = [(g["logp"], jnp.broadcast_to(g["rew_ok"], g["logp"].shape)) for g in groups
+          if g["logp"].shape[0] > 0]
+    if not lp:
+        logp_mean = jnp.zeros(())
+    elif len(lp) == 1:
+        logp_mean = masked_mean(*lp[0])
+    else:
+        logp_mean = (sum(jnp.sum(a * m.astype(a.dtype)) for a, m in lp)
+                     / jnp.maximum(sum(jnp.sum(m.astype(a.dtype)) for a, m in lp), 1.0))
     metrics = {
         "loss": loss,
         "nll_loss": nll_loss,
@@ -417,23 +508,34 @@ def sparse_objective(
         "reward_std": masked_std(gain, rew_ok),
         "reward_positive_frac": masked_mean((train_gain > 0).astype(jnp.float32), rew_ok),
         "mixing_weight_mean": jnp.mean(jnp.stack(w_means)),
-        "thought_logp_mean": masked_mean(logp, lp_ok) if logp.shape[0] > 0 else jnp.zeros(()),
+        "thought_logp_mean": logp_mean,
         "gate_loss": gate_loss,
-        "think_rate": jnp.sum(take(valid, idx)) / n_valid,
+        "think_rate": think_rate,
         "gate_positive_frac": masked_mean(label.astype(jnp.float32), gate_ok),
         "gate_accuracy": masked_mean(((g_logit > 0) == label).astype(jnp.float32), gate_ok),
     }
-    details = {
-        "reward": reward,
-        "train_reward": train_reward,
+    if tc.think_lengths is not None:
+        per = lambda f: jnp.stack([f(g) for g in groups])  # noqa: E731
+        metrics |= {
+            "think_rate_per_length": per(lambda g: jnp.sum(take(valid, g["positions"]))
+                                         / n_valid),
+            "gain_mean_per_length": per(lambda g: masked_mean(g["gain"], g["rew_ok"])),
+            "nll_thought_per_length": per(lambda g: jnp.mean(g["nll_talk"])),
+            "gate_loss_per_length": per(lambda g: g["gate_loss"]),
+            "gate_positive_frac_per_length": per(
+                lambda g: masked_mean(g["gate_label"].astype(jnp.float32), g["gate_ok"])),
+            "gate_accuracy_per_length": per(lambda g: masked_mean(
+                ((g["g_logit"] > 0) == g["gate_label"]).astype(jnp.float32), g["gate_ok"])),
+        }
+    keep = ("length", "reward", "train_reward", "nll_talk_tok", "positions", "gain",
+            "gate_label", "gate_ok", "thoughts")
+    details: dict[str, Any] = {
+        "groups": [{k: g[k] for k in keep} for g in groups],
         "nll_base_tok": base_tok,
-        "nll_talk_tok": jnp.stack(nll_talk_tok),
-        "positions": idx,
-        "gain": gain,
-        "gate_label": label,
-        "gate_ok": gate_ok,
-        "gate_logit": gate_rows,
-        "thoughts": th,
+        "gate_logit": gate_cols[..., 0] if n_len == 1 else gate_cols,
         "input_ids": x,
+        "lengths": lengths,
     }
+    if n_len == 1:
+        details |= {k: v for k, v in details["groups"][0].items() if k != "length"}
     return loss, metrics, details

@@ -18,6 +18,12 @@ its logits (entropy, top-1 probability; `logit_stats`). Its label at a gathered
 position is gain > `gate_cost`, gain being the position's reward (the talk steps' NLL
 without the thought minus with it, summed), and its loss the margin-weighted
 (|gain - gate_cost|) logistic loss, weighted by `gate_loss_weight` in the total.
+
+Thought lengths (`ThoughtConfig.think_lengths`): the gate has one output per length and
+training runs one group of `think_k` positions per length (`loss.sparse_objective`),
+each with its own positions (its gate output's top ones), keys (`length_keys`) and
+labels (gain > `ThoughtConfig.thought_cost` of its length); `choose_length` is the
+use-time rule.
 """
 
 from __future__ import annotations
@@ -40,7 +46,35 @@ from quietstar_jax.thoughts import (
 )
 
 SELECT_SALT = 0x5E1EC7  # folded into the step's key for the random positions
+LENGTH_SALT = 0x1E7C7  # folded (plus the length's index) into the key of a length's thoughts
 _NEG = -1e30
+
+
+def length_keys(rng: jax.Array, group: int) -> tuple[jax.Array, jax.Array]:
+    """(selection key, thought key) of length group `group` (index into
+    `ThoughtConfig.lengths`) of a step with key `rng`: group 0 has the keys of one
+    length, `fold_in(rng, SELECT_SALT)` and `rng` itself; group g > 0 `fold_in` of
+    those with g and with `LENGTH_SALT + g`."""
+    select = jax.random.fold_in(rng, SELECT_SALT)
+    if group == 0:
+        return select, rng
+    return jax.random.fold_in(select, group), jax.random.fold_in(rng, LENGTH_SALT + group)
+
+
+def choose_length(logits: jax.Array, threshold: float = 0.0) -> jax.Array:
+    """The thought length a multi-length think gate chooses at use time: logits `[...,
+    n_lengths]` (`thoughts.gate_logit`, column l: a thought of `think_lengths[l]` sampled
+    tokens pays its cost) -> int32 `[...]`, an index into `(none, *think_lengths)`.
+
+    Rule: 0 (no thought) when every column is at or below `threshold`; else 1 + the
+    column with the largest logit (the length most confidently worth its cost; ties go
+    to the shorter length)."""
+    logits = jnp.asarray(logits)
+    if logits.ndim < 1 or logits.shape[-1] < 1:
+        raise ValueError(f"choose_length: logits must be [..., n_lengths], got shape "
+                         f"{tuple(logits.shape)}")
+    best = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    return jnp.where(jnp.max(logits, axis=-1) > threshold, best + 1, 0).astype(jnp.int32)
 
 
 def logit_stats(params: Params, cfg: ModelConfig, h: jax.Array) -> jax.Array:

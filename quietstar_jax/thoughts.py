@@ -52,6 +52,13 @@ class ThoughtConfig:
     gate_cost: the cost of a thought in nats: a position's gate label is gain > gate_cost
       (gain: the talk steps' summed NLL without the thought minus with it).
     gate_loss_weight: weight of the think gate's margin-weighted logistic loss in the total.
+    think_lengths: None (the default): one thought length, `num_sampled` sampled tokens.
+      A tuple of distinct ascending ints >= 1 (only with `think_k`): the thought lengths
+      (sampled tokens) the gate chooses among, one gate output per length; training runs
+      one group of `think_k` positions per length (`loss.sparse_objective`), each with
+      thoughts of its length (`n_ahead` is then not used by the sparse objective).
+    gate_token_cost: the cost of each sampled thought token in nats: a thought of L
+      sampled tokens costs `gate_cost + gate_token_cost * L` (`thought_cost`).
     """
 
     n_ahead: int = 12
@@ -76,6 +83,8 @@ class ThoughtConfig:
     think_explore: float = 0.25
     gate_cost: float = 0.0
     gate_loss_weight: float = 1.0
+    think_lengths: tuple[int, ...] | None = None
+    gate_token_cost: float = 0.0
 
     def __post_init__(self) -> None:
         if self.n_ahead < 3:
@@ -117,6 +126,15 @@ class ThoughtConfig:
                 f"ThoughtConfig.gate_loss_weight={self.gate_loss_weight}: must be >= 0")
         if not math.isfinite(self.gate_cost):
             raise ValueError(f"ThoughtConfig.gate_cost={self.gate_cost}: must be finite")
+        if not math.isfinite(self.gate_token_cost):
+            raise ValueError(
+                f"ThoughtConfig.gate_token_cost={self.gate_token_cost}: must be finite")
+        if self.think_lengths is not None:
+            object.__setattr__(self, "think_lengths", check_think_lengths(self.think_lengths))
+            if self.think_k is None:
+                raise ValueError(
+                    f"ThoughtConfig.think_lengths={self.think_lengths}: needs think_k (the "
+                    "lengths are chosen among by the think gate of sparse thoughts)")
 
     def check_think_k(self, seq: int) -> None:
         """Raise unless `think_k` (when set) fits a sequence of `seq` positions."""
@@ -138,6 +156,25 @@ class ThoughtConfig:
     def num_sampled(self) -> int:
         """Sampled thought tokens per thought: `n_ahead - 3`."""
         return self.schedule.num_sampled
+
+    @property
+    def lengths(self) -> tuple[int, ...]:
+        """The thought lengths (sampled tokens) trained: `think_lengths`, else
+        `(num_sampled,)`."""
+        return self.think_lengths if self.think_lengths is not None else (self.num_sampled,)
+
+    def thought_cost(self, length: int) -> float:
+        """The cost in nats of a thought of `length` sampled tokens: `gate_cost +
+        gate_token_cost * length` (its gate label is gain > this)."""
+        return self.gate_cost + self.gate_token_cost * length
+
+    def of_length(self, length: int) -> ThoughtConfig:
+        """The one-length config whose thoughts have `length` sampled tokens (`n_ahead =
+        length + 3`, `think_lengths` None): what one length group of sparse thoughts
+        runs. Itself when it already is."""
+        if self.think_lengths is None and self.num_sampled == length:
+            return self
+        return dataclasses.replace(self, n_ahead=length + 3, think_lengths=None)
 
     def replace(self, **kw: Any) -> ThoughtConfig:
         return dataclasses.replace(self, **kw)
@@ -172,6 +209,25 @@ class ThoughtConfig:
         """Ids that thought sampling never draws: the two thought ids and `masked_token_ids`."""
         ids = (self.start_token_id, self.end_token_id, *self.masked_token_ids)
         return tuple(dict.fromkeys(i for i in ids if i is not None))
+
+
+def check_think_lengths(lengths: Any) -> tuple[int, ...]:
+    """`ThoughtConfig.think_lengths` as a tuple of ints, or a ValueError naming the
+    problem: a non-empty sequence of distinct ascending ints >= 1."""
+    name = f"ThoughtConfig.think_lengths={lengths!r}"
+    if isinstance(lengths, str | bytes) or not isinstance(lengths, Sequence):
+        raise ValueError(f"{name}: must be None or a tuple of ints (sampled thought tokens "
+                         "per length), e.g. (2, 8)")
+    if not lengths:
+        raise ValueError(f"{name}: give at least one length (or None for one length, "
+                         "num_sampled)")
+    for v in lengths:
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"{name}: every length must be an int >= 1 (sampled thought "
+                             f"tokens), got {v!r}")
+    if any(b <= a for a, b in zip(lengths, lengths[1:], strict=False)):
+        raise ValueError(f"{name}: the lengths must be distinct and ascending")
+    return tuple(int(v) for v in lengths)
 
 
 class MixingHead(nnx.Module):
@@ -238,32 +294,42 @@ class ThinkGate(nnx.Module):
     """The think gate (`params["think_gate"]`, present only for sparse thoughts with a gate):
     per position, from the base pass's final hidden `[..., hidden]` (gradient stopped by
     the caller) and its logits' statistics `[..., GATE_STATS]` (entropy, top-1
-    probability), the logit `[...]` (float32) that a thought there pays.
+    probability), the logit `[...]` (float32) that a thought there pays; with
+    `n_lengths` > 1 (`ThoughtConfig.think_lengths`) one logit per thought length, `[...,
+    n_lengths]`, logit l saying that a thought of length l pays its cost
+    (`ThoughtConfig.thought_cost`).
 
-    relu(h w0 + stats ws + b0) -> . w1 + b1; torch-Linear default init for the hidden
-    layer, zeros for the output (the gate starts undecided: every position scores 0).
+    relu(h w0 + stats ws + b0) -> . w1 + b1 (w1 `[GATE_HIDDEN, n_lengths]`); torch-Linear
+    default init for the hidden layer, zeros for the output (the gate starts undecided:
+    every position scores 0).
     """
 
-    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, n_lengths: int = 1):
         h, g = cfg.hidden_size, GATE_HIDDEN
         dt = jnp.dtype(cfg.param_dtype)
         hidden_in = uniform_init(h + GATE_STATS)
         self.w0 = model.declare(rngs, hidden_in, (h, g), ("embed", "mix_out"), dt)
         self.ws = model.declare(rngs, hidden_in, (GATE_STATS, g), ("mix_in", "mix_out"), dt)
         self.b0 = model.declare(rngs, hidden_in, (g,), ("mix_out",), dt, decay=False)
-        self.w1 = model.declare(rngs, model.zeros_init, (g, 1), ("mix_in", "mix_out"), dt)
-        self.b1 = model.declare(rngs, model.zeros_init, (1,), ("mix_out",), dt, decay=False)
+        self.w1 = model.declare(rngs, model.zeros_init, (g, n_lengths), ("mix_in", "mix_out"),
+                                dt)
+        self.b1 = model.declare(rngs, model.zeros_init, (n_lengths,), ("mix_out",), dt,
+                                decay=False)
 
     def __call__(self, h: jax.Array, stats: jax.Array) -> jax.Array:
         f32 = lambda p: p[...].astype(jnp.float32)  # noqa: E731
         x = h.astype(jnp.float32) @ f32(self.w0) + stats.astype(jnp.float32) @ f32(self.ws)
         x = jax.nn.relu(x + f32(self.b0))
-        return (x @ f32(self.w1) + f32(self.b1))[..., 0]
+        out = x @ f32(self.w1) + f32(self.b1)
+        return out[..., 0] if out.shape[-1] == 1 else out
 
 
-def gate_param_shapes(cfg: ModelConfig) -> Params:
-    """Shapes of the think gate's params (`params["think_gate"]`)."""
-    return model.param_shapes(cfg, ThinkGate)
+def gate_param_shapes(cfg: ModelConfig, n_lengths: int = 1) -> Params:
+    """Shapes of the think gate's params (`params["think_gate"]`) with `n_lengths` outputs."""
+    shapes = dict(model.param_shapes(cfg, ThinkGate))
+    shapes["w1"] = (shapes["w1"][0], n_lengths)
+    shapes["b1"] = (n_lengths,)
+    return shapes
 
 
 def gate_logical_axes() -> Params:
@@ -276,14 +342,24 @@ def gate_param_decay() -> Params:
     return model.param_decay(_PROBE, ThinkGate)
 
 
-def init_gate_params(cfg: ModelConfig, rng: jax.Array) -> Params:
-    """Fresh think gate params (`ThinkGate`): they go in `params["think_gate"]`."""
-    return model.to_params(ThinkGate(cfg, rngs=nnx.Rngs(params=rng)))
+def init_gate_params(cfg: ModelConfig, rng: jax.Array, n_lengths: int = 1) -> Params:
+    """Fresh think gate params (`ThinkGate`) with one output per thought length
+    (`len(ThoughtConfig.think_lengths)`; 1 without them): they go in
+    `params["think_gate"]`. The hidden layer does not depend on `n_lengths`."""
+    if isinstance(n_lengths, bool) or not isinstance(n_lengths, int) or n_lengths < 1:
+        raise ValueError(f"init_gate_params: n_lengths={n_lengths!r} must be an int >= 1")
+    return model.to_params(ThinkGate(cfg, rngs=nnx.Rngs(params=rng), n_lengths=n_lengths))
+
+
+def gate_outputs(gate: Params) -> int:
+    """How many thought lengths the think gate params `gate` score (its outputs)."""
+    return int(gate["b1"].shape[-1])
 
 
 def gate_logit(gate: Params, h: jax.Array, stats: jax.Array) -> jax.Array:
     """The think gate (`ThinkGate`) of params `gate`: hidden `[..., hidden]`, stats
-    `[..., GATE_STATS]` -> logit `[...]` float32."""
+    `[..., GATE_STATS]` -> logit `[...]` float32 for a gate with one output (one thought
+    length), `[..., n_lengths]` for one with several."""
     return model.from_params(gate, _PROBE, ThinkGate)(h, stats)
 
 

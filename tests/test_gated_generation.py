@@ -173,6 +173,9 @@ def test_gate_options_are_checked():
     no_gate = {k: v for k, v in params.items() if k != "think_gate"}
     with pytest.raises(ValueError, match="gate_rate needs a think gate"):
         generate(no_gate, cfg, TC, PROMPTS, gate_rate=0.1, **kw)
+    two_lengths = dict(params, think_gate=init_gate_params(cfg, jax.random.key(6), n_lengths=2))
+    with pytest.raises(ValueError, match="scores 2 thought lengths"):
+        generate(two_lengths, cfg, TC, PROMPTS, gate_threshold=0.0, **kw)
 
 
 def _gated_workdir(tmp_path, gate: bool):

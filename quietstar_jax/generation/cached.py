@@ -55,6 +55,7 @@ from quietstar_jax.thoughts import (
     RowContext,
     ThoughtConfig,
     gate_logit,
+    gate_outputs,
     map_thoughts,
     mixed_hidden,
 )
@@ -547,6 +548,11 @@ def generate(
     if gate_mode is not None and think and "think_gate" not in params:
         raise ValueError(f"gate_{gate_mode} needs a think gate: params have no 'think_gate' "
                          "(train with ThoughtConfig.think_k and gate_loss_weight > 0)")
+    if gate_mode is not None and think and gate_outputs(params["think_gate"]) != 1:
+        raise ValueError(
+            f"gate_{gate_mode}: the think gate scores {gate_outputs(params['think_gate'])} "
+            "thought lengths (trained with ThoughtConfig.think_lengths); generation thinks "
+            "with one length and reads a one-output gate only")
     r = prepare_request(cfg, tc, prompts, max_new_tokens=max_new_tokens, rng=rng,
                         think=think, greedy=greedy, temperature=temperature, top_p=top_p,
                         eos_token_id=eos_token_id, pad_token_id=pad_token_id,

@@ -32,6 +32,8 @@ def _thought_defaults() -> ConfigDict:
     for f in dataclasses.fields(ThoughtConfig):
         if f.name in _TOKEN_FIELDS or f.name in ("pause_token_id", "think_k"):
             setattr(c, f.name, config_dict.placeholder(int))
+        elif f.name == "think_lengths":
+            setattr(c, f.name, config_dict.placeholder(tuple))
         else:
             setattr(c, f.name, f.default)
     return c
@@ -235,6 +237,10 @@ def validate_config(config: ConfigDict) -> None:
         thought_config(c, probe_ids)
     except ValueError as e:
         raise ConfigError(f"config.thought: {e}") from None
+    _check(not (t.get("think_lengths") and c.thought_schedule),
+           f"config.thought_schedule={c.thought_schedule!r} changes n_ahead, which "
+           f"config.thought.think_lengths={t.get('think_lengths')} replaces (the thoughts "
+           "have those lengths): set one of them")
     for _, n_ahead in parse_thought_schedule(c.thought_schedule):
         try:
             thought_config(c, probe_ids).replace(n_ahead=n_ahead)
@@ -272,7 +278,10 @@ def _check_positions(config: ConfigDict) -> None:
         schedule = parse_thought_schedule(config.thought_schedule)
     except ConfigError:
         return  # reported with the rest of config.thought_schedule's checks
-    name, n_ahead = max([("config.thought.n_ahead", t.n_ahead)]
+    lengths = t.get("think_lengths")
+    longest = ([("config.thought.think_lengths: the longest thought's n_ahead", max(lengths) + 3)]
+               if lengths and all(isinstance(v, int) for v in lengths) else [])
+    name, n_ahead = max([("config.thought.n_ahead", t.n_ahead)] + longest
                         + [(f"config.thought_schedule={config.thought_schedule!r}: n_ahead", k)
                            for _, k in schedule], key=lambda x: x[1])
     steps = n_ahead + t.n_ahead_talk - 2

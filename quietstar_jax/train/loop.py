@@ -195,7 +195,8 @@ class _Setup:
 
 def _make_eval_fn(cfg: ModelConfig, tc: ThoughtConfig, mesh: Any) -> Callable[..., Any]:
     rep = sharding.replicated(mesh)
-    tc = tc.replace(think_k=None)  # the page shows every position's thought and reward
+    # the page shows every position's thought and reward (of n_ahead's length)
+    tc = tc.replace(think_k=None, think_lengths=None)
 
     def fn(params: Params, ids: jax.Array, mask: jax.Array, key: jax.Array) -> tuple:
         d = quietstar_details(params, cfg, tc, ids, mask, key)

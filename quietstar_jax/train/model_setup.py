@@ -86,7 +86,9 @@ def add_think_gate(params: Params, cfg: ModelConfig, thought: Any, mesh: Mesh,
     if not wants_think_gate(thought) or "think_gate" in params:
         return params
     axes = sharding.params_logical_axes(cfg, with_thought=False, with_gate=True)
-    gate = sharding.sharded_init(lambda key: init_gate_params(cfg, key), mesh,
+    lengths = thought.get("think_lengths")
+    n_lengths = len(lengths) if lengths else 1  # one output per thought length
+    gate = sharding.sharded_init(lambda key: init_gate_params(cfg, key, n_lengths), mesh,
                                  axes["think_gate"], jax.random.fold_in(jax.random.key(seed), 25))
     return {**params, "think_gate": gate}
 
