@@ -12,6 +12,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 from quietstar_jax import model, vocab
 from quietstar_jax.model import ModelConfig, Params
@@ -38,16 +39,15 @@ LOSS_COMPONENTS = ("nll_base", "nll_thought", "policy_loss")
 
 
 def token_nll(logits: jax.Array, targets: jax.Array) -> jax.Array:
-    """Per-token cross-entropy: logits `[..., vocab]` float32, targets `[...]` -> `[...]`."""
-    logz = jax.nn.logsumexp(logits, axis=-1)
-    picked = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
-    return logz - picked
+    """Per-token cross-entropy of materialised logits (optax): logits `[..., vocab]`
+    float32, targets `[...]` int -> `[...]`. The training losses use `hidden_nll`."""
+    return optax.losses.softmax_cross_entropy_with_integer_labels(logits, targets)
 
 
 def hidden_nll(params: Params, cfg: ModelConfig, h: jax.Array, targets: jax.Array) -> jax.Array:
     """Per-token cross-entropy of the LM head on hidden `h` `[..., hidden]` against
-    `targets` `[...]` -> float32 `[...]`, fused (vocab.token_nll: no logits kept)."""
-    return vocab.token_nll(h, model.vocab_table(params, cfg), targets,
+    `targets` `[...]` -> float32 `[...]`, fused (vocab.nll_from_hidden: no logits kept)."""
+    return vocab.nll_from_hidden(h, model.vocab_table(params, cfg), targets,
                            chunk_size=cfg.vocab_chunk, dtype=cfg.dtype)
 
 

@@ -443,13 +443,13 @@ def thought_embedding(params: Params, tc: ThoughtConfig, which: str) -> jax.Arra
     return params["thought"][which].astype(jnp.float32) * tc.embedding_scale
 
 
-def token_logp(
+def given_token_logp(
     params: Params, cfg: ModelConfig, tc: ThoughtConfig, h: jax.Array, tok: jax.Array
 ) -> jax.Array:
     """REINFORCE log-prob of thought token `tok` `[...]` drawn from the plain LM logits
     of hidden `h` `[..., hidden]`: `log softmax(r / reinforce_temperature)[tok]` with the
     thought ids masked, float32 `[...]` (fused: no `[..., vocab]` logits kept)."""
-    return vocab.token_logp(
+    return vocab.logp_from_hidden(
         h, model.vocab_table(params, cfg), tok, temperature=tc.reinforce_temperature,
         masked_ids=tc.sampled_masked_ids, chunk_size=cfg.vocab_chunk, dtype=cfg.dtype)
 
@@ -743,7 +743,7 @@ def reinforce_logps(
         hs = jnp.stack([step_hidden[s - 2] for s in given])
         toks = jnp.stack([fed[s - 1] for s in given])
         with jax.named_scope("reinforce_logp"):
-            logp.extend(token_logp(params, cfg, tc, hs, toks))
+            logp.extend(given_token_logp(params, cfg, tc, hs, toks))
     return logp
 
 

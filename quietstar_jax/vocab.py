@@ -22,8 +22,8 @@ the mesh, neither do the numbers (sampled tokens included).
 (a tied embedding), which the ops then walk as it lies.
 
 Ops:
-- `token_nll(h, w, targets)`: cross-entropy `[N]` (the base and talk-step NLLs).
-- `token_logp(h, w, ids, temperature, masked_ids)`: `log softmax(z / T)[id]` with
+- `nll_from_hidden(h, w, targets)`: cross-entropy `[N]` (the base and talk-step NLLs).
+- `logp_from_hidden(h, w, ids, temperature, masked_ids)`: `log softmax(z / T)[id]` with
   `masked_ids` excluded (REINFORCE log-probs of given thought tokens).
 - `draw(h, w, key, ...)`: an exact draw from `softmax(z / T_sample)` with `masked_ids`
   excluded (or the argmax), no gradient, with the statistics of its log-prob at
@@ -270,7 +270,7 @@ def lse_and_picked(
         return lse.reshape(lead), picked.reshape(lead)
 
 
-def token_nll(
+def nll_from_hidden(
     h: jax.Array, w: jax.Array | VocabMajor, targets: jax.Array, *, chunk_size: int = DEFAULT_CHUNK,
     dtype: str | None = None,
 ) -> jax.Array:
@@ -280,7 +280,7 @@ def token_nll(
     return lse - picked
 
 
-def token_logp(
+def logp_from_hidden(
     h: jax.Array,
     w: jax.Array | VocabMajor,
     ids: jax.Array,

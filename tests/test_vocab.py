@@ -63,7 +63,7 @@ def test_token_nll_value_and_grads_match_materialised(v: int, chunk: int,
     weight = jnp.arange(ids.size, dtype=jnp.float32).reshape(ids.shape) % 3  # 0 = padding
 
     def fused(hid, w):
-        return jnp.sum(weight * vocab.token_nll(hid, _oriented(w, vocab_major), ids,
+        return jnp.sum(weight * vocab.nll_from_hidden(hid, _oriented(w, vocab_major), ids,
                                                 chunk_size=chunk))
 
     def dense(hid, w):
@@ -86,7 +86,7 @@ def test_token_logp_with_temperature_and_masked_ids(v: int, chunk: int,
     cot = jax.random.normal(jax.random.key(7), ids.shape)
 
     def fused(hid, w):
-        lp = vocab.token_logp(hid, _oriented(w, vocab_major), ids, temperature=3.0,
+        lp = vocab.logp_from_hidden(hid, _oriented(w, vocab_major), ids, temperature=3.0,
                               masked_ids=masked, chunk_size=chunk)
         return jnp.sum(cot * lp)
 
@@ -176,7 +176,8 @@ def test_sampled_logp_matches_the_logp_of_the_drawn_token() -> None:
     kw = dict(logp_temperature=3.0, masked_ids=(512, 513), chunk_size=77)
     d = vocab.draw(hid, w, jax.random.key(0), sample_temperature=1.0, **kw)
     tok, lp = d.tok, vocab.logp_of_draws(hid, w, d, **kw)
-    want = vocab.token_logp(hid, w, tok, temperature=3.0, masked_ids=(512, 513), chunk_size=514)
+    want = vocab.logp_from_hidden(hid, w, tok, temperature=3.0, masked_ids=(512, 513),
+                                  chunk_size=514)
     np.testing.assert_allclose(lp, want, rtol=1e-6, atol=1e-6)
     assert not np.isin(np.asarray(tok), [512, 513]).any()
 
@@ -202,9 +203,9 @@ def test_stacked_draws_give_each_steps_logp_and_gradient() -> None:
         return jnp.sum(cot * vocab.logp_of_draws(steps, w, stacked, **kw))
 
     def per_step(steps, w):
-        return sum(jnp.sum(cot[i] * vocab.token_logp(steps[i], w, draws[i].tok, temperature=3.0,
-                                                      masked_ids=(512, 513), chunk_size=514))
-                   for i in range(3))
+        return sum(jnp.sum(cot[i] * vocab.logp_from_hidden(
+            steps[i], w, draws[i].tok, temperature=3.0, masked_ids=(512, 513),
+            chunk_size=514)) for i in range(3))
 
     (a, ga), (b, gb) = (jax.value_and_grad(f, argnums=(0, 1))(steps, w)
                         for f in (one_call, per_step))
@@ -238,7 +239,7 @@ _MESH_SCRIPT = textwrap.dedent(
     key = jax.random.key(3)
 
     def f(hid, w):
-        nll = vocab.token_nll(hid, w, ids, chunk_size=96)
+        nll = vocab.nll_from_hidden(hid, w, ids, chunk_size=96)
         kw = dict(logp_temperature=3.0, masked_ids=(5, 7), chunk_size=96)
         d = vocab.draw(hid, w, key, **kw)
         tok, lp = d.tok, vocab.logp_of_draws(hid, w, d, **kw)
