@@ -1,6 +1,6 @@
 """Shared pieces of the evaluation and generation command lines.
 
-`load_model` opens a Hugging Face directory (`config.json` + safetensors +
+`load_cli_model` opens a Hugging Face directory (`config.json` + safetensors +
 tokenizer, via `hf.load_pretrained`) or a training checkpoint: a workdir of
 `quietstar_jax.train.run` (its latest finished step) or one step directory, for
 models trained from a Hugging Face checkpoint (`model.hf_path`). The checkpoints'
@@ -81,7 +81,7 @@ def _restore_training_checkpoint(
     return cfg, params, tok, ThoughtConfig(**kw)
 
 
-def load_model(
+def load_cli_model(
     path: str | Path, dtype: str = "float32"
 ) -> tuple[ModelConfig, Params, Any, ThoughtConfig | None]:
     """(config, params, tokenizer, thought config or None) of a model directory.
@@ -106,7 +106,7 @@ def load_model(
     return _restore_training_checkpoint(path, dtype)
 
 
-def thought_config(
+def inference_thought_config(
     tokenizer: Tokenizer,
     base: ThoughtConfig | None,
     n_ahead: int | None,

@@ -254,7 +254,7 @@ def test_generate_cli_from_training_checkpoint(stories, tmp_path, capsys):
     import orbax.checkpoint as ocp
 
     from quietstar_jax import hf
-    from quietstar_jax.cli_common import load_model
+    from quietstar_jax.cli_common import load_cli_model
     from quietstar_jax.generation.cli import main
 
     cfg, params, tok, _ = stories
@@ -272,7 +272,7 @@ def test_generate_cli_from_training_checkpoint(stories, tmp_path, capsys):
         "model": {"hf_path": hf_dir, "param_dtype": "float32"},
         "thought": {"n_ahead": 4, "n_ahead_talk": 4, "n_passes": 2, "sampling": "sample",
                     "start_token_id": None, "end_token_id": None, "pad_token_id": None}}))
-    cfg2, params2, tok2, tc2 = load_model(wd)
+    cfg2, params2, tok2, tc2 = load_cli_model(wd)
     assert tc2.n_ahead == 4 and tc2.start_token_id == hf.thought_token_ids(tok)["start_token_id"]
     np.testing.assert_array_equal(np.asarray(params2["thought"]["mix"]["w2"]),
                                   np.asarray(mix["w2"]))
@@ -292,4 +292,4 @@ def test_generate_cli_from_training_checkpoint(stories, tmp_path, capsys):
     assert "<|startthought|>" in capsys.readouterr().out
     assert main([str(wd)]) == 2  # no prompt
     with pytest.raises(FileNotFoundError):
-        load_model(tmp_path / "nowhere")
+        load_cli_model(tmp_path / "nowhere")

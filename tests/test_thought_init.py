@@ -21,7 +21,7 @@ def _inline(init_token: str | None, scale: float = 100.0):
     c.thought.init_token = init_token
     c.thought.embedding_scale = scale
     mesh = sharding.make_mesh((1, 1, 1))
-    loaded = model_setup.load_model(c, mesh)
+    loaded = model_setup.model_for_training(c, mesh)
     return loaded.params, c
 
 

@@ -23,7 +23,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from quietstar_jax.cli_common import format_table, load_model, run_cli, thought_config, write_json
+from quietstar_jax.cli_common import (
+    format_table,
+    inference_thought_config,
+    load_cli_model,
+    run_cli,
+    write_json,
+)
 from quietstar_jax.evaluation.tasks import (
     TASKS,
     _check_chunk_len,
@@ -156,10 +162,10 @@ def _run(argv: Sequence[str] | None) -> int:
         raise ValueError("the perplexity task needs --text FILE")
     if "perplexity" in tasks and not Path(args.text).is_file():
         raise FileNotFoundError(f"--text {args.text!r} is not a file")
-    cfg, params, tok, ckpt_tc = load_model(args.model, args.dtype)
+    cfg, params, tok, ckpt_tc = load_cli_model(args.model, args.dtype)
     if "perplexity" in tasks:
         _check_chunk_len(args.chunk_len, cfg)
-    tc = None if args.no_thinking else thought_config(
+    tc = None if args.no_thinking else inference_thought_config(
         tok, ckpt_tc, args.n_ahead, args.thought_sampling,
         mask_special_tokens=args.mask_special_thought_tokens)
     if "perplexity" in tasks:  # before any task runs

@@ -29,11 +29,11 @@ from typing import Any
 import jax
 
 from quietstar_jax.cli_common import (
-    load_model,
+    inference_thought_config,
+    load_cli_model,
     printable,
     run_cli,
     show_tokens,
-    thought_config,
     write_json,
 )
 from quietstar_jax.generation.cached import generate_text
@@ -132,8 +132,8 @@ def _run(argv: Sequence[str] | None) -> int:
     if args.prompts_file:
         prompts += _read_prompts(args.prompts_file)
     _check_args(args, prompts)
-    cfg, params, tok, ckpt_tc = load_model(args.model, args.dtype)
-    tc = thought_config(tok, ckpt_tc, args.n_ahead, args.thought_sampling,
+    cfg, params, tok, ckpt_tc = load_cli_model(args.model, args.dtype)
+    tc = inference_thought_config(tok, ckpt_tc, args.n_ahead, args.thought_sampling,
                         args.thought_temperature,
                         mask_special_tokens=args.mask_special_thought_tokens)
     modes = ["thinking", "base"] if args.mode == "both" else [args.mode]

@@ -65,7 +65,7 @@ from quietstar_jax.train.metrics import (
     format_metrics,
     to_python,
 )
-from quietstar_jax.train.model_setup import LoadedModel, count_params, load_model
+from quietstar_jax.train.model_setup import LoadedModel, count_params, model_for_training
 from quietstar_jax.train.signals import (
     CompileAbandoned,
     Interrupted,
@@ -132,7 +132,7 @@ class _Setup:
             # Data first: a missing or empty file should not wait for a model to load.
             self.source = make_source(config.data)
             self.mesh = sharding.make_mesh(tuple(config.mesh))
-            self.model: LoadedModel = load_model(config, self.mesh)
+            self.model: LoadedModel = model_for_training(config, self.mesh)
             cfg = self.model.cfg
             tok = self.model.tokenizer
             self.tc: ThoughtConfig = thought_config(config, tok.thought_token_ids(),

@@ -116,7 +116,7 @@ def load_hf_model(model: Any, thought: Any, mesh: Mesh, seed: int) -> LoadedMode
     return LoadedModel(cfg, params, HFTokenizer(hf_tok), hf_tok)
 
 
-def load_model(config: Any, mesh: Mesh) -> LoadedModel:
+def model_for_training(config: Any, mesh: Mesh) -> LoadedModel:
     """The model of `config` (see `quietstar_jax.train.config.base_config`)."""
     if config.model.hf_path:
         return load_hf_model(config.model, config.thought, mesh, config.seed)
