@@ -61,6 +61,9 @@ _TOY2 = "ab_2026-12-02/t_integ_cpu-small_2.json"
 _TOYOLD = "step_cpu_cpu-small.json"  # the toy at b5490cb (hand-written update functions)
 _GENTOY = "generation_from_step_benchmark.json"
 _PLAN8 = "memory_plan_mistral7b_8dev_fsdp4_tp2_trainer_step.json"
+_SPARSE = "step_cpu_smollm2_think_k8.json"  # issue 25: sparse step, SmolLM2, replayed backward
+_SPARSE_TOY = "step_cpu_cpu-small_think_k8.json"
+_GATED = "generation_gated_smollm2_b1.json"  # gated generation, SmolLM2, batch 1
 _PLAN = "tpu_compile/plan_32_layers.json"  # list: 0 v4-8 b4, 1 v4-8, 2 v4-8 sum in bf16,
 # 3 v4-16, 4 v5e-16 bf16 params, 5 v5e-16, 6 v5p-8, 7 v5p-8 b8, 8 v5p-32
 
@@ -70,6 +73,13 @@ def _main(*keys: str | int) -> tuple[str | int, ...]:
 
 
 FIGURES: dict[str, Figure] = {
+    # Adaptive thinking (issue 25): the sparse step in fast plain steps, gated generation.
+    "smollm2_sparse_k8_fast_plain_steps": Figure(
+        _SPARSE, _main("sparse_ratios", "sparse_over_fast_plain")),
+    "toy_sparse_k8_fast_plain_steps": Figure(
+        _SPARSE_TOY, _main("sparse_ratios", "sparse_over_fast_plain")),
+    "smollm2_gated_generation_of_base": Figure(
+        _GATED, ("marginal", "runs", "gated_rate_0.1", "of_base")),
     # SmolLM2-135M, the trainer's step (README "Speed", BENCHMARKS.md's main table).
     "smollm2_qs_s_1": Figure(_S2, _main("qs", "median_s")),
     "smollm2_qs_s_2": Figure(_S2B, _main("qs", "median_s")),
