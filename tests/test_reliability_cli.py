@@ -167,7 +167,7 @@ def test_mask_special_thought_tokens(stories, stories_dir, tmp_path, capsys):
     """Near-uniform thoughts (temperature 1000) over 514 ids draw eos/bos/unk often
     enough to see (3 x 48 x 9 draws: ~7.5 expected, none with probability ~5e-4); with
     the option on they never do."""
-    from quietstar_jax.cli_common import thought_config
+    from quietstar_jax.cli_common import inference_thought_config as thought_config
 
     _, _, tok = stories
     specials = set(hf.special_token_ids(tok))
@@ -204,7 +204,7 @@ def _tokenizer_dir(src: Path, dest: Path, pad: str | None) -> Path:
 def test_a_distinct_pad_token_is_used_everywhere(stories_dir, tmp_path):
     """stories260K has no pad token (pad = eos, as SmolLM2 and Mistral); given one
     (here its <unk>, id 0), every place that picks the pad id takes it."""
-    from quietstar_jax.cli_common import thought_config
+    from quietstar_jax.cli_common import inference_thought_config as thought_config
     from quietstar_jax.train.tokenizer import HFTokenizer
 
     plain = hf.load_tokenizer(_tokenizer_dir(stories_dir, tmp_path / "plain", None))
