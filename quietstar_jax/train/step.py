@@ -294,7 +294,10 @@ def make_train_step(
             (_, metrics), grads = grad_fn(state.params, batch, jax.random.fold_in(key, 0))
         else:
             micro = split_micro_batches(batch, grad_accum, mesh)
-
+            first = jax.tree.map(lambda x: x[0], micro)
+            metric_shapes = jax.eval_shape(lambda p, mb: loss_fn(p, mb, key)[1],
+                                           state.params, first)
+            m_zero = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), metric_shapes)
             def acc_dtype(p: jax.Array) -> Any:
                 return jnp.float32 if grad_accum_dtype == "float32" else p.dtype
 
@@ -306,20 +309,19 @@ def make_train_step(
             g_zero = in_param_layout(jax.tree.map(
                 lambda p: jnp.zeros(p.shape, acc_dtype(p)), state.params))
 
-            # The loss is traced once, in the scan body: the micro-batches' metrics are
-            # the scan's stacked outputs (small), so no zeros of their shapes are needed
-            # (which would take a second trace of the loss, by eval_shape).
-            def body(g_sum, xs):
+            def body(carry, xs):
+                g_sum, m_sum = carry
                 i, mb = xs
                 (_, m), g = grad_fn(state.params, mb, jax.random.fold_in(key, i))
                 g_sum = in_param_layout(
                     jax.tree.map(lambda a, x: a + x.astype(a.dtype), g_sum, g))
-                return g_sum, m
+                return (g_sum, jax.tree.map(jnp.add, m_sum, m)), None
 
-            g_sum, m_all = jax.lax.scan(body, g_zero, (jnp.arange(grad_accum), micro))
+            (g_sum, m_sum), _ = jax.lax.scan(
+                body, (g_zero, m_zero), (jnp.arange(grad_accum), micro))
             grads = jax.tree.map(lambda g, p: (g / grad_accum).astype(p.dtype), g_sum,
                                  state.params)
-            metrics = jax.tree.map(lambda m: jnp.mean(m, axis=0), m_all)
+            metrics = jax.tree.map(lambda m: m / grad_accum, m_sum)
         with jax.named_scope("optimizer"):
             grad_norm = optax.tree.norm(grads)
             updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
