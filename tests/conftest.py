@@ -122,3 +122,21 @@ def _release_compiled_programs():
 
     jax.clear_caches()
     gc.collect()
+
+
+def assert_grads_close(got: Any, want: Any, *, rtol: float = 1e-5,
+                       leaf_scale: bool = True) -> None:
+    """Every leaf of the gradient pytree `got` equals `want`'s (same structure) within
+    `rtol`, and an absolute 1e-5 of the leaf's largest |want| (at least 1e-3 of it) with
+    `leaf_scale` (a replayed backward sums in another order), else 1e-5; the failing
+    leaf is named."""
+    import jax
+    import numpy as np
+
+    flat_want = jax.tree_util.tree_leaves_with_path(want)
+    flat_got = jax.tree.leaves(got)
+    assert len(flat_want) == len(flat_got)
+    for (path, w), g in zip(flat_want, flat_got, strict=True):
+        atol = 1e-5 * max(float(np.abs(w).max()), 1e-3) if leaf_scale else 1e-5
+        np.testing.assert_allclose(g, w, rtol=rtol, atol=atol,
+                                   err_msg=jax.tree_util.keystr(path))

@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import assert_grads_close
 
 from quietstar_jax import model
 from quietstar_jax.loss import quietstar_loss, quietstar_objective
@@ -84,16 +85,10 @@ def test_all_positions_gathered_equals_dense_loss_and_gradients(gate, variant):
     if gate:
         g_gate = g_s.pop("think_gate")
         assert all(float(jnp.max(jnp.abs(g))) == 0.0 for g in jax.tree.leaves(g_gate))
-    flat_d = jax.tree_util.tree_leaves_with_path(g_d)
-    flat_s = jax.tree.leaves(g_s)
-    assert len(flat_d) == len(flat_s)
-    for (path, gd), gs in zip(flat_d, flat_s, strict=True):
-        # The dense step with remat "full" replays its backward layer by layer (another
-        # summation order; gradients reach 1e3 with policy_loss_beta 1e6): compared as
-        # tests/test_replay.py compares replay with plain autodiff, 1e-5 of the leaf's max.
-        atol = 1e-5 * float(np.abs(gd).max()) if variant == "remat_full" else 1e-5
-        np.testing.assert_allclose(gs, gd, rtol=1e-5, atol=atol,
-                                   err_msg=jax.tree_util.keystr(path))
+    # The dense step with remat "full" replays its backward layer by layer (another
+    # summation order; gradients reach 1e3 with policy_loss_beta 1e6): compared as
+    # tests/test_replay.py compares replay with plain autodiff, 1e-5 of the leaf's max.
+    assert_grads_close(g_s, g_d, leaf_scale=variant == "remat_full")
 
 
 @pytest.mark.parametrize("window,given", [(None, False), (4, False), (None, True)])
@@ -119,13 +114,7 @@ def test_replayed_backward_of_gathered_thoughts_equals_plain_autodiff(window, gi
     for name in ("nll_base", "nll_thought", "policy_loss", "reward_mean", "gate_loss"):
         np.testing.assert_allclose(met_r[name], met_p[name], rtol=1e-5, atol=1e-5,
                                    err_msg=name)
-    flat_p = jax.tree_util.tree_leaves_with_path(g_p)
-    flat_r = jax.tree.leaves(g_r)
-    assert len(flat_p) == len(flat_r)
-    for (path, gp), gr in zip(flat_p, flat_r, strict=True):
-        atol = 1e-5 * max(float(np.abs(gp).max()), 1e-3)
-        np.testing.assert_allclose(gr, gp, rtol=1e-5, atol=atol,
-                                   err_msg=jax.tree_util.keystr(path))
+    assert_grads_close(g_r, g_p)
     assert float(jnp.max(jnp.abs(g_p["layers"]["up"]))) > 0  # the check has teeth
 
 
