@@ -125,16 +125,24 @@ def masked_std(x: jax.Array, mask: jax.Array) -> jax.Array:
     return jnp.sqrt(masked_mean(jnp.square(x - mu), mask))
 
 
-def reinforce_loss(train_reward: jax.Array, thought_logp: jax.Array) -> tuple[jax.Array, jax.Array]:
+def reinforce_loss(train_reward: jax.Array, thought_logp: jax.Array,
+                   mask: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
     """REINFORCE: mean over token steps of mean over rows and rewarded positions of -R logp.
 
     train_reward: `[rows, positions]` (detached); thought_logp: `[T, rows, seq]`.
+    mask: optional `[rows, positions]`, the entries that count (sparse thoughts: the
+    gathered positions that carry a reward); the mean is then over them.
     Returns (policy loss scalar, per-token-step losses `[T]`); zeros when T == 0.
     """
     if thought_logp.shape[0] == 0:
         return jnp.zeros((), jnp.float32), jnp.zeros((0,), jnp.float32)
     logp = thought_logp[:, :, : train_reward.shape[-1]]
-    per_token = jnp.mean(-jax.lax.stop_gradient(train_reward)[None] * logp, axis=(1, 2))
+    if mask is None:
+        per_token = jnp.mean(-jax.lax.stop_gradient(train_reward)[None] * logp, axis=(1, 2))
+    else:
+        m = mask.astype(jnp.float32)
+        per = -jax.lax.stop_gradient(train_reward * m)[None] * logp
+        per_token = jnp.sum(per, axis=(1, 2)) / jnp.maximum(jnp.sum(m), 1.0)
     return jnp.mean(per_token), per_token
 
 
@@ -434,15 +442,9 @@ def sparse_objective(
         gain = jnp.where(rew_ok, gain, 0.0)
         train_gain = training_reward(gain, tc)  # baseline over passes: same positions per pass
         logp = th.thought_logp
-        with jax.named_scope("policy_loss"):
-            if tc.sampling == "pause" or logp.shape[0] == 0:
-                policy_loss = jnp.zeros((), jnp.float32)
-                policy_per_token = jnp.zeros((0,), jnp.float32)
-            else:
-                m = rew_ok.astype(jnp.float32)
-                per = -jax.lax.stop_gradient(train_gain * m)[None] * logp
-                policy_per_token = jnp.sum(per, axis=(1, 2)) / jnp.maximum(jnp.sum(m), 1.0)
-                policy_loss = jnp.mean(policy_per_token)
+        with jax.named_scope("policy_loss"):  # pause thoughts: nothing to reinforce
+            policy_loss, policy_per_token = reinforce_loss(
+                train_gain, logp[:0] if tc.sampling == "pause" else logp, rew_ok)
         gate_ok = rew_ok & take(ok1, idx)
         g_logit = take(gate_cols[..., li], idx)
         gate_loss, label = gate_loss_of(g_logit, gain, gate_ok, tc.thought_cost(lengths[li]))
