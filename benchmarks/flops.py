@@ -11,7 +11,7 @@ from __future__ import annotations
 from types import SimpleNamespace
 from typing import Any
 
-from quietstar_jax.schedule import ThoughtSchedule
+from quietstar_jax.thought.schedule import ThoughtSchedule
 
 # Dense peak FLOP/s per chip by device kind (substring, lower case) and compute dtype.
 PEAK_FLOPS = {

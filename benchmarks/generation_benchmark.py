@@ -48,7 +48,7 @@ from quietstar_jax.generation import cached as G
 from quietstar_jax.generation import reference as R
 from quietstar_jax.model import ModelConfig
 from quietstar_jax.sharding import make_mesh
-from quietstar_jax.thoughts import GATE_HIDDEN, init_gate_params
+from quietstar_jax.thought import GATE_HIDDEN, init_gate_params
 
 DEFAULT_MODEL = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "stories260K-hf"
 DEFAULT_TEXT = DEFAULT_MODEL.parent / "tinystories" / "tinystories_val_head.txt"

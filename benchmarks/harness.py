@@ -67,7 +67,7 @@ def init_model(cfg: Any, seed: int, mesh: Any = None) -> Any:
     import jax
 
     from quietstar_jax import model, sharding
-    from quietstar_jax.thoughts import init_thought_params
+    from quietstar_jax.thought import init_thought_params
 
     def init(key: Any) -> Any:
         p = model.init_params(cfg, key)
@@ -378,7 +378,7 @@ def source_state() -> dict[str, Any]:
         out["dirty_files"] = sorted(x[3:] for x in dirty if x.strip())
     except OSError:
         pass
-    for name in ("model.py", "thoughts.py", "loss.py", "train/step.py"):
+    for name in ("model.py", "thought/parallel.py", "thought/loss.py", "train/step.py"):
         path = os.path.join(ROOT, "quietstar_jax", name)
         if os.path.exists(path):
             with open(path, "rb") as f:

@@ -170,7 +170,7 @@ def build(c: dict[str, Any]) -> dict[str, Any]:
                qs=H.make_step(cfg, tc, setup, seed=c["seed"]),
                plain=H.make_step(plain_cfg, tc, setup, plain=True, seed=c["seed"]))
     if c["think_k"]:  # sparse thoughts with a think gate, and the fast plain baseline
-        from quietstar_jax.thoughts import init_gate_params
+        from quietstar_jax.thought import init_gate_params
 
         params_g = {**params, "think_gate": init_gate_params(cfg, jax.random.key(c["seed"]))}
         setup_g = H.train_setup(cfg, mesh, params_g)

@@ -3,7 +3,7 @@
     python benchmarks/step_benchmark.py --profile [flags]    # runs this file's worker
 
 The step is the trainer's (step_benchmark.build). Its phases carry `jax.named_scope`s
-in the library code (thoughts.rollout: base_pass, thought_steps, thought_block,
+in the library code (thought.rollout: base_pass, thought_steps, thought_block,
 sampling, reinforce_logp, replayed_backward; loss: mixing_head, nll, policy_loss;
 train.step: optimizer), so every op of the compiled program has its phase in its
 `op_name` metadata (`jit(step)/jvp(base_pass)/...`, and `transpose(...)` for the

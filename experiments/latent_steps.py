@@ -49,9 +49,9 @@ from experiments.latent_corpus import (  # noqa: E402
     problems_of,
 )
 from quietstar_jax import model  # noqa: E402
-from quietstar_jax.loss import masked_mean, token_nll  # noqa: E402
 from quietstar_jax.model import ModelConfig, Params  # noqa: E402
-from quietstar_jax.thoughts import ThoughtConfig, init_thought_params, mixed_hidden, rollout  # noqa: E402
+from quietstar_jax.thought import ThoughtConfig, init_thought_params, mixed_hidden, rollout  # noqa: E402
+from quietstar_jax.thought.loss import masked_mean, token_nll  # noqa: E402
 from quietstar_jax.train.config import base_config  # noqa: E402
 from quietstar_jax.train.model_setup import inline_model_config  # noqa: E402
 from quietstar_jax.train.step import TrainState, init_state, make_optimizer, make_train_step  # noqa: E402

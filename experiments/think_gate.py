@@ -12,7 +12,7 @@ shipped dash initialisation of the thought embeddings (the one under which thoug
 help on this task today). On held-out skipped documents the trained model thinks at a
 fraction r of each document's positions, the positions chosen four ways:
 
-  gated    the gate's highest logits (`thoughts.gate_logit` on the base pass)
+  gated    the gate's highest logits (`thought.gate_logit` on the base pass)
   random   uniformly random positions (reported as the exact expectation over draws:
            a position thinks with probability k / n)
   entropy  the highest entropy of the base prediction (`sparse.logit_stats`)
@@ -20,7 +20,7 @@ fraction r of each document's positions, the positions chosen four ways:
            token (uses the answer: the ceiling of any selector)
 
 A position with a thought predicts with the mixed logits after its end-of-thought
-(`thoughts.rollout` + `thoughts.mixed_hidden`, one pass, n_ahead_talk = 1, as
+(`thought.rollout` + `thought.mixed_hidden`, one pass, n_ahead_talk = 1, as
 experiments/latent_steps.py evaluates); a position without one keeps the base
 prediction. A thought reads only the base pass's keys/values, so thinking at a subset
 changes only those positions' predictions: the sparse evaluation is exactly the dense
@@ -67,10 +67,8 @@ from experiments.latent_corpus import (  # noqa: E402
 from experiments.latent_steps import EVAL_DOC_SEED, TOK, encode_batch  # noqa: E402
 from experiments.think_gate_text import TextSetup  # noqa: E402
 from quietstar_jax import model  # noqa: E402
-from quietstar_jax.loss import masked_mean, token_nll  # noqa: E402
 from quietstar_jax.model import ModelConfig, Params  # noqa: E402
-from quietstar_jax.sparse import logit_stats  # noqa: E402
-from quietstar_jax.thoughts import (  # noqa: E402
+from quietstar_jax.thought import (  # noqa: E402
     ThoughtConfig,
     gate_logit,
     init_gate_params,
@@ -78,6 +76,8 @@ from quietstar_jax.thoughts import (  # noqa: E402
     mixed_hidden,
     rollout,
 )
+from quietstar_jax.thought.loss import masked_mean, token_nll  # noqa: E402
+from quietstar_jax.thought.sparse import logit_stats  # noqa: E402
 from quietstar_jax.train.config import base_config  # noqa: E402
 from quietstar_jax.train.model_setup import inline_model_config  # noqa: E402
 from quietstar_jax.train.step import (  # noqa: E402

@@ -30,7 +30,7 @@ import numpy as np
 import optax
 
 from quietstar_jax.model import Params
-from quietstar_jax.thoughts import ThoughtConfig, init_gate_params
+from quietstar_jax.thought import ThoughtConfig, init_gate_params
 from quietstar_jax.train.step import init_state, make_train_step
 
 HERE = os.path.dirname(os.path.abspath(__file__))

@@ -9,9 +9,9 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from quietstar_jax.loss import quietstar_details, quietstar_loss
 from quietstar_jax.model import CausalLM, ModelConfig, init_params, lm_logits
-from quietstar_jax.thoughts import QuietStarLM, ThoughtConfig, init_thought_params, rollout
+from quietstar_jax.thought import QuietStarLM, ThoughtConfig, init_thought_params, rollout
+from quietstar_jax.thought.loss import quietstar_details, quietstar_loss
 
 _LAZY = {
     "load_pretrained": "quietstar_jax.hf",

@@ -20,7 +20,7 @@ from typing import Any
 from quietstar_jax.console import show_logs
 from quietstar_jax.model import ModelConfig, Params
 from quietstar_jax.protocols import Tokenizer
-from quietstar_jax.thoughts import SamplingMode, ThoughtConfig
+from quietstar_jax.thought import SamplingMode, ThoughtConfig
 
 
 def run_cli(run: Callable[[Sequence[str] | None], int], argv: Sequence[str] | None) -> int:

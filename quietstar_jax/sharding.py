@@ -5,7 +5,7 @@ parallelism with parameters and optimiser state sharded) and `tensor`
 (Megatron-style tensor parallelism: attention heads and the MLP hidden split).
 Every parameter carries logical axis names, declared with it in the model's NNX
 modules (its Param's `out_sharding` metadata, read back by `model.param_logical_axes`,
-`thoughts.thought_logical_axes`); a rules table (`axes.DEFAULT_RULES`) maps them onto
+`thought.thought_logical_axes`); a rules table (`axes.DEFAULT_RULES`) maps them onto
 mesh axes. The batch is split over `data` and `fsdp`.
 
 The rules, `use_mesh` and the activation constraint `constrain` live in the leaf
@@ -48,7 +48,7 @@ from quietstar_jax.axes import (  # noqa: F401  (re-exported: the mesh's rules l
     use_mesh,
 )
 from quietstar_jax.model import ModelConfig, param_logical_axes
-from quietstar_jax.thoughts import gate_logical_axes, thought_logical_axes
+from quietstar_jax.thought import gate_logical_axes, thought_logical_axes
 
 # --------------------------------------------------------------------------- the mesh
 

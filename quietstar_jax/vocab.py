@@ -95,7 +95,7 @@ class _Spec:
     masked: tuple[int, ...]
     dtype: str
     vocab_major: bool = False  # the matrix is stored `[V, H]` (see VocabMajor)
-    # Under a vmap (one token's op mapped over `n_tokens`): the logits' token axis is
+    # Under a vmap (one token's op mapped over many): the logits' token axis is
     # not pinned (a size-1 "batch" axis would pin the mapped array replicated).
     mapped: bool = False
 
@@ -232,11 +232,22 @@ def _lse_pick_bwd(spec, res, g):
 _lse_pick.defvjp(_lse_pick_fwd, _lse_pick_bwd)
 
 
-def _spec(w: jax.Array, chunk_size: int, scale: float, masked, dtype, n_tokens: int,
+def fits_one_chunk(n_tokens: int, vocab_size: int) -> bool:
+    """Whether `n_tokens` tokens' logits `[n_tokens, vocab_size]` are small enough
+    (`SMALL_LOGITS`) to walk the vocabulary in one step (e.g. generation: no chunk
+    copies). A mapped op (one token's draw under `jax.vmap`) asks this for the tokens of
+    the whole map and passes the answer as `one_chunk`."""
+    return n_tokens * vocab_size <= SMALL_LOGITS
+
+
+def _spec(w: jax.Array, chunk_size: int, scale: float, masked, dtype, one_chunk: bool | int,
           vocab_major: bool = False, mapped: bool = False) -> _Spec:
+    """`one_chunk`: True/False, or an int, the rows of h (then `fits_one_chunk` decides)."""
     masked = tuple(dict.fromkeys(int(m) for m in masked))
     v = w.shape[0] if vocab_major else w.shape[1]
-    if n_tokens * v <= SMALL_LOGITS:  # e.g. generation: one step, no chunk copies
+    if not isinstance(one_chunk, bool):
+        one_chunk = fits_one_chunk(one_chunk, v)
+    if one_chunk:
         chunk_size = max(chunk_size, v)
     return _Spec(layout(v, chunk_size), float(scale), masked, jnp.dtype(dtype).name,
                  vocab_major, mapped)
@@ -430,26 +441,26 @@ def draw(
     greedy: bool = False,
     chunk_size: int = DEFAULT_CHUNK,
     dtype: str | None = None,
-    n_tokens: int | None = None,
+    one_chunk: bool | None = None,
+    mapped: bool = False,
 ) -> Draw:
     """One token per row of `h @ w` (h `[..., H]`, w `[H, V]`), no gradient: an exact
     sample from `softmax(z / sample_temperature)` (or its argmax when `greedy`),
     `masked_ids` never drawn; plus the statistics `logp_of_draws` needs for its
     log-prob at `logp_temperature`, all from one vocabulary pass.
 
-    n_tokens: how many tokens draw together (default: the rows of `h`). Under
-    `jax.vmap` (one position's draw mapped over all positions) `h` holds one row while
-    the mapped computation holds `n_tokens`; the vocabulary is then chunked for those,
-    not walked in one step (which would build `[n_tokens, V]` logits), and the logits'
-    token axis is left to the map's sharding (not pinned as a batch of one)."""
+    one_chunk: walk the vocabulary in one step (True) or in `chunk_size` chunks (False);
+    None: `fits_one_chunk` of the rows of `h`. mapped: this draw is one token's, mapped
+    over many by `jax.vmap` (the logits' token axis is then left to the map's sharding,
+    not pinned as a batch of one); such a caller decides `one_chunk` for the whole map
+    (`fits_one_chunk(tokens mapped, vocab)`), so no `[tokens, V]` logits are built."""
     if key is None and not greedy:
         raise ValueError("vocab.draw/sample needs a key unless greedy=True")
     with jax.named_scope("vocab"):
         hf, lead = _flat(h)
         w, vocab_major = _raw(w)
         spec = _spec(w, chunk_size, 1.0 / logp_temperature, masked_ids, dtype or h.dtype,
-                     hf.shape[0] if n_tokens is None else n_tokens, vocab_major,
-                     mapped=n_tokens is not None and n_tokens != hf.shape[0])
+                     hf.shape[0] if one_chunk is None else one_chunk, vocab_major, mapped)
         tok, picked, lse = _sample_pass(
             jax.lax.stop_gradient(hf.astype(spec.dtype)), jax.lax.stop_gradient(w), key, spec,
             sample_temperature, greedy)

@@ -50,7 +50,7 @@ def _setup(spec: dict) -> None:
 def tiny_setup():
     """The tiny model, thought settings and the trainer's optimiser used by every run."""
     from quietstar_jax.model import ModelConfig
-    from quietstar_jax.thoughts import ThoughtConfig
+    from quietstar_jax.thought import ThoughtConfig
     from quietstar_jax.train.step import make_optimizer
 
     cfg = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=2,
@@ -86,7 +86,7 @@ def init_fn(cfg):
     import jax
 
     from quietstar_jax.model import init_params
-    from quietstar_jax.thoughts import init_thought_params
+    from quietstar_jax.thought import init_thought_params
 
     def init():
         k1, k2 = jax.random.split(jax.random.key(0))

@@ -11,7 +11,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from quietstar_jax.thoughts import ThoughtConfig
+from quietstar_jax.thought import ThoughtConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 DOC = ROOT / "docs" / "ALGORITHM.md"

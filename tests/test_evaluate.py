@@ -23,7 +23,7 @@ from quietstar_jax.evaluation.metrics import (
     renormalise,
 )
 from quietstar_jax.model import lm_logits, logits_from_hidden
-from quietstar_jax.thoughts import ThoughtConfig, mixed_hidden, rollout
+from quietstar_jax.thought import ThoughtConfig, mixed_hidden, rollout
 
 # --------------------------------------------------------------------------- metric by hand
 

@@ -11,7 +11,7 @@ import pytest
 from quietstar_jax import model
 from quietstar_jax.generation import generate
 from quietstar_jax.generation.cached import think_stats
-from quietstar_jax.thoughts import (
+from quietstar_jax.thought import (
     ThoughtConfig,
     gate_logit,
     init_gate_params,

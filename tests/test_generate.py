@@ -1,6 +1,6 @@
 """Generation with thoughts: the cached generator against recomputing everything.
 
-The reference (`generate_recompute`) runs `thoughts.rollout` over the whole current
+The reference (`generate_recompute`) runs `thought.rollout` over the whole current
 sequence for every new token, as the authors' code does; the cached generator keeps
 a KV cache of the real tokens and thinks only at the last position.
 """
@@ -18,7 +18,7 @@ from quietstar_jax.generation import cached as G
 from quietstar_jax.generation import reference as R
 from quietstar_jax.generation import sampling as S
 from quietstar_jax.model import ModelConfig, init_params, lm_logits
-from quietstar_jax.thoughts import ThoughtConfig, init_thought_params
+from quietstar_jax.thought import ThoughtConfig, init_thought_params
 
 N_NEW = 64
 PROMPTS = [[1, 5, 6, 7, 8, 9, 10], [1, 3], list(range(20, 41))]  # 7, 2 and 21 tokens

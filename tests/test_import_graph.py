@@ -144,7 +144,20 @@ def find_cycles(graph: dict[str, set[str]]) -> list[list[str]]:
 def test_graph_sees_the_package() -> None:
     graph = import_graph()
     assert "quietstar_jax.model" in graph and "quietstar_jax.train.loop" in graph
-    assert "quietstar_jax.model" in graph["quietstar_jax.thoughts"]
+    assert "quietstar_jax.model" in graph["quietstar_jax.thought.parallel"]
+
+
+def test_the_decoder_knows_nothing_of_thoughts() -> None:
+    """model.py is a plain decoder: nothing of `quietstar_jax.thought` (config, rollout,
+    replay, loss) is imported by it or by the modules it imports."""
+    graph = import_graph()
+    seen, todo = set(), ["quietstar_jax.model"]
+    while todo:
+        mod = todo.pop()
+        if mod not in seen:
+            seen.add(mod)
+            todo.extend(graph[mod])
+    assert not [m for m in seen if m.startswith("quietstar_jax.thought")], sorted(seen)
 
 
 def test_find_cycles_reports_a_cycle() -> None:

@@ -358,7 +358,7 @@ def test_thought_bounds_are_exact():
 
     from quietstar_jax.evaluation import tasks
     from quietstar_jax.generation import cached
-    from quietstar_jax.thoughts import ThoughtConfig
+    from quietstar_jax.thought import ThoughtConfig
 
     cfg = ModelConfig(vocab_size=514, hidden_size=16, intermediate_size=32, num_layers=1,
                       num_heads=2, num_kv_heads=1, max_position_embeddings=512)

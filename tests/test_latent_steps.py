@@ -16,8 +16,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from experiments import latent_corpus as corpus  # noqa: E402
 from quietstar_jax import model  # noqa: E402
-from quietstar_jax.loss import quietstar_details, quietstar_loss  # noqa: E402
-from quietstar_jax.thoughts import ThoughtConfig, init_thought_params  # noqa: E402
+from quietstar_jax.thought import ThoughtConfig, init_thought_params  # noqa: E402
+from quietstar_jax.thought.loss import quietstar_details, quietstar_loss  # noqa: E402
 
 
 def test_functions_are_permutations():
@@ -249,7 +249,7 @@ def test_pause_arm_feeds_only_the_pause_token():
     embedding row only the pause thoughts train), with the same length as the thinking
     arm's thoughts and no policy loss."""
     from experiments import latent_steps as ls
-    from quietstar_jax.thoughts import rollout
+    from quietstar_jax.thought import rollout
 
     p = ls.Protocol(hidden=16, layers=1, heads=2, kv_heads=1, intermediate=24)
     tc = ls.arm_thought_config(p, "pause")

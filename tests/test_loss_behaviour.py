@@ -8,13 +8,13 @@ import numpy as np
 import pytest
 
 from quietstar_jax import model
-from quietstar_jax.loss import (
+from quietstar_jax.thought import ThoughtConfig, init_thought_params, mixed_hidden
+from quietstar_jax.thought.loss import (
     quietstar_loss,
     quietstar_objective,
     reinforce_loss,
     training_reward,
 )
-from quietstar_jax.thoughts import ThoughtConfig, init_thought_params, mixed_hidden
 from quietstar_jax.train.metrics import check_finite
 
 VOCAB, START, END, PAD = 67, 65, 66, 0
@@ -48,7 +48,7 @@ def objective():
 def test_zero_mixing_head_gives_base_logits_at_every_talk_step():
     cfg, params = tiny(zero_head=True)
     ids, mask = batch()
-    from quietstar_jax.thoughts import rollout
+    from quietstar_jax.thought import rollout
 
     ro = jax.jit(rollout, static_argnums=(1, 2))(params, cfg, TC, ids, mask, jax.random.key(3))
     z0 = model.logits_from_hidden(params, cfg, ro.base_hidden)

@@ -12,7 +12,7 @@ from conftest import shared_path
 from flax import nnx
 
 import quietstar_jax as qs
-from quietstar_jax import model, sharding, thoughts
+from quietstar_jax import model, sharding, thought
 from quietstar_jax.model import CausalLM, DecoderLayer, ModelConfig
 
 CFG = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=3,
@@ -125,7 +125,7 @@ def test_from_params_rejects_params_of_another_config():
 def test_logical_axes_are_the_params_metadata():
     cfg = CFG.replace(attention_bias=True)
     axes = sharding.params_logical_axes(cfg)
-    lm = thoughts.QuietStarLM(cfg, rngs=nnx.Rngs(0))
+    lm = thought.QuietStarLM(cfg, rngs=nnx.Rngs(0))
     state = nnx.state(lm, nnx.Param)
     meta = nnx.to_pure_dict(state, extract_fn=lambda v: v.get_metadata("out_sharding"))
     assert meta == axes
@@ -142,9 +142,9 @@ def test_logical_axes_are_the_params_metadata():
 
 def test_thought_params_module():
     params = model.init_params(CFG, jax.random.key(0))
-    th = thoughts.init_thought_params(params, CFG, jax.random.key(1), init_token_id=5,
+    th = thought.init_thought_params(params, CFG, jax.random.key(1), init_token_id=5,
                                       embedding_scale=10.0)
-    assert jax.tree.map(jnp.shape, th) == thoughts.thought_param_shapes(CFG)
+    assert jax.tree.map(jnp.shape, th) == thought.thought_param_shapes(CFG)
     row = np.asarray(params["embed"][5]) / 10.0
     np.testing.assert_allclose(np.asarray(th["start_emb"]), row, rtol=1e-6)
     np.testing.assert_allclose(np.asarray(th["end_emb"]), row, rtol=1e-6)
@@ -153,8 +153,8 @@ def test_thought_params_module():
     assert 0 < np.abs(np.asarray(th["mix"]["w0"])).max() <= bound
     mix = dict(th["mix"], w2=0.1 * jax.random.normal(jax.random.key(2), (CFG.hidden_size, 1)))
     b, t = jax.random.normal(jax.random.key(3), (2, 2, 4, CFG.hidden_size))
-    head = model.from_params(mix, CFG, thoughts.MixingHead)
-    np.testing.assert_array_equal(np.asarray(thoughts.mixing_weight(mix, b, t)),
+    head = model.from_params(mix, CFG, thought.MixingHead)
+    np.testing.assert_array_equal(np.asarray(thought.mixing_weight(mix, b, t)),
                                   np.asarray(head(b, t)))
     x = jnp.concatenate([b, t], -1)
     x = jax.nn.relu(x @ mix["w0"] + mix["b0"])
@@ -162,7 +162,7 @@ def test_thought_params_module():
     np.testing.assert_allclose(np.asarray(head(b, t)), np.asarray((x @ mix["w2"])[..., 0]),
                                atol=1e-6)
     # A QuietStarLM holds the whole pytree of the trainer: the model's and `thought`.
-    full = model.to_params(thoughts.QuietStarLM(CFG, rngs=nnx.Rngs(0), init_token_id=5))
+    full = model.to_params(thought.QuietStarLM(CFG, rngs=nnx.Rngs(0), init_token_id=5))
     assert set(full) == set(params) | {"thought"}
     assert jax.tree.structure(full["thought"]) == jax.tree.structure(th)
 
@@ -174,7 +174,7 @@ def test_module_shardings_read_the_params_metadata_through_flax():
     cfg = ModelConfig(vocab_size=258, hidden_size=64, intermediate_size=128, num_layers=2,
                       num_heads=4, num_kv_heads=2)
     mesh = jax.sharding.AbstractMesh((1, 2, 4), sharding.MESH_AXES)
-    lm = nnx.eval_shape(lambda: thoughts.QuietStarLM(cfg, rngs=nnx.Rngs(0)))
+    lm = nnx.eval_shape(lambda: thought.QuietStarLM(cfg, rngs=nnx.Rngs(0)))
     got = sharding.module_shardings(lm, mesh)
     params = nnx.to_pure_dict(nnx.state(lm, nnx.Param))
     want = sharding.param_shardings(mesh, params, sharding.params_logical_axes(cfg))

@@ -18,8 +18,8 @@ from conftest import shared_path
 from safetensors.numpy import load_file
 
 from quietstar_jax import hf
-from quietstar_jax.loss import quietstar_loss, quietstar_objective
-from quietstar_jax.thoughts import ThoughtConfig
+from quietstar_jax.thought import ThoughtConfig
+from quietstar_jax.thought.loss import quietstar_loss, quietstar_objective
 
 CASES = ["case_a", "case_a_init", "case_b", "case_b_init"]
 

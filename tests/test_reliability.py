@@ -278,7 +278,7 @@ def test_pad_equal_to_eos_is_said(timed_run):
 def test_mask_special_tokens_keeps_them_out_of_training_thoughts(tmp_path):
     import jax
 
-    from quietstar_jax.loss import quietstar_details
+    from quietstar_jax.thought.loss import quietstar_details
 
     c = tiny_config(None, **{"thought.mask_special_tokens": True, "thought.n_ahead": 8,
                              "thought.thought_temperature": 1000.0})

@@ -20,7 +20,7 @@ from quietstar_jax.evaluation import cli as evaluate_cli
 from quietstar_jax.evaluation import tasks as evaluate
 from quietstar_jax.generation import cached as G
 from quietstar_jax.generation import cli as generate_cli
-from quietstar_jax.thoughts import ThoughtConfig
+from quietstar_jax.thought import ThoughtConfig
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""The replayed backward pass (`model.replay_layers`, used with remat="full") gives the
+"""The replayed backward pass (`replay.replay_layers`, used with remat="full") gives the
 gradients that plain autodiff of the step-by-step rollout gives (remat="none")."""
 
 from __future__ import annotations
@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from quietstar_jax import model
-from quietstar_jax.loss import quietstar_loss
-from quietstar_jax.thoughts import ThoughtConfig, init_thought_params
+from quietstar_jax.thought import ThoughtConfig, init_thought_params
+from quietstar_jax.thought.loss import quietstar_loss
 
 VOCAB = 67
 TC = ThoughtConfig(n_ahead=6, n_ahead_talk=3, n_passes=2, start_token_id=65, end_token_id=66,
@@ -54,7 +54,7 @@ def test_replayed_gradients_equal_plain_autodiff(case, tc):
 
 
 def test_replay_without_gradient_is_the_rollout():
-    from quietstar_jax.thoughts import rollout
+    from quietstar_jax.thought import rollout
 
     cfg, params, ids, mask = _setup(CASES["mistral_window"])
     run = jax.jit(rollout, static_argnums=(1, 2))

@@ -14,14 +14,14 @@ import numpy as np
 import pytest
 
 from quietstar_jax import model
-from quietstar_jax.thoughts import (
+from quietstar_jax.thought import (
     ThoughtConfig,
     init_thought_params,
     mixed_hidden,
     mixing_weight,
     thought_embedding,
 )
-from quietstar_jax.thoughts import rollout as _rollout
+from quietstar_jax.thought import rollout as _rollout
 
 VOCAB, START, END, PAD = 61, 59, 60, 0
 rollout = jax.jit(_rollout, static_argnums=(1, 2))
@@ -175,7 +175,7 @@ def test_same_rng_same_thoughts_and_greedy_is_argmax():
 
 
 def test_sample_categorical_matches_the_distribution():
-    from quietstar_jax.thoughts import sample_categorical
+    from quietstar_jax.vocab import sample_categorical
 
     logits = jnp.log(jnp.array([0.5, 0.0, 0.2, 0.3]))  # id 1 has probability 0
     keys = jax.random.split(jax.random.key(0), 20000)

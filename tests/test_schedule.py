@@ -1,4 +1,4 @@
-"""The thought schedule (`quietstar_jax.schedule`): every step's kind, shift and position
+"""The thought schedule (`quietstar_jax.thought.schedule`): every step's kind, shift and position
 agree with docs/ALGORITHM.md, section 4 (One thought: the step schedule), and the split
 into sequential and block steps."""
 
@@ -7,8 +7,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from quietstar_jax.schedule import StepCounts, ThoughtSchedule, window_visible
-from quietstar_jax.thoughts import ThoughtConfig
+from quietstar_jax.thought import ThoughtConfig
+from quietstar_jax.thought.schedule import StepCounts, ThoughtSchedule, window_visible
 
 
 @pytest.mark.parametrize("n_ahead, n_ahead_talk", [(3, 1), (4, 2), (5, 3), (12, 4)])

@@ -20,7 +20,7 @@ from jax.sharding import AbstractMesh, PartitionSpec
 
 from quietstar_jax import distributed, sharding
 from quietstar_jax.model import ModelConfig, param_shapes
-from quietstar_jax.thoughts import thought_param_shapes
+from quietstar_jax.thought import thought_param_shapes
 
 MESHES = {"m811": (8, 1, 1), "m241": (2, 4, 1), "m222": (2, 2, 2), "m142": (1, 4, 2)}
 STEPS = 3

@@ -1,4 +1,4 @@
-"""Sparse thoughts in training and the think gate (`quietstar_jax.sparse`, issue 25)."""
+"""Sparse thoughts in training and the think gate (`quietstar_jax.thought.sparse`, issue 25)."""
 
 from __future__ import annotations
 
@@ -9,14 +9,14 @@ import pytest
 from conftest import assert_grads_close
 
 from quietstar_jax import model
-from quietstar_jax.loss import quietstar_loss, quietstar_objective
-from quietstar_jax.thoughts import (
+from quietstar_jax.thought import (
     ThoughtConfig,
     init_gate_params,
     init_thought_params,
     mixing_weight,
     thought_embedding,
 )
+from quietstar_jax.thought.loss import quietstar_loss, quietstar_objective
 
 VOCAB, START, END, PAD = 67, 65, 66, 0
 TC = ThoughtConfig(n_ahead=5, n_ahead_talk=2, n_passes=2, start_token_id=START,
@@ -95,7 +95,7 @@ def test_all_positions_gathered_equals_dense_loss_and_gradients(gate, variant):
 def test_replayed_backward_of_gathered_thoughts_equals_plain_autodiff(window, given):
     """remat "full": the sparse step runs its base pass and gathered thoughts without
     gradient and replays them layer by layer in the backward pass
-    (`thoughts.replayed_hidden`); loss, metrics and every gradient equal plain autodiff
+    (`thought.replayed_hidden`); loss, metrics and every gradient equal plain autodiff
     through the same computation (remat "none"), 3 of 10 positions per row, with a gate,
     a sliding window, and with fed thought tokens."""
     cfg, params = tiny(gate=True)
@@ -125,7 +125,7 @@ def test_gathered_thoughts_equal_the_dense_rollouts_at_those_positions():
     ids, mask = batch()
     key = jax.random.key(11)
     _, _, dense = objective(params, cfg, TC, ids, mask, key)
-    from quietstar_jax.loss import sparse_objective
+    from quietstar_jax.thought.loss import sparse_objective
 
     pos = jnp.asarray([[1, 4, 8], [0, 2, 5]])
     tc = TC.replace(think_k=3)
@@ -215,7 +215,7 @@ def test_gate_labels_equal_independently_computed_gains():
 def test_default_config_takes_the_dense_path_unchanged(monkeypatch):
     """think_k None (the default): the authors' think-everywhere objective, the sparse
     code never runs, and the loss is the same bits with the option named explicitly."""
-    from quietstar_jax import loss as loss_module
+    from quietstar_jax.thought import loss as loss_module
 
     assert ThoughtConfig().think_k is None
 
@@ -254,7 +254,7 @@ def test_think_k_longer_than_the_sequence_is_rejected():
 
 
 def test_selection_takes_the_gates_top_positions_and_a_random_share():
-    from quietstar_jax.sparse import select_positions
+    from quietstar_jax.thought.sparse import select_positions
 
     score = jnp.asarray([[0.0, 5.0, 1.0, 4.0, -2.0, 3.0, 0.5, 2.0]] * 2)
     valid = jnp.ones((2, 8), bool).at[1, 6:].set(False)

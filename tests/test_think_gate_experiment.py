@@ -14,9 +14,9 @@ import pytest
 
 from experiments import think_gate as tg
 from quietstar_jax import model
-from quietstar_jax.loss import token_nll
-from quietstar_jax.sparse import sparse_thoughts, take
-from quietstar_jax.thoughts import mixed_hidden, mixing_weight, rollout
+from quietstar_jax.thought import mixed_hidden, mixing_weight, rollout
+from quietstar_jax.thought.loss import token_nll
+from quietstar_jax.thought.sparse import sparse_thoughts, take
 
 TINY = dataclasses.replace(
     tg.QUICK, hidden=16, intermediate=32, pretrain_steps=3, pretrain_batch=4, steps=2,

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from quietstar_jax import sharding
-from quietstar_jax.thoughts import ThoughtConfig
+from quietstar_jax.thought import ThoughtConfig
 from quietstar_jax.train import config as train_config
 from quietstar_jax.train import model_setup
 

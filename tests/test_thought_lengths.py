@@ -14,9 +14,9 @@ from conftest import assert_grads_close
 from test_sparse_training import PAD, SEQ, TC, batch, compiled_flops, naive_gain, tiny
 
 from quietstar_jax import model
-from quietstar_jax.loss import quietstar_loss, quietstar_objective, sparse_objective
-from quietstar_jax.sparse import choose_length, length_keys, logit_stats
-from quietstar_jax.thoughts import ThoughtConfig, gate_logit, init_gate_params
+from quietstar_jax.thought import ThoughtConfig, gate_logit, init_gate_params
+from quietstar_jax.thought.loss import quietstar_loss, quietstar_objective, sparse_objective
+from quietstar_jax.thought.sparse import choose_length, length_keys, logit_stats
 
 LENGTHS = (1, 3)
 

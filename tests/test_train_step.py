@@ -10,9 +10,9 @@ import numpy as np
 import optax
 import pytest
 
-from quietstar_jax.loss import quietstar_loss
 from quietstar_jax.model import ModelConfig, init_params
-from quietstar_jax.thoughts import ThoughtConfig, init_thought_params
+from quietstar_jax.thought import ThoughtConfig, init_thought_params
+from quietstar_jax.thought.loss import quietstar_loss
 from quietstar_jax.train.metrics import check_finite
 from quietstar_jax.train.step import (
     decay_mask,

@@ -185,8 +185,11 @@ def test_sampled_logp_matches_the_logp_of_the_drawn_token() -> None:
 def test_small_projections_walk_the_vocabulary_in_one_step(monkeypatch) -> None:
     monkeypatch.setattr(vocab, "SMALL_LOGITS", 1 << 22)
     w = jnp.zeros((4, 514))
-    assert vocab._spec(w, 100, 1.0, (), "float32", n_tokens=8).lay.n_chunks == 1
-    assert vocab._spec(w, 100, 1.0, (), "float32", n_tokens=1 << 20).lay.n_chunks > 1
+    assert vocab._spec(w, 100, 1.0, (), "float32", 8).lay.n_chunks == 1
+    assert vocab._spec(w, 100, 1.0, (), "float32", 1 << 20).lay.n_chunks > 1
+    assert vocab.fits_one_chunk(8, 514) and not vocab.fits_one_chunk(1 << 20, 514)
+    assert vocab._spec(w, 100, 1.0, (), "float32", False).lay.n_chunks > 1  # explicit
+    assert vocab._spec(w, 100, 1.0, (), "float32", True).lay.n_chunks == 1
 
 
 def test_stacked_draws_give_each_steps_logp_and_gradient() -> None:
@@ -283,9 +286,9 @@ def test_vocab_split_over_tensor_matches_one_device_without_gathering_logits() -
 
 
 def test_token_ids_outside_the_vocabulary_are_rejected_before_compiling() -> None:
-    from quietstar_jax.loss import quietstar_loss
     from quietstar_jax.model import init_params
-    from quietstar_jax.thoughts import ThoughtConfig
+    from quietstar_jax.thought import ThoughtConfig
+    from quietstar_jax.thought.loss import quietstar_loss
 
     cfg = ModelConfig(vocab_size=64, hidden_size=8, intermediate_size=16, num_layers=1,
                       num_heads=2, num_kv_heads=1)
@@ -309,8 +312,9 @@ def test_a_vocab_major_table_draws_the_same_tokens(v: int, chunk: int) -> None:
 
 
 def test_a_vmapped_draw_keeps_the_chunking_of_all_its_tokens(monkeypatch: pytest.MonkeyPatch):
-    """One token's draw mapped over N tokens with `n_tokens=N` (a position's thought
-    under `jax.vmap`) walks the vocabulary in the chunks of the unmapped draw of N
+    """One token's draw mapped over N tokens with `one_chunk` decided for the N tokens
+    (`fits_one_chunk`, as `map_thoughts` does for a position's thought under `jax.vmap`)
+    walks the vocabulary in the chunks of the unmapped draw of N
     tokens, not in one step, and gives its greedy tokens and log-prob statistics."""
     monkeypatch.setattr(vocab, "SMALL_LOGITS", 1000)  # 12 tokens x 514 ids: chunked
     v, chunk, n = 514, 100, 12
@@ -318,7 +322,8 @@ def test_a_vmapped_draw_keeps_the_chunking_of_all_its_tokens(monkeypatch: pytest
     flat = hid.reshape(n, -1)
     want = vocab.draw(flat, w, None, greedy=True, logp_temperature=3.0, chunk_size=chunk)
     one = lambda hr: vocab.draw(hr[None], w, None, greedy=True, logp_temperature=3.0,  # noqa: E731
-                                chunk_size=chunk, n_tokens=n)
+                                chunk_size=chunk, one_chunk=vocab.fits_one_chunk(n, v),
+                                mapped=True)
     got = jax.vmap(one)(flat)
     np.testing.assert_array_equal(got.tok[:, 0], want.tok)
     np.testing.assert_allclose(got.lse[:, 0], want.lse, rtol=1e-6)

@@ -23,7 +23,7 @@ from quietstar_jax.evaluation.metrics import extract_first_integer, majority_vot
 from quietstar_jax.generation.cached import generate
 from quietstar_jax.model import ModelConfig, Params
 from quietstar_jax.protocols import Tokenizer
-from quietstar_jax.thoughts import ThoughtConfig
+from quietstar_jax.thought import ThoughtConfig
 
 STOP_STRINGS = ("Q:", "\n\n\n")
 

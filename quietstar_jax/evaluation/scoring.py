@@ -4,7 +4,7 @@ docs/ALGORITHM.md, section 11 (Evaluation with thoughts): `n_ahead_talk = 1`,
 `n_passes = 1`; the thinking prediction
 at position i is the mixed logits after the end token (n_ahead - 1 thought steps:
 start, sampled tokens, end), the base prediction the step-0 logits (the model with
-no thought). Perplexity needs every position: one `thoughts.rollout` (all positions
+no thought). Perplexity needs every position: one `thought.rollout` (all positions
 think in parallel). Direct answering needs only the few answer positions: one causal
 forward, then thoughts only there (`generation.cached.think_at`, the same computation as the
 rollout's at those positions). Prompts are right-padded into batches bucketed by
@@ -22,10 +22,10 @@ import numpy as np
 
 from quietstar_jax import model
 from quietstar_jax.generation.cached import think_at
-from quietstar_jax.loss import hidden_nll
 from quietstar_jax.model import ModelConfig, Params
-from quietstar_jax.schedule import ThoughtSchedule
-from quietstar_jax.thoughts import ThoughtConfig, mixed_hidden, rollout
+from quietstar_jax.thought import ThoughtConfig, mixed_hidden, rollout
+from quietstar_jax.thought.loss import hidden_nll
+from quietstar_jax.thought.schedule import ThoughtSchedule
 
 
 def eval_thought_config(tc: ThoughtConfig) -> ThoughtConfig:

@@ -41,8 +41,8 @@ from quietstar_jax.evaluation.scoring import (
 )
 from quietstar_jax.model import ModelConfig, Params
 from quietstar_jax.protocols import Tokenizer
-from quietstar_jax.thoughts import ThoughtConfig
-from quietstar_jax.thoughts import pad_id as first_pad_id
+from quietstar_jax.thought import ThoughtConfig
+from quietstar_jax.thought import pad_id as first_pad_id
 
 TASKS = ("gsm8k", "csqa", "perplexity", "cot")
 

@@ -11,20 +11,20 @@ tokens live in a key/value cache:
   KV fill slots `0..P-1` of a fixed buffer `[layers, B, P + N, kv_heads, head_dim]`
   (with a validity mask `[B, P + N]` and the position id of every slot);
 * per new token t: `think_at`, the thought of the last position (`n_ahead - 1`
-  steps): the rollout's function of one position (`thoughts.thought_of_position`,
-  vmapped over the rows by `thoughts.map_thoughts`) seeing the cache as its row's
+  steps): the rollout's function of one position (`thought.thought_of_position`,
+  vmapped over the rows by `thought.map_thoughts`) seeing the cache as its row's
   context and the thought's earlier tokens as own keys; then one call for the sampled
   real token (context = cache, own = itself), whose KV is written into slot `P + t`.
   The loop is a `jax.lax.while_loop` under `jax.jit`.
 
 `generation.reference.generate_recompute` is the reference the authors' code
 implements: for every new token it runs the whole parallel rollout
-(`thoughts.rollout`, every position thinks) over the whole current sequence and reads
+(`thought.rollout`, every position thinks) over the whole current sequence and reads
 the last position's mixed logits.
 
 Random keys (`generation.sampling`): the key of new token t is `fold_in(rng, t)`;
 thought token s of row b (the token fed on thought step s, 2 <= s <= n_ahead - 2) is
-drawn with `thoughts.position_key(key_t, s, b)` (`fold_in(fold_in(key_t, s), b)`), and the real
+drawn with `thought.position_key(key_t, s, b)` (`fold_in(fold_in(key_t, s), b)`), and the real
 token with `fold_in(key_t, 0)`. Both generators consume keys this way, so with the
 same rng they draw the same tokens.
 """
@@ -48,9 +48,7 @@ from quietstar_jax.generation.sampling import (
 )
 from quietstar_jax.model import KV, ModelConfig, Params
 from quietstar_jax.protocols import Tokenizer
-from quietstar_jax.schedule import ThoughtSchedule, window_visible
-from quietstar_jax.sparse import stats_from_logits
-from quietstar_jax.thoughts import (
+from quietstar_jax.thought import (
     PositionInputs,
     RowContext,
     ThoughtConfig,
@@ -59,7 +57,9 @@ from quietstar_jax.thoughts import (
     map_thoughts,
     mixed_hidden,
 )
-from quietstar_jax.thoughts import pad_id as thought_pad_id
+from quietstar_jax.thought import pad_id as thought_pad_id
+from quietstar_jax.thought.schedule import ThoughtSchedule, window_visible
+from quietstar_jax.thought.sparse import stats_from_logits
 
 
 class Generation(NamedTuple):
@@ -210,13 +210,13 @@ def think_at(
     (the real tokens); ctx_ok `[B, Q, C]` bool: which of them each query position sees
     (causal, valid; all False for a dummy query); ctx_pos `[B, C]` their position ids;
     h_base `[B, Q, hidden]` the base hidden states of the chosen positions; q_pos
-    `[B, Q]` their position ids. This is `thoughts.thought_of_position` (the rollout's
+    `[B, Q]` their position ids. This is `thought.thought_of_position` (the rollout's
     thought of one position) vmapped over the B x Q chosen positions
-    (`thoughts.map_thoughts`) with the schedule up to the end token: thought step s
+    (`thought.map_thoughts`) with the schedule up to the end token: thought step s
     (1 .. n_ahead - 1) is fed at position q_pos + s and sees the visible context (and
     the sliding window) plus its own earlier steps, exactly as position i of
-    `thoughts.rollout`. Thought token s of chosen position (b, j) is drawn with key
-    `thoughts.position_key(key, s, b * Q + j)`.
+    `thought.rollout`. Thought token s of chosen position (b, j) is drawn with key
+    `thought.position_key(key, s, b * Q + j)`.
     Returns (mixed hidden `[B, Q, hidden]`, thought tokens `[B, Q, n_ahead - 3]`,
     mixing weight `[B, Q]`).
     """
@@ -268,7 +268,7 @@ GATE_RATE_MIN_SCALE = 1e-3  # floor of the running standard deviation (a constan
 
 def gate_logits_of(params: Params, cfg: ModelConfig, h: jax.Array) -> jax.Array:
     """The think gate's logit `[...]` (float32) at base hidden states `h` `[..., hidden]`:
-    `thoughts.gate_logit` of `params["think_gate"]` on `h` and its base logits'
+    `thought.gate_logit` of `params["think_gate"]` on `h` and its base logits'
     statistics (`sparse.stats_from_logits`)."""
     base = model.logits_from_hidden(params, cfg, h)
     return gate_logit(params["think_gate"], h, stats_from_logits(base))

@@ -1,7 +1,7 @@
 """Reference generator: recompute the whole sequence with thoughts for every token.
 
 The authors' approach (their code reruns the model over the whole prefix for each
-new token): `thoughts.rollout`, in which every position thinks, over the current
+new token): `thought.rollout`, in which every position thinks, over the current
 sequence, then the last position's mixed logits. Used to check the cached generator
 (`quietstar_jax.generation.cached.generate`) and as the baseline of the generation benchmark.
 """
@@ -24,14 +24,15 @@ from quietstar_jax.generation.sampling import (
     sample_token,
 )
 from quietstar_jax.model import ModelConfig, Params
-from quietstar_jax.schedule import ThoughtSchedule
-from quietstar_jax.thoughts import (
+from quietstar_jax.thought import (
     ThoughtConfig,
     draw_thought,
     mixed_hidden,
     position_key,
     rollout,
 )
+from quietstar_jax.thought.schedule import ThoughtSchedule
+from quietstar_jax.vocab import fits_one_chunk
 
 
 def _last_mixed_logits(
@@ -50,8 +51,9 @@ def _draw_last(
     """Thought token s of each row's last position from its hidden `[B, hidden]` ->
     `[B]`: the draw of `generate.think_at` (one position's draw, `draw_thought`, mapped
     over the B rows, with key `position_key(key, s, b)`)."""
+    one_chunk = fits_one_chunk(h.shape[0], cfg.vocab_size)
     one = lambda hb, b: draw_thought(params, cfg, tc, hb[None], position_key(key, s, b),  # noqa: E731
-                                     n_tokens=h.shape[0]).tok[0]
+                                     one_chunk).tok[0]
     return jax.vmap(one)(h, jnp.arange(h.shape[0]))
 
 
@@ -140,7 +142,7 @@ def generate_recompute(
 ) -> Generation:
     """Reference generator that recomputes the whole sequence for every new token.
 
-    Arguments as `generate`. Each new token runs `thoughts.rollout` over the full
+    Arguments as `generate`. Each new token runs `thought.rollout` over the full
     buffer `[B, P + max_new_tokens]` (slots not generated yet are masked out, so they
     change nothing) and samples from the last real position's mixed logits.
     exact_rng=False: one rollout per token, thoughts sampled by the rollout itself at

@@ -3,7 +3,7 @@ random key of each new token.
 
 The key of new token t is `fold_in(rng, t)`; the real token is drawn with
 `fold_in(key_t, 0)`. Thought tokens are drawn inside the thought of their position
-(`thoughts.thought_of_position`, key `thoughts.position_key(key_t, s, index)`). The
+(`thought.thought_of_position`, key `thought.position_key(key_t, s, index)`). The
 cached generator and the recompute reference both draw through these functions, so
 with the same rng they draw the same tokens.
 """
@@ -15,7 +15,8 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from quietstar_jax.thoughts import ThoughtConfig, mask_thought_logits, sample_categorical
+from quietstar_jax.thought import ThoughtConfig, mask_thought_logits
+from quietstar_jax.vocab import sample_categorical
 
 _NEG_INF = -1e30
 

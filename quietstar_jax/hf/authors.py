@@ -3,7 +3,7 @@
 The authors' released model keeps `start_embedding` and `end_embedding` as `[2, H]`
 tensors (row 0 is the stored value, row 1 unused) and the mixing head as the torch
 `nn.Sequential` `talk_head.0` (Linear 2H->H, ReLU, Linear H->H, ReLU, Linear H->1,
-no last bias). They map to `params["thought"]` (`thoughts.ThoughtParams`):
+no last bias). They map to `params["thought"]` (`thought.ThoughtParams`):
 `start_emb`, `end_emb` `[H]` and `mix` `w0 [2H, H]`, `b0`, `w1 [H, H]`, `b1`,
 `w2 [H, 1]`. transformers ignores these tensors (with a warning) when it loads the
 checkpoint as a plain causal LM.

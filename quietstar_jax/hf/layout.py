@@ -16,7 +16,7 @@ from flax import traverse_util
 from quietstar_jax.hf.authors import thought_specs
 from quietstar_jax.hf.spec import TensorSpec, same, transpose
 from quietstar_jax.model import ModelConfig, param_shapes
-from quietstar_jax.thoughts import thought_param_shapes
+from quietstar_jax.thought import thought_param_shapes
 
 
 def _layer_specs(cfg: ModelConfig, prefix: str, i: int) -> list[TensorSpec]:

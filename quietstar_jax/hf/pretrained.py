@@ -38,7 +38,7 @@ from quietstar_jax.hf.tokenizer import (
 )
 from quietstar_jax.hf.tokenizer import add_thought_tokens as _add_thought_tokens
 from quietstar_jax.model import ModelConfig, Params
-from quietstar_jax.thoughts import init_thought_params
+from quietstar_jax.thought import init_thought_params
 
 
 def load_pretrained(
@@ -115,13 +115,13 @@ def load_pretrained(
 def load_model(path: PathLike, **overrides: Any) -> tuple[Any, Any | None]:
     """(model, tokenizer) of a Hugging Face checkpoint directory, the object form of
     `load_pretrained` (which takes the same arguments): `model` is the `nnx.Module`
-    holding the loaded params, a `thoughts.QuietStarLM` (a `model.CausalLM` with its
+    holding the loaded params, a `thought.QuietStarLM` (a `model.CausalLM` with its
     thought params) unless `add_thought_tokens=False` left none, and `model(input_ids,
     attention_mask)` gives the logits of `lm_logits`. `model.cfg` is its ModelConfig;
     `quietstar_jax.model.to_params(model)` is the params pytree of `load_pretrained`.
     """
     from quietstar_jax.model import CausalLM, from_params
-    from quietstar_jax.thoughts import QuietStarLM
+    from quietstar_jax.thought import QuietStarLM
 
     cfg, params, tokenizer = load_pretrained(path, **overrides)
     return from_params(params, cfg, QuietStarLM if "thought" in params else CausalLM), tokenizer

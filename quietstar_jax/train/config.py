@@ -14,7 +14,7 @@ from typing import Any
 
 from ml_collections import ConfigDict, config_dict
 
-from quietstar_jax.thoughts import ThoughtConfig
+from quietstar_jax.thought import ThoughtConfig
 
 DATA_SOURCES = ("generated", "files", "tfds", "hf")
 FILE_FORMATS = ("auto", "text", "jsonl", "parquet")

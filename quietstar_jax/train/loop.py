@@ -37,9 +37,9 @@ import numpy as np
 from ml_collections import ConfigDict
 
 from quietstar_jax import distributed, sharding
-from quietstar_jax.loss import quietstar_details
 from quietstar_jax.model import ModelConfig, Params
-from quietstar_jax.thoughts import ThoughtConfig
+from quietstar_jax.thought import ThoughtConfig
+from quietstar_jax.thought.loss import quietstar_details
 from quietstar_jax.train import reward_page
 from quietstar_jax.train.checkpoint import (
     Checkpointer,

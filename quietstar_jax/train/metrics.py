@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from quietstar_jax.loss import LOSS_COMPONENTS
+from quietstar_jax.thought.loss import LOSS_COMPONENTS
 
 # loss = nll_loss + policy_term (policy_loss_beta x policy_loss): the policy term is
 # shown beside the total, whose scale (beta = 1e6) it dominates.

@@ -16,7 +16,7 @@ from jax.sharding import Mesh
 
 from quietstar_jax import sharding
 from quietstar_jax.model import ModelConfig, Params, init_params
-from quietstar_jax.thoughts import init_gate_params, init_thought_params
+from quietstar_jax.thought import init_gate_params, init_thought_params
 from quietstar_jax.train.config import thought_init_text
 from quietstar_jax.train.tokenizer import ByteTokenizer, HFTokenizer, TextTokenizer
 

@@ -21,15 +21,15 @@ from flax import traverse_util
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from quietstar_jax import model
-from quietstar_jax.loss import hidden_nll, masked_mean, quietstar_loss
 from quietstar_jax.model import ModelConfig, Params
 from quietstar_jax.sharding import BATCH_AXES, replicated
-from quietstar_jax.thoughts import (
+from quietstar_jax.thought import (
     ThoughtConfig,
     gate_param_decay,
     shift_left,
     thought_param_decay,
 )
+from quietstar_jax.thought.loss import hidden_nll, masked_mean, quietstar_loss
 
 Batch = dict[str, jax.Array]  # input_ids, attention_mask: int32 [batch, seq]
 # (params, micro-batch, thought-sampling key) -> (loss, metrics): what one step minimises.

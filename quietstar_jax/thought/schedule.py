@@ -2,9 +2,9 @@
 
 This is the one place that knows the step arithmetic of docs/ALGORITHM.md, sections 4-7
 (the step schedule, what each query sees, the mixing head, talk steps); a leaf module:
-it imports only jax and numpy. The rollout (`thoughts.rollout`),
+it imports only jax and numpy. The rollout (`thought.rollout`),
 generation's `think_at`, the recompute reference, the mixing head's base hidden
-(`thoughts.mixed_hidden`), the losses and the FLOP count of the benchmarks read it.
+(`thought.mixed_hidden`), the losses and the FLOP count of the benchmarks read it.
 
 Steps. Step 0 is the base pass; a thought and its talk are the steps
 `s = 1 .. num_steps` (by default `n_ahead + n_ahead_talk - 2`; `talk=False` stops at
@@ -66,19 +66,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from quietstar_jax.model import window_visible
+
 StepKind = Literal["start", "sampled", "end", "talk"]
 START: StepKind = "start"
 SAMPLED: StepKind = "sampled"
 END: StepKind = "end"
 TALK: StepKind = "talk"
-
-
-def window_visible(q_pos: Any, k_pos: Any, window: int | None) -> jax.Array:
-    """Sliding-window visibility of keys at position ids `k_pos` from queries at `q_pos`
-    (broadcast together): `q_pos - k_pos < window`; all True without a window."""
-    if window is None:
-        return jnp.ones(jnp.broadcast_shapes(jnp.shape(q_pos), jnp.shape(k_pos)), bool)
-    return (jnp.asarray(q_pos) - jnp.asarray(k_pos)) < window
 
 
 class StepCounts(NamedTuple):

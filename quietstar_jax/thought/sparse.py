@@ -1,12 +1,12 @@
 """Sparse thoughts in training (adaptive thinking): only `ThoughtConfig.think_k`
 positions per sequence think.
 
-The positions are the think gate's top positions (`thoughts.ThinkGate`, when the
+The positions are the think gate's top positions (`thought.ThinkGate`, when the
 params hold `think_gate`) plus a random share `think_explore` (all random without a
 gate) among the positions that can carry a reward, the same positions for every pass
 of a sequence (so the baseline over passes is
-defined). Their thoughts are `thoughts.thought_of_position` mapped over the gathered
-positions only (`thoughts.map_thoughts`, as generation's `think_at`), with the dense
+defined). Their thoughts are `thought.thought_of_position` mapped over the gathered
+positions only (`thought.map_thoughts`, as generation's `think_at`), with the dense
 rollout's keys (`position_key(rng, s, row * seq + i)`); nothing of a thought runs at
 the other positions, so the cost falls with `think_k`. A position without a thought
 keeps the base prediction: its gain is 0; the talk NLL, the rewards and REINFORCE run
@@ -35,8 +35,7 @@ import jax.numpy as jnp
 
 from quietstar_jax import model
 from quietstar_jax.model import ModelConfig, Params
-from quietstar_jax.schedule import ThoughtSchedule
-from quietstar_jax.thoughts import (
+from quietstar_jax.thought import (
     PositionInputs,
     RowContext,
     ThoughtConfig,
@@ -44,6 +43,7 @@ from quietstar_jax.thoughts import (
     reinforce_logps,
     replayed_hidden,
 )
+from quietstar_jax.thought.schedule import ThoughtSchedule
 
 SELECT_SALT = 0x5E1EC7  # folded into the step's key for the random positions
 LENGTH_SALT = 0x1E7C7  # folded (plus the length's index) into the key of a length's thoughts
@@ -63,7 +63,7 @@ def length_keys(rng: jax.Array, group: int) -> tuple[jax.Array, jax.Array]:
 
 def choose_length(logits: jax.Array, threshold: float = 0.0) -> jax.Array:
     """The thought length a multi-length think gate chooses at use time: logits `[...,
-    n_lengths]` (`thoughts.gate_logit`, column l: a thought of `think_lengths[l]` sampled
+    n_lengths]` (`thought.gate_logit`, column l: a thought of `think_lengths[l]` sampled
     tokens pays its cost) -> int32 `[...]`, an index into `(none, *think_lengths)`.
 
     Rule: 0 (no thought) when every column is at or below `threshold`; else 1 + the
@@ -193,14 +193,14 @@ def sparse_thoughts(
     base_trace: model.LayerTrace | None = None,
 ) -> SparseThoughts:
     """The thoughts (and talk steps) of the gathered positions `idx` `[rows, K]` only:
-    `thoughts.thought_of_position` vmapped over them (`map_thoughts`), each reading
+    `thought.thought_of_position` vmapped over them (`map_thoughts`), each reading
     its row's base keys/values `kv0` and drawing its tokens with the key the dense
     rollout gives position (row, i): `position_key(rng, s, row * seq + i)`.
     thought_tokens: optional full-size `[T, rows, seq]`; the gathered ones are fed.
     base_trace: the trace of a base pass run without gradient (`model.forward(...,
     trace=True)`): the thoughts then run without gradient too, and the backward pass
     replays each layer once over the base sequence and all gathered steps together
-    (`thoughts.replayed_hidden`, as the dense rollout does with remat "full"): one
+    (`thought.replayed_hidden`, as the dense rollout does with remat "full"): one
     weight-gradient pass instead of one per decoder call."""
     rows, seq = input_ids.shape
     valid = attention_mask.astype(bool)

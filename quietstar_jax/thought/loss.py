@@ -16,15 +16,7 @@ import optax
 
 from quietstar_jax import model, vocab
 from quietstar_jax.model import ModelConfig, Params
-from quietstar_jax.sparse import (
-    gate_loss_of,
-    length_keys,
-    logit_stats,
-    select_positions,
-    sparse_thoughts,
-    take,
-)
-from quietstar_jax.thoughts import (
+from quietstar_jax.thought import (
     Rollout,
     ThoughtConfig,
     gate_logit,
@@ -33,6 +25,14 @@ from quietstar_jax.thoughts import (
     mixing_weight,
     rollout,
     shift_left,
+)
+from quietstar_jax.thought.sparse import (
+    gate_loss_of,
+    length_keys,
+    logit_stats,
+    select_positions,
+    sparse_thoughts,
+    take,
 )
 
 LOSS_COMPONENTS = ("nll_base", "nll_thought", "policy_loss")
@@ -301,7 +301,7 @@ def sparse_objective(
     thought_tokens: jax.Array | None = None,
     positions_override: jax.Array | None = None,
 ) -> tuple[jax.Array, dict[str, jax.Array], dict[str, Any]]:
-    """(loss, metrics, details) of sparse thoughts (`quietstar_jax.sparse`);
+    """(loss, metrics, details) of sparse thoughts (`quietstar_jax.thought.sparse`);
     `quietstar_objective` calls it when `tc.think_k` is set (inputs already checked;
     `rng` set).
 
