@@ -18,7 +18,8 @@ i.e. at the next save or wait) is one `CheckpointWriteError` line naming the ste
 the newest intact step on disk; the earlier steps stay as they were.
 
 Orbax's own log records and the tracebacks its background threads leave behind (a
-failed restore's "Event loop is closed") are not shown unless the `absl` logger is
+failed restore's "Event loop is closed", asyncio's "Task exception was never
+retrieved" for the tensorstore reads it abandoned) are not shown unless the `absl` logger is
 at INFO or below (`train.py --verbosity=0`): the trainer reports those events in its
 own line.
 """
@@ -79,17 +80,34 @@ def _is_closed_loop_noise(exc: BaseException | None) -> bool:
     return isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed"
 
 
+def _is_abandoned_read_noise(record: logging.LogRecord) -> bool:
+    """asyncio's "Task exception was never retrieved" for a tensorstore read that a
+    failed restore left behind (its traceback has only asyncio frames; the error text
+    carries the TensorStore spec)."""
+    exc = record.exc_info[1] if record.exc_info else None
+    return (record.getMessage().startswith("Task exception was never retrieved")
+            and exc is not None and "[tensorstore_spec=" in str(exc))
+
+
 class _LibraryNoise:
     """While any Checkpointer is open: drop orbax's log records and the closed-event-
-    loop tracebacks, unless `library_verbose()`. Reference-counted, process-wide."""
+    loop tracebacks, unless `library_verbose()`. Reference-counted, process-wide.
+
+    The asyncio filter stays once installed: an abandoned task reports its exception
+    when it is garbage-collected, which can be after the last Checkpointer closed."""
 
     _lock = threading.Lock()
     _users = 0
     _previous_hook: Any = None
+    _asyncio_filtered = False
 
     @staticmethod
     def _filter(record: logging.LogRecord) -> bool:
         return library_verbose() or not _is_orbax_record(record)
+
+    @staticmethod
+    def _asyncio_filter(record: logging.LogRecord) -> bool:
+        return library_verbose() or not _is_abandoned_read_noise(record)
 
     @classmethod
     def _unraisable(cls, unraisable: Any) -> None:
@@ -101,6 +119,9 @@ class _LibraryNoise:
     def acquire(cls) -> None:
         with cls._lock:
             cls._users += 1
+            if not cls._asyncio_filtered:
+                logging.getLogger("asyncio").addFilter(cls._asyncio_filter)
+                cls._asyncio_filtered = True
             if cls._users == 1:
                 logging.getLogger("absl").addFilter(cls._filter)
                 cls._previous_hook = sys.unraisablehook
