@@ -104,6 +104,9 @@ class Protocol:
     # "semi6" document contains "-", so its row is an untrained token's; in "dash4" the
     # dash opens the worked step); "" starts them at zero (`--set init_token=`).
     init_token: str = "---"
+    # Added to the mixing head's output (ThoughtConfig.mixing_weight_offset; 0 is the
+    # authors' head, which starts closed): 1 predicts from the post-thought hidden at first.
+    mixing_weight_offset: float = 0.0
     sweep: tuple[int, ...] = ()  # other thought lengths to train (n_ahead always is)
     pretrain_seeds: tuple[int, ...] = (0, 1, 2)  # independently pretrained LMs
     seeds: tuple[int, ...] = (0, 1)  # fine-tune seeds, for every pretrained LM
@@ -203,7 +206,8 @@ def thought_config(p: Protocol, n_ahead: int, sampling: str = "sample",
         n_ahead=n_ahead, n_ahead_talk=p.n_ahead_talk, n_passes=p.n_passes,
         thought_temperature=p.thought_temperature, policy_loss_beta=beta,
         embedding_scale=p.embedding_scale, init_token=p.init_token or None,
-        sampling=sampling, pause_token_id=PAUSE_ID if sampling == "pause" else None,
+        mixing_weight_offset=p.mixing_weight_offset, sampling=sampling,
+        pause_token_id=PAUSE_ID if sampling == "pause" else None,
         masked_token_ids=(TOK.eos_token_id, TOK.bos_token_id), **ids)
 
 

@@ -163,6 +163,35 @@ def test_thought_embeddings_get_gradient_only_through_a_live_mixing_head():
             assert (norm > 1e-6) == nonzero, (zero_head, name, norm)
 
 
+def test_mixing_weight_offset_one_predicts_from_the_thought_alone(objective):
+    """With the zero-initialised head and offset 1, w = 1 everywhere: every talk step's
+    NLL is the post-thought hidden's own (no base), computed here from the rollout."""
+    cfg, params = tiny(zero_head=True)
+    ids, mask = batch()
+    tc = TC.replace(mixing_weight_offset=1.0)
+    key = jax.random.key(4)
+    _, metrics, details = objective(params, cfg, tc, ids, mask, key)
+    assert float(metrics["mixing_weight_mean"]) == 1.0
+    from quietstar_jax.thought import rollout
+
+    ro = rollout(params, cfg, tc, jnp.repeat(ids, tc.n_passes, 0),
+                 jnp.repeat(mask, tc.n_passes, 0), key)
+    x = np.asarray(jnp.repeat(ids, tc.n_passes, 0))
+    ok = np.asarray(jnp.repeat(mask, tc.n_passes, 0)).astype(bool)
+    seq = x.shape[1]
+    for k in range(tc.n_ahead_talk):
+        s = tc.n_ahead - 1 + k
+        logp = jax.nn.log_softmax(model.logits_from_hidden(params, cfg, ro.step_hidden[s - 1]))
+        for r in range(x.shape[0]):
+            for i in range(seq - k - 1):
+                if ok[r, i + k + 1]:
+                    want = -float(logp[r, i, x[r, i + k + 1]])
+                    got = float(details["nll_talk_tok"][k, r, i])
+                    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+    # ... and the thought now changes the prediction, so rewards are no longer zero
+    assert float(jnp.max(jnp.abs(details["reward"]))) > 1e-3
+
+
 @pytest.mark.parametrize(
     "field, value, message",
     [
@@ -171,6 +200,7 @@ def test_thought_embeddings_get_gradient_only_through_a_live_mixing_head():
         ("n_ahead_talk", 0, "n_ahead_talk=0"),
         ("sampling", "beam", "sampling='beam'"),
         ("thought_temperature", 0.0, "thought_temperature"),
+        ("mixing_weight_offset", float("nan"), "mixing_weight_offset=nan"),
     ],
 )
 def test_bad_thought_config_is_rejected(field, value, message):

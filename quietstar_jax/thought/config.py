@@ -49,6 +49,12 @@ class ThoughtConfig:
       thoughts of its length (`n_ahead` is then not used by the sparse objective).
     gate_token_cost: the cost of each sampled thought token in nats: a thought of L
       sampled tokens costs `gate_cost + gate_token_cost * L` (`thought_cost`).
+    mixing_weight_offset: added to the mixing head's output w (default 0, the authors':
+      the head starts at w = 0, so the thought's content first reaches the prediction
+      as the head learns to open it). An offset of, e.g., 1 starts every prediction
+      from the post-thought hidden, so the NLL trains the thought embeddings and
+      REINFORCE sees the thoughts' full effect from the first step; the head still
+      learns a correction (it can close the channel again, w = offset + head).
     """
 
     n_ahead: int = 12
@@ -75,6 +81,7 @@ class ThoughtConfig:
     gate_loss_weight: float = 1.0
     think_lengths: tuple[int, ...] | None = None
     gate_token_cost: float = 0.0
+    mixing_weight_offset: float = 0.0
 
     def __post_init__(self) -> None:
         if self.n_ahead < 3:
@@ -119,6 +126,9 @@ class ThoughtConfig:
         if not math.isfinite(self.gate_token_cost):
             raise ValueError(
                 f"ThoughtConfig.gate_token_cost={self.gate_token_cost}: must be finite")
+        if not math.isfinite(self.mixing_weight_offset):
+            raise ValueError(f"ThoughtConfig.mixing_weight_offset={self.mixing_weight_offset}: "
+                             "must be finite")
         if self.think_lengths is not None:
             object.__setattr__(self, "think_lengths", check_think_lengths(self.think_lengths))
             if self.think_k is None:

@@ -19,10 +19,10 @@ from quietstar_jax.model import ModelConfig, Params
 from quietstar_jax.thought import (
     Rollout,
     ThoughtConfig,
+    blend_with_thought,
     gate_logit,
     gate_outputs,
     mixed_hidden,
-    mixing_weight,
     rollout,
     shift_left,
 )
@@ -410,9 +410,7 @@ def sparse_objective(
             for s in sch.scored_steps:
                 b = take(shift_left(h0, sch.base_shift(s)), idx)
                 hs = th.step_hidden[s - 1]
-                w = mixing_weight(params["thought"]["mix"], b, hs)
-                wd = w[..., None].astype(hs.dtype)
-                mixes.append(((1 - wd) * b + wd * hs, w))
+                mixes.append(blend_with_thought(params, tc, b, hs))
             mixes_of.append(mixes)
     tgt_of = [[(take(t, idx), take(ok, idx)) for t, ok in tgt] for idx in idxs]
     with jax.named_scope("nll"):

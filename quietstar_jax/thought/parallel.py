@@ -496,6 +496,16 @@ def mixed_hidden(
     hidden]`, w `[rows, seq]` float32). Positions with i + k past the end get b = 0.
     """
     b = shift_left(base_hidden, ThoughtSchedule.of(tc).base_shift(step))
-    w = mixing_weight(params["thought"]["mix"], b, step_hidden)
-    wd = w[..., None].astype(step_hidden.dtype)
-    return (1 - wd) * b + wd * step_hidden, w
+    return blend_with_thought(params, tc, b, step_hidden)
+
+
+def blend_with_thought(params: Params, tc: ThoughtConfig, base: jax.Array,
+                       thought: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """The mixing head's blend of a base hidden and a post-thought hidden that predict the
+    same target: `[..., hidden]` x2 -> ((1 - w) base + w thought `[..., hidden]`, w `[...]`
+    float32), w = mixing_head([base, thought]) + `tc.mixing_weight_offset`."""
+    w = mixing_weight(params["thought"]["mix"], base, thought)
+    if tc.mixing_weight_offset:
+        w = w + jnp.float32(tc.mixing_weight_offset)
+    wd = w[..., None].astype(thought.dtype)
+    return (1 - wd) * base + wd * thought, w
