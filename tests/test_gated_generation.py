@@ -270,3 +270,49 @@ def test_evaluation_cli_prints_the_cot_think_rate(tmp_path, capsys):
     assert rates["1e30"] == 0.0 and rates["-1e30"] == 1.0 and 0 < rates["0.5"] < 1
     assert evaluate_cli.main([str(wd), "--tasks", "gsm8k", "--gate-rate", "0.5"]) == 2
     assert "apply to the generated task (cot) only" in capsys.readouterr().err
+
+
+def test_thinking_row_buckets():
+    from quietstar_jax.generation.cached import thinking_row_buckets
+
+    assert thinking_row_buckets(1) == (0, 1)
+    assert thinking_row_buckets(2) == (0, 1, 2)
+    assert thinking_row_buckets(5) == (0, 1, 2, 4, 5)
+    assert thinking_row_buckets(8) == (0, 1, 2, 4, 8)
+
+
+def test_only_the_firing_rows_think_and_draw_their_whole_batch_thoughts():
+    """A gated step at batch 5 with 0, 1, 2, 3 and 5 rows firing: the firing rows'
+    logits, thoughts and mixing weights equal the whole batch's `think_at` (every row
+    thinking, with the same key) at those rows; the other rows keep the base logits
+    and no thought."""
+    import functools
+
+    from quietstar_jax.generation import cached
+
+    cfg, params = tiny()
+    prompts = [[5, 9, 13, 2, 44, 17, 30], [7, 3, 21], [11, 12], [40, 41, 42, 43], [8]]
+    ids, mask = (jnp.asarray(a) for a in cached.left_pad(prompts, PAD))
+    pos = model.default_positions(mask)
+    h, kv = model.forward(params, cfg, ids, mask, pos)
+    valid, h_last, pos_last = mask.astype(bool), h[:, -1], pos[:, -1]
+    key = jax.random.key(9)
+    base = model.logits_from_hidden(params, cfg, h_last)
+    gate = np.asarray(cached.gate_logits_of(params, cfg, h_last))
+    mixed, thought, w = cached.think_at(params, cfg, TC, kv, valid[:, None, :], pos,
+                                        h_last[:, None, :], pos_last[:, None], key)
+    want_logits = np.asarray(model.logits_from_hidden(params, cfg, mixed[:, 0]))
+    step = jax.jit(functools.partial(cached._gated_thought, params, cfg, TC))
+    ranked = np.sort(gate)[::-1]
+    for n_fire in (0, 1, 2, 3, 5):
+        thr = ranked[n_fire - 1] - 1e-4 if n_fire else ranked[0] + 1.0
+        logits, th, ww, fire, g = step(kv, valid, pos, h_last, pos_last, key, thr)
+        fire = np.asarray(fire)
+        assert fire.sum() == n_fire and np.array_equal(fire, gate > thr)
+        np.testing.assert_allclose(g, gate, rtol=1e-6)
+        np.testing.assert_allclose(np.asarray(logits)[fire], want_logits[fire],
+                                   rtol=1e-5, atol=1e-5)
+        np.testing.assert_array_equal(np.asarray(logits)[~fire], np.asarray(base)[~fire])
+        np.testing.assert_array_equal(np.asarray(th)[fire], np.asarray(thought)[fire, 0])
+        assert not np.asarray(th)[~fire].any() and not np.asarray(ww)[~fire].any()
+        np.testing.assert_allclose(np.asarray(ww)[fire], np.asarray(w)[fire, 0], rtol=1e-5)

@@ -42,6 +42,28 @@ def test_wheel_holds_the_training_command_and_its_default_config(wheel: Path) ->
     assert "quietstar-train = quietstar_jax.train.cli:run_cli" in text, text
 
 
+@pytest.mark.parametrize("command, module", [("quietstar-generate", "generation"),
+                                             ("quietstar-evaluate", "evaluation")])
+def test_wheel_declares_the_generation_and_evaluation_commands(
+        wheel: Path, command: str, module: str, capsys: pytest.CaptureFixture) -> None:
+    """Each declared command names a function that runs its command line (`--help`
+    exits 0 and describes the command's own flags)."""
+    import importlib
+
+    names = zipfile.ZipFile(wheel).namelist()
+    (entry_points,) = [n for n in names if n.endswith(".dist-info/entry_points.txt")]
+    lines = zipfile.ZipFile(wheel).read(entry_points).decode().splitlines()
+    (target,) = [ln.split("=", 1)[1].strip() for ln in lines
+                 if ln.split("=", 1)[0].strip() == command]
+    assert target == f"quietstar_jax.{module}.cli:main"
+    mod_name, fn_name = target.split(":")
+    main = getattr(importlib.import_module(mod_name), fn_name)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--help"])
+    assert exit_info.value.code == 0
+    assert "--" in capsys.readouterr().out
+
+
 def test_configs_default_is_the_packaged_demo_config() -> None:
     """`python train.py` (configs/default.py) and the installed command (no --config: the
     packaged demo) train the same config: one copy of it."""

@@ -55,17 +55,20 @@ def loss_and_grads(params, cfg, tc, ids, mask, key):
 
 
 @pytest.mark.parametrize("gate,variant", [(False, None), (True, None), (False, "pause"),
-                                          (True, "remat_full")])
+                                          (True, "remat_full"), (False, "offset")])
 def test_all_positions_gathered_equals_dense_loss_and_gradients(gate, variant):
     """think_k = seq: every position thinks (the gate cannot leave any out), so the
     sparse objective is the dense one: loss, metrics and every gradient (1e-5); also
-    for pause thoughts and against the dense rollout's replayed backward (remat full)."""
+    for pause thoughts, against the dense rollout's replayed backward (remat full), and
+    with the mixing weight offset (both paths open the head alike)."""
     cfg, params = tiny(gate)
     base_tc = TC
     if variant == "pause":
         base_tc = TC.replace(sampling="pause", pause_token_id=9)
     if variant == "remat_full":
         cfg = cfg.replace(remat="full")
+    if variant == "offset":
+        base_tc = TC.replace(mixing_weight_offset=0.7)
     ids, mask = batch()
     key = jax.random.key(3)
     dense_params = {k: v for k, v in params.items() if k != "think_gate"}

@@ -203,6 +203,7 @@ def think_at(
     h_base: jax.Array,
     q_pos: jax.Array,
     key: jax.Array | None,
+    rows: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Think at Q chosen positions per row and return their mixed hidden states.
 
@@ -216,13 +217,18 @@ def think_at(
     (1 .. n_ahead - 1) is fed at position q_pos + s and sees the visible context (and
     the sliding window) plus its own earlier steps, exactly as position i of
     `thought.rollout`. Thought token s of chosen position (b, j) is drawn with key
-    `thought.position_key(key, s, b * Q + j)`.
+    `thought.position_key(key, s, rows[b] * Q + j)`; rows `[B]` int: which rows of the
+    whole batch these are (default 0 .. B - 1), so a subset of rows draws the thoughts
+    it would draw in the whole batch.
     Returns (mixed hidden `[B, Q, hidden]`, thought tokens `[B, Q, n_ahead - 3]`,
     mixing weight `[B, Q]`).
     """
     b, q = q_pos.shape
     sch = ThoughtSchedule.of(tc, talk=False)  # start, n_ahead - 3 sampled tokens, end
-    x = PositionInputs(pos=q_pos, at=None, index=jnp.arange(b * q).reshape(b, q),
+    if rows is None:
+        rows = jnp.arange(b)
+    index = rows[:, None] * q + jnp.arange(q)[None, :]
+    x = PositionInputs(pos=q_pos, at=None, index=index,
                        ctx_ok=ctx_ok, own_ok=jnp.any(ctx_ok, axis=-1), given=None)
     # A dummy query (ctx_ok all False) sees nothing, not even its own keys.
     out = map_thoughts(params, cfg, tc, sch, RowContext(ctx_kv, ctx_pos, None), x, key)
@@ -408,29 +414,50 @@ def _generate_cached(
     return state[6], state[7], state[8], state[9], state[11]
 
 
+def thinking_row_buckets(batch: int) -> tuple[int, ...]:
+    """The numbers of rows a gated generation step can think for: 0, the powers of two
+    below `batch`, and `batch`. A step thinks for the smallest one that holds every row
+    that fires, so its thought costs at most twice the firing rows' own."""
+    sizes, m = [0], 1
+    while m < batch:
+        sizes.append(m)
+        m *= 2
+    return (*sizes, batch)
+
+
 def _gated_thought(params, cfg, tc, cache, valid, cpos, h_last, pos_last, key, threshold):
     """One step of gated thinking: the think gate (`params["think_gate"]`) on the last
     hidden `[B, hidden]` and its base logits' statistics; rows whose gate logit exceeds
     `threshold` think (`think_at`) and take the mixed logits, the others the base
-    logits. The thought runs only when some row fires (`lax.cond`), and then for the
-    whole batch (its cost does not fall with the number of rows that fire: one row
-    firing costs the batch's full thought). Returns (logits `[B, vocab]`, thought tokens
-    `[B, n_ahead - 3]` (0 where none), mixing weight `[B]`, fired `[B]`, gate logits
-    `[B]`)."""
+    logits. Only the firing rows think: they are gathered (with their cache rows) into
+    the smallest of `thinking_row_buckets(B)` that holds them (`lax.switch`; no row
+    fires: no thought), each drawing the thought it would draw in the whole batch.
+    Returns (logits `[B, vocab]`, thought tokens `[B, n_ahead - 3]` (0 where none),
+    mixing weight `[B]`, fired `[B]`, gate logits `[B]`)."""
     b = h_last.shape[0]
     base = model.logits_from_hidden(params, cfg, h_last)
     gate = gate_logit(params["think_gate"], h_last, stats_from_logits(base))
     fire = gate > threshold
+    no_thought = jnp.zeros((b, tc.num_sampled), jnp.int32)
+    firing_first = jnp.argsort(~fire, stable=True)  # firing rows first, in row order
+    sizes = thinking_row_buckets(b)
 
-    def thinking(_):
-        mixed, thought, w = think_at(params, cfg, tc, cache, valid[:, None, :], cpos,
-                                     h_last[:, None, :], pos_last[:, None], key)
-        return model.logits_from_hidden(params, cfg, mixed[:, 0]), thought[:, 0], w[:, 0]
+    def think_rows(m: int):
+        def run(_):
+            if m == 0:
+                return base, no_thought, jnp.zeros((b,), jnp.float32)
+            rows = firing_first[:m]
+            kv = KV(cache.k[:, rows], cache.v[:, rows])
+            mixed, thought, w = think_at(params, cfg, tc, kv, valid[rows][:, None, :],
+                                         cpos[rows], h_last[rows][:, None, :],
+                                         pos_last[rows][:, None], key, rows)
+            logits = model.logits_from_hidden(params, cfg, mixed[:, 0])
+            return (base.at[rows].set(logits), no_thought.at[rows].set(thought[:, 0]),
+                    jnp.zeros((b,), jnp.float32).at[rows].set(w[:, 0]))
+        return run
 
-    def not_thinking(_):
-        return (base, jnp.zeros((b, tc.num_sampled), jnp.int32), jnp.zeros((b,), jnp.float32))
-
-    logits, thought, w = jax.lax.cond(jnp.any(fire), thinking, not_thinking, None)
+    bucket = jnp.searchsorted(jnp.asarray(sizes), jnp.sum(fire))  # smallest size >= fired
+    logits, thought, w = jax.lax.switch(bucket, [think_rows(m) for m in sizes], None)
     logits = jnp.where(fire[:, None], logits, base)
     return logits, jnp.where(fire[:, None], thought, 0), jnp.where(fire, w, 0.0), fire, gate
 
@@ -526,9 +553,9 @@ def generate(
       rows that thought - r) (an integral controller), so the realised share over the
       call differs from r by exactly (last offset) / (gate_rate_step * steps).
     gate_rate_step: the offset's gain, in standard deviations of the logits (> 0).
-    With a gate, the thought runs for the whole batch whenever some row's gate fires
-    (the rows that did not fire take the base prediction): a batch of B rows pays a
-    thought on about 1 - (1 - r)^B of its steps, not on a share r.
+    With a gate, only the rows whose gate fires think (`_gated_thought`: gathered
+    into the smallest of `thinking_row_buckets(B)` that holds them); the others take
+    the base prediction.
     Returns a `Generation` (thoughts and mixing weights only with return_thoughts;
     `thought_mask` and `gate_thresholds` with a gate; `think_rate` and
     `thought_tokens_per_token` always).

@@ -146,6 +146,36 @@ def reinforce_loss(train_reward: jax.Array, thought_logp: jax.Array,
     return jnp.mean(per_token), per_token
 
 
+def objective_metrics(
+    tc: ThoughtConfig, *, nll_base: jax.Array, nll_talk: jax.Array, policy_loss: jax.Array,
+    policy_per_token: jax.Array, reward_mean: jax.Array, reward_std: jax.Array,
+    reward_positive_frac: jax.Array, w_means: list[jax.Array], thought_logp_mean: jax.Array,
+) -> dict[str, jax.Array]:
+    """The objective's total and its metrics from its parts (dense and sparse alike).
+
+    nll_talk `[n_ahead_talk]`: each talk step's mean NLL; w_means: each talk step's mean
+    mixing weight (scalars). The NLL loss is `original_loss_weight` x base + the rest x
+    the talk steps' mean; the total `base_loss_beta` x that + `policy_loss_beta` x policy
+    (docs/ALGORITHM.md, sections 7 and 9). All float32 scalars unless noted.
+    """
+    nll_thought = jnp.mean(nll_talk)
+    nll_loss = tc.original_loss_weight * nll_base + (1 - tc.original_loss_weight) * nll_thought
+    return {
+        "loss": tc.base_loss_beta * nll_loss + tc.policy_loss_beta * policy_loss,
+        "nll_loss": nll_loss,
+        "nll_base": nll_base,
+        "nll_thought": nll_thought,
+        "nll_talk": nll_talk,
+        "policy_loss": policy_loss,
+        "policy_loss_per_token": policy_per_token,
+        "reward_mean": reward_mean,
+        "reward_std": reward_std,
+        "reward_positive_frac": reward_positive_frac,
+        "mixing_weight_mean": jnp.mean(jnp.stack(w_means)),
+        "thought_logp_mean": thought_logp_mean,
+    }
+
+
 def quietstar_objective(
     params: Params,
     cfg: ModelConfig,
@@ -205,10 +235,6 @@ def quietstar_objective(
         w_means.append(masked_mean(w, okk))
         gain = shift_left(base_tok, k) - nll_k  # both 0 where the target is ignored
         reward = reward + jax.lax.stop_gradient(gain[:, :n_reward])
-    nll_talk = jnp.stack(nll_talk)
-    nll_thought = jnp.mean(nll_talk)
-    nll_loss = tc.original_loss_weight * nll_base + (1 - tc.original_loss_weight) * nll_thought
-
     train_reward = training_reward(reward, tc)
     with jax.named_scope("policy_loss"):
         if tc.sampling == "pause":  # fixed thoughts: nothing to reinforce
@@ -217,21 +243,14 @@ def quietstar_objective(
             policy_loss, policy_per_token = reinforce_loss(train_reward, ro.thought_logp)
     logp = ro.thought_logp[:, :, :n_reward]
 
-    loss = tc.base_loss_beta * nll_loss + tc.policy_loss_beta * policy_loss
-    metrics = {
-        "loss": loss,
-        "nll_loss": nll_loss,
-        "nll_base": nll_base,
-        "nll_thought": nll_thought,
-        "nll_talk": nll_talk,
-        "policy_loss": policy_loss,
-        "policy_loss_per_token": policy_per_token,
-        "reward_mean": jnp.mean(reward),
-        "reward_std": jnp.std(reward),
-        "reward_positive_frac": jnp.mean((train_reward > 0).astype(jnp.float32)),
-        "mixing_weight_mean": jnp.mean(jnp.stack(w_means)),
-        "thought_logp_mean": jnp.mean(logp) if logp.shape[0] > 0 else jnp.zeros(()),
-    }
+    metrics = objective_metrics(
+        tc, nll_base=nll_base, nll_talk=jnp.stack(nll_talk), policy_loss=policy_loss,
+        policy_per_token=policy_per_token, reward_mean=jnp.mean(reward),
+        reward_std=jnp.std(reward),
+        reward_positive_frac=jnp.mean((train_reward > 0).astype(jnp.float32)),
+        w_means=w_means,
+        thought_logp_mean=jnp.mean(logp) if logp.shape[0] > 0 else jnp.zeros(()))
+    loss = metrics["loss"]
     details = {
         "reward": reward,
         "train_reward": train_reward,
@@ -466,16 +485,9 @@ def sparse_objective(
         vals = [g[key] for g in groups]
         return vals[0] if n_len == 1 else jnp.concatenate(vals, axis=1)
 
-    nll_talk = mean_of("nll_talk")
-    nll_thought = jnp.mean(nll_talk)
-    nll_loss = tc.original_loss_weight * nll_base + (1 - tc.original_loss_weight) * nll_thought
-    policy_loss = mean_of("policy_loss")
     policy_per_token = (groups[0]["policy_per_token"] if n_len == 1 else
                         jnp.concatenate([g["policy_per_token"] for g in groups]))
-    loss = tc.base_loss_beta * nll_loss + tc.policy_loss_beta * policy_loss
     gate_loss = mean_of("gate_loss")
-    if has_gate:
-        loss = loss + tc.gate_loss_weight * gate_loss
 
     gain, rew_ok, train_gain = pooled("gain"), pooled("rew_ok"), pooled("train_gain")
     label, gate_ok, g_logit = pooled("gate_label"), pooled("gate_ok"), pooled("g_logit")
@@ -496,19 +508,16 @@ def sparse_objective(
     else:
         logp_mean = (sum(jnp.sum(a * m.astype(a.dtype)) for a, m in lp)
                      / jnp.maximum(sum(jnp.sum(m.astype(a.dtype)) for a, m in lp), 1.0))
-    metrics = {
-        "loss": loss,
-        "nll_loss": nll_loss,
-        "nll_base": nll_base,
-        "nll_thought": nll_thought,
-        "nll_talk": nll_talk,
-        "policy_loss": policy_loss,
-        "policy_loss_per_token": policy_per_token,
-        "reward_mean": masked_mean(gain, rew_ok),
-        "reward_std": masked_std(gain, rew_ok),
-        "reward_positive_frac": masked_mean((train_gain > 0).astype(jnp.float32), rew_ok),
-        "mixing_weight_mean": jnp.mean(jnp.stack(w_means)),
-        "thought_logp_mean": logp_mean,
+    metrics = objective_metrics(
+        tc, nll_base=nll_base, nll_talk=mean_of("nll_talk"), policy_loss=mean_of("policy_loss"),
+        policy_per_token=policy_per_token, reward_mean=masked_mean(gain, rew_ok),
+        reward_std=masked_std(gain, rew_ok),
+        reward_positive_frac=masked_mean((train_gain > 0).astype(jnp.float32), rew_ok),
+        w_means=w_means, thought_logp_mean=logp_mean)
+    if has_gate:
+        metrics["loss"] = metrics["loss"] + tc.gate_loss_weight * gate_loss
+    loss = metrics["loss"]
+    metrics |= {
         "gate_loss": gate_loss,
         "think_rate": think_rate,
         "gate_positive_frac": masked_mean(label.astype(jnp.float32), gate_ok),
