@@ -25,9 +25,11 @@ so the prefill and the call overhead cancel (a and b timed in turn, at least
 `--marginal-repeats` times and `--marginal-min-seconds`); each is also given as a ratio to base
 from the same run. A model without a trained gate gets a think gate with random
 seeded weights (the output says so): its choices mean nothing, only its speed at the
-realised rate does. With batch > 1 the gated step runs the thought for the whole
-batch whenever some row's gate fires (`lax.cond` on any row), so the cost follows the
-share of steps where any row fired ("batch steps thinking"), not the think rate.
+realised rate does. With batch > 1 a gated step thinks for the firing rows only,
+gathered into the smallest of 0, 1, 2, 4, ..., batch rows that holds them
+(`cached.thinking_row_buckets`): "rows thinking" is the mean of that size over the
+steps as a share of the batch, the share of a think-everywhere step's thought work
+the gated call does ("batch steps thinking": the share of steps where any row fired).
 """
 
 from __future__ import annotations
@@ -151,6 +153,9 @@ def marginal(
             m = np.asarray(out.thought_mask)[:, a:]
             r["marginal_think_rate"] = float(m.mean())
             r["batch_steps_thinking"] = float(m.any(0).mean())
+            buckets = np.asarray(G.thinking_row_buckets(m.shape[0]))
+            thinking = buckets[np.searchsorted(buckets, m.sum(0))]  # rows each step thinks
+            r["rows_thinking"] = float(thinking.mean() / m.shape[0])
             r["final_threshold"] = float(np.asarray(out.gate_thresholds)[-1])
         res[name] = r
         print(f"marginal {name}: {r['marginal_tokens_per_s']:.1f} tokens/s", file=sys.stderr)
@@ -274,15 +279,18 @@ def main(argv: list[str] | None = None) -> int:
           f"{a.marginal_repeats} tries and >= {a.marginal_min_seconds:g} s; batch {a.batch}; "
           f"greedy thoughts and tokens; {gate_source}):")
     print(f"{'variant':>22}  {'tokens/s':>9}  {'of base':>8}  {'think rate':>10}  "
-          f"{'thought tok/tok':>15}  {'marginal think rate':>19}  {'batch steps thinking':>20}")
+          f"{'thought tok/tok':>15}  {'marginal think rate':>19}  {'batch steps thinking':>20}"
+          f"  {'rows thinking':>13}")
     for key, r in marg.items():
         steps = r.get("batch_steps_thinking", r["think_rate"])
+        rows = r.get("rows_thinking", r["think_rate"])
         print(f"{key:>22}  {r['marginal_tokens_per_s']:>9.1f}  1/{1 / r['of_base']:<6.2f}  "
               f"{r['think_rate']:>10.3f}  {r['thought_tokens_per_token']:>15.2f}  "
-              f"{r.get('marginal_think_rate', r['think_rate']):>19.3f}  {steps:>20.3f}")
+              f"{r.get('marginal_think_rate', r['think_rate']):>19.3f}  {steps:>20.3f}"
+              f"  {rows:>13.3f}")
     print(f"(think rate, thought tokens per token: the {lengths[1]}-token call; marginal think "
-          f"rate, batch steps thinking: its last {lengths[1] - lengths[0]} tokens, the ones "
-          "the speed is of)")
+          f"rate, batch steps thinking, rows thinking: its last {lengths[1] - lengths[0]} "
+          "tokens, the ones the speed is of)")
     print(json.dumps(report, indent=1))
     Path(a.out).write_text(json.dumps(report, indent=1) + "\n")
     return 0

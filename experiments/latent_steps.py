@@ -51,7 +51,7 @@ from experiments.latent_corpus import (  # noqa: E402
 from quietstar_jax import model  # noqa: E402
 from quietstar_jax.model import ModelConfig, Params  # noqa: E402
 from quietstar_jax.thought import ThoughtConfig, init_thought_params, mixed_hidden, rollout  # noqa: E402
-from quietstar_jax.thought.loss import masked_mean, token_nll  # noqa: E402
+from quietstar_jax.thought.loss import masked_mean, quietstar_loss, token_nll  # noqa: E402
 from quietstar_jax.train.config import base_config  # noqa: E402
 from quietstar_jax.train.model_setup import inline_model_config  # noqa: E402
 from quietstar_jax.train.step import TrainState, init_state, make_optimizer, make_train_step  # noqa: E402
@@ -107,6 +107,11 @@ class Protocol:
     # Added to the mixing head's output (ThoughtConfig.mixing_weight_offset; 0 is the
     # authors' head, which starts closed): 1 predicts from the post-thought hidden at first.
     mixing_weight_offset: float = 0.0
+    # The first `use_warmup` second-phase steps of the thinking and REINFORCE-off arms
+    # feed the true intermediate as the thought at the answer positions, NLL terms only:
+    # they teach the model to use a thought's content, never which thought to write
+    # (thought tokens are inputs, not targets). 0: off.
+    use_warmup: int = 0
     sweep: tuple[int, ...] = ()  # other thought lengths to train (n_ahead always is)
     pretrain_seeds: tuple[int, ...] = (0, 1, 2)  # independently pretrained LMs
     seeds: tuple[int, ...] = (0, 1)  # fine-tune seeds, for every pretrained LM
@@ -137,14 +142,22 @@ def encode_batch(docs: list[Document], seq_len: int) -> dict[str, np.ndarray]:
 
 
 def train_batches(p: Protocol, data_seed: int, batch: int) -> Iterator[dict[str, np.ndarray]]:
-    """Endless training batches of the train split (a fixed stream per `data_seed`)."""
+    """Endless training batches of the train split (a fixed stream per `data_seed`):
+    `input_ids`, `attention_mask` and `oracle_thought` int32 `[batch, seq_len]` (the
+    true intermediate at each answer position, the first entity elsewhere)."""
     pool = problems_of("train", p.task)
+    first_entity = ord(ENTITIES[0])
     i = 0
     while True:
         docs = [make_document("train", data_seed, i + j, explicit_frac=p.explicit_frac,
                               max_chars=p.seq_len - 4, pool=pool) for j in range(batch)]
         i += batch
-        yield encode_batch(docs, p.seq_len)
+        out = encode_batch(docs, p.seq_len)
+        oracle = np.full((batch, p.seq_len), first_entity, np.int32)
+        for r, d in enumerate(docs):
+            for off, prob in answer_offsets(d):
+                oracle[r, off] = ord(prob.intermediate)  # position off predicts the answer
+        yield out | {"oracle_thought": oracle}
 
 
 @dataclasses.dataclass
@@ -242,6 +255,28 @@ def make_plain_step(cfg: ModelConfig, optimizer: optax.GradientTransformation
         updates, opt = optimizer.update(g, state.opt_state, state.params)
         return (TrainState(state.step + 1, optax.apply_updates(state.params, updates), opt),
                 {"nll_base": loss})
+
+    return jax.jit(step, donate_argnums=(0,))
+
+
+def make_oracle_use_step(cfg: ModelConfig, tc: ThoughtConfig,
+                         optimizer: optax.GradientTransformation, seed: int
+                         ) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
+    """Jitted update of the thinking model with the batch's `oracle_thought` fed as every
+    sampled thought token (`quietstar_loss`'s thought_tokens) and the policy loss off:
+    the NLL terms train the model to use the thought's content."""
+    tc = tc.replace(policy_loss_beta=0.0)
+
+    def step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
+        key = jax.random.fold_in(jax.random.key(seed), state.step)
+        given = jnp.repeat(batch["oracle_thought"][None], tc.num_sampled, axis=0)
+        given = jnp.repeat(given, tc.n_passes, axis=1)  # rows in the passes-repeated order
+        (_, m), g = jax.value_and_grad(
+            lambda prm: quietstar_loss(prm, cfg, tc, batch["input_ids"],
+                                       batch["attention_mask"], key, given),
+            has_aux=True)(state.params)
+        updates, opt = optimizer.update(g, state.opt_state, state.params)
+        return TrainState(state.step + 1, optax.apply_updates(state.params, updates), opt), m
 
     return jax.jit(step, donate_argnums=(0,))
 
@@ -493,11 +528,14 @@ def finetune(p: Protocol, arm: str, n_ahead: int, params: Params, seed: int,
     opt, sched = make_optimizer(p.lr, p.steps, warmup_steps=p.warmup, end_lr_ratio=0.1,
                                 weight_decay=0.01)
     state = init_state(params, opt)
+    warm = p.use_warmup if arm in ("thinking", "reinforce_off") else 0
     if arm == "plain":
         step = make_plain_step(cfg, opt)
     else:
-        step = make_train_step(cfg, arm_thought_config(p, arm, n_ahead), opt, schedule=sched,
-                               seed=seed)
+        tc = arm_thought_config(p, arm, n_ahead)
+        step = make_train_step(cfg, tc, opt, schedule=sched, seed=seed)
+        if warm:
+            warm_step = make_oracle_use_step(cfg, tc, opt, seed)
     data = train_batches(p, FINETUNE_DATA_SEED + seed, p.batch)
     marks = set(np.linspace(0, p.steps, p.curve_points).round().astype(int).tolist())
     history, curve, window = [], [], []
@@ -507,7 +545,11 @@ def finetune(p: Protocol, arm: str, n_ahead: int, params: Params, seed: int,
             curve.append({"step": i, **curve_fn(state.params, i)})
         if i == p.steps:
             break
-        state, m = step(state, next(data))
+        batch = next(data)
+        if i < warm:
+            state, m = warm_step(state, batch)
+        else:
+            state, m = step(state, {k: batch[k] for k in ("input_ids", "attention_mask")})
         window.append(jax.device_get(m))
         if (i + 1) % p.log_every == 0:
             keys = ("nll_base", "nll_thought", "reward_mean", "reward_std",

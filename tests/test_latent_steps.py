@@ -362,3 +362,54 @@ def test_evaluate_pads_the_last_chunk_without_changing_any_answer():
         np.testing.assert_allclose(padded["answers"][k], whole["answers"][k], rtol=1e-5,
                                    atol=1e-6)
     assert padded["raw"]["thought"].shape == whole["raw"]["thought"].shape
+
+
+def test_use_warmup_feeds_the_true_intermediate_with_the_policy_loss_off():
+    """`--set use_warmup=K`: the training stream's oracle thought is, at every answer
+    position, the intermediate of the problem written just before it (found here from
+    the text), and the warm-up step feeds it as the thought with no policy loss."""
+    import re
+
+    from experiments import latent_steps as ls
+    from quietstar_jax.train.step import init_state, make_optimizer
+
+    p = ls.Protocol(hidden=16, layers=1, heads=2, kv_heads=1, intermediate=24, batch=4,
+                    explicit_frac=0.0)
+    batch = next(ls.train_batches(p, 5, p.batch))
+    checked = 0
+    for r in range(p.batch):
+        n = int(batch["attention_mask"][r].sum())
+        text = bytes(batch["input_ids"][r, 1:n].tolist()).decode()
+        for m in re.finditer(r"(\w)\((\w)\((\w)\)\)=", text):
+            pos = m.end()  # the answer's char offset o: position o predicts token o + 1
+            assert chr(batch["oracle_thought"][r, pos]) == corpus.apply(m.group(2), m.group(3))
+            checked += 1
+    assert checked >= p.batch
+
+    cfg = ls.model_config(p)
+    params = model.init_params(cfg, jax.random.key(0))
+    params["thought"] = init_thought_params(params, cfg, jax.random.key(1), init_token_id=45)
+    params["thought"]["mix"]["w2"] = 0.3 * jax.random.normal(jax.random.key(2), (16, 1))
+    tc = ls.arm_thought_config(p, "thinking")
+    opt, _ = make_optimizer(1e-3, 10, warmup_steps=1)
+    state = init_state(params, opt)
+    fed, fed_tokens = [], []
+    real_loss = ls.quietstar_loss
+
+    def spy(prm, cfg_, tc_, ids, mask, key, given=None):
+        fed.append(tc_)
+        jax.debug.callback(lambda g: fed_tokens.append(np.asarray(g)), given)
+        return real_loss(prm, cfg_, tc_, ids, mask, key, given)
+
+    ls.quietstar_loss = spy
+    try:
+        _, metrics = ls.make_oracle_use_step(cfg, tc, opt, seed=0)(state, batch)
+    finally:
+        ls.quietstar_loss = real_loss
+    jax.effects_barrier()
+    (tc_used,), (given,) = fed, fed_tokens
+    assert tc_used.policy_loss_beta == 0.0 and tc.policy_loss_beta > 0
+    assert given.shape == (tc.num_sampled, p.batch * tc.n_passes, p.seq_len)
+    np.testing.assert_array_equal(given[0, ::tc.n_passes], batch["oracle_thought"])
+    np.testing.assert_array_equal(given[0, 1::tc.n_passes], batch["oracle_thought"])
+    assert np.isfinite(float(metrics["nll_thought"]))
