@@ -9,8 +9,10 @@ Quiet-STaR step as it ships; `plain`; `sparse` with `--think-k`) is built and co
 for this host by the code of the working tree and by the code of git revision `--base`
 (checked out into a temporary worktree), each in its own subprocess. Printed per side:
 XLA's FLOPs, the temporaries, and a hash of the optimised HLO's instructions with their
-metadata and the debug tables (source files, function names, stack frames) removed. Equal
-hashes mean the two trees compile to the same program, so neither can be faster or
+metadata and the debug tables (source files, function names, stack frames) removed, and
+a canonical hash of the same lines with every %name replaced by its order of first
+appearance (a change in tracing order renames instructions without changing the
+program). Equal hashes mean the two trees compile to the same program, so neither can be faster or
 leaner on this backend; a refactor that should not change the step is checked this way,
 and a timing A/B (`step_benchmark.py` on each tree) is then only needed when the hashes
 differ. Exit status 1 when they differ.
@@ -44,6 +46,21 @@ def program_hash(hlo_text: str) -> tuple[str, int]:
     return hashlib.sha1(body.encode()).hexdigest()[:16], sum(" = " in ln for ln in lines)
 
 
+# %names, and the unprefixed parameter names of computation headers ("(p.12: f32[])")
+_NAME = re.compile(r"%[A-Za-z_][A-Za-z_.0-9-]*|\b[A-Za-z_][A-Za-z_0-9-]*(?:\.[0-9]+)+(?=: )")
+
+
+def canonical_hash(hlo_text: str) -> str:
+    """sha1 prefix of the program lines (as `program_hash`) with every instruction,
+    computation and parameter name replaced by its order of first appearance: equal when two programs differ only in the names the
+    tracing order gave their instructions and computations."""
+    lines = [_METADATA.sub("", ln) for ln in hlo_text.splitlines() if _PROGRAM_LINE.match(ln)]
+    names: dict[str, str] = {}
+    body = _NAME.sub(lambda m: names.setdefault(m.group(0), f"%v{len(names)}"),
+                     "\n".join(lines))
+    return hashlib.sha1(body.encode()).hexdigest()[:16]
+
+
 def child(preset: str, step: str, think_k: int | None) -> dict[str, Any]:
     """Build and compile one step with the code on sys.path (run inside a subprocess)."""
     sys.path.insert(0, HERE)
@@ -55,8 +72,10 @@ def child(preset: str, step: str, think_k: int | None) -> dict[str, Any]:
     st = SB.H.Stepper(built[step], holder, step)
     cost = st.compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, list | tuple) else cost
-    digest, n = program_hash(st.compiled.as_text())
-    return {"hlo_sha1": digest, "instructions": n, "xla_flops": float(cost["flops"]),
+    text = st.compiled.as_text()
+    digest, n = program_hash(text)
+    return {"hlo_sha1": digest, "hlo_canonical": canonical_hash(text), "instructions": n,
+            "xla_flops": float(cost["flops"]),
             "temp_bytes": int(st.compiled.memory_analysis().temp_size_in_bytes),
             "compile_s": round(st.compile_s, 1)}
 
@@ -106,14 +125,18 @@ def main(argv: list[str] | None = None) -> int:
                          "working tree": run_side(ROOT, preset, args.step, args.think_k)}
                 for name, r in sides.items():
                     print(f"{preset:10s} {args.step:6s} {name:16s} hlo {r['hlo_sha1']} "
+                          f"canonical {r.get('hlo_canonical', '-')} "
                           f"({r['instructions']} instructions)  XLA GFLOP "
                           f"{r['xla_flops'] / 1e9:.2f}  temporaries {r['temp_bytes'] / 1e9:.3f} GB"
                           f"  compile {r['compile_s']} s")
                 a, b = sides.values()
                 same = a["hlo_sha1"] == b["hlo_sha1"]
-                differ |= not same
-                print(f"{preset:10s} {args.step:6s} -> "
-                      f"{'same program' if same else 'DIFFERENT programs'}")
+                renamed = not same and a.get("hlo_canonical") == b.get("hlo_canonical")
+                differ |= not (same or renamed)
+                verdict = ("same program" if same else
+                           "same program up to instruction names" if renamed else
+                           "DIFFERENT programs")
+                print(f"{preset:10s} {args.step:6s} -> {verdict}")
         finally:
             subprocess.run(["git", "-C", ROOT, "worktree", "remove", "--force", base_tree],
                            check=False)

@@ -141,3 +141,30 @@ def test_compare_hlo_hashes_the_program_not_its_source_locations() -> None:
     assert hashes[0] == hashes[1]
     assert hashes[0][0] != hashes[2][0]
     assert hashes[0][1] > 0
+
+
+def test_canonical_hash_ignores_the_names_tracing_order_gives_and_nothing_else() -> None:
+    """Two traces of one program in another order (so other instruction and parameter
+    names) have different program hashes and the same canonical hash; a changed op
+    changes both."""
+    from compare_hlo import canonical_hash, program_hash
+
+    x = jnp.ones((8, 8), jnp.float32)
+
+    def ab(x):
+        a = jnp.sum(jnp.tanh(x))
+        b = jnp.sum(jnp.exp(x))
+        return a, b
+
+    def ba(x):  # the same outputs, traced in the other order
+        b = jnp.sum(jnp.exp(x))
+        a = jnp.sum(jnp.tanh(x))
+        return a, b
+
+    def other(x):
+        return jnp.sum(jnp.tanh(x)), jnp.sum(jnp.sin(x))
+
+    texts = [jax.jit(f).lower(x).compile().as_text() for f in (ab, ba, other)]
+    assert program_hash(texts[0]) != program_hash(texts[1])
+    assert canonical_hash(texts[0]) == canonical_hash(texts[1])
+    assert canonical_hash(texts[0]) != canonical_hash(texts[2])
