@@ -38,10 +38,15 @@ _PROGRAM_LINE = re.compile(r"^\s*(ROOT )?%?[A-Za-z_.0-9-]+ = |^ENTRY|^%|^[a-z_]+
 _METADATA = re.compile(r", metadata=\{[^}]*\}|, stack_frame_id=[0-9]+")
 
 
+def _program_lines(hlo_text: str) -> list[str]:
+    """An optimised HLO module's instruction and computation lines, metadata removed."""
+    return [_METADATA.sub("", ln) for ln in hlo_text.splitlines() if _PROGRAM_LINE.match(ln)]
+
+
 def program_hash(hlo_text: str) -> tuple[str, int]:
     """(sha1 prefix, instruction count) of an optimised HLO module's instructions, metadata
     and debug tables removed."""
-    lines = [_METADATA.sub("", ln) for ln in hlo_text.splitlines() if _PROGRAM_LINE.match(ln)]
+    lines = _program_lines(hlo_text)
     body = "\n".join(lines)
     return hashlib.sha1(body.encode()).hexdigest()[:16], sum(" = " in ln for ln in lines)
 
@@ -52,12 +57,11 @@ _NAME = re.compile(r"%[A-Za-z_][A-Za-z_.0-9-]*|\b[A-Za-z_][A-Za-z_0-9-]*(?:\.[0-
 
 def canonical_hash(hlo_text: str) -> str:
     """sha1 prefix of the program lines (as `program_hash`) with every instruction,
-    computation and parameter name replaced by its order of first appearance: equal when two programs differ only in the names the
-    tracing order gave their instructions and computations."""
-    lines = [_METADATA.sub("", ln) for ln in hlo_text.splitlines() if _PROGRAM_LINE.match(ln)]
+    computation and parameter name replaced by its order of first appearance: equal when
+    two programs differ only in the names the tracing order gave them."""
     names: dict[str, str] = {}
     body = _NAME.sub(lambda m: names.setdefault(m.group(0), f"%v{len(names)}"),
-                     "\n".join(lines))
+                     "\n".join(_program_lines(hlo_text)))
     return hashlib.sha1(body.encode()).hexdigest()[:16]
 
 
