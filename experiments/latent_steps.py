@@ -141,10 +141,12 @@ def encode_batch(docs: list[Document], seq_len: int) -> dict[str, np.ndarray]:
     return {"input_ids": ids, "attention_mask": mask}
 
 
-def train_batches(p: Protocol, data_seed: int, batch: int) -> Iterator[dict[str, np.ndarray]]:
+def train_batches(p: Protocol, data_seed: int, batch: int, with_oracle: bool = False
+                  ) -> Iterator[dict[str, np.ndarray]]:
     """Endless training batches of the train split (a fixed stream per `data_seed`):
-    `input_ids`, `attention_mask` and `oracle_thought` int32 `[batch, seq_len]` (the
-    true intermediate at each answer position, the first entity elsewhere)."""
+    `input_ids`, `attention_mask` int32 `[batch, seq_len]`; with `with_oracle` also
+    `oracle_thought` (the true intermediate at each answer position, the first entity
+    elsewhere), for the use warm-up."""
     pool = problems_of("train", p.task)
     first_entity = ord(ENTITIES[0])
     i = 0
@@ -153,6 +155,9 @@ def train_batches(p: Protocol, data_seed: int, batch: int) -> Iterator[dict[str,
                               max_chars=p.seq_len - 4, pool=pool) for j in range(batch)]
         i += batch
         out = encode_batch(docs, p.seq_len)
+        if not with_oracle:
+            yield out
+            continue
         oracle = np.full((batch, p.seq_len), first_entity, np.int32)
         for r, d in enumerate(docs):
             for off, prob in answer_offsets(d):
@@ -536,7 +541,7 @@ def finetune(p: Protocol, arm: str, n_ahead: int, params: Params, seed: int,
         step = make_train_step(cfg, tc, opt, schedule=sched, seed=seed)
         if warm:
             warm_step = make_oracle_use_step(cfg, tc, opt, seed)
-    data = train_batches(p, FINETUNE_DATA_SEED + seed, p.batch)
+    data = train_batches(p, FINETUNE_DATA_SEED + seed, p.batch, with_oracle=warm > 0)
     marks = set(np.linspace(0, p.steps, p.curve_points).round().astype(int).tolist())
     history, curve, window = [], [], []
     t0 = time.time()
@@ -549,7 +554,8 @@ def finetune(p: Protocol, arm: str, n_ahead: int, params: Params, seed: int,
         if i < warm:
             state, m = warm_step(state, batch)
         else:
-            state, m = step(state, {k: batch[k] for k in ("input_ids", "attention_mask")})
+            batch.pop("oracle_thought", None)
+            state, m = step(state, batch)
         window.append(jax.device_get(m))
         if (i + 1) % p.log_every == 0:
             keys = ("nll_base", "nll_thought", "reward_mean", "reward_std",

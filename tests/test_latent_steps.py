@@ -375,7 +375,8 @@ def test_use_warmup_feeds_the_true_intermediate_with_the_policy_loss_off():
 
     p = ls.Protocol(hidden=16, layers=1, heads=2, kv_heads=1, intermediate=24, batch=4,
                     explicit_frac=0.0)
-    batch = next(ls.train_batches(p, 5, p.batch))
+    assert "oracle_thought" not in next(ls.train_batches(p, 5, p.batch))
+    batch = next(ls.train_batches(p, 5, p.batch, with_oracle=True))
     checked = 0
     for r in range(p.batch):
         n = int(batch["attention_mask"][r].sum())
