@@ -15,6 +15,27 @@ _FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive
 if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {_FAST_COMPILE}".strip()
 
+# Many tests compile the same programs (the tiny trainer in a dozen subprocesses, the
+# same step in several modules after `jax.clear_caches`): one persistent compilation
+# cache for the whole run, shared by the xdist workers and the subprocesses they start
+# (all inherit the environment), cuts the suite's compile time. The process that makes
+# it (the controller, or the only process) deletes it at the end; a cache directory set
+# by the caller is used as it is and kept.
+_RUN_CACHE_DIR: str | None = None
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    import tempfile
+
+    _RUN_CACHE_DIR = tempfile.mkdtemp(prefix="quietstar-jax-tests-xla-")
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = _RUN_CACHE_DIR
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.25")
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    if _RUN_CACHE_DIR is not None:
+        import shutil
+
+        shutil.rmtree(_RUN_CACHE_DIR, ignore_errors=True)
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 # The project's data folder next to the repository (large files stay there) ...
 SHARED = REPO_ROOT.parent / "shared"

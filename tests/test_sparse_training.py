@@ -120,7 +120,7 @@ def test_replayed_backward_of_gathered_thoughts_equals_plain_autodiff(window, gi
         np.testing.assert_allclose(met_r[name], met_p[name], rtol=1e-5, atol=1e-5,
                                    err_msg=name)
     assert_grads_close(g_r, g_p)
-    assert float(jnp.max(jnp.abs(g_p["layers"]["up"]))) > 0  # the check has teeth
+    assert float(jnp.max(jnp.abs(g_p["layers"]["mlp"]["up"]))) > 0  # the check has teeth
 
 
 def test_gathered_thoughts_equal_the_dense_rollouts_at_those_positions():
@@ -276,25 +276,28 @@ def test_selection_takes_the_gates_top_positions_and_a_random_share():
     assert len(draws) > 1
 
 
-def compiled_flops(params, cfg, tc, ids, mask):
+def program_flops(params, cfg, tc, ids, mask):
+    """XLA's FLOP count of the loss-and-gradient program as traced (`Lowered.cost_analysis`):
+    every operation the code writes, before XLA could drop any; no compile (seconds, not a
+    minute, per program)."""
     f = jax.jit(jax.value_and_grad(quietstar_loss, has_aux=True), static_argnums=(1, 2))
-    cost = f.lower(params, cfg, tc, ids, mask, jax.random.key(0)).compile().cost_analysis()
+    cost = f.lower(params, cfg, tc, ids, mask, jax.random.key(0)).cost_analysis()
     if isinstance(cost, list | tuple):
         cost = cost[0]
     return float(cost["flops"])
 
 
 def test_sparse_cost_falls_with_k():
-    """No thought work hidden behind masks: the compiled FLOPs of the loss and its
+    """No thought work hidden behind masks: the traced program's FLOPs of the loss and its
     gradients with k = 2 of 32 positions are well below think-everywhere."""
     cfg, params = tiny(gate=True)
     rs = np.random.RandomState(1)
     ids = jnp.asarray(rs.randint(1, 65, size=(2, 32)))
     mask = jnp.ones_like(ids)
-    dense = compiled_flops({k: v for k, v in params.items() if k != "think_gate"}, cfg, TC,
+    dense = program_flops({k: v for k, v in params.items() if k != "think_gate"}, cfg, TC,
                            ids, mask)
-    k2 = compiled_flops(params, cfg, TC.replace(think_k=2), ids, mask)
-    k8 = compiled_flops(params, cfg, TC.replace(think_k=8), ids, mask)
+    k2 = program_flops(params, cfg, TC.replace(think_k=2), ids, mask)
+    k8 = program_flops(params, cfg, TC.replace(think_k=8), ids, mask)
     assert k2 < k8 < dense
     assert k2 < 0.35 * dense, (k2, k8, dense)
 

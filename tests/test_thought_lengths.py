@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import assert_grads_close
-from test_sparse_training import PAD, SEQ, TC, batch, compiled_flops, naive_gain, tiny
+from test_sparse_training import PAD, SEQ, TC, batch, naive_gain, program_flops, tiny
 
 from quietstar_jax import model
 from quietstar_jax.thought import ThoughtConfig, gate_logit, init_gate_params
@@ -183,7 +183,7 @@ def test_replayed_backward_with_two_lengths_equals_plain_autodiff():
     assert float(jnp.max(jnp.abs(g_p["think_gate"]["w1"][:, 1]))) > 0  # column 1 trains
 
 
-def test_compiled_cost_grows_with_the_lengths():
+def test_program_cost_grows_with_the_lengths():
     """No length's work hidden: the loss and gradients of lengths (2, 6) cost more FLOPs
     than (2,) alone and than (6,) alone."""
     cfg, params = tiny()
@@ -191,9 +191,9 @@ def test_compiled_cost_grows_with_the_lengths():
     ids = jnp.asarray(rs.randint(1, 65, size=(2, 32)))
     mask = jnp.ones_like(ids)
     tc = TC.replace(think_k=4)
-    short = compiled_flops(params, cfg, tc.replace(think_lengths=(2,)), ids, mask)
-    long_ = compiled_flops(params, cfg, tc.replace(think_lengths=(6,)), ids, mask)
-    both = compiled_flops(params, cfg, tc.replace(think_lengths=(2, 6)), ids, mask)
+    short = program_flops(params, cfg, tc.replace(think_lengths=(2,)), ids, mask)
+    long_ = program_flops(params, cfg, tc.replace(think_lengths=(6,)), ids, mask)
+    both = program_flops(params, cfg, tc.replace(think_lengths=(2, 6)), ids, mask)
     assert short < long_ < both, (short, long_, both)
 
 
