@@ -41,10 +41,11 @@ def _restore_training_checkpoint(
     """Params of a training checkpoint (`train.checkpoint.load_checkpoint_params`),
     with the architecture and tokenizer of the workdir config's `model.hf_path` and
     the ThoughtConfig of its `thought` group."""
-    import dataclasses
+    from ml_collections import ConfigDict
 
     from quietstar_jax import hf
     from quietstar_jax.train.checkpoint import load_checkpoint_params, training_step_dir
+    from quietstar_jax.train.config import thought_config
 
     workdir, step_dir = training_step_dir(path)
     config = json.loads((workdir / "config.json").read_text(encoding="utf-8"))
@@ -72,13 +73,9 @@ def _restore_training_checkpoint(
     if rows != cfg.vocab_size:
         raise ValueError(f"{step_dir}: embedding has {rows} rows, but {hf_path} with thought "
                          f"tokens has a vocabulary of {cfg.vocab_size}")
-    fields = {f.name for f in dataclasses.fields(ThoughtConfig)}
-    kw = {k: v for k, v in config.get("thought", {}).items() if k in fields}
-    kw |= {k: v for k, v in ids.items() if kw.get(k) is None}
-    if config.get("thought", {}).get("mask_special_tokens"):  # as the run trained
-        kw["masked_token_ids"] = tuple(sorted(set(kw.get("masked_token_ids") or ())
-                                              | set(hf.special_token_ids(tok))))
-    return cfg, params, tok, ThoughtConfig(**kw)
+    # The trainer's own builder, on the thought group the run was trained with.
+    saved = ConfigDict({"thought": config.get("thought", {})})
+    return cfg, params, tok, thought_config(saved, ids, hf.special_token_ids(tok))
 
 
 def load_cli_model(

@@ -363,9 +363,9 @@ def dense(x: jax.Array, w: jax.Array, n_in: int = 1, **kw: Any) -> jax.Array:
 # Every parameter is declared once, in the module that uses it: shape, initialiser and
 # logical axis names (its nnx.Param's `out_sharding` metadata) together. Attribute names
 # are the keys of the params pytree, so `to_params(CausalLM(cfg, rngs=...))` is the
-# plain dict the functions below take (`embed`, `layers/{attn_norm, q, k, v, o,
-# mlp_norm, gate, up, down[, q_bias, k_bias, v_bias]}` stacked on a leading `layers`
-# axis, `final_norm`, `lm_head` when untied), and `from_params` (`nnx.merge`) gives the
+# plain dict the functions below take (`embed`, `layers/{attn_norm, attn/{q, k, v, o[,
+# q_bias, k_bias, v_bias]}, mlp_norm, mlp/{gate, up, down}}` stacked on a leading
+# `layers` axis, `final_norm`, `lm_head` when untied), and `from_params` (`nnx.merge`) gives the
 # module back. Shapes (`param_shapes`) and logical axes (`param_logical_axes`, hence
 # every mesh sharding) are read off the abstract module (under `jax.eval_shape`).
 
@@ -444,10 +444,8 @@ def _norm(cfg: ModelConfig, rngs: nnx.Rngs) -> RMSNorm:
 class Attention(nnx.Module):
     """Grouped-query attention with rotary embeddings: projections q, k, v, o (and q/k/v
     biases with `cfg.attention_bias`), over the causal sequence, or over a shared
-    context block plus a per-query own block (see `attend`).
-
-    `DecoderLayer` inherits it (and `MLP`), so that the projections sit beside the
-    norms in one layer's params: `layers/{q, k, v, o, ...}`.
+    context block plus a per-query own block (see `attend`). A `DecoderLayer`'s `attn`:
+    its params are `layers/attn/{q, k, v, o, ...}`.
     """
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
@@ -466,7 +464,7 @@ class Attention(nnx.Module):
             self.v_bias = declare(rngs, zeros_init, (nkv, d), ("kv_heads", "head_dim"), dt,
                                   decay=False)
 
-    def attention(
+    def __call__(
         self,
         x: jax.Array,
         rope_tabs: tuple[jax.Array, jax.Array],
@@ -509,11 +507,10 @@ class Attention(nnx.Module):
                 a = attend(q, ctx, own)
             return dense(a, _compute(self.o, cfg), 2), k, v
 
-    __call__ = attention
-
 
 class MLP(nnx.Module):
-    """The SwiGLU MLP: `down(silu(gate(x)) * up(x))`, params gate, up, down."""
+    """The SwiGLU MLP: `down(silu(gate(x)) * up(x))`; a `DecoderLayer`'s `mlp`, params
+    `layers/mlp/{gate, up, down}`."""
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         self.cfg = cfg
@@ -523,7 +520,7 @@ class MLP(nnx.Module):
         self.up = declare(rngs, w, (h, m), ("embed", "mlp"), dt)
         self.down = declare(rngs, w, (m, h), ("mlp", "embed"), dt)
 
-    def mlp(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array) -> jax.Array:
         """x `[batch, t, hidden]` (normed) -> `[batch, t, hidden]`. The gate and up
         projections are named for the "mlp" remat policy."""
         with jax.named_scope("mlp"):
@@ -533,23 +530,23 @@ class MLP(nnx.Module):
             g, u = constrain(g, ("batch", "seq", "mlp")), constrain(u, ("batch", "seq", "mlp"))
             return dense(jax.nn.silu(g) * u, _compute(self.down, cfg))
 
-    __call__ = mlp
 
-
-class DecoderLayer(Attention, MLP):
-    """One pre-norm decoder layer: `h + attention(attn_norm(h))`, then `h + mlp(mlp_norm(h))`.
+class DecoderLayer(nnx.Module):
+    """One pre-norm decoder layer: `h + attn(attn_norm(h))`, then `h + mlp(mlp_norm(h))`.
 
     Its params (one layer's, `params["layers"]` sliced at a layer index) are
-    attn_norm, q, k, v, o (q_bias, k_bias, v_bias), mlp_norm, gate, up, down.
+    attn_norm, attn (`Attention`: q, k, v, o[, q_bias, k_bias, v_bias]), mlp_norm and
+    mlp (`MLP`: gate, up, down): Hugging Face's `input_layernorm`, `self_attn`,
+    `post_attention_layernorm` and `mlp`.
     """
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         self.attn_norm = _norm(cfg, rngs)
-        Attention.__init__(self, cfg, rngs=rngs)
+        self.attn = Attention(cfg, rngs=rngs)
         self.mlp_norm = _norm(cfg, rngs)
-        MLP.__init__(self, cfg, rngs=rngs)
+        self.mlp = MLP(cfg, rngs=rngs)
 
-    def __call__(  # type: ignore[override]
+    def __call__(
         self,
         h: jax.Array,
         rope_tabs: tuple[jax.Array, jax.Array],
@@ -566,7 +563,7 @@ class DecoderLayer(Attention, MLP):
         `attend`), the `group` new keys of a position are appended as its last `group`
         slots. Returns (h_out, k_new, v_new), k/v `[batch, t, kv_heads, head_dim]`.
         """
-        a, k, v = self.attention(self.attn_norm(h), rope_tabs, self_mask, ctx, own)
+        a, k, v = self.attn(self.attn_norm(h), rope_tabs, self_mask, ctx, own)
         h = h + a
         h = h + self.mlp(self.mlp_norm(h))
         return h, k, v

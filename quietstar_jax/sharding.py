@@ -152,7 +152,7 @@ def params_logical_axes(cfg: ModelConfig, with_thought: bool = True,
 def sharding_by_path(
     mesh: Mesh, rules: Rules | None = None
 ) -> Callable[[tuple[str, ...], tuple[int, ...]], NamedSharding]:
-    """`(path, shape) -> NamedSharding` of any param, e.g. `(("layers", "q"), shape)`.
+    """`(path, shape) -> NamedSharding` of any param, e.g. `(("layers", "attn", "q"), shape)`.
 
     For loaders that learn the config as they read (`hf.load_pretrained(...,
     sharding=sharding_by_path(mesh))`): the lookup covers every param name any

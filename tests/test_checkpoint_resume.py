@@ -195,3 +195,31 @@ def test_abandoned_tensorstore_reads_are_not_logged_while_checkpointing(tmp_path
             absl_logger.setLevel(level)
     finally:
         _LibraryNoise.release()
+
+
+def test_checkpoint_of_the_flat_layer_layout_is_refused_naming_it(tmp_path):
+    """A checkpoint written before the decoder layer held `attn` and `mlp` submodules has
+    the layer params side by side (`params.layers.q`): one CheckpointError saying so,
+    never a restore into the wrong places."""
+    from quietstar_jax.model import ModelConfig, init_params
+    from quietstar_jax.train.checkpoint import CheckpointError
+
+    cfg = ModelConfig(vocab_size=16, hidden_size=8, intermediate_size=12, num_layers=1,
+                      num_heads=2, num_kv_heads=1)
+    params = init_params(cfg, jax.random.key(0))
+    layers = params["layers"]
+    flat = {"attn_norm": layers["attn_norm"], "mlp_norm": layers["mlp_norm"],
+            **layers["attn"], **layers["mlp"]}
+    ckpt = Checkpointer(str(tmp_path / "ckpt"), async_save=False)
+    try:
+        ckpt.save(1, {"params": {**params, "layers": flat}}, {"position": 0})
+        ckpt.wait()
+        abstract = jax.eval_shape(lambda: {"params": params})
+        with pytest.raises(CheckpointError, match=r"flat layer layout .*params\.layers\.q; "
+                                                  r"now params\.layers\.attn\.q"):
+            ckpt.check_matches(1, abstract)
+        ckpt.save(2, {"params": params}, {"position": 0})  # today's layout: accepted
+        ckpt.wait()
+        ckpt.check_matches(2, abstract)
+    finally:
+        ckpt.close()

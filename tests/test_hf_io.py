@@ -254,7 +254,7 @@ def test_qwen2_export_without_biases_writes_zero_biases(llama_ckpt, tmp_path):
         ref = model(input_ids=torch.tensor(ids)).logits.numpy()
     assert np.abs(np.asarray(lm_logits(params, cfg, jnp.asarray(ids))) - ref).max() <= 1e-4
     cfg2, again, _ = hf.load_pretrained(out, add_thought_tokens=False)
-    assert cfg2.attention_bias and float(jnp.abs(again["layers"]["q_bias"]).max()) == 0.0
+    assert cfg2.attention_bias and float(jnp.abs(again["layers"]["attn"]["q_bias"]).max()) == 0.0
 
 
 def test_save_into_a_non_empty_directory_needs_overwrite_and_keeps_other_files(llama_ckpt,
@@ -308,7 +308,7 @@ def test_authors_layout_round_trip(tmp_path):
     np.testing.assert_array_equal(th["mix"]["w2"], raw["talk_head.0.4.weight"].T)
     assert th["mix"]["w2"].shape == (64, 1) and float(jnp.abs(th["mix"]["w2"]).max()) > 0
     q1 = raw["model.layers.1.self_attn.q_proj.weight"]  # [heads * head_dim, H]
-    np.testing.assert_array_equal(params["layers"]["q"][1], q1.T.reshape(64, 4, 16))
+    np.testing.assert_array_equal(params["layers"]["attn"]["q"][1], q1.T.reshape(64, 4, 16))
 
     out = hf.save_pretrained(tmp_path / "authors", params, cfg)
     exported = load_file(str(out / "model.safetensors"))
@@ -461,7 +461,7 @@ def test_sharding_argument_single_device(llama_ckpt):
         return rep
 
     cfg, params, _ = hf.load_pretrained(path, sharding=by_path, init_token_id=3)
-    assert (("layers", "q"), (2, 32, 4, 8)) in seen
+    assert (("layers", "attn", "q"), (2, 32, 4, 8)) in seen
     assert (("thought", "mix", "w0"), (64, 32)) in seen
     assert all(x.sharding == rep for x in jax.tree.leaves(params))
     tree = jax.tree.map(lambda _: rep, params)
@@ -489,7 +489,7 @@ _SHARDED_SCRIPT = textwrap.dedent("""
 
     cfg, params, _ = hf.load_pretrained(path, sharding=rule, add_thought_tokens=False)
     _, ref, _ = hf.load_pretrained(path, add_thought_tokens=False)
-    q = params["layers"]["q"]  # [2, 32, 4, 8] -> each device holds [1, 32, 4, 4]
+    q = params["layers"]["attn"]["q"]  # [2, 32, 4, 8] -> each device holds [1, 32, 4, 4]
     assert {s.data.shape for s in q.addressable_shards} == {(1, 32, 4, 4)}, q.sharding
     for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(ref)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

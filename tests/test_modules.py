@@ -66,17 +66,17 @@ def test_params_are_the_module_state(case):
     assert {a.dtype for a in jax.tree.leaves(params)} == {jnp.dtype(cfg.param_dtype)}
     assert set(params) == {"embed", "layers", "final_norm"} | (
         set() if cfg.tie_word_embeddings else {"lm_head"})
-    assert ("q_bias" in params["layers"]) == cfg.attention_bias
-    # The norms are RMSNorm params, the projections plain Params; a layer is an
+    assert ("q_bias" in params["layers"]["attn"]) == cfg.attention_bias
+    # The norms are RMSNorm params, the projections plain Params; a layer holds an
     # Attention and an MLP.
     assert isinstance(lm.layers.attn_norm, model.RMSNorm) and isinstance(lm.final_norm,
                                                                          nnx.Param)
-    assert type(lm.layers.q) is nnx.Param
-    assert isinstance(lm.layers, model.Attention) and isinstance(lm.layers, model.MLP)
+    assert type(lm.layers.attn.q) is nnx.Param
+    assert isinstance(lm.layers.attn, model.Attention) and isinstance(lm.layers.mlp, model.MLP)
     # init_params is the module's state; from_params gives the module back.
     np.testing.assert_array_equal(
-        np.asarray(model.init_params(cfg, jax.random.key(0))["layers"]["q"], np.float32),
-        np.asarray(params["layers"]["q"], np.float32))
+        np.asarray(model.init_params(cfg, jax.random.key(0))["layers"]["attn"]["q"], np.float32),
+        np.asarray(params["layers"]["attn"]["q"], np.float32))
     back = model.to_params(model.from_params({**params, "thought": {}}, cfg))
     assert jax.tree.structure(back) == jax.tree.structure(params)
     ids = jax.random.randint(jax.random.key(1), (2, 7), 0, cfg.vocab_size)
@@ -108,13 +108,13 @@ def test_the_per_layer_function_is_one_scan_step():
 
 def test_from_params_rejects_params_of_another_config():
     params = model.init_params(CFG, jax.random.key(0))
-    with pytest.raises(ValueError, match=r"missing \['layers/k_bias', 'layers/q_bias', "
-                                         r"'layers/v_bias'\], unexpected \[\]"):
+    with pytest.raises(ValueError, match=r"missing \['layers/attn/k_bias', 'layers/attn/q_bias', "
+                                         r"'layers/attn/v_bias'\], unexpected \[\]"):
         model.from_params(params, CFG.replace(attention_bias=True))
     # Keys the module does not have are ignored at the top (`thought`, an unused
     # `lm_head` under tied embeddings), never inside.
     model.from_params({**params, "thought": {}}, CFG.replace(tie_word_embeddings=True))
-    extra = {**params, "layers": {**params["layers"], "q2": params["layers"]["q"]}}
+    extra = {**params, "layers": {**params["layers"], "q2": params["layers"]["attn"]["q"]}}
     with pytest.raises(ValueError, match=r"unexpected \['layers/q2'\]"):
         model.decoder(extra, CFG, jnp.zeros((1, 3, 32)), jnp.zeros((1, 3), jnp.int32))
     del params["lm_head"]
@@ -184,5 +184,5 @@ def test_module_shardings_read_the_params_metadata_through_flax():
     for path, sh in flat_got:
         assert sh.spec == flat_want[path].spec, path
     assert got["embed"].spec == jax.sharding.PartitionSpec(None, "fsdp")  # 258 % 4 != 0
-    assert got["layers"]["q"].spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor")
-    assert got["layers"]["k"].spec == jax.sharding.PartitionSpec(None, "fsdp")  # 2 kv heads
+    assert got["layers"]["attn"]["q"].spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor")
+    assert got["layers"]["attn"]["k"].spec == jax.sharding.PartitionSpec(None, "fsdp")  # 2 kv heads

@@ -41,8 +41,8 @@ def tiny(sliding_window=None, bias=False, tied=False):
     params["thought"]["start_emb"] = 0.01 * jax.random.normal(jax.random.key(4), (32,))
     params["thought"]["end_emb"] = 0.01 * jax.random.normal(jax.random.key(5), (32,))
     if bias:
-        params["layers"]["q_bias"] = 0.1 * jax.random.normal(
-            jax.random.key(6), params["layers"]["q_bias"].shape)
+        params["layers"]["attn"]["q_bias"] = 0.1 * jax.random.normal(
+            jax.random.key(6), params["layers"]["attn"]["q_bias"].shape)
     return cfg, params
 
 

@@ -87,7 +87,7 @@ def test_lr_schedule_rejects_negative_steps():
 
 def test_decay_mask_skips_norms_and_biases():
     mask = decay_mask(tiny_params())
-    assert mask["embed"] and mask["lm_head"] and mask["layers"]["q"]
+    assert mask["embed"] and mask["lm_head"] and mask["layers"]["attn"]["q"]
     assert not mask["final_norm"] and not mask["layers"]["attn_norm"]
     assert mask["thought"]["start_emb"] and mask["thought"]["mix"]["w0"]
     assert not mask["thought"]["mix"]["b0"] and not mask["thought"]["mix"]["b1"]
@@ -103,8 +103,10 @@ def test_decay_mask_reads_each_params_declaration():
                             num_layers=2, num_heads=2, num_kv_heads=1, attention_bias=True)
     params = model.init_params(cfg, jax.random.key(0))
     mask = decay_mask(params)
-    assert not any(mask["layers"][k] for k in ("q_bias", "k_bias", "v_bias", "mlp_norm"))
-    assert all(mask["layers"][k] for k in ("q", "k", "v", "o", "gate", "up", "down"))
+    assert not any(mask["layers"]["attn"][k] for k in ("q_bias", "k_bias", "v_bias"))
+    assert not mask["layers"]["mlp_norm"]
+    assert all(mask["layers"]["attn"][k] for k in ("q", "k", "v", "o"))
+    assert all(mask["layers"]["mlp"][k] for k in ("gate", "up", "down"))
     with pytest.raises(KeyError, match="extra_bias"):
         decay_mask({**params, "extra_bias": jnp.zeros(3)})
 
@@ -175,7 +177,7 @@ def test_thought_key_comes_from_the_step_number(adamw_step):
 def test_nan_params_are_reported_with_step_and_component(adamw_step):
     opt, step = adamw_step
     params = tiny_params()
-    params["layers"]["q"] = params["layers"]["q"].at[0, 0, 0, 0].set(jnp.nan)
+    params["layers"]["attn"]["q"] = params["layers"]["attn"]["q"].at[0, 0, 0, 0].set(jnp.nan)
     _, metrics = step(init_state(params, opt), tiny_batch())
     with pytest.raises(FloatingPointError, match="step 7: component nll_base"):
         check_finite(jax.device_get(metrics), 7)

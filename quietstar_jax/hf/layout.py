@@ -27,12 +27,12 @@ def _layer_specs(cfg: ModelConfig, prefix: str, i: int) -> list[TensorSpec]:
 
     def proj(name: str, heads: int) -> TensorSpec:
         return TensorSpec(
-            f"{p}self_attn.{name}_proj.weight", (heads * d, h), ("layers", name), i,
+            f"{p}self_attn.{name}_proj.weight", (heads * d, h), ("layers", "attn", name), i,
             lambda w: w.T.reshape(h, heads, d), lambda w: w.reshape(h, heads * d).T)
 
     def bias(name: str, heads: int) -> TensorSpec:
         return TensorSpec(
-            f"{p}self_attn.{name}_proj.bias", (heads * d,), ("layers", f"{name}_bias"), i,
+            f"{p}self_attn.{name}_proj.bias", (heads * d,), ("layers", "attn", f"{name}_bias"), i,
             lambda b: b.reshape(heads, d), lambda b: b.reshape(heads * d))
 
     specs = [
@@ -40,14 +40,15 @@ def _layer_specs(cfg: ModelConfig, prefix: str, i: int) -> list[TensorSpec]:
         proj("q", nh),
         proj("k", nkv),
         proj("v", nkv),
-        TensorSpec(f"{p}self_attn.o_proj.weight", (h, nh * d), ("layers", "o"), i,
+        TensorSpec(f"{p}self_attn.o_proj.weight", (h, nh * d), ("layers", "attn", "o"), i,
                    lambda w: w.T.reshape(nh, d, h), lambda w: w.reshape(nh * d, h).T),
         TensorSpec(f"{p}post_attention_layernorm.weight", (h,), ("layers", "mlp_norm"), i,
                    same, same),
-        TensorSpec(f"{p}mlp.gate_proj.weight", (m, h), ("layers", "gate"), i,
+        TensorSpec(f"{p}mlp.gate_proj.weight", (m, h), ("layers", "mlp", "gate"), i,
                    transpose, transpose),
-        TensorSpec(f"{p}mlp.up_proj.weight", (m, h), ("layers", "up"), i, transpose, transpose),
-        TensorSpec(f"{p}mlp.down_proj.weight", (h, m), ("layers", "down"), i,
+        TensorSpec(f"{p}mlp.up_proj.weight", (m, h), ("layers", "mlp", "up"), i,
+                   transpose, transpose),
+        TensorSpec(f"{p}mlp.down_proj.weight", (h, m), ("layers", "mlp", "down"), i,
                    transpose, transpose),
     ]
     if cfg.attention_bias:

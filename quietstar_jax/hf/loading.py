@@ -176,7 +176,7 @@ def load_params(
     axis 0), cast to `dtype` (default `cfg.param_dtype`). Each finished array goes to
     the device(s) before the next is built: with `sharding` (one
     `jax.sharding.Sharding` for all, a pytree of them shaped like the params, or a
-    callable `(path: tuple[str, ...], shape) -> Sharding`, path e.g. `("layers", "q")`)
+    callable `(path: tuple[str, ...], shape) -> Sharding`, path e.g. `("layers", "attn", "q")`)
     by `jax.make_array_from_callback`, so each device receives only its slice.
 
     When the file holds the authors' thought tensors, they are loaded too, into

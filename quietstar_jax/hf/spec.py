@@ -37,5 +37,5 @@ def transpose(x: np.ndarray) -> np.ndarray:
 
 
 def path_str(path: tuple[str, ...]) -> str:
-    """`params['layers']['q']`: a param's path as error messages name it."""
+    """`params['layers']['attn']['q']`: a param's path as error messages name it."""
     return "params" + "".join(f"[{k!r}]" for k in path)

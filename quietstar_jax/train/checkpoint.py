@@ -189,7 +189,7 @@ def intact_steps(directory: str | os.PathLike) -> list[int]:
 
 
 def _shapes_by_path(tree: Any) -> dict[str, tuple[int, ...] | None]:
-    """`"params.layers.q" -> shape` of every leaf (dict keys, attributes and indices
+    """`"params.layers.attn.q" -> shape` of every leaf (dict keys, attributes and indices
     alike, so a TrainState and its orbax metadata tree give the same names)."""
     leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
     return {jax.tree_util.keystr(path, simple=True, separator="."):
@@ -279,6 +279,13 @@ class Checkpointer:
         if not saved:
             raise ValueError("its state metadata (_METADATA) is missing or empty")
         where = f"checkpoint step {step} in {self.directory}"
+        if any(n.startswith("params.layers.q") for n in saved):
+            raise CheckpointError(
+                f"{where} has the flat layer layout of checkpoints written before the "
+                "decoder layer held its attention and MLP as submodules (params.layers.q; "
+                "now params.layers.attn.q): resume it with the quietstar-jax version that "
+                "wrote it, or export it to a Hugging Face checkpoint there "
+                "(train.py --config.export_hf_dir) and start from that")
         for name, shape in _shapes_by_path(abstract_state).items():
             if name not in saved:
                 raise CheckpointError(f"{where} does not match the model: it has no {name} "
