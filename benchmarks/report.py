@@ -1,5 +1,6 @@
-"""The benchmark figures quoted in README.md, BENCHMARKS.md and docs/TRAINING.md, from
-the results JSON.
+"""The figures quoted in README.md, BENCHMARKS.md, docs/TRAINING.md and
+docs/EXPERIMENTS.md, from the results JSON (benchmarks/results/, and the experiments'
+results under experiments/results/).
 
 Each quoted figure has a short id in `FIGURES`: the results file it comes from (under
 `benchmarks/results/`), the key path to its value in that file, and how it is written.
@@ -28,7 +29,7 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
-DOCS = ("README.md", "BENCHMARKS.md", "docs/TRAINING.md")
+DOCS = ("README.md", "BENCHMARKS.md", "docs/TRAINING.md", "docs/EXPERIMENTS.md")
 # <!-- fig:ID -->TEXT<!-- /fig -->, on one line.
 MARKER = re.compile(r"<!-- fig:([A-Za-z0-9_.-]+) -->(.*?)<!-- /fig -->")
 
@@ -72,7 +73,28 @@ def _main(*keys: str | int) -> tuple[str | int, ...]:
     return ("main", *keys)
 
 
+# Issue 21: the full run of experiments/latent_steps.py (3 pretrained LMs x 2 seeds).
+_LAT = "../../experiments/results/latent_steps_full_2026-12-07.json"
+
+
+def _latent(*keys: str | int, fmt: str = "{:.3f}", **kw: Any) -> Figure:
+    return Figure(_LAT, keys, fmt, **kw)
+
+
+_THINK_PLAIN = ("answer_accuracy", "differences", "thinking_minus_plain_lm")
+
+
 FIGURES: dict[str, Figure] = {
+    # Issue 21: does Quiet-STaR discover the intermediate step? (docs/EXPERIMENTS.md)
+    **{f"lat_acc_{arm}": _latent("answer_accuracy", arm, "mean")
+       for arm in ("plain_lm", "pause", "thinking", "reinforce_off", "oracle_thought",
+                   "random_thought", "calibration_only", "worked_step", "pretrained")},
+    "lat_think_minus_plain": _latent(*_THINK_PLAIN, "mean", fmt="{:+.3f}"),
+    "lat_think_minus_plain_lo": _latent(*_THINK_PLAIN, "ci95", 0, fmt="{:+.3f}"),
+    "lat_think_minus_plain_hi": _latent(*_THINK_PLAIN, "ci95", 1, fmt="{:+.3f}"),
+    **{f"lat_inter_{k}": _latent("intermediate_in_thought", k, "mean")
+       for k in ("before_training", "thinking", "reinforce_off")},
+    "lat_wall_min": _latent("wall_time_s", fmt="{:.0f}", scale=1 / 60),
     # Adaptive thinking (issue 25): the sparse step in fast plain steps, gated generation.
     "smollm2_sparse_k8_fast_plain_steps": Figure(
         _SPARSE, _main("sparse_ratios", "sparse_over_fast_plain")),
@@ -302,8 +324,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     mode.add_argument("--write", action="store_true",
                       help="rewrite the marked figures from the JSON")
     p.add_argument("--docs", nargs="+", type=Path, default=[ROOT / d for d in DOCS],
-                   help="the Markdown files (default: README.md BENCHMARKS.md "
-                   "docs/TRAINING.md)")
+                   help="the Markdown files (default: " + " ".join(DOCS) + ")")
     p.add_argument("--results", type=Path, default=RESULTS,
                    help="the results directory (default: benchmarks/results)")
     args = p.parse_args(argv)

@@ -36,6 +36,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from flax import traverse_util
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -477,9 +478,10 @@ def pretrained(p: Protocol, seed: int, log: Callable[[str], None],
     import hashlib
     import pickle
 
-    key = json.dumps([seed] + [getattr(p, f) for f in PRETRAIN_FIELDS])
-    if p.task == "dash4":  # the first task's cache entries stay valid
-        key = json.dumps([seed] + [getattr(p, f) for f in PRETRAIN_FIELDS[1:]])
+    fields = PRETRAIN_FIELDS[1:] if p.task == "dash4" else PRETRAIN_FIELDS
+    # The params' layout is part of the key: a cache of another layout is not read.
+    layout = sorted(traverse_util.flatten_dict(model.param_shapes(model_config(p))))
+    key = json.dumps([seed] + [getattr(p, f) for f in fields] + ["/".join(k) for k in layout])
     path = os.path.join(cache_dir, f"pretrained_{hashlib.sha1(key.encode()).hexdigest()[:12]}.pkl")
     if os.path.exists(path):
         log(f"  pretrained params from {path}")
