@@ -283,7 +283,7 @@ def test_non_finite_params_of_a_training_checkpoint_are_named():
     cfg, params = _tiny()
     hf.check_finite_params(params, "ckpt")  # finite: no error
     params["layers"]["mlp"]["down"] = params["layers"]["mlp"]["down"].at[1, 2, 3].set(jnp.inf)
-    with pytest.raises(ValueError, match=r"^ckpt: params\['layers'\]\['down'\] holds "
+    with pytest.raises(ValueError, match=r"^ckpt: params\['layers'\]\['mlp'\]\['down'\] holds "
                                          r"non-finite values \(0 NaN, 1 inf of \d+; the "
                                          r"first at \[1, 2, 3\]\)"):
         hf.check_finite_params(params, "ckpt")
