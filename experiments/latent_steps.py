@@ -124,7 +124,7 @@ class Protocol:
 
 
 FULL = Protocol()
-# One pretrained LM x one fine-tune seed: 10 minutes from scratch on 2 slow cores (the
+# One pretrained LM x one fine-tune seed, for the 10-minute budget from scratch (the
 # quick runs of docs/EXPERIMENTS.md before 2026-12-07 had seeds 0, 1: `--set seeds=0,1`).
 QUICK = Protocol(steps=100, pretrain_seeds=(0,), seeds=(0,), eval_docs=96,
                  curve_docs=24, curve_points=2)
