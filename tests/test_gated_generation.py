@@ -74,10 +74,15 @@ def test_think_stats_counts_only_live_tokens():
     rng = np.random.default_rng(0)
     mask = rng.random((4, 9)) < 0.3
     lengths = np.array([9, 3, 0, 6])
-    rate, per_token = think_stats(jnp.asarray(mask), jnp.asarray(lengths), n_ahead=7)
+    rate, per_token = think_stats(jnp.asarray(mask), jnp.asarray(lengths), 4)
     np.testing.assert_allclose(rate, naive_rate(mask, lengths), rtol=1e-6)
     np.testing.assert_allclose(per_token, 6 * naive_rate(mask, lengths), rtol=1e-6)
-    assert float(think_stats(jnp.asarray(mask), jnp.zeros(4, jnp.int32), 7)[0]) == 0.0
+    assert float(think_stats(jnp.asarray(mask), jnp.zeros(4, jnp.int32), 4)[0]) == 0.0
+    # thoughts of several lengths: each feeds its sampled tokens + start and end
+    sampled = rng.integers(1, 7, mask.shape)
+    fed = sum(int(sampled[b, t]) + 2 for b in range(4) for t in range(lengths[b]) if mask[b, t])
+    _, per_token = think_stats(jnp.asarray(mask), jnp.asarray(lengths), jnp.asarray(sampled))
+    np.testing.assert_allclose(per_token, fed / lengths.sum(), rtol=1e-6)
 
 
 def test_reported_think_rate_equals_the_count_and_the_recomputed_gate():
@@ -174,8 +179,58 @@ def test_gate_options_are_checked():
     with pytest.raises(ValueError, match="gate_rate needs a think gate"):
         generate(no_gate, cfg, TC, PROMPTS, gate_rate=0.1, **kw)
     two_lengths = dict(params, think_gate=init_gate_params(cfg, jax.random.key(6), n_lengths=2))
-    with pytest.raises(ValueError, match="scores 2 thought lengths"):
+    with pytest.raises(ValueError, match=r"scores 2 thought length\(s\) but the ThoughtConfig"):
         generate(two_lengths, cfg, TC, PROMPTS, gate_threshold=0.0, **kw)
+
+
+LENGTHS = (1, 4)
+
+
+def with_two_length_gate(params, bias=(0.0, 0.0)):
+    """`params` with a think gate of two outputs (lengths `LENGTHS`), random output
+    weights and output biases `bias`."""
+    gate = dict(params["think_gate"])
+    gate["w1"] = 0.3 * jax.random.normal(jax.random.key(7), (64, 2))
+    gate["b1"] = jnp.asarray(bias, jnp.float32)
+    return dict(params, think_gate=gate)
+
+
+def test_a_gate_of_two_lengths_thinks_with_the_length_of_its_highest_logit():
+    """A two-output gate: a token gets a thought where its highest recomputed gate logit
+    exceeds the threshold, of the length of that logit, and the thought tokens fill
+    just that length; thought tokens per token count each thought's own length. With
+    the second output's bias far above the first's, the generation equals the
+    one-length gated generation (that output alone, that length's config) token for
+    token."""
+    cfg, params = tiny()
+    tc2 = TC.replace(think_k=2, think_lengths=LENGTHS)
+    two = with_two_length_gate(params)
+    kw = dict(max_new_tokens=10, rng=jax.random.key(3), return_thoughts=True,
+              eos_token_id=None)
+    g = generate(two, cfg, tc2, PROMPTS, gate_threshold=0.0, **kw)
+    logits, _ = recomputed_gate_logits(two, cfg, PROMPTS, g.tokens)  # [B, N, 2]
+    fire, choice = logits.max(-1) > 0.0, logits.argmax(-1)
+    want = np.where(fire, np.asarray(LENGTHS)[choice], 0)
+    np.testing.assert_array_equal(g.thought_mask, fire)
+    np.testing.assert_array_equal(g.thought_lengths, want)
+    assert {1, 4} <= set(want.ravel().tolist())  # both lengths were chosen somewhere
+    th = np.asarray(g.thoughts)
+    assert th.shape == (2, 10, 4)
+    for b in range(2):
+        for t in range(10):
+            assert not th[b, t, want[b, t]:].any()  # nothing past the chosen length
+    np.testing.assert_allclose(g.thought_tokens_per_token, (want + 2)[fire].sum() / 20)
+    # the second length always wins and always fires (one compile pair, not two)
+    forced_params = with_two_length_gate(params, (-20.0, 20.0))
+    forced = generate(forced_params, cfg, tc2, PROMPTS, gate_threshold=0.0, **kw)
+    one = dict(forced_params, think_gate=dict(forced_params["think_gate"],
+                                              w1=forced_params["think_gate"]["w1"][:, 1:],
+                                              b1=forced_params["think_gate"]["b1"][1:]))
+    alone = generate(one, cfg, tc2.of_length(4), PROMPTS, gate_threshold=0.0, **kw)
+    assert alone.thought_mask.all() and alone.thoughts.shape == (2, 10, 4)
+    np.testing.assert_array_equal(forced.tokens, alone.tokens)
+    np.testing.assert_array_equal(forced.thoughts, alone.thoughts)
+    np.testing.assert_array_equal(forced.thought_lengths, 4)
 
 
 def _gated_workdir(tmp_path, gate: bool):
@@ -307,7 +362,8 @@ def test_only_the_firing_rows_think_and_draw_their_whole_batch_thoughts():
     ranked = np.sort(gate)[::-1]
     for n_fire in (0, 1, 3, 4):
         thr = ranked[n_fire - 1] - 1e-4 if n_fire else ranked[0] + 1.0
-        logits, th, ww, fire, g = step(kv, valid, pos, h_last, pos_last, key, thr)
+        logits, th, n_sampled, ww, fire, g = step(kv, valid, pos, h_last, pos_last, key, thr)
+        np.testing.assert_array_equal(n_sampled, np.where(fire, TC.num_sampled, 0))
         fire = np.asarray(fire)
         assert fire.sum() == n_fire and np.array_equal(fire, gate > thr)
         np.testing.assert_allclose(g, gate, rtol=1e-6)

@@ -67,9 +67,9 @@ def _generate_rows(
     batch filled with repeats), returning the new tokens of each prompt.
 
     gate: `generate`'s gate_threshold / gate_rate (when thinking); counts: when given,
-    its "tokens" and "thoughts" are increased by the new tokens of the prompts (up to
-    each one's eos; the repeats that fill the last batch not counted) and the thoughts
-    that preceded them."""
+    its "tokens", "thoughts" and "thought_tokens" are increased by the new tokens of the
+    prompts (up to each one's eos; the repeats that fill the last batch not counted),
+    the thoughts that preceded them and the tokens those thoughts fed."""
     order = np.argsort([len(p) for p in prompts], kind="stable")
     out: list[list[int]] = [[] for _ in prompts]
     gate = gate if think and gate else {}
@@ -92,6 +92,10 @@ def _generate_rows(
             if counts is not None:
                 counts["tokens"] = counts.get("tokens", 0) + int(lengths[r])
                 counts["thoughts"] = counts.get("thoughts", 0) + int(fired[r, :lengths[r]].sum())
+                if gen.thought_lengths is not None:  # start, sampled tokens, end
+                    live = slice(0, lengths[r])
+                    fed = (np.asarray(gen.thought_lengths)[r, live] + 2) * fired[r, live]
+                    counts["thought_tokens"] = counts.get("thought_tokens", 0) + int(fed.sum())
     return out
 
 
@@ -123,8 +127,8 @@ def run_cot(
     Returns {"accuracy", "questions", "votes", "mean_solution_tokens", "per_question":
     [{"question", "truth", "votes", "prediction", "correct", "solutions"}], and when
     thinking "think_rate" (share of the generated tokens, solutions and answers, up to
-    each one's eos, preceded by a thought) and "thought_tokens_per_token" (n_ahead - 1
-    per thought)}.
+    each one's eos, preceded by a thought) and "thought_tokens_per_token" (its sampled
+    tokens + 2 per thought)}.
     """
     if n_votes < 1 or max_solution_tokens < 1 or answer_tokens < 1:
         raise ValueError("n_votes, max_solution_tokens and answer_tokens must be >= 1")
@@ -167,6 +171,7 @@ def run_cot(
            "mean_solution_tokens": float(np.mean(sol_lens)) if sol_lens else 0.0,
            "per_question": per_q}
     if think:
-        rate = counts.get("thoughts", 0) / max(counts.get("tokens", 0), 1)
-        res |= {"think_rate": rate, "thought_tokens_per_token": rate * (tc.n_ahead - 1)}
+        n = max(counts.get("tokens", 0), 1)
+        res |= {"think_rate": counts.get("thoughts", 0) / n,
+                "thought_tokens_per_token": counts.get("thought_tokens", 0) / n}
     return res

@@ -59,7 +59,7 @@ from quietstar_jax.thought import (
 )
 from quietstar_jax.thought import pad_id as thought_pad_id
 from quietstar_jax.thought.schedule import ThoughtSchedule, window_visible
-from quietstar_jax.thought.sparse import stats_from_logits
+from quietstar_jax.thought.sparse import choose_length, stats_from_logits
 
 
 class Generation(NamedTuple):
@@ -68,8 +68,9 @@ class Generation(NamedTuple):
     tokens: int32 `[B, N]`, the new tokens; after a row's first eos (kept) every
       token is `pad_id`.
     lengths: int32 `[B]`, new tokens up to and including the first eos.
-    thoughts: int32 `[B, N, n_ahead - 3]`, the sampled thought tokens before each new
-      token (None without thinking or unless asked for).
+    thoughts: int32 `[B, N, n_ahead - 3]` (with a gate of several lengths `[B, N,
+      max(tc.lengths)]`, zero past each thought's length), the sampled thought tokens
+      before each new token (None without thinking or unless asked for).
     mixing_weights: float32 `[B, N]`, the mixing head's weight w of each new token
       (None without thinking or unless asked for).
     thought_mask: bool `[B, N]`, whether a thought preceded each new token (with a
@@ -77,12 +78,15 @@ class Generation(NamedTuple):
     think_rate: float32 `[]`, the fraction of the live new tokens (those up to and
       including each row's first eos) before which a thought ran: 1 when thinking
       everywhere (also `generate_recompute`), 0 without thinking (`think_stats`).
-    thought_tokens_per_token: float32 `[]`, thought tokens fed per live new token:
-      `think_rate * (n_ahead - 1)` (start, n_ahead - 3 sampled tokens, end: each one
-      model step); 0 without thinking.
+    thought_tokens_per_token: float32 `[]`, thought tokens fed per live new token (a
+      thought feeds its start, sampled tokens and end: `n_ahead - 1` with one length,
+      each one model step); 0 without thinking.
     gate_thresholds: float32 `[N]`, the gate threshold in force before each new token
       (constant with `gate_threshold`, the running one with `gate_rate`; None without
       a gate).
+    thought_lengths: int32 `[B, N]`, the sampled tokens of the thought before each new
+      token (0: none; a gate of several lengths chooses one per token; None without
+      thinking).
     """
 
     tokens: jax.Array
@@ -93,23 +97,26 @@ class Generation(NamedTuple):
     think_rate: jax.Array | None = None
     thought_tokens_per_token: jax.Array | None = None
     gate_thresholds: jax.Array | None = None
+    thought_lengths: jax.Array | None = None
 
 
 def think_stats(
-    thought_mask: jax.Array, lengths: jax.Array, n_ahead: int
+    thought_mask: jax.Array, lengths: jax.Array, sampled: jax.Array | int
 ) -> tuple[jax.Array, jax.Array]:
     """(think rate, thought tokens per new token), float32 scalars, over the live new
     tokens: token t of row b is live when t < lengths[b].
 
     thought_mask: bool `[B, N]`, a thought before new token (b, t); lengths: int `[B]`;
-    n_ahead: thought length (each thought feeds `n_ahead - 1` tokens: start, the
-    `n_ahead - 3` sampled ones, end). A call with no live token has rate 0.
+    sampled: int `[B, N]` (or one int for all): the sampled tokens of each thought; a
+    thought feeds `sampled + 2` tokens (start, the sampled ones, end). A call with no
+    live token has rate 0.
     """
     live = jnp.arange(thought_mask.shape[1])[None, :] < lengths[:, None]
-    n_live = jnp.sum(live)
-    rate = jnp.sum(thought_mask & live) / jnp.maximum(n_live, 1)
-    rate = rate.astype(jnp.float32)
-    return rate, rate * (n_ahead - 1)
+    n_live = jnp.maximum(jnp.sum(live), 1)
+    thinking = thought_mask & live
+    rate = (jnp.sum(thinking) / n_live).astype(jnp.float32)
+    fed = jnp.where(thinking, jnp.asarray(sampled) + 2, 0)
+    return rate, (jnp.sum(fed) / n_live).astype(jnp.float32)
 
 
 # --------------------------------------------------------------------------- inputs
@@ -347,11 +354,13 @@ def _generate_cached(
     """gate_mode None: think before every token (with `think`); "threshold": think where
     the gate logit > gate_value; "rate": where it exceeds a running threshold that
     holds the fraction of thinking live rows at gate_value (`RateControl`).
-    Returns (tokens, thoughts, mixing weights, fired `[B, N]`, thresholds `[N]`)."""
+    Returns (tokens, thoughts `[B, N, width]`, sampled tokens of each thought `[B, N]`
+    (0: none), mixing weights, fired `[B, N]`, thresholds `[N]`); width is the longest
+    length of `tc.lengths` with a gate, else `tc.num_sampled`."""
     b, p = ids.shape
     n = max_new_tokens
-    n_thought = tc.num_sampled if think else 0
     gated = think and gate_mode is not None
+    n_thought = (max(tc.lengths) if gated else tc.num_sampled) if think else 0
     positions = model.default_positions(mask)
     h, kv = model.forward(params, cfg, ids, mask, positions)
     pad_kv = [(0, 0), (0, 0), (0, n), (0, 0), (0, 0)]
@@ -360,6 +369,7 @@ def _generate_cached(
     cache_pos = jnp.concatenate([positions, jnp.zeros((b, n), positions.dtype)], axis=1)
     out_tok = jnp.full((b, n), pad_id, jnp.int32)
     out_thought = jnp.zeros((b, n, n_thought), jnp.int32)
+    out_len = jnp.full((b, n), n_thought if think and not gated else 0, jnp.int32)
     out_w = jnp.zeros((b, n), jnp.float32)
     out_fire = jnp.full((b, n), think and not gated)
     out_thr = jnp.zeros((n,), jnp.float32)
@@ -377,14 +387,15 @@ def _generate_cached(
         return (t < n) & ~jnp.all(done)
 
     def body(state):
-        (t, cache, valid, cpos, h_last, pos_last, out_tok, out_thought, out_w, out_fire,
-         ctl, out_thr, done) = state
+        (t, cache, valid, cpos, h_last, pos_last, out_tok, out_thought, out_len, out_w,
+         out_fire, ctl, out_thr, done) = state
         key = _token_key(rng, t)
         if gated:
             thr = ctl.threshold(gate_value) if gate_mode == "rate" else ctl.mean
-            logits, thought, w, fire, gate = _gated_thought(
+            logits, thought, n_sampled, w, fire, gate = _gated_thought(
                 params, cfg, tc, cache, valid, cpos, h_last, pos_last, key, thr)
             out_thought = out_thought.at[:, t].set(thought)
+            out_len = out_len.at[:, t].set(n_sampled)
             out_w = out_w.at[:, t].set(w)
             out_fire = out_fire.at[:, t].set(fire)
             out_thr = out_thr.at[t].set(thr)
@@ -405,13 +416,13 @@ def _generate_cached(
         pos_new = pos_last + 1
         h_new, cache, valid, cpos = _append_token(
             params, cfg, cache, valid, cpos, tok, pos_new, p + t)
-        return (t + 1, cache, valid, cpos, h_new, pos_new, out_tok, out_thought, out_w,
-                out_fire, ctl, out_thr, done)
+        return (t + 1, cache, valid, cpos, h_new, pos_new, out_tok, out_thought, out_len,
+                out_w, out_fire, ctl, out_thr, done)
 
     state = (jnp.zeros((), jnp.int32), cache, cache_valid, cache_pos, h[:, -1], positions[:, -1],
-             out_tok, out_thought, out_w, out_fire, ctl, out_thr, done)
+             out_tok, out_thought, out_len, out_w, out_fire, ctl, out_thr, done)
     state = jax.lax.while_loop(cond, body, state)
-    return state[6], state[7], state[8], state[9], state[11]
+    return state[6], state[7], state[8], state[9], state[10], state[12]
 
 
 def thinking_row_buckets(batch: int) -> tuple[int, ...]:
@@ -427,17 +438,47 @@ def thinking_row_buckets(batch: int) -> tuple[int, ...]:
 
 def _gated_thought(params, cfg, tc, cache, valid, cpos, h_last, pos_last, key, threshold):
     """One step of gated thinking: the think gate (`params["think_gate"]`) on the last
-    hidden `[B, hidden]` and its base logits' statistics; rows whose gate logit exceeds
-    `threshold` think (`think_at`) and take the mixed logits, the others the base
-    logits. Only the firing rows think: they are gathered (with their cache rows) into
-    the smallest of `thinking_row_buckets(B)` that holds them (`lax.switch`; no row
-    fires: no thought), each drawing the thought it would draw in the whole batch.
-    Returns (logits `[B, vocab]`, thought tokens `[B, n_ahead - 3]` (0 where none),
-    mixing weight `[B]`, fired `[B]`, gate logits `[B]`)."""
+    hidden `[B, hidden]` and its base logits' statistics gives one logit per thought
+    length of `tc.lengths` (a one-output gate: the one length). A row fires when its
+    highest logit exceeds `threshold` and thinks (`think_at`) with the length of that
+    logit (`sparse.choose_length`), taking the mixed logits; the others take the base
+    logits. Only the firing rows think: per length, its rows are gathered (with their
+    cache rows) into the smallest of `thinking_row_buckets(B)` that holds them
+    (`lax.switch`; no row: no thought), each drawing the thought it would draw in the
+    whole batch at that length.
+    Returns (logits `[B, vocab]`, thought tokens `[B, max(tc.lengths)]` (0 where none
+    and past the row's length), sampled tokens of the row's thought `[B]` (0: none),
+    mixing weight `[B]`, fired `[B]`, the deciding gate logit `[B]`)."""
     b = h_last.shape[0]
+    lengths = tc.lengths
+    width = max(lengths)
     base = model.logits_from_hidden(params, cfg, h_last)
-    gate = gate_logit(params["think_gate"], h_last, stats_from_logits(base))
-    fire = gate > threshold
+    gates = gate_logit(params["think_gate"], h_last, stats_from_logits(base))
+    gates = gates.reshape(b, -1)  # [B, lengths]
+    gate = jnp.max(gates, axis=-1)
+    chosen = choose_length(gates, threshold)  # 0: no thought, else 1 + length index
+    fire = chosen > 0
+    logits, thought = base, jnp.zeros((b, width), jnp.int32)
+    w, n_sampled = jnp.zeros((b,), jnp.float32), jnp.zeros((b,), jnp.int32)
+    for li, length in enumerate(lengths):
+        rows_l = chosen == li + 1
+        lg, th, wl = _think_firing_rows(params, cfg, tc.of_length(length), cache, valid,
+                                        cpos, h_last, pos_last, key, rows_l, base)
+        logits = jnp.where(rows_l[:, None], lg, logits)
+        thought = jnp.where(rows_l[:, None], jnp.pad(th, ((0, 0), (0, width - length))),
+                            thought)
+        w = jnp.where(rows_l, wl, w)
+        n_sampled = jnp.where(rows_l, length, n_sampled)
+    return logits, thought, n_sampled, w, fire, gate
+
+
+def _think_firing_rows(params, cfg, tc, cache, valid, cpos, h_last, pos_last, key, fire,
+                       base):
+    """The thoughts (one length, `tc`) of the rows where `fire` `[B]`: gathered into the
+    smallest bucket of `thinking_row_buckets(B)` that holds them. Returns (logits
+    `[B, vocab]`, thought tokens `[B, tc.num_sampled]`, mixing weight `[B]`), the base
+    logits and zeros in the other rows."""
+    b = h_last.shape[0]
     no_thought = jnp.zeros((b, tc.num_sampled), jnp.int32)
     firing_first = jnp.argsort(~fire, stable=True)  # firing rows first, in row order
     sizes = thinking_row_buckets(b)
@@ -457,9 +498,7 @@ def _gated_thought(params, cfg, tc, cache, valid, cpos, h_last, pos_last, key, t
         return run
 
     bucket = jnp.searchsorted(jnp.asarray(sizes), jnp.sum(fire))  # smallest size >= fired
-    logits, thought, w = jax.lax.switch(bucket, [think_rows(m) for m in sizes], None)
-    logits = jnp.where(fire[:, None], logits, base)
-    return logits, jnp.where(fire[:, None], thought, 0), jnp.where(fire, w, 0.0), fire, gate
+    return jax.lax.switch(bucket, [think_rows(m) for m in sizes], None)
 
 
 class Request(NamedTuple):
@@ -502,8 +541,8 @@ def prepare_request(
     pad_id = thought_pad_id(pad_token_id, None if tc is None else tc.pad_token_id, eos_id)
     ids, mask = left_pad(prompts, pad_id, pad_to_multiple)
     _check_args(cfg, tc, think, ids, max_new_tokens)
-    _check_length(cfg, max(len(p) for p in prompts), max_new_tokens,
-                  tc.n_ahead if think and tc is not None else None)
+    longest = None if not think or tc is None else max(tc.n_ahead, max(tc.lengths) + 3)
+    _check_length(cfg, max(len(p) for p in prompts), max_new_tokens, longest)
     rng = _need_rng(rng, sc, tc, think)
     run_tc = tc if (think or tc is None) else _mask_only(tc)
     return Request(cfg, run_tc, sc, jnp.asarray(ids), jnp.asarray(mask), rng, eos_id, pad_id)
@@ -555,7 +594,10 @@ def generate(
     gate_rate_step: the offset's gain, in standard deviations of the logits (> 0).
     With a gate, only the rows whose gate fires think (`_gated_thought`: gathered
     into the smallest of `thinking_row_buckets(B)` that holds them); the others take
-    the base prediction.
+    the base prediction. A gate of several outputs (trained with
+    `ThoughtConfig.think_lengths`; `tc.lengths` must match them) fires on its largest
+    logit and thinks with that output's length (`sparse.choose_length`); the running
+    threshold follows the largest logit.
     Returns a `Generation` (thoughts and mixing weights only with return_thoughts;
     `thought_mask` and `gate_thresholds` with a gate; `think_rate` and
     `thought_tokens_per_token` always).
@@ -575,29 +617,30 @@ def generate(
     if gate_mode is not None and think and "think_gate" not in params:
         raise ValueError(f"gate_{gate_mode} needs a think gate: params have no 'think_gate' "
                          "(train with ThoughtConfig.think_k and gate_loss_weight > 0)")
-    if gate_mode is not None and think and gate_outputs(params["think_gate"]) != 1:
+    if (gate_mode is not None and think and tc is not None
+            and gate_outputs(params["think_gate"]) != len(tc.lengths)):
         raise ValueError(
             f"gate_{gate_mode}: the think gate scores {gate_outputs(params['think_gate'])} "
-            "thought lengths (trained with ThoughtConfig.think_lengths); generation thinks "
-            "with one length and reads a one-output gate only")
+            f"thought length(s) but the ThoughtConfig has {len(tc.lengths)} ({tc.lengths}): "
+            "pass the config the gate was trained with (ThoughtConfig.think_lengths)")
     r = prepare_request(cfg, tc, prompts, max_new_tokens=max_new_tokens, rng=rng,
                         think=think, greedy=greedy, temperature=temperature, top_p=top_p,
                         eos_token_id=eos_token_id, pad_token_id=pad_token_id,
                         pad_to_multiple=pad_to_multiple)
     gated = think and gate_mode is not None
     value = (gate_threshold if gate_mode == "threshold" else gate_rate) if gated else None
-    toks, thoughts, w, fired, thresholds = _generate_cached(
+    toks, thoughts, n_sampled, w, fired, thresholds = _generate_cached(
         params, r.ids, r.mask, r.rng,
         None if value is None else jnp.asarray(value, jnp.float32),
         jnp.asarray(gate_rate_step, jnp.float32) if gated else None,
         cfg=r.cfg, tc=r.tc, sc=r.sc, max_new_tokens=max_new_tokens, think=think,
         eos_id=r.eos_id, pad_id=r.pad_id, gate_mode=gate_mode if gated else None)
     toks, lengths = _finish(toks, r.eos_id, r.pad_id)
-    rate, per_token = think_stats(fired, lengths, r.tc.n_ahead if think else 1)
+    rate, per_token = think_stats(fired, lengths, n_sampled)
     keep = think and return_thoughts
     return Generation(toks, lengths, thoughts if keep else None, w if keep else None,
                       fired if gated else None, rate, per_token,
-                      thresholds if gated else None)
+                      thresholds if gated else None, n_sampled if think else None)
 
 
 def _mask_only(tc: ThoughtConfig) -> ThoughtConfig | None:
@@ -633,8 +676,9 @@ def generate_text(
     """`generate` on strings: each text is encoded with the tokenizer's special tokens
     (BOS); returns per text {"prompt", "completion", "tokens", when thinking
     "thought_before" (per new token, whether a thought preceded it: all True without a
-    gate), and with return_thoughts=True "thoughts": one decoded thought string per new
-    token, "thought_ids" (their token ids), "mixing_weights"}."""
+    gate) and "thought_lengths" (per new token, its thought's sampled tokens, 0: none),
+    and with return_thoughts=True "thoughts": one decoded thought string per new token
+    (empty: none), "thought_ids" (their token ids), "mixing_weights"}."""
     if isinstance(texts, str):
         raise TypeError("texts must be a list of strings, not one string")
     prompts = [tokenizer(t)["input_ids"] for t in texts]
@@ -653,10 +697,13 @@ def generate_text(
         if kwargs.get("think", True):
             item["thought_before"] = (np.asarray(gen.thought_mask)[i, : lengths[i]].tolist()
                                       if gen.thought_mask is not None else [True] * len(new))
+        if gen.thought_lengths is not None:
+            item["thought_lengths"] = np.asarray(gen.thought_lengths)[i, : lengths[i]].tolist()
         if gen.thoughts is not None:
             th = np.asarray(gen.thoughts)[i, : lengths[i]]
-            item["thoughts"] = [tokenizer.decode(row.tolist()) for row in th]
-            item["thought_ids"] = th.tolist()
+            ids = [row[:n].tolist() for row, n in zip(th, item["thought_lengths"], strict=True)]
+            item["thoughts"] = [tokenizer.decode(t) for t in ids]
+            item["thought_ids"] = ids
             item["mixing_weights"] = np.asarray(gen.mixing_weights)[i, : lengths[i]].tolist()
         out.append(item)
     return out

@@ -161,13 +161,16 @@ def _run(argv: Sequence[str] | None) -> int:
               "(compile included)", file=sys.stderr)
         if mode == "thinking":
             rate = sum(sum(item["thought_before"]) for item in out) / max(n_new, 1)
+            fed = sum(n + 2 for item in out
+                      for n, f in zip(item["thought_lengths"], item["thought_before"], strict=True)
+                      if f)  # start, sampled tokens, end
             results["think_rate"] = rate
-            results["thought_tokens_per_token"] = rate * (tc.n_ahead - 1)
+            results["thought_tokens_per_token"] = fed / max(n_new, 1)
             how = ("every token" if args.gate_threshold is None and args.gate_rate is None
                    else f"gate threshold {args.gate_threshold}" if args.gate_rate is None
                    else f"gate rate target {args.gate_rate}")
             print(f"[thinking] think rate {rate:.3f} ({how}), "
-                  f"{rate * (tc.n_ahead - 1):.2f} thought tokens per new token", file=sys.stderr)
+                  f"{fed / max(n_new, 1):.2f} thought tokens per new token", file=sys.stderr)
     write_json(args.out, results)
     print(f"wrote {args.out}", file=sys.stderr)
     return 0

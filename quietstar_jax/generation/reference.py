@@ -162,6 +162,6 @@ def generate_recompute(
         max_new_tokens=max_new_tokens, think=think, exact_rng=exact_rng)
     toks, lengths = _finish(toks, r.eos_id, r.pad_id)
     rate, per_token = think_stats(jnp.full(toks.shape, think), lengths,
-                                  r.tc.n_ahead if think else 1)
+                                  r.tc.num_sampled if think else 0)
     return Generation(toks, lengths, thoughts if think else None, w if think else None,
                       think_rate=rate, thought_tokens_per_token=per_token)
