@@ -83,6 +83,16 @@ def _latent(*keys: str | int, fmt: str = "{:.3f}", **kw: Any) -> Figure:
 
 _THINK_PLAIN = ("answer_accuracy", "differences", "thinking_minus_plain_lm")
 
+# Issue 25: experiments/think_gate.py, full preset (tune split, head opened), seed 0.
+_TG = "../../experiments/results/think_gate_full_tune_offset1_2026-12-07.json"
+
+
+def _gate(*keys: str | int, fmt: str = "{:.3f}", **kw: Any) -> Figure:
+    return Figure(_TG, keys, fmt, **kw)
+
+
+_TG_R10 = ("curve", 2)  # the row of rate 0.10
+
 
 FIGURES: dict[str, Figure] = {
     # Issue 21: does Quiet-STaR discover the intermediate step? (docs/EXPERIMENTS.md)
@@ -95,6 +105,19 @@ FIGURES: dict[str, Figure] = {
     **{f"lat_inter_{k}": _latent("intermediate_in_thought", k, "mean")
        for k in ("before_training", "thinking", "reinforce_off")},
     "lat_wall_min": _latent("wall_time_s", fmt="{:.0f}", scale=1 / 60),
+    # Issue 25: where should a thought go? (docs/EXPERIMENTS.md, "Think gate")
+    "tg_never_acc": _gate("never", "accuracy"),
+    "tg_always_acc": _gate("always", "accuracy"),
+    **{f"tg_r10_{sel}_acc": _gate(*_TG_R10, sel, "accuracy")
+       for sel in ("gated", "random", "entropy", "oracle")},
+    "tg_r10_gated_minus_random": _gate(*_TG_R10, "gated_minus_random", "accuracy",
+                                       fmt="{:+.3f}"),
+    "tg_r10_gated_minus_random_lo": _gate(*_TG_R10, "gated_minus_random", "accuracy_ci95", 0,
+                                          fmt="{:+.3f}"),
+    "tg_r10_gated_minus_random_hi": _gate(*_TG_R10, "gated_minus_random", "accuracy_ci95", 1,
+                                          fmt="{:+.3f}"),
+    "tg_must_show_rate": _gate("must_show", "accuracy", "rate", fmt="{:.2f}"),
+    "tg_dense_always_acc": _gate("dense_trained", "always", "accuracy"),
     # Adaptive thinking (issue 25): the sparse step in fast plain steps, gated generation.
     "smollm2_sparse_k8_fast_plain_steps": Figure(
         _SPARSE, _main("sparse_ratios", "sparse_over_fast_plain")),

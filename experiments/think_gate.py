@@ -5,12 +5,17 @@ and a gain oracle, on the two-hop task of experiments/latent_corpus.py.
     PYTHONPATH=. python experiments/think_gate.py --out /tmp/tg --quick    # <= 10 min
 
 Protocol (docs/EXPERIMENTS.md, "Think gate"): a small Llama pretrained as a plain LM on
-the mixed corpus (the settings of experiments/latent_steps.py's Protocol, its `--cache`
-files are read and written with the same key), then Quiet-STaR fine-tuning with sparse
-thoughts (`ThoughtConfig.think_k`) and the think gate (`params["think_gate"]`), with the
-shipped dash initialisation of the thought embeddings (the one under which thoughts
-help on this task today). On held-out skipped documents the trained model thinks at a
-fraction r of each document's positions, the positions chosen four ways:
+the mixed corpus (the settings of experiments/latent_steps.py's Protocol; `--cache`
+keeps it), then Quiet-STaR fine-tuning with sparse thoughts (`ThoughtConfig.think_k`)
+and the think gate (`params["think_gate"]`) under the thought initialisation that makes
+thoughts useful on this task today: the task "dash4", whose worked step is delimited by
+the byte the thought embeddings start from ("-", the authors' "---"), so that
+start-of-thought, m, end-of-thought reads as a worked step; the mixing head opened at
+the start (`mixing_weight_offset` 1); and fine-tuning documents of the "tune" split,
+compositions the LM never saw, where a thought pays at the answers (on its own "train"
+problems it has memorised every answer). On held-out ("eval") skipped documents the
+trained model thinks at a fraction r of each document's positions, the positions chosen
+four ways:
 
   gated    the gate's highest logits (`thought.gate_logit` on the base pass)
   random   uniformly random positions (reported as the exact expectation over draws:
@@ -56,6 +61,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from flax.traverse_util import flatten_dict
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -127,6 +133,14 @@ class Setup:
     think_explore: float = 0.25
     gate_cost: float = 0.0
     gate_loss_weight: float = 1.0
+    # The mixing head opened at the start (w = 1 + head): the thought's prediction is
+    # used from step 1, so the head learns where it pays instead of never opening.
+    mixing_weight_offset: float = 1.0
+    # The fine-tuning documents' split: "tune", compositions the pretrained LM never saw
+    # (at their answers a thought pays, as at the held-out ones), or "train", the
+    # pretrained LM's own problems, whose skipped answers it has memorised (no thought
+    # pays there, so the head never opens: docs/EXPERIMENTS.md, "Think gate").
+    finetune_split: str = "tune"
     seed: int = 0
     eval_docs: int = 160  # held-out skipped documents, 6 answers each
     rates: tuple[float, ...] = (0.0, 0.05, 0.1, 0.25, 0.5, 1.0)
@@ -146,11 +160,12 @@ TEXT_QUICK = TextSetup(steps=10, eval_windows=8)
 # ------------------------------------------------------------------ data and model
 
 
-def train_batches(s: Setup, data_seed: int, batch: int) -> Iterator[dict[str, np.ndarray]]:
-    pool = problems_of("train", s.task)
+def train_batches(s: Setup, data_seed: int, batch: int, split: str = "train"
+                  ) -> Iterator[dict[str, np.ndarray]]:
+    pool = problems_of(split, s.task)
     i = 0
     while True:
-        docs = [make_document("train", data_seed, i + j, explicit_frac=s.explicit_frac,
+        docs = [make_document(split, data_seed, i + j, explicit_frac=s.explicit_frac,
                               max_chars=s.seq_len - 4, pool=pool, task=s.task)
                 for j in range(batch)]
         i += batch
@@ -187,7 +202,8 @@ def thought_config(s: Setup, think_k: int | None) -> ThoughtConfig:
         embedding_scale=s.embedding_scale, init_token=s.init_token or None,
         masked_token_ids=(TOK.eos_token_id, TOK.bos_token_id), think_k=think_k,
         think_explore=s.think_explore, gate_cost=s.gate_cost,
-        gate_loss_weight=s.gate_loss_weight, **TOK.thought_token_ids())
+        gate_loss_weight=s.gate_loss_weight, mixing_weight_offset=s.mixing_weight_offset,
+        **TOK.thought_token_ids())
 
 
 def plain_step(cfg: ModelConfig, opt: optax.GradientTransformation) -> Callable:
@@ -217,7 +233,9 @@ def pretrained(s: Setup, log: Callable[[str], None], cache: str | None) -> Param
     read from / written to `cache` under latent_steps' key (the run is deterministic)."""
     path = None
     if cache:
-        key = json.dumps([0] + [getattr(s, f) for f in PRETRAIN_FIELDS])
+        # The params' layout is part of the key: a cache of another layout is not read.
+        layout = ["/".join(k) for k in sorted(flatten_dict(model.param_shapes(model_config(s))))]
+        key = json.dumps([0] + [getattr(s, f) for f in PRETRAIN_FIELDS] + layout)
         path = os.path.join(cache, f"pretrained_{hashlib.sha1(key.encode()).hexdigest()[:12]}.pkl")
         if os.path.exists(path):
             log(f"pretrained LM from {path}")
@@ -262,7 +280,7 @@ def finetune(s: Setup, params: Params, log: Callable[[str], None], dense: bool =
     step = make_train_step(cfg, thought_config(s, None if dense else s.think_k), opt,
                            schedule=sched, seed=s.seed)
     state = init_state(params, opt)
-    data = train_batches(s, FINETUNE_DATA_SEED + s.seed, s.batch)
+    data = train_batches(s, FINETUNE_DATA_SEED + s.seed, s.batch, s.finetune_split)
     keys = ("nll_base", "nll_thought", "reward_mean", "gate_loss", "gate_positive_frac",
             "gate_accuracy", "think_rate", "mixing_weight_mean")
     hist, window, t0 = [], [], time.time()

@@ -147,7 +147,8 @@ def test_gated_positions_match_sparse_thoughts(live):
     th = sparse_thoughts(params, cfg, tc, ids, m, positions, kv0, idx, key)
     hs = th.step_hidden[tc.n_ahead - 2]
     b = take(h0, idx)
-    w = mixing_weight(params["thought"]["mix"], b, hs)[..., None]
+    # the head's weight plus the setup's offset (docs/ALGORITHM.md, section 13)
+    w = (mixing_weight(params["thought"]["mix"], b, hs) + tc.mixing_weight_offset)[..., None]
     logits = model.logits_from_hidden(params, cfg, (1 - w) * b + w * hs).astype(jnp.float32)
     nll = np.asarray(token_nll(logits, take(jnp.roll(ids, -1, axis=1), idx)))
     np.testing.assert_allclose(nll, np.take_along_axis(pp["nll_think"], np.asarray(idx), 1),
@@ -211,3 +212,24 @@ def test_text_half_moves_the_lm_at_its_own_learning_rate():
         assert all(bool(jnp.all(a == b)) for a, b in pairs(k))
     for k in ("thought", "think_gate"):
         assert all(bool(jnp.all(a < b)) for a, b in pairs(k))
+
+
+def test_finetune_documents_come_from_the_setup_split():
+    """The fine-tuning stream of the default setup holds only "tune" problems (never an
+    eval composition, and none the pretraining saw); `finetune_split="train"` gives
+    train problems."""
+    from experiments.latent_corpus import parse_line, split_of
+
+    def splits(split: str) -> set[str]:
+        batch = next(tg.train_batches(TINY, tg.FINETUNE_DATA_SEED, 8, split))
+        out = set()
+        for ids, mask in zip(batch["input_ids"], batch["attention_mask"], strict=True):
+            text = bytes(int(t) for t, m in zip(ids[1:], mask[1:], strict=True) if m).decode()
+            lines = [ln for ln in text.split("\n") if "=" in ln]
+            assert lines
+            out |= {split_of(parse_line(ln)[0]) for ln in lines}
+        return out
+
+    assert tg.FULL.finetune_split == tg.QUICK.finetune_split == "tune"
+    assert splits(TINY.finetune_split) == {"tune"}
+    assert splits("train") == {"train"}
