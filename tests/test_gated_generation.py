@@ -220,6 +220,14 @@ def test_a_gate_of_two_lengths_thinks_with_the_length_of_its_highest_logit():
         for t in range(10):
             assert not th[b, t, want[b, t]:].any()  # nothing past the chosen length
     np.testing.assert_allclose(g.thought_tokens_per_token, (want + 2)[fire].sum() / 20)
+    # a target rate: the running threshold is started and moved on the largest output
+    r = generate(two, cfg, tc2, PROMPTS, gate_rate=0.5, **kw)
+    mask = np.asarray(r.thought_mask)
+    assert 0 < mask.mean() < 1
+    logits, _ = recomputed_gate_logits(two, cfg, PROMPTS, r.tokens)
+    np.testing.assert_array_equal(mask, logits.max(-1) > np.asarray(r.gate_thresholds)[None])
+    np.testing.assert_array_equal(
+        r.thought_lengths, np.where(mask, np.asarray(LENGTHS)[logits.argmax(-1)], 0))
     # the second length always wins and always fires (one compile pair, not two)
     forced_params = with_two_length_gate(params, (-20.0, 20.0))
     forced = generate(forced_params, cfg, tc2, PROMPTS, gate_threshold=0.0, **kw)

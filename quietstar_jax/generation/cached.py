@@ -280,11 +280,13 @@ GATE_RATE_MIN_SCALE = 1e-3  # floor of the running standard deviation (a constan
 
 
 def gate_logits_of(params: Params, cfg: ModelConfig, h: jax.Array) -> jax.Array:
-    """The think gate's logit `[...]` (float32) at base hidden states `h` `[..., hidden]`:
-    `thought.gate_logit` of `params["think_gate"]` on `h` and its base logits'
-    statistics (`sparse.stats_from_logits`)."""
+    """The think gate's deciding logit `[...]` (float32) at base hidden states `h`
+    `[..., hidden]`: `thought.gate_logit` of `params["think_gate"]` on `h` and its base
+    logits' statistics (`sparse.stats_from_logits`); for a gate of several lengths the
+    largest of its outputs (the one `sparse.choose_length` compares to the threshold)."""
     base = model.logits_from_hidden(params, cfg, h)
-    return gate_logit(params["think_gate"], h, stats_from_logits(base))
+    logits = gate_logit(params["think_gate"], h, stats_from_logits(base))
+    return logits.max(-1) if gate_outputs(params["think_gate"]) > 1 else logits
 
 
 class RateControl(NamedTuple):
