@@ -113,6 +113,10 @@ class Protocol:
     # they teach the model to use a thought's content, never which thought to write
     # (thought tokens are inputs, not targets). 0: off.
     use_warmup: int = 0
+    # The second phase's documents: "train", the pretraining problems (their skipped
+    # answers are memorised, so a thought cannot pay there), or "tune", compositions the
+    # LM never saw (experiments/think_gate.py; docs/EXPERIMENTS.md, "Think gate").
+    finetune_split: str = "train"
     sweep: tuple[int, ...] = ()  # other thought lengths to train (n_ahead always is)
     pretrain_seeds: tuple[int, ...] = (0, 1, 2)  # independently pretrained LMs
     seeds: tuple[int, ...] = (0, 1)  # fine-tune seeds, for every pretrained LM
@@ -144,17 +148,17 @@ def encode_batch(docs: list[Document], seq_len: int) -> dict[str, np.ndarray]:
     return {"input_ids": ids, "attention_mask": mask}
 
 
-def train_batches(p: Protocol, data_seed: int, batch: int, with_oracle: bool = False
-                  ) -> Iterator[dict[str, np.ndarray]]:
-    """Endless training batches of the train split (a fixed stream per `data_seed`):
+def train_batches(p: Protocol, data_seed: int, batch: int, with_oracle: bool = False,
+                  split: str = "train") -> Iterator[dict[str, np.ndarray]]:
+    """Endless training batches of `split` (a fixed stream per `data_seed`):
     `input_ids`, `attention_mask` int32 `[batch, seq_len]`; with `with_oracle` also
     `oracle_thought` (the true intermediate at each answer position, the first entity
     elsewhere), for the use warm-up."""
-    pool = problems_of("train", p.task)
+    pool = problems_of(split, p.task)
     first_entity = ord(ENTITIES[0])
     i = 0
     while True:
-        docs = [make_document("train", data_seed, i + j, explicit_frac=p.explicit_frac,
+        docs = [make_document(split, data_seed, i + j, explicit_frac=p.explicit_frac,
                               max_chars=p.seq_len - 4, pool=pool) for j in range(batch)]
         i += batch
         out = encode_batch(docs, p.seq_len)
@@ -545,7 +549,8 @@ def finetune(p: Protocol, arm: str, n_ahead: int, params: Params, seed: int,
         step = make_train_step(cfg, tc, opt, schedule=sched, seed=seed)
         if warm:
             warm_step = make_oracle_use_step(cfg, tc, opt, seed)
-    data = train_batches(p, FINETUNE_DATA_SEED + seed, p.batch, with_oracle=warm > 0)
+    data = train_batches(p, FINETUNE_DATA_SEED + seed, p.batch, with_oracle=warm > 0,
+                         split=p.finetune_split)
     marks = set(np.linspace(0, p.steps, p.curve_points).round().astype(int).tolist())
     history, curve, window = [], [], []
     t0 = time.time()
@@ -916,6 +921,9 @@ TUNE_GRID = (
 
 def tune(p: Protocol, lm: Params, out_dir: str, log: Callable[[str], None]) -> dict[str, Any]:
     """Quiet-STaR knobs on the tune split (one seed, main thought length only)."""
+    if p.finetune_split == "tune":
+        raise ValueError("--tune scores on the tune split, which finetune_split=tune trains "
+                         "on: fine-tune on the train split to tune")
     p = dataclasses.replace(p, seeds=p.seeds[:1], sweep=(p.n_ahead,))
     cfg = model_config(p)
     sets = {"skipped": eval_set(p, "tune", False, p.eval_docs)}

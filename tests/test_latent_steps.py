@@ -415,3 +415,27 @@ def test_use_warmup_feeds_the_true_intermediate_with_the_policy_loss_off():
     np.testing.assert_array_equal(given[0, ::tc.n_passes], batch["oracle_thought"])
     np.testing.assert_array_equal(given[0, 1::tc.n_passes], batch["oracle_thought"])
     assert np.isfinite(float(metrics["nll_thought"]))
+
+
+def test_finetune_split_picks_the_second_phase_documents_and_tune_refuses_it():
+    """`finetune_split` sets the split of the second phase's stream (every problem of
+    its documents is in that split); the default stays "train"; `--tune`, which scores on
+    the tune split, refuses to train on it."""
+    import dataclasses
+
+    from experiments import latent_steps as ls
+
+    def splits(p, split: str) -> set[str]:
+        batch = next(ls.train_batches(p, ls.FINETUNE_DATA_SEED, 8, split=split))
+        out = set()
+        for ids, mask in zip(batch["input_ids"], batch["attention_mask"], strict=True):
+            text = bytes(int(t) for t, m in zip(ids[1:], mask[1:], strict=True) if m).decode()
+            out |= {corpus.split_of(corpus.parse_line(ln)[0])
+                    for ln in text.split("\n") if "=" in ln}
+        return out
+
+    assert ls.FULL.finetune_split == ls.QUICK.finetune_split == "train"
+    assert splits(ls.QUICK, "tune") == {"tune"} and splits(ls.QUICK, "train") == {"train"}
+    p = dataclasses.replace(ls.QUICK, finetune_split="tune")
+    with pytest.raises(ValueError, match="finetune_split=tune"):
+        ls.tune(p, {}, "/nonexistent", print)
