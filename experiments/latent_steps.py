@@ -475,6 +475,12 @@ PRETRAIN_FIELDS = ("task", "hidden", "layers", "heads", "kv_heads", "intermediat
                    "explicit_frac", "pretrain_steps", "pretrain_batch", "pretrain_lr")
 
 
+def params_layout(cfg: ModelConfig) -> list[str]:
+    """The params' paths, sorted ("layers/attn/q", ...): part of a pretrained-LM cache
+    key, so that a cache written with another layout is not read."""
+    return ["/".join(k) for k in sorted(traverse_util.flatten_dict(model.param_shapes(cfg)))]
+
+
 def pretrained(p: Protocol, seed: int, log: Callable[[str], None],
                cache_dir: str | None = None) -> Params:
     """`pretrain(p, seed)`, read from `cache_dir` when an identical run was saved there
@@ -485,9 +491,7 @@ def pretrained(p: Protocol, seed: int, log: Callable[[str], None],
     import pickle
 
     fields = PRETRAIN_FIELDS[1:] if p.task == "dash4" else PRETRAIN_FIELDS
-    # The params' layout is part of the key: a cache of another layout is not read.
-    layout = sorted(traverse_util.flatten_dict(model.param_shapes(model_config(p))))
-    key = json.dumps([seed] + [getattr(p, f) for f in fields] + ["/".join(k) for k in layout])
+    key = json.dumps([seed] + [getattr(p, f) for f in fields] + params_layout(model_config(p)))
     path = os.path.join(cache_dir, f"pretrained_{hashlib.sha1(key.encode()).hexdigest()[:12]}.pkl")
     if os.path.exists(path):
         log(f"  pretrained params from {path}")

@@ -61,7 +61,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from flax.traverse_util import flatten_dict
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -70,7 +69,12 @@ from experiments.latent_corpus import (  # noqa: E402
     make_document,
     problems_of,
 )
-from experiments.latent_steps import EVAL_DOC_SEED, TOK, encode_batch  # noqa: E402
+from experiments.latent_steps import (  # noqa: E402
+    EVAL_DOC_SEED,
+    TOK,
+    encode_batch,
+    params_layout,
+)
 from experiments.think_gate_text import TextSetup  # noqa: E402
 from quietstar_jax import model  # noqa: E402
 from quietstar_jax.model import ModelConfig, Params  # noqa: E402
@@ -229,13 +233,13 @@ PRETRAIN_FIELDS = ("hidden", "layers", "heads", "kv_heads", "intermediate", "seq
 
 
 def pretrained(s: Setup, log: Callable[[str], None], cache: str | None) -> Params:
-    """The plain LM pretrained on the mixed corpus (latent_steps' pretraining, seed 0);
-    read from / written to `cache` under latent_steps' key (the run is deterministic)."""
+    """The plain LM pretrained on the mixed corpus (init key 0, this Setup's pretraining
+    fields); read from / written to `cache` under a key of those fields and the params'
+    layout (the run is deterministic)."""
     path = None
     if cache:
-        # The params' layout is part of the key: a cache of another layout is not read.
-        layout = ["/".join(k) for k in sorted(flatten_dict(model.param_shapes(model_config(s))))]
-        key = json.dumps([0] + [getattr(s, f) for f in PRETRAIN_FIELDS] + layout)
+        key = json.dumps([0] + [getattr(s, f) for f in PRETRAIN_FIELDS]
+                         + params_layout(model_config(s)))
         path = os.path.join(cache, f"pretrained_{hashlib.sha1(key.encode()).hexdigest()[:12]}.pkl")
         if os.path.exists(path):
             log(f"pretrained LM from {path}")

@@ -20,7 +20,7 @@ import numpy as np
 
 from quietstar_jax.evaluation.data import COT_FINAL_ANSWER, cot_prompt
 from quietstar_jax.evaluation.metrics import extract_first_integer, majority_vote
-from quietstar_jax.generation.cached import generate
+from quietstar_jax.generation.cached import generate, thought_tokens_fed
 from quietstar_jax.model import ModelConfig, Params
 from quietstar_jax.protocols import Tokenizer
 from quietstar_jax.thought import ThoughtConfig
@@ -92,9 +92,9 @@ def _generate_rows(
             if counts is not None:
                 counts["tokens"] = counts.get("tokens", 0) + int(lengths[r])
                 counts["thoughts"] = counts.get("thoughts", 0) + int(fired[r, :lengths[r]].sum())
-                if gen.thought_lengths is not None:  # start, sampled tokens, end
+                if gen.thought_lengths is not None:
                     live = slice(0, lengths[r])
-                    fed = (np.asarray(gen.thought_lengths)[r, live] + 2) * fired[r, live]
+                    fed = thought_tokens_fed(fired[r, live], gen.thought_lengths[r, live])
                     counts["thought_tokens"] = counts.get("thought_tokens", 0) + int(fed.sum())
     return out
 

@@ -115,8 +115,14 @@ def think_stats(
     n_live = jnp.maximum(jnp.sum(live), 1)
     thinking = thought_mask & live
     rate = (jnp.sum(thinking) / n_live).astype(jnp.float32)
-    fed = jnp.where(thinking, jnp.asarray(sampled) + 2, 0)
+    fed = thought_tokens_fed(thinking, sampled)
     return rate, (jnp.sum(fed) / n_live).astype(jnp.float32)
+
+
+def thought_tokens_fed(thought_mask: Any, sampled: Any) -> jax.Array:
+    """Model steps each new token's thought fed `[...]`: its start, `sampled` tokens
+    and end where `thought_mask` (bool `[...]`), else 0."""
+    return jnp.where(jnp.asarray(thought_mask), jnp.asarray(sampled) + 2, 0)
 
 
 # --------------------------------------------------------------------------- inputs
@@ -284,9 +290,14 @@ def gate_logits_of(params: Params, cfg: ModelConfig, h: jax.Array) -> jax.Array:
     `[..., hidden]`: `thought.gate_logit` of `params["think_gate"]` on `h` and its base
     logits' statistics (`sparse.stats_from_logits`); for a gate of several lengths the
     largest of its outputs (the one `sparse.choose_length` compares to the threshold)."""
-    base = model.logits_from_hidden(params, cfg, h)
+    return _gate_logits_per_length(params, h, model.logits_from_hidden(params, cfg, h)).max(-1)
+
+
+def _gate_logits_per_length(params: Params, h: jax.Array, base: jax.Array) -> jax.Array:
+    """The think gate's logits `[..., lengths]` (one per thought length, also for a
+    one-output gate) at hidden `h` `[..., hidden]` whose base logits are `base`."""
     logits = gate_logit(params["think_gate"], h, stats_from_logits(base))
-    return logits.max(-1) if gate_outputs(params["think_gate"]) > 1 else logits
+    return logits.reshape(*h.shape[:-1], -1)
 
 
 class RateControl(NamedTuple):
@@ -455,8 +466,7 @@ def _gated_thought(params, cfg, tc, cache, valid, cpos, h_last, pos_last, key, t
     lengths = tc.lengths
     width = max(lengths)
     base = model.logits_from_hidden(params, cfg, h_last)
-    gates = gate_logit(params["think_gate"], h_last, stats_from_logits(base))
-    gates = gates.reshape(b, -1)  # [B, lengths]
+    gates = _gate_logits_per_length(params, h_last, base)  # [B, lengths]
     gate = jnp.max(gates, axis=-1)
     chosen = choose_length(gates, threshold)  # 0: no thought, else 1 + length index
     fire = chosen > 0

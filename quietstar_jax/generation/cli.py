@@ -36,7 +36,7 @@ from quietstar_jax.cli_common import (
     show_tokens,
     write_json,
 )
-from quietstar_jax.generation.cached import generate_text
+from quietstar_jax.generation.cached import generate_text, thought_tokens_fed
 from quietstar_jax.protocols import Tokenizer
 
 
@@ -161,9 +161,8 @@ def _run(argv: Sequence[str] | None) -> int:
               "(compile included)", file=sys.stderr)
         if mode == "thinking":
             rate = sum(sum(item["thought_before"]) for item in out) / max(n_new, 1)
-            fed = sum(n + 2 for item in out
-                      for n, f in zip(item["thought_lengths"], item["thought_before"], strict=True)
-                      if f)  # start, sampled tokens, end
+            fed = sum(int(thought_tokens_fed(item["thought_before"],
+                                             item["thought_lengths"]).sum()) for item in out)
             results["think_rate"] = rate
             results["thought_tokens_per_token"] = fed / max(n_new, 1)
             how = ("every token" if args.gate_threshold is None and args.gate_rate is None
