@@ -12,10 +12,14 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
+
+from absl import flags
 
 from quietstar_jax.console import show_logs
 from quietstar_jax.model import ModelConfig, Params
@@ -23,15 +27,80 @@ from quietstar_jax.protocols import Tokenizer
 from quietstar_jax.thought import SamplingMode, ThoughtConfig
 
 
-def run_cli(run: Callable[[Sequence[str] | None], int], argv: Sequence[str] | None) -> int:
-    """Run a command-line entry point; bad input ends with one `error: ...` line on
-    stderr and exit status 2 instead of a traceback. The library's log records are
-    shown meanwhile (`console.show_logs`)."""
+def command_name(module: str, installed: str) -> str:
+    """The name a command was called by, for its usage and error lines: its installed
+    script name (e.g. `quietstar-generate`) when run as that script, else `python -m
+    MODULE`."""
+    called = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else ""
+    return installed if called == installed else f"python -m {module}"
+
+
+class CommandLine:
+    """One command line's flags, absl style (as the trainer's): its own
+    `absl.flags.FlagValues`, so commands never share (or collide in) absl's global
+    registry and can be called from code any number of times.
+
+    `module` is what `python -m` runs, `installed` the script name (`[project.scripts]`).
+    `define(flag_values)` declares the flags (`flags.DEFINE_*(..., flag_values=...)`);
+    `positional` names the arguments before or between them (e.g. `("model",)`).
+    `parse(argv)` returns the values as attributes, dashes in flag names read as
+    underscores (`--max-new-tokens` -> `.max_new_tokens`); bad flags raise `UsageError`.
+    """
+
+    def __init__(self, module: str, installed: str, summary: str,
+                 define: Callable[[flags.FlagValues], None],
+                 positional: Sequence[str] = ()) -> None:
+        self.module, self.installed, self.summary = module, installed, summary
+        self._define, self.positional = define, tuple(positional)
+
+    @property
+    def prog(self) -> str:
+        return command_name(self.module, self.installed)
+
+    def flag_values(self) -> flags.FlagValues:
+        fv = flags.FlagValues()
+        self._define(fv)
+        return fv
+
+    def usage(self) -> str:
+        args = " ".join(p.upper() for p in self.positional)
+        return f"usage: {self.prog} {args} [--flag=value ...]".replace("  ", " ")
+
+    def help(self) -> str:
+        return (f"{self.usage()}\n\n{self.summary}\n\nflags:\n"
+                + self.flag_values().get_help(include_special_flags=False))
+
+    def parse(self, argv: Sequence[str] | None) -> SimpleNamespace:
+        argv = list(sys.argv[1:] if argv is None else argv)
+        if any(a in ("-h", "--help", "-help", "--helpfull") for a in argv):
+            print(self.help())
+            raise SystemExit(0)
+        fv = self.flag_values()
+        try:
+            rest = fv([self.prog, *argv])[1:]
+        except flags.Error as e:
+            raise UsageError(" ".join(str(e).split())) from None
+        if len(rest) != len(self.positional):
+            want = " ".join(p.upper() for p in self.positional) or "no arguments"
+            raise UsageError(f"expected {want}, got {rest or 'none'} ({self.usage()})")
+        values = {name.replace("-", "_"): fv[name].value for name in fv}
+        return SimpleNamespace(**values, **dict(zip(self.positional, rest, strict=True)))
+
+
+class UsageError(ValueError):
+    """A command-line flag or argument that cannot be used (exit status 2)."""
+
+
+def run_cli(run: Callable[[Sequence[str] | None], int], argv: Sequence[str] | None,
+            prog: str) -> int:
+    """Run a command-line entry point; bad input ends with one `PROG: error: ...` line
+    on stderr and exit status 2 instead of a traceback (as the trainer's). The
+    library's log records are shown meanwhile (`console.show_logs`)."""
     try:
         with show_logs():
             return run(argv)
     except (ValueError, OSError, ImportError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"{prog}: error: {e}", file=sys.stderr)
         return 2
 
 

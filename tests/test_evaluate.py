@@ -355,4 +355,4 @@ def test_cli_writes_json_and_rejects_bad_tasks(tmp_path, capsys):
     capsys.readouterr()
     assert evaluate_cli.main([str(tmp_path / "nowhere"), "--tasks", "gsm8k"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("error: model path")
+    assert len(err) == 1 and err[0].split(": error: ", 1)[1].startswith("model path"), err

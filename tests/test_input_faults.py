@@ -40,6 +40,11 @@ def _run(args: list[str], cwd: Path = REPO_ROOT, timeout: int = FAST
                           timeout=timeout, env=env, cwd=cwd)
 
 
+# Every command's error line starts with the command's name, as it was called.
+GEN_ERROR = "python -m quietstar_jax.generation: error: "
+EVAL_ERROR = "python -m quietstar_jax.evaluation: error: "
+
+
 def _one_error(out: subprocess.CompletedProcess[str], prefix: str, *needles: str) -> str:
     """The run ended with exit status 2 and exactly one non-blank stderr line, starting
     with `prefix` and holding every needle; returns that line."""
@@ -212,7 +217,7 @@ def test_tokenizer_larger_than_the_embedding_is_one_line(command, stories_dir, t
         out = _train("--config", str(REPO_ROOT / "configs" / "stories260k.py"),
                      f"--config.model.hf_path={model}", f"--config.data.path={text}",
                      "--workdir", str(tmp_path / "w"), cwd=tmp_path)
-    prefix = "train.py: error: " if command == "train" else "error: "
+    prefix = {"train": "train.py: error: ", "generation": GEN_ERROR}.get(command, EVAL_ERROR)
     _one_error(out, prefix, f"{model}: the tokenizer has 512 tokens but the model's "
                "embedding has 500 rows", "ids 500..511")
     assert not (tmp_path / "g.json").exists()
@@ -244,7 +249,7 @@ def test_non_finite_weights_are_named_at_load(command, stories_dir, tmp_path):
         out = _train("--config", str(REPO_ROOT / "configs" / "stories260k.py"),
                      f"--config.model.hf_path={model}", f"--config.data.path={text}",
                      "--workdir", str(tmp_path / "w"), cwd=tmp_path)
-    prefix = "train.py: error: " if command == "train" else "error: "
+    prefix = {"train": "train.py: error: ", "generation": GEN_ERROR}.get(command, EVAL_ERROR)
     _one_error(out, prefix, f"{model}/model.safetensors: tensor {key!r} holds non-finite "
                "values (2 NaN, 1 inf of 4096; the first at [3, 5])")
     assert not (tmp_path / "o.json").exists()
@@ -271,7 +276,7 @@ def test_non_finite_params_of_a_training_workdir_are_named(stories_dir, tmp_path
         "thought": {"n_ahead": 4, "n_ahead_talk": 4, "n_passes": 2}}))
     out = _generate(str(wd), "--prompt", "Once", "--max-new-tokens", "2",
                     "--out", str(tmp_path / "g.json"))
-    _one_error(out, "error: ", f"{step}: params['final_norm'] holds non-finite values (1 NaN, "
+    _one_error(out, GEN_ERROR, f"{step}: params['final_norm'] holds non-finite values (1 NaN, "
                "0 inf of 64; the first at [7])")
     assert not (tmp_path / "g.json").exists()
 
@@ -297,7 +302,7 @@ def test_evaluate_limit_below_one_is_one_line(limit, stories_dir, tmp_path):
     out = _evaluate(str(stories_dir), "--tasks", "gsm8k", "--gsm8k",
                     str(shared_path("data", "gsm8k")), "--limit", limit, "--no-thinking",
                     "--out", str(tmp_path / "e.json"))
-    _one_error(out, "error: ", f"--limit={limit} must be >= 1")
+    _one_error(out, EVAL_ERROR, f"--limit={limit} must be >= 1")
     assert not (tmp_path / "e.json").exists()
 
 
@@ -320,7 +325,7 @@ def test_train_thought_past_max_positions_stops_before_compiling(tmp_path):
 def test_generate_thought_past_max_positions_is_one_line(stories_dir, tmp_path):
     out = _generate(str(stories_dir), "--prompt", "Once upon a time", "--max-new-tokens", "8",
                     "--n-ahead", "1000", "--out", str(tmp_path / "g.json"))
-    _one_error(out, "error: ", "n_ahead=1000", "max_position_embeddings=512",
+    _one_error(out, GEN_ERROR, "n_ahead=1000", "max_position_embeddings=512",
                "use n_ahead <= ")
     assert not (tmp_path / "g.json").exists()
 
@@ -330,7 +335,7 @@ def test_evaluate_thought_past_max_positions_is_one_line(stories_dir, tmp_path):
     text.write_text("Once upon a time there was a cat. " * 40)
     out = _evaluate(str(stories_dir), "--tasks", "perplexity", "--text", str(text),
                     "--chunk-len", "32", "--n-ahead", "1000", "--out", str(tmp_path / "e.json"))
-    _one_error(out, "error: ", "n_ahead=1000", "chunk_len=32 (position 31)",
+    _one_error(out, EVAL_ERROR, "n_ahead=1000", "chunk_len=32 (position 31)",
                "max_position_embeddings=512", "use n_ahead <= 481")
     assert not (tmp_path / "e.json").exists()
 
@@ -346,7 +351,7 @@ def test_evaluate_gsm8k_thought_past_max_positions_is_an_error_before_scoring(st
     lines = [ln for ln in out.stderr.splitlines() if ln.strip()]
     assert out.returncode == 2, out.stderr[-3000:]
     assert len(lines) == 2 and lines[0].startswith("[gsm8k] running"), out.stderr[-3000:]
-    assert lines[1].startswith("error: n_ahead=1000: "), lines
+    assert lines[1].startswith(EVAL_ERROR + "n_ahead=1000: "), lines
     assert "the last scored position of gsm8k example" in lines[1]
     assert "max_position_embeddings=512; use n_ahead <= " in lines[1]
     assert not (tmp_path / "e.json").exists()
@@ -389,7 +394,7 @@ def test_prompts_file_not_utf8_names_file_and_line(stories_dir, tmp_path):
     prompts.write_bytes(b"Once upon a time\nLily saw a \xff\xfe dog\nThe sun\n")
     out = _generate(str(stories_dir), "--prompts-file", str(prompts),
                     "--out", str(tmp_path / "g.json"))
-    _one_error(out, "error: ", f"--prompts-file '{prompts}': line 2 is not UTF-8 text "
+    _one_error(out, GEN_ERROR, f"--prompts-file '{prompts}': line 2 is not UTF-8 text "
                "(byte 0xff at column 12")
     assert not (tmp_path / "g.json").exists()
 
@@ -417,8 +422,7 @@ def test_docs_list_what_they_must():
     from quietstar_jax.generation import cli
 
     evaluation_md = (REPO_ROOT / "docs" / "EVALUATION.md").read_text()
-    flags = [o for a in cli._parser()._actions for o in a.option_strings
-             if o.startswith("--") and o != "--help"]
+    flags = [f"--{name}" for name in cli.COMMAND.flag_values()]
     assert {"--prompts-file", "--thought-temperature", "--seed", "--dtype"} <= set(flags)
     assert [f for f in flags if f not in evaluation_md] == []
     training_md = (REPO_ROOT / "docs" / "TRAINING.md").read_text()

@@ -73,7 +73,7 @@ def test_truncated_safetensors_in_inference_clis_is_one_line(cli, tmp_path, caps
                             "--out", str(tmp_path / "e.json")])
     err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
     assert rc == 2
-    assert len(err) == 1 and err[0].startswith("error: ") and str(bad) in err[0], err
+    assert len(err) == 1 and ": error: " in err[0] and str(bad) in err[0], err
 
 
 # ------------------------------------------------------------------ checkpoints

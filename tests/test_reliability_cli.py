@@ -39,7 +39,7 @@ def _err_lines(capsys) -> list[str]:
 
 def _one_error(capsys, *needles: str) -> str:
     lines = _err_lines(capsys)
-    assert len(lines) == 1 and lines[0].startswith("error: "), lines
+    assert len(lines) == 1 and ": error: " in lines[0], lines
     for n in needles:
         assert n in lines[0], lines[0]
     return lines[0]
@@ -103,7 +103,8 @@ def test_exit_status_of_the_module_commands(module, stories_dir):
                           *extra], capture_output=True, text=True, timeout=300,
                          env=dict(os.environ, JAX_PLATFORMS="cpu"), cwd=REPO_ROOT)
     assert out.returncode == 2, out.stderr[-2000:]
-    assert out.stderr.strip().splitlines()[-1].startswith("error: ")
+    assert out.stderr.strip().splitlines()[-1].startswith(
+        f"python -m quietstar_jax.{module}: error: "), out.stderr[-2000:]
 
 
 # ------------------------------------------------------------------ progress, speed, eos

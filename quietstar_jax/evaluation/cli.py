@@ -17,13 +17,16 @@ realised.
 
 from __future__ import annotations
 
-import argparse
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
+from absl import flags
+
 from quietstar_jax.cli_common import (
+    CommandLine,
     format_table,
     inference_thought_config,
     load_cli_model,
@@ -41,49 +44,53 @@ from quietstar_jax.evaluation.tasks import (
 )
 
 
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m quietstar_jax.evaluation",
-        description="Evaluate a Quiet-STaR model: base (no thoughts) and thinking side by side.")
-    p.add_argument("model", help="Hugging Face model directory or training checkpoint")
-    p.add_argument("--tasks", default="gsm8k,csqa",
-                   help=f"comma-separated subset of {','.join(TASKS)}")
-    p.add_argument("--gsm8k", default="hf", help="GSM8K test jsonl, a folder with test.jsonl, "
-                   "hf[:name] or tfds:name")
-    p.add_argument("--csqa", default="hf", help="CommonsenseQA validation jsonl, folder, "
-                   "hf[:name] or tfds:name")
-    p.add_argument("--text", help="held-out text file for perplexity")
-    p.add_argument("--n-ahead", type=int, default=None,
-                   help="thought length: n_ahead (start + n_ahead-3 tokens + end); default: "
-                   "the checkpoint's, else 12")
-    p.add_argument("--thought-sampling", choices=("sample", "greedy"), default="sample")
-    p.add_argument("--no-thinking", action="store_true", help="evaluate the base model only")
-    p.add_argument("--mask-special-thought-tokens", action="store_true",
-                   help="thoughts never draw the tokenizer's special tokens (eos, bos, pad, "
-                   "...); off by default, as the authors")
-    p.add_argument("--limit", type=int, default=None, help="first N examples (gsm8k, csqa)")
-    p.add_argument("--batch-tokens", type=int, default=8192, help="tokens per scoring batch")
-    p.add_argument("--max-length", type=int, default=None,
-                   help="keep the last N tokens of longer prompts")
-    p.add_argument("--chunk-len", type=int, default=256, help="perplexity chunk length")
-    p.add_argument("--max-chunks", type=int, default=None, help="perplexity: first N chunks")
-    p.add_argument("--bos", action="store_true",
-                   help="perplexity: BOS before each chunk (else its first token is context)")
-    p.add_argument("--cot-limit", type=int, default=128)
-    p.add_argument("--cot-votes", type=int, default=8)
-    p.add_argument("--cot-temperature", type=float, default=0.9)
-    p.add_argument("--cot-solution-tokens", type=int, default=384)
-    p.add_argument("--cot-batch-size", type=int, default=64)
-    p.add_argument("--seed", type=int, default=0)
-    gate = p.add_mutually_exclusive_group()
-    gate.add_argument("--gate-threshold", type=float, default=None,
-                      help="cot: think only where the think gate's logit exceeds this")
-    gate.add_argument("--gate-rate", type=float, default=None,
-                      help="cot: think before this share of the tokens (running threshold "
-                      "on the think gate's logit)")
-    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
-    p.add_argument("--out", default="eval_results.json", help="JSON output path")
-    return p
+def _define(fv: flags.FlagValues) -> None:
+    def f(define: Any, name: str, default: Any, help: str, **kw: Any) -> None:
+        choices = (kw.pop("enum_values"),) if "enum_values" in kw else ()
+        define(name, default, *choices, help, flag_values=fv, **kw)
+
+    f(flags.DEFINE_string, "tasks", "gsm8k,csqa",
+      f"comma-separated subset of {','.join(TASKS)}")
+    f(flags.DEFINE_string, "gsm8k", "hf",
+      "GSM8K test jsonl, a folder with test.jsonl, hf[:name] or tfds:name")
+    f(flags.DEFINE_string, "csqa", "hf",
+      "CommonsenseQA validation jsonl, folder, hf[:name] or tfds:name")
+    f(flags.DEFINE_string, "text", None, "held-out text file for perplexity")
+    f(flags.DEFINE_integer, "n-ahead", None, "thought length: n_ahead (start + n_ahead-3 "
+      "tokens + end); default: the checkpoint's, else 12")
+    f(flags.DEFINE_enum, "thought-sampling", "sample", "how thought tokens are drawn",
+      enum_values=["sample", "greedy"])
+    f(flags.DEFINE_boolean, "no-thinking", False, "evaluate the base model only")
+    f(flags.DEFINE_boolean, "mask-special-thought-tokens", False,
+      "thoughts never draw the tokenizer's special tokens (eos, bos, pad, ...); off by "
+      "default, as the authors")
+    f(flags.DEFINE_integer, "limit", None, "first N examples (gsm8k, csqa)")
+    f(flags.DEFINE_integer, "batch-tokens", 8192, "tokens per scoring batch")
+    f(flags.DEFINE_integer, "max-length", None, "keep the last N tokens of longer prompts")
+    f(flags.DEFINE_integer, "chunk-len", 256, "perplexity chunk length")
+    f(flags.DEFINE_integer, "max-chunks", None, "perplexity: first N chunks")
+    f(flags.DEFINE_boolean, "bos", False,
+      "perplexity: BOS before each chunk (else its first token is context)")
+    f(flags.DEFINE_integer, "cot-limit", 128, "cot: first N questions")
+    f(flags.DEFINE_integer, "cot-votes", 8, "cot: sampled solutions per question")
+    f(flags.DEFINE_float, "cot-temperature", 0.9, "cot: sampling temperature")
+    f(flags.DEFINE_integer, "cot-solution-tokens", 384, "cot: new tokens per solution")
+    f(flags.DEFINE_integer, "cot-batch-size", 64, "cot: solutions generated together")
+    f(flags.DEFINE_integer, "seed", 0, "random seed")
+    f(flags.DEFINE_float, "gate-threshold", None,
+      "cot: think only where the think gate's logit exceeds this")
+    f(flags.DEFINE_float, "gate-rate", None, "cot: think before this share of the tokens "
+      "(running threshold on the think gate's logit)")
+    flags.mark_flags_as_mutual_exclusive(["gate-threshold", "gate-rate"], flag_values=fv)
+    f(flags.DEFINE_enum, "dtype", "float32", "compute dtype",
+      enum_values=["float32", "bfloat16", "float16"])
+    f(flags.DEFINE_string, "out", "eval_results.json", "JSON output path")
+
+
+COMMAND = CommandLine("quietstar_jax.evaluation", "quietstar-evaluate",
+                      "Evaluate a Quiet-STaR model: base (no thoughts) and thinking side by "
+                      "side. MODEL is a Hugging Face model directory or a training "
+                      "checkpoint.", _define, positional=("model",))
 
 
 def _table_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
@@ -126,7 +133,7 @@ def _think_line(result: dict[str, Any], n_ahead: int) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Command-line entry point; bad input ends with one `error: ...` line (exit 2)."""
-    return run_cli(_run, argv)
+    return run_cli(_run, argv, COMMAND.prog)
 
 
 # Count flags that must be >= 1 when given (None: no limit).
@@ -134,7 +141,7 @@ _COUNTS = ("limit", "batch_tokens", "max_length", "chunk_len", "max_chunks", "co
            "cot_votes", "cot_solution_tokens", "cot_batch_size")
 
 
-def _check_args(args: argparse.Namespace) -> None:
+def _check_args(args: SimpleNamespace) -> None:
     """Reject bad counts before the model loads, naming the flag (ValueError: exit 2)."""
     for name in _COUNTS:
         value = getattr(args, name)
@@ -152,7 +159,7 @@ def _check_args(args: argparse.Namespace) -> None:
 
 
 def _run(argv: Sequence[str] | None) -> int:
-    args = _parser().parse_args(argv)
+    args = COMMAND.parse(argv)
     _check_args(args)
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     bad = [t for t in tasks if t not in TASKS]

@@ -19,16 +19,18 @@ a share R of the tokens (a running threshold; `generate`'s gate_threshold / gate
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import jax
+from absl import flags
 
 from quietstar_jax.cli_common import (
+    CommandLine,
     inference_thought_config,
     load_cli_model,
     printable,
@@ -40,39 +42,46 @@ from quietstar_jax.generation.cached import generate_text, thought_tokens_fed
 from quietstar_jax.protocols import Tokenizer
 
 
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m quietstar_jax.generation",
-                                description="Generate text with Quiet-STaR thoughts.")
-    p.add_argument("model", help="Hugging Face model directory or training checkpoint")
-    p.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
-    p.add_argument("--prompts-file", help="a file with one prompt per line")
-    p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--n-ahead", type=int, default=None,
-                   help="thought length n_ahead (default: the checkpoint's, else 12)")
-    p.add_argument("--thought-sampling", choices=("sample", "greedy"), default="sample")
-    p.add_argument("--thought-temperature", type=float, default=None)
-    p.add_argument("--greedy", action="store_true", help="greedy real tokens")
-    p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--mode", choices=("thinking", "base", "both"), default="thinking",
-                   help="generate with thoughts, as the base LM (no thoughts), or both")
-    p.add_argument("--show-thoughts", action="store_true")
-    p.add_argument("--ignore-eos", action="store_true",
-                   help="do not stop at the end-of-sequence token: always --max-new-tokens")
-    p.add_argument("--mask-special-thought-tokens", action="store_true",
-                   help="thoughts never draw the tokenizer's special tokens (eos, bos, pad, "
-                   "...); off by default, as the authors")
-    p.add_argument("--seed", type=int, default=0)
-    gate = p.add_mutually_exclusive_group()
-    gate.add_argument("--gate-threshold", type=float, default=None,
-                      help="think only where the think gate's logit exceeds this (needs a "
-                      "checkpoint trained with a gate)")
-    gate.add_argument("--gate-rate", type=float, default=None,
-                      help="think before this share of the tokens, by a running threshold "
-                      "on the think gate's logit (in [0, 1])")
-    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
-    p.add_argument("--out", default="generations.json")
-    return p
+def _define(fv: flags.FlagValues) -> None:
+    def f(define: Any, name: str, default: Any, help: str, **kw: Any) -> None:
+        choices = (kw.pop("enum_values"),) if "enum_values" in kw else ()
+        define(name, default, *choices, help, flag_values=fv, **kw)
+
+    f(flags.DEFINE_multi_string, "prompt", [], "a prompt (repeatable)")
+    f(flags.DEFINE_string, "prompts-file", None, "a file with one prompt per line")
+    f(flags.DEFINE_integer, "max-new-tokens", 64, "new tokens per prompt")
+    f(flags.DEFINE_integer, "n-ahead", None,
+      "thought length n_ahead (default: the checkpoint's, else 12)")
+    f(flags.DEFINE_enum, "thought-sampling", "sample", "how thought tokens are drawn",
+      enum_values=["sample", "greedy"])
+    f(flags.DEFINE_float, "thought-temperature", None, "temperature of the thought tokens")
+    f(flags.DEFINE_boolean, "greedy", False, "greedy real tokens")
+    f(flags.DEFINE_float, "temperature", 1.0, "temperature of the real tokens")
+    f(flags.DEFINE_float, "top-p", 1.0, "nucleus sampling of the real tokens")
+    f(flags.DEFINE_enum, "mode", "thinking",
+      "generate with thoughts, as the base LM (no thoughts), or both",
+      enum_values=["thinking", "base", "both"])
+    f(flags.DEFINE_boolean, "show-thoughts", False,
+      "print every new token with the thought before it")
+    f(flags.DEFINE_boolean, "ignore-eos", False,
+      "do not stop at the end-of-sequence token: always --max-new-tokens")
+    f(flags.DEFINE_boolean, "mask-special-thought-tokens", False,
+      "thoughts never draw the tokenizer's special tokens (eos, bos, pad, ...); off by "
+      "default, as the authors")
+    f(flags.DEFINE_integer, "seed", 0, "random seed")
+    f(flags.DEFINE_float, "gate-threshold", None, "think only where the think gate's logit "
+      "exceeds this (needs a checkpoint trained with a gate)")
+    f(flags.DEFINE_float, "gate-rate", None, "think before this share of the tokens, by a "
+      "running threshold on the think gate's logit (in [0, 1])")
+    flags.mark_flags_as_mutual_exclusive(["gate-threshold", "gate-rate"], flag_values=fv)
+    f(flags.DEFINE_enum, "dtype", "float32", "compute dtype",
+      enum_values=["float32", "bfloat16", "float16"])
+    f(flags.DEFINE_string, "out", "generations.json", "JSON output path")
+
+
+COMMAND = CommandLine("quietstar_jax.generation", "quietstar-generate",
+                      "Generate text with Quiet-STaR thoughts. MODEL is a Hugging Face model "
+                      "directory or a training checkpoint.", _define, positional=("model",))
 
 
 def _show(item: dict[str, Any], tokenizer: Tokenizer, show_thoughts: bool) -> str:
@@ -88,10 +97,10 @@ def _show(item: dict[str, Any], tokenizer: Tokenizer, show_thoughts: bool) -> st
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Command-line entry point; bad input ends with one `error: ...` line (exit 2)."""
-    return run_cli(_run, argv)
+    return run_cli(_run, argv, COMMAND.prog)
 
 
-def _check_args(args: argparse.Namespace, prompts: list[str]) -> None:
+def _check_args(args: SimpleNamespace, prompts: list[str]) -> None:
     """Reject bad flag values, naming the flag (ValueError: exit status 2)."""
     if not prompts:
         raise ValueError("give at least one --prompt or a --prompts-file")
@@ -127,7 +136,7 @@ def _read_prompts(path: str) -> list[str]:
 
 
 def _run(argv: Sequence[str] | None) -> int:
-    args = _parser().parse_args(argv)
+    args = COMMAND.parse(argv)
     prompts = list(args.prompt)
     if args.prompts_file:
         prompts += _read_prompts(args.prompts_file)
