@@ -2,7 +2,8 @@
 same?
 
     python benchmarks/compare_hlo.py --base 5401b0c                  # toy + SmolLM2
-    python benchmarks/compare_hlo.py --base HEAD~1 --preset cpu-small --step sparse
+    python benchmarks/compare_hlo.py --base HEAD~1 --preset cpu-small --step sparse --think-k 8
+    python benchmarks/compare_hlo.py --base HEAD~1 --preset=cpu-small,smollm2
 
 For each `step_benchmark.py` preset, the chosen step (`qs`: the think-everywhere
 Quiet-STaR step as it ships; `plain`; `sparse` with `--think-k`) is built and compiled
@@ -20,7 +21,6 @@ differ. Exit status 1 when they differ.
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import os
@@ -28,7 +28,11 @@ import re
 import subprocess
 import sys
 import tempfile
+from collections.abc import Sequence
+from types import SimpleNamespace
 from typing import Any
+
+from absl import flags
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -86,9 +90,8 @@ def child(preset: str, step: str, think_k: int | None) -> dict[str, Any]:
 
 def run_side(tree: str, preset: str, step: str, think_k: int | None) -> dict[str, Any]:
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([tree, os.path.join(tree, "benchmarks")]))
-    cmd = [sys.executable, os.path.abspath(__file__), "--child", preset, "--step", step]
-    if think_k:
-        cmd += ["--think-k", str(think_k)]
+    cmd = [sys.executable, os.path.abspath(__file__), "--child",
+           json.dumps({"preset": preset, "step": step, "think_k": think_k})]
     # the benchmark module and the package come from `tree`; this script only drives them
     out = subprocess.run(cmd, env=env, cwd=os.path.join(tree, "benchmarks"), text=True,
                          capture_output=True)
@@ -97,26 +100,37 @@ def run_side(tree: str, preset: str, step: str, think_k: int | None) -> dict[str
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--base", help="git revision to compare the working tree with")
-    ap.add_argument("--preset", nargs="+", default=["cpu-small", "smollm2"],
-                    help="step_benchmark presets (default: the toy and SmolLM2-135M)")
-    ap.add_argument("--step", default="qs", choices=("qs", "plain", "sparse"))
-    ap.add_argument("--think-k", type=int, default=None, help="think_k of the sparse step")
-    ap.add_argument("--child", help=argparse.SUPPRESS)
-    args = ap.parse_args(argv)
+def _define(fv: flags.FlagValues) -> None:
+    flags.DEFINE_string("base", None, "git revision to compare the working tree with",
+                        flag_values=fv)
+    flags.DEFINE_list("preset", ["cpu-small", "smollm2"], "step_benchmark presets, "
+                      "comma-separated (default: the toy and SmolLM2-135M)", flag_values=fv)
+    flags.DEFINE_enum("step", "qs", ["qs", "plain", "sparse"], "the step compiled",
+                      flag_values=fv)
+    flags.DEFINE_integer("think-k", None, "think_k of the sparse step", flag_values=fv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Command-line entry point: 0 same program, 1 different, 2 bad flags (one line)."""
+    # Imported here, not at the top: a side's child process (`--child`) runs this file
+    # with that tree's package, which may predate the working tree's command lines.
+    from quietstar_jax.cli_common import CommandLine
+
+    summary = " ".join(__doc__.split("\n\n")[0].split())
+    return CommandLine.script("benchmarks/compare_hlo.py", summary, _define).main(_run, argv)
+
+
+def _run(args: SimpleNamespace) -> int:
+    from quietstar_jax.cli_common import UsageError
+
     if args.step == "sparse" and not args.think_k:
-        ap.error("--step sparse needs --think-k")
-    if args.child:
-        print(json.dumps(child(args.child, args.step, args.think_k)))
-        return 0
+        raise UsageError("--step sparse needs --think-k")
     if not args.base:
-        ap.error("--base REV is required")
+        raise UsageError("--base REV is required")
     rev = subprocess.run(["git", "-C", ROOT, "rev-parse", "--short", args.base], text=True,
                          capture_output=True)
     if rev.returncode != 0:
-        ap.error(f"--base {args.base}: not a git revision of {ROOT}")
+        raise UsageError(f"--base {args.base}: not a git revision of {ROOT}")
     base_rev = rev.stdout.strip()
     differ = False
     with tempfile.TemporaryDirectory(prefix="compare_hlo_") as tmp:
@@ -148,4 +162,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    if sys.argv[1:2] == ["--child"]:  # run_side's process: one side's compile, no flags
+        print(json.dumps(child(**json.loads(sys.argv[2]))))
+        sys.exit(0)
     sys.exit(main())

@@ -34,18 +34,21 @@ the gated call does ("batch steps thinking": the share of steps where any row fi
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import harness as H
 import jax
 import numpy as np
+from absl import flags
 
+from quietstar_jax.cli_common import CommandLine, UsageError
 from quietstar_jax.generation import cached as G
 from quietstar_jax.generation import reference as R
 from quietstar_jax.model import ModelConfig
@@ -71,7 +74,7 @@ def _load(model: str | None, n_ahead: int, prompt_len: int, batch: int, seed: in
                    for b in range(batch)]
         return cfg, params, tc, prompts, str(path)
     if model:
-        raise SystemExit(f"error: model directory {model} does not exist")
+        raise UsageError(f"--model {model}: no such directory")
     cfg = ModelConfig(vocab_size=514, hidden_size=64, intermediate_size=172, num_layers=5,
                       num_heads=8, num_kv_heads=4, eos_token_id=None)
     params = H.init_model(cfg, seed, make_mesh((1, -1, 1)))
@@ -82,12 +85,12 @@ def _load(model: str | None, n_ahead: int, prompt_len: int, batch: int, seed: in
     return cfg, params, tc, prompts, "tiny random llama (stories260K shape)"
 
 
-def _check_fits(cfg: ModelConfig, a: argparse.Namespace, lengths: tuple[int, int]) -> None:
+def _check_fits(cfg: ModelConfig, a: SimpleNamespace, lengths: tuple[int, int]) -> None:
     """The prompt, the longest call and its thoughts must fit the model's positions."""
     longest = max(a.new_tokens, a.recompute_tokens, lengths[1])
     need = a.prompt_len + longest - 2 + a.n_ahead
     if need > cfg.max_position_embeddings:
-        raise SystemExit(f"error: --prompt-len {a.prompt_len} + {longest} new tokens + "
+        raise UsageError(f"--prompt-len {a.prompt_len} + {longest} new tokens + "
                          f"n_ahead {a.n_ahead} needs {need} positions; the model has "
                          f"{cfg.max_position_embeddings}")
 
@@ -164,40 +167,55 @@ def marginal(
     return res
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default=None)
-    p.add_argument("--prompt-len", type=int, default=256)
-    p.add_argument("--n-ahead", type=int, default=12)
-    p.add_argument("--new-tokens", type=int, default=64, help="cached generators")
-    p.add_argument("--recompute-tokens", type=int, default=16, help="recompute generator")
-    p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--repeats", type=int, default=3, help="timed runs (median reported)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--no-recompute", action="store_true",
-                   help="skip the recompute-everything generator (slow on real models)")
-    gate = p.add_mutually_exclusive_group()
-    gate.add_argument("--gate-rate", type=float, default=None,
-                      help="gated generation: target share of thinking tokens (running "
-                      "threshold; default 0.1 unless --gate-threshold)")
-    gate.add_argument("--gate-threshold", type=float, default=None,
-                      help="gated generation: fixed threshold on the gate logit")
-    p.add_argument("--marginal-only", action="store_true",
-                   help="only the marginal speed of base, thinking and gated generation")
-    p.add_argument("--marginal-tokens", default="8,32",
-                   help="a,b: the two call lengths of the marginal speed")
-    p.add_argument("--marginal-repeats", type=int, default=5,
-                   help="timed runs per call length (at least; best kept)")
-    p.add_argument("--marginal-min-seconds", type=float, default=3.0,
-                   help="time each variant's two lengths for at least this long")
-    p.add_argument("--out", default="generation_benchmark.json")
-    a = p.parse_args(argv)
-    lengths = tuple(int(x) for x in a.marginal_tokens.split(","))
+def _define(fv: flags.FlagValues) -> None:
+    def f(define: Any, name: str, default: Any, help: str) -> None:
+        define(name, default, help, flag_values=fv)
+
+    f(flags.DEFINE_string, "model", None, "a Hugging Face model directory (default "
+      "stories260K when present, else a tiny random Llama)")
+    f(flags.DEFINE_integer, "prompt-len", 256, "prompt tokens")
+    f(flags.DEFINE_integer, "n-ahead", 12, "thought length n_ahead")
+    f(flags.DEFINE_integer, "new-tokens", 64, "cached generators")
+    f(flags.DEFINE_integer, "recompute-tokens", 16, "recompute generator")
+    f(flags.DEFINE_integer, "batch", 1, "prompts generated together")
+    f(flags.DEFINE_integer, "repeats", 3, "timed runs (median reported)")
+    f(flags.DEFINE_integer, "seed", 0, "random seed")
+    f(flags.DEFINE_boolean, "no-recompute", False,
+      "skip the recompute-everything generator (slow on real models)")
+    f(flags.DEFINE_float, "gate-rate", None, "gated generation: target share of thinking "
+      "tokens (running threshold; default 0.1 unless --gate-threshold)")
+    f(flags.DEFINE_float, "gate-threshold", None,
+      "gated generation: fixed threshold on the gate logit")
+    flags.mark_flags_as_mutual_exclusive(["gate-rate", "gate-threshold"], flag_values=fv)
+    f(flags.DEFINE_boolean, "marginal-only", False,
+      "only the marginal speed of base, thinking and gated generation")
+    f(flags.DEFINE_string, "marginal-tokens", "8,32",
+      "a,b: the two call lengths of the marginal speed")
+    f(flags.DEFINE_integer, "marginal-repeats", 5,
+      "timed runs per call length (at least; best kept)")
+    f(flags.DEFINE_float, "marginal-min-seconds", 3.0,
+      "time each variant's two lengths for at least this long")
+    f(flags.DEFINE_string, "out", "generation_benchmark.json", "JSON output path")
+
+
+COMMAND = CommandLine.script("benchmarks/generation_benchmark.py",
+                             " ".join(__doc__.split("\n\n")[0].split()), _define)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Command-line entry point; bad input ends with one `PROG: error: ...` line (exit 2)."""
+    return COMMAND.main(_run, argv)
+
+
+def _run(a: SimpleNamespace) -> int:
+    try:
+        lengths = tuple(int(x) for x in a.marginal_tokens.split(","))
+    except ValueError:
+        lengths = ()
     if len(lengths) != 2 or not 1 <= lengths[0] < lengths[1]:
-        raise SystemExit(f"error: --marginal-tokens {a.marginal_tokens!r}: give a,b with "
-                         "1 <= a < b")
+        raise UsageError(f"--marginal-tokens {a.marginal_tokens!r}: give a,b with 1 <= a < b")
     if a.gate_rate is not None and not 0 <= a.gate_rate <= 1:
-        raise SystemExit(f"error: --gate-rate {a.gate_rate} must be in [0, 1]")
+        raise UsageError(f"--gate-rate {a.gate_rate} must be in [0, 1]")
     if a.gate_threshold is None and a.gate_rate is None:
         a.gate_rate = 0.1
     cfg, params, tc, prompts, name = _load(a.model, a.n_ahead, a.prompt_len, a.batch, a.seed)

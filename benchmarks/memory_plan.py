@@ -2,7 +2,7 @@
 8 devices, from XLA's memory analysis of the compiled step (nothing is allocated).
 
     python benchmarks/memory_plan.py                          # 6 variants, 32 layers
-    python benchmarks/memory_plan.py --layers 4 8 --extrapolate 32
+    python benchmarks/memory_plan.py --layers=4,8 --extrapolate 32
     python benchmarks/memory_plan.py --preset gpu-1b --devices 1
 
 Each variant runs in a subprocess with `--xla_force_host_platform_device_count=N`
@@ -23,15 +23,19 @@ bytes (parameters, gradients, optimiser moments) are exact.
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
 import sys
 import time
+from collections.abc import Sequence
+from types import SimpleNamespace
 from typing import Any
 
 import harness as H
+from absl import flags
+
+from quietstar_jax.cli_common import CommandLine, define_integer_list
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -171,32 +175,39 @@ def _gb(b: float) -> str:
     return f"{b / 1e9:.1f}"
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--preset", choices=sorted(PRESETS), default="mistral7b")
-    ap.add_argument("--devices", type=int, default=8)
-    ap.add_argument("--mesh", type=int, nargs=3, default=None, metavar=("DATA", "FSDP", "TENSOR"),
-                    help="mesh shape (default 1 x devices x 1, all FSDP); sets --devices")
-    ap.add_argument("--layers", type=int, nargs="+", default=None,
-                    help="layer counts to compile (default: the preset's)")
-    ap.add_argument("--extrapolate", type=int, default=None,
-                    help="extrapolate linearly in layers to this count")
-    ap.add_argument("--variants", nargs="+", default=None,
-                    help="labels (or indices) of VARIANTS to run (default all)")
-    ap.add_argument("--n_ahead", type=int, default=12)
-    ap.add_argument("--n_ahead_talk", type=int, default=4)
-    ap.add_argument("--n_passes", type=int, default=2)
-    ap.add_argument("--batch", type=int, default=None, help="sequences (rows / n_passes)")
-    ap.add_argument("--seq", type=int, default=None)
-    ap.add_argument("--timeout", type=float, default=3600.0, help="per compile, seconds")
-    ap.add_argument("--out", default=None)
-    ap.add_argument("--dump_hlo", default=None, help="write each compiled HLO to this folder")
+def _define(fv: flags.FlagValues) -> None:
+    flags.DEFINE_enum("preset", "mistral7b", sorted(PRESETS), "model shapes", flag_values=fv)
+    flags.DEFINE_integer("devices", 8, "simulated CPU devices", flag_values=fv)
+    define_integer_list("mesh", None, "mesh shape DATA,FSDP,TENSOR (default 1,devices,1, all "
+                        "FSDP); sets --devices", fv, length=3)
+    define_integer_list("layers", None, "layer counts to compile, comma-separated (default: "
+                        "the preset's)", fv)
+    flags.DEFINE_integer("extrapolate", None, "extrapolate linearly in layers to this count",
+                         flag_values=fv)
+    flags.DEFINE_list("variants", None, "labels (or indices) of VARIANTS to run, "
+                      "comma-separated (default all)", flag_values=fv)
+    flags.DEFINE_integer("n_ahead", 12, "thought length", flag_values=fv)
+    flags.DEFINE_integer("n_ahead_talk", 4, "talk steps", flag_values=fv)
+    flags.DEFINE_integer("n_passes", 2, "thought passes", flag_values=fv)
+    flags.DEFINE_integer("batch", None, "sequences (rows / n_passes)", flag_values=fv)
+    flags.DEFINE_integer("seq", None, "sequence length", flag_values=fv)
+    flags.DEFINE_float("timeout", 3600.0, "per compile, seconds", flag_values=fv)
+    flags.DEFINE_string("out", None, "JSON path (default benchmarks/results/"
+                        "memory_plan_<preset>.json)", flag_values=fv)
+    flags.DEFINE_string("dump_hlo", None, "write each compiled HLO to this folder",
+                        flag_values=fv)
 
-    if H.worker_main(sys.argv, worker):
-        return
-    args = ap.parse_args()
 
+COMMAND = CommandLine.script("benchmarks/memory_plan.py",
+                             " ".join(__doc__.split("\n\n")[0].split()), _define)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Command-line entry point; bad flags end with one `PROG: error: ...` line (exit 2)."""
+    return COMMAND.main(_run, argv)
+
+
+def _run(args: SimpleNamespace) -> None:
     if args.mesh:
         args.devices = math.prod(args.mesh)
     model = dict(PRESETS[args.preset])
@@ -272,4 +283,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    if not H.worker_main(sys.argv, worker):  # a variant's compile (run), else the command
+        sys.exit(main())

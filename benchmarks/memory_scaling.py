@@ -1,6 +1,6 @@
 """Per-device memory of the compiled update step as the FSDP mesh grows.
 
-    python benchmarks/memory_scaling.py [--devices 1 2 4 8] [--tensor 1] [--preset medium]
+    python benchmarks/memory_scaling.py [--devices=1,2,4,8] [--tensor 1] [--preset medium]
                                         [--platform cpu|gpu|tpu]
 
 For each device count N it starts a subprocess with N simulated CPU devices,
@@ -17,12 +17,17 @@ vocabulary gathered. `--json PATH` writes the rows.
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
 import re
 import sys
+from collections.abc import Sequence
+from types import SimpleNamespace
+
+from absl import flags
+
+from quietstar_jax.cli_common import CommandLine, define_integer_list
 
 PRESETS = {
     # ~21M parameters: big enough that parameters dominate the arguments.
@@ -58,7 +63,7 @@ def all_gather_shapes(hlo: str) -> list[tuple[str, tuple[int, ...]]]:
     return out
 
 
-def worker(args: argparse.Namespace) -> dict:
+def worker(args: SimpleNamespace) -> dict:
     """Compile the trainer's step on this process's devices; return one table row."""
     import harness as H
     import jax
@@ -131,28 +136,39 @@ def _mib(b: int) -> str:
     return f"{b / 2**20:.2f}"
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--devices", type=int, nargs="+", default=[1, 2, 4, 8])
-    ap.add_argument("--tensor", type=int, default=1, help="tensor axis size")
-    ap.add_argument("--preset", choices=sorted(PRESETS), default="medium")
-    ap.add_argument("--dtype", default="float32", help="compute and parameter dtype")
-    ap.add_argument("--layers", type=int, default=None, help="override the preset's layers")
-    ap.add_argument("--remat", default="none", choices=("none", "full", "dots"))
-    ap.add_argument("--batch", type=int, default=8)
-    ap.add_argument("--seq", type=int, default=64)
-    ap.add_argument("--n_ahead", type=int, default=4)
-    ap.add_argument("--n_ahead_talk", type=int, default=2)
-    ap.add_argument("--no_constraints", action="store_true",
-                    help="compile without the model's activation constraints (for comparison)")
-    ap.add_argument("--json", default=None, help="write the rows to this file")
-    ap.add_argument("--platform", default="cpu",
-                    help="cpu: N simulated CPU devices; anything else (gpu, tpu): the first N "
-                         "devices JAX sees")
-    ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
-    ap.add_argument("--n_devices", type=int, default=1, help=argparse.SUPPRESS)
-    args = ap.parse_args()
+def _define(fv: flags.FlagValues) -> None:
+    define_integer_list("devices", [1, 2, 4, 8], "device counts, comma-separated", fv)
+    flags.DEFINE_integer("tensor", 1, "tensor axis size", flag_values=fv)
+    flags.DEFINE_enum("preset", "medium", sorted(PRESETS), "model shapes", flag_values=fv)
+    flags.DEFINE_string("dtype", "float32", "compute and parameter dtype", flag_values=fv)
+    flags.DEFINE_integer("layers", None, "override the preset's layers", flag_values=fv)
+    flags.DEFINE_enum("remat", "none", ["none", "full", "dots"], "rematerialisation",
+                      flag_values=fv)
+    flags.DEFINE_integer("batch", 8, "sequences", flag_values=fv)
+    flags.DEFINE_integer("seq", 64, "sequence length", flag_values=fv)
+    flags.DEFINE_integer("n_ahead", 4, "thought length", flag_values=fv)
+    flags.DEFINE_integer("n_ahead_talk", 2, "talk steps", flag_values=fv)
+    flags.DEFINE_boolean("no_constraints", False, "compile without the model's activation "
+                         "constraints (for comparison)", flag_values=fv)
+    flags.DEFINE_string("json", None, "write the rows to this file", flag_values=fv)
+    flags.DEFINE_string("platform", "cpu", "cpu: N simulated CPU devices; anything else (gpu, "
+                        "tpu): the first N devices JAX sees", flag_values=fv)
+    flags.DEFINE_boolean("worker", False, "internal: compile in this process", flag_values=fv)
+    flags.DEFINE_integer("n_devices", 1, "internal: the worker's device count", flag_values=fv)
 
+
+COMMAND = CommandLine.script("benchmarks/memory_scaling.py",
+                             " ".join(__doc__.split("\n\n")[0].split()), _define)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Command-line entry point; bad flags end with one `PROG: error: ...` line (exit 2)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    return COMMAND.main(lambda args: _run(args, argv), argv)
+
+
+def _run(args: SimpleNamespace, argv: list[str]) -> None:
+    """The table of every device count, each compiled in a worker given `argv`."""
     if args.worker:
         print("ROW " + json.dumps(worker(args)), flush=True)
         return
@@ -165,7 +181,7 @@ def main() -> None:
             env.update(JAX_PLATFORMS="cpu",
                        XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} "
                                  f"--xla_force_host_platform_device_count={n}")
-        row = H.run_worker(__file__, ["--worker", "--n_devices", str(n), *sys.argv[1:]],
+        row = H.run_worker(__file__, ["--worker", "--n_devices", str(n), *argv],
                            env=env, tag="ROW")
         if "error" in row:
             sys.exit(f"worker with {n} devices failed:\n{row['error'][-3000:]}")
@@ -200,4 +216,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

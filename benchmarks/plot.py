@@ -13,10 +13,15 @@ measured point at the main configuration. Right: the same against n_ahead.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
+from collections.abc import Sequence
+from types import SimpleNamespace
+
+from absl import flags
+
+from quietstar_jax.cli_common import CommandLine, UsageError
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
@@ -31,18 +36,28 @@ def _points(runs: list[dict], key: str, step: str) -> tuple[list[float], list[fl
     return xs, ys
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("json")
-    ap.add_argument("--out", default=None)
-    args = ap.parse_args()
+def _define(fv: flags.FlagValues) -> None:
+    flags.DEFINE_string("out", None, "the PNG path (default: the JSON's, .png)",
+                        flag_values=fv)
+
+
+COMMAND = CommandLine.script("benchmarks/plot.py", " ".join(__doc__.split("\n\n")[0].split()),
+                             _define, positional=("json",))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Command-line entry point; bad input ends with one `PROG: error: ...` line (exit 2)."""
+    return COMMAND.main(_run, argv)
+
+
+def _run(args: SimpleNamespace) -> None:
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        sys.exit('plot.py needs matplotlib: pip install -e ".[experiments]"')
+        raise UsageError('needs matplotlib: pip install -e ".[experiments]"') from None
     from flops import analytic_flops
 
     with open(args.json) as f:
@@ -96,4 +111,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -13,19 +13,24 @@ markers render as nothing), so that
 
 A figure with no JSON behind it (the authors' PyTorch timings of issue 7, the figures of
 the older hand-written runs quoted in prose, ranges over several runs) carries no marker.
-Only the standard library: it runs without the project installed.
+Its command line is the package's (`cli_common.CommandLine`, absl flags): run it with the
+project installed or on `PYTHONPATH`.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import re
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
+
+from absl import flags
+
+from quietstar_jax.cli_common import CommandLine
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
@@ -339,27 +344,39 @@ def unused(docs: Sequence[Path], figures: dict[str, Figure] | None = None) -> li
     return sorted(set(FIGURES if figures is None else figures) - used)
 
 
+def _define(fv: flags.FlagValues) -> None:
+    flags.DEFINE_boolean("check", False, "exit 1, listing each marked figure that disagrees "
+                         "with its JSON", flag_values=fv)
+    flags.DEFINE_boolean("write", False, "rewrite the marked figures from the JSON",
+                         flag_values=fv)
+    flags.mark_bool_flags_as_mutual_exclusive(["check", "write"], required=True,
+                                              flag_values=fv)
+    flags.DEFINE_list("docs", [str(ROOT / d) for d in DOCS], "the Markdown files, "
+                      "comma-separated (default: " + ",".join(DOCS) + ")", flag_values=fv)
+    flags.DEFINE_string("results", str(RESULTS), "the results directory (default: "
+                        "benchmarks/results)", flag_values=fv)
+
+
+COMMAND = CommandLine.script("benchmarks/report.py",
+                             " ".join(__doc__.split("\n\n")[0].split()), _define)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    mode = p.add_mutually_exclusive_group(required=True)
-    mode.add_argument("--check", action="store_true",
-                      help="exit 1, listing each marked figure that disagrees with its JSON")
-    mode.add_argument("--write", action="store_true",
-                      help="rewrite the marked figures from the JSON")
-    p.add_argument("--docs", nargs="+", type=Path, default=[ROOT / d for d in DOCS],
-                   help="the Markdown files (default: " + " ".join(DOCS) + ")")
-    p.add_argument("--results", type=Path, default=RESULTS,
-                   help="the results directory (default: benchmarks/results)")
-    args = p.parse_args(argv)
+    """Command-line entry point: 0 agree (or written), 1 disagree, 2 bad input (one line)."""
+    return COMMAND.main(_run, argv)
+
+
+def _run(args: SimpleNamespace) -> int:
+    docs, results = [Path(d) for d in args.docs], Path(args.results)
     try:
         if args.write:
-            n = write(args.docs, args.results)
+            n = write(docs, results)
             print(f"{n} figure(s) rewritten")
             return 0
-        bad = mismatches(args.docs, args.results)
-        idle = unused(args.docs)
+        bad = mismatches(docs, results)
+        idle = unused(docs)
     except FigureError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"{COMMAND.prog}: error: {e}", file=sys.stderr)
         return 2
     for line in bad:
         print(line)

@@ -38,15 +38,17 @@ and a short table on the console (stderr).
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import statistics
 import sys
 import time
+from collections.abc import Sequence
+from types import SimpleNamespace
 from typing import Any
 
 import harness as H
+from absl import flags
 from flops import analytic_flops, peak_flops
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -316,7 +318,7 @@ def main_config(c: dict[str, Any], repeat: int) -> dict[str, Any]:
     return {"main": best, **({"main_repeats": repeats} if repeat > 1 else {})}
 
 
-def sweeps(args: argparse.Namespace, c: dict[str, Any], main_r: dict[str, Any]) -> dict:
+def sweeps(args: SimpleNamespace, c: dict[str, Any], main_r: dict[str, Any]) -> dict:
     out: dict[str, list[dict[str, Any]]] = {}
     todo = {"all": ["seq", "n_ahead"], "none": []}.get(args.sweep, [args.sweep])
     for name in todo:
@@ -344,7 +346,7 @@ def sweeps(args: argparse.Namespace, c: dict[str, Any], main_r: dict[str, Any]) 
     return out
 
 
-def variants(args: argparse.Namespace, c: dict[str, Any], main_r: dict[str, Any]) -> list:
+def variants(args: SimpleNamespace, c: dict[str, Any], main_r: dict[str, Any]) -> list:
     """remat none|full|dots x scan_layers true|false (Quiet-STaR step)."""
     out = []
     for remat in ("none", "full", "dots"):
@@ -359,7 +361,7 @@ def variants(args: argparse.Namespace, c: dict[str, Any], main_r: dict[str, Any]
     return out
 
 
-def generation_figures(args: argparse.Namespace) -> dict[str, Any]:
+def generation_figures(args: SimpleNamespace) -> dict[str, Any]:
     """Cached vs recompute thinking generation (benchmarks/generation_benchmark.py)."""
     import subprocess
 
@@ -427,67 +429,84 @@ def report(results: dict[str, Any], out: str) -> None:
     print(json.dumps(results))
 
 
-def parse_args() -> tuple[argparse.Namespace, dict[str, Any]]:
-    """The flags, and the config: the preset with any flag of DEFAULTS' names applied."""
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--preset", choices=sorted(PRESETS), default="cpu-small")
+def _define(fv: flags.FlagValues) -> None:
+    # Imported here, not at the top: compare_hlo.py imports this module with the package
+    # of another tree, which may predate the working tree's command lines.
+    from quietstar_jax.cli_common import define_integer_list
+
+    flags.DEFINE_enum("preset", "cpu-small", sorted(PRESETS), "the configuration the other "
+                      "flags change", flag_values=fv)
     for k, v in DEFAULTS.items():
-        if k != "scan_layers":
-            t = int if isinstance(v, int) or v is None and k in ("head_dim", "plain_steps",
-                                                                 "think_k") else str
-            names = [f"--{k}"] + (["--think-k"] if k == "think_k" else [])
-            ap.add_argument(*names, dest=k, type=t, default=None,
-                            help="sparse thoughts: also time the step with this many "
-                            "thinking positions per row (and a think gate) and a plain step "
-                            "with materialised logits" if k == "think_k" else
-                            f"(preset cpu-small: {v})")
-    ap.add_argument("--scan_layers", choices=("true", "false"), default=None)
-    ap.add_argument("--sweep", choices=("none", "seq", "n_ahead", "all"), default="all")
-    ap.add_argument("--sweep_steps", type=int, default=3, help="timed steps per sweep point")
-    ap.add_argument("--sweep_seq", type=int, nargs="+", default=SWEEPS["seq"])
-    ap.add_argument("--sweep_n_ahead", type=int, nargs="+", default=SWEEPS["n_ahead"])
-    ap.add_argument("--oom_remat", action=argparse.BooleanOptionalAction, default=True,
-                    help="rerun a sweep point killed for memory with remat=full (marked)")
-    ap.add_argument("--variants", action="store_true",
-                    help="also time remat none|full|dots x scan_layers true|false")
-    ap.add_argument("--profile", action="store_true",
-                    help="profile the main config's Quiet-STaR step by phase (step_profile.py)")
-    ap.add_argument("--generation", action="store_true",
-                    help="also run benchmarks/generation_benchmark.py")
-    ap.add_argument("--generation_args", default="",
-                    help="arguments for generation_benchmark.py")
-    ap.add_argument("--out", default=None, help="JSON path (default benchmarks/results/"
-                    "step_<backend-preset>.json)")
-    ap.add_argument("--wait_idle", type=float, default=0.0,
-                    help="before each measured config wait up to this many seconds for the "
-                    "machine to be idle (shared machines)")
-    ap.add_argument("--idle_cores", type=float, default=0.3,
-                    help="'idle': other processes' CPU use below this many cores")
-    ap.add_argument("--repeat", type=int, default=1,
-                    help="measure the main config this many times (fresh processes); the "
-                    "report uses the run with the least other CPU load")
-    args = ap.parse_args()
+        if k == "scan_layers":
+            continue
+        if k == "think_k":
+            flags.DEFINE_integer(k, None, "sparse thoughts: also time the step with this "
+                                 "many thinking positions per row (and a think gate) and a "
+                                 "plain step with materialised logits", flag_values=fv)
+            flags.DEFINE_alias("think-k", k, flag_values=fv)
+        elif isinstance(v, int) or v is None and k in ("head_dim", "plain_steps"):
+            flags.DEFINE_integer(k, None, f"(preset cpu-small: {v})", flag_values=fv)
+        else:
+            flags.DEFINE_string(k, None, f"(preset cpu-small: {v})", flag_values=fv)
+    flags.DEFINE_enum("scan_layers", None, ["true", "false"], "(preset cpu-small: true)",
+                      flag_values=fv)
+    flags.DEFINE_enum("sweep", "all", ["none", "seq", "n_ahead", "all"], "the sweeps run",
+                      flag_values=fv)
+    flags.DEFINE_integer("sweep_steps", 3, "timed steps per sweep point", flag_values=fv)
+    define_integer_list("sweep_seq", SWEEPS["seq"], "sequence lengths of the seq sweep", fv)
+    define_integer_list("sweep_n_ahead", SWEEPS["n_ahead"], "n_ahead of the n_ahead sweep", fv)
+    flags.DEFINE_boolean("oom_remat", True, "rerun a sweep point killed for memory with "
+                         "remat=full (marked)", flag_values=fv)
+    flags.DEFINE_boolean("variants", False, "also time remat none|full|dots x scan_layers "
+                         "true|false", flag_values=fv)
+    flags.DEFINE_boolean("profile", False, "profile the main config's Quiet-STaR step by phase "
+                         "(step_profile.py)", flag_values=fv)
+    flags.DEFINE_boolean("generation", False, "also run benchmarks/generation_benchmark.py",
+                         flag_values=fv)
+    flags.DEFINE_string("generation_args", "", "arguments for generation_benchmark.py",
+                        flag_values=fv)
+    flags.DEFINE_string("out", None, "JSON path (default benchmarks/results/"
+                        "step_<backend-preset>.json)", flag_values=fv)
+    flags.DEFINE_float("wait_idle", 0.0, "before each measured config wait up to this many "
+                       "seconds for the machine to be idle (shared machines)", flag_values=fv)
+    flags.DEFINE_float("idle_cores", 0.3, "'idle': other processes' CPU use below this many "
+                       "cores", flag_values=fv)
+    flags.DEFINE_integer("repeat", 1, "measure the main config this many times (fresh "
+                         "processes); the report uses the run with the least other CPU load",
+                         flag_values=fv)
+
+
+def config_of(args: SimpleNamespace) -> dict[str, Any]:
+    """The config: the preset with any flag of DEFAULTS' names applied."""
     c = dict(PRESETS[args.preset])
     for k in DEFAULTS:
         v = getattr(args, k)
         if v is not None:
             c[k] = (v == "true") if k == "scan_layers" else v
+    return c
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Command-line entry point: 0 done, 1 the main config failed, 2 bad flags (one line)."""
+    from quietstar_jax.cli_common import CommandLine  # not at the top: see _define
+
+    summary = " ".join(__doc__.split("\n\n")[0].split())
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = CommandLine.script("benchmarks/step_benchmark.py", summary, _define)
+    return command.main(lambda args: _run(args, argv), argv)
+
+
+def _run(args: SimpleNamespace, argv: list[str]) -> int:
+    """The main config, the sweeps and what the flags add; the JSON records `argv`."""
+    c = config_of(args)
     H.WAIT_IDLE.update(max_s=args.wait_idle, cores=args.idle_cores)
-    return args, c
-
-
-def main() -> None:
-    if H.worker_main(sys.argv, worker):
-        return
-    args, c = parse_args()
     t_all = time.perf_counter()
-    results: dict[str, Any] = {"preset": args.preset, "argv": sys.argv[1:],
+    results: dict[str, Any] = {"preset": args.preset, "argv": argv,
                                "loadavg_start": os.getloadavg(), **main_config(c, args.repeat)}
     main_r = results["main"]
     if "error" in main_r:
         H.log("main config failed:\n" + main_r["error"])
-        sys.exit(1)
+        return 1
     env = results["env"] = main_r["env"]
     H.log(f"backend {env['backend']} devices {env['devices']} ({env['cpu_model']}, "
           f"{env['cpu_affinity']} cores usable)")
@@ -507,7 +526,9 @@ def main() -> None:
     with open(out, "w") as f:
         json.dump(results, f, indent=1)
     report(results, out)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    if not H.worker_main(sys.argv, worker):  # a config's run (run_config), else the command
+        sys.exit(main())

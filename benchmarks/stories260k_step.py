@@ -10,30 +10,44 @@ step is `train.step.make_train_step` with the trainer's optimizer, state and sha
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
+import sys
+from collections.abc import Sequence
 from pathlib import Path
+from types import SimpleNamespace
 
 import harness as H
 import jax
 import numpy as np
+from absl import flags
 
 import quietstar_jax as qs
 from quietstar_jax import sharding
+from quietstar_jax.cli_common import CommandLine
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", default=str(SHARED / "stories260K-hf"))
-    p.add_argument("--text", default=str(SHARED / "tinystories" / "tinystories_val_head.txt"))
-    p.add_argument("--batch", type=int, default=4)
-    p.add_argument("--seq", type=int, default=128)
-    p.add_argument("--steps", type=int, default=5)
-    args = p.parse_args()
+def _define(fv: flags.FlagValues) -> None:
+    flags.DEFINE_string("model", str(SHARED / "stories260K-hf"), "the Hugging Face model "
+                        "directory", flag_values=fv)
+    flags.DEFINE_string("text", str(SHARED / "tinystories" / "tinystories_val_head.txt"),
+                        "the text the rows are cut from", flag_values=fv)
+    flags.DEFINE_integer("batch", 4, "sequences", flag_values=fv)
+    flags.DEFINE_integer("seq", 128, "tokens per sequence", flag_values=fv)
+    flags.DEFINE_integer("steps", 5, "timed steps", flag_values=fv)
 
+
+COMMAND = CommandLine.script("benchmarks/stories260k_step.py", __doc__.splitlines()[0], _define)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Command-line entry point; bad flags end with one `PROG: error: ...` line (exit 2)."""
+    return COMMAND.main(_run, argv)
+
+
+def _run(args: SimpleNamespace) -> None:
     cfg, params, tok = qs.load_pretrained(args.model)
     tc = H.thought_config(qs.thought_token_ids(tok))
     text = Path(args.text).read_text()[: 200 * args.seq * args.batch]
@@ -65,4 +79,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

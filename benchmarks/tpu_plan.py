@@ -14,11 +14,17 @@ it as JSON (`--out`).
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
+import sys
 from collections import defaultdict
+from collections.abc import Sequence
+from types import SimpleNamespace
 from typing import Any
+
+from absl import flags
+
+from quietstar_jax.cli_common import CommandLine
 
 GB = 1e9
 KEYS = ("argument_bytes", "output_bytes", "alias_bytes", "temp_bytes", "peak_bytes")
@@ -54,13 +60,22 @@ def extrapolate(rows: list[dict[str, Any]], layers: int) -> dict[str, Any]:
     return out
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("files", nargs="+")
-    ap.add_argument("--layers", type=int, default=32)
-    ap.add_argument("--out", default=None)
-    args = ap.parse_args()
+def _define(fv: flags.FlagValues) -> None:
+    flags.DEFINE_integer("layers", 32, "extrapolate to this many layers", flag_values=fv)
+    flags.DEFINE_string("out", None, "write the table as JSON here", flag_values=fv)
 
+
+COMMAND = CommandLine.script("benchmarks/tpu_plan.py",
+                             " ".join(__doc__.split("\n\n")[0].split()), _define,
+                             variadic="files")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Command-line entry point; bad flags end with one `PROG: error: ...` line (exit 2)."""
+    return COMMAND.main(_run, argv)
+
+
+def _run(args: SimpleNamespace) -> None:
     groups: dict[tuple, list[dict[str, Any]]] = defaultdict(list)
     for path in args.files:
         with open(path) as f:
@@ -140,4 +155,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

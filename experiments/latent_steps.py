@@ -22,20 +22,21 @@ matplotlib is installed, `OUT/latent_steps.png`.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import functools
 import json
 import os
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
+from types import SimpleNamespace
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from absl import flags
 from flax import traverse_util
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -50,6 +51,7 @@ from experiments.latent_corpus import (  # noqa: E402
     problems_of,
 )
 from quietstar_jax import model  # noqa: E402
+from quietstar_jax.cli_common import CommandLine, UsageError  # noqa: E402
 from quietstar_jax.model import ModelConfig, Params  # noqa: E402
 from quietstar_jax.thought import ThoughtConfig, init_thought_params, mixed_hidden, rollout  # noqa: E402
 from quietstar_jax.thought.loss import masked_mean, quietstar_loss, token_nll  # noqa: E402
@@ -897,18 +899,22 @@ def markdown(results: dict[str, Any]) -> str:
 
 
 def parse_overrides(p: Protocol, items: list[str]) -> Protocol:
-    """`name=value` strings -> a Protocol with those fields changed (tuples as 4,6,8)."""
+    """`name=value` strings -> a Protocol with those fields changed (tuples as 4,6,8);
+    UsageError for an unknown field or a value of the wrong type."""
     kw: dict[str, Any] = {}
     types = {f.name: f.type for f in dataclasses.fields(Protocol)}
     for item in items:
         name, _, value = item.partition("=")
         if name not in types:
-            raise SystemExit(f"--set {item}: unknown field {name!r}")
+            raise UsageError(f"--set {item}: unknown field {name!r}")
         current = getattr(p, name)
-        if isinstance(current, tuple):
-            kw[name] = tuple(int(v) for v in value.split(",") if v)
-        else:
-            kw[name] = type(current)(value)
+        try:
+            if isinstance(current, tuple):
+                kw[name] = tuple(int(v) for v in value.split(",") if v)
+            else:
+                kw[name] = type(current)(value)
+        except ValueError as e:
+            raise UsageError(f"--set {item}: {e}") from None
     return dataclasses.replace(p, **kw)
 
 
@@ -948,15 +954,26 @@ def tune(p: Protocol, lm: Params, out_dir: str, log: Callable[[str], None]) -> d
     return result
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--out", required=True, help="output directory (results.json, plot)")
-    ap.add_argument("--quick", action="store_true", help="reduced run (<= 10 min)")
-    ap.add_argument("--tune", action="store_true", help="tune knobs on the tune split")
-    ap.add_argument("--cache", default=None, help="keep/reuse the pretrained LM here")
-    ap.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
-                    help="change one Protocol field (repeatable)")
-    args = ap.parse_args(argv)
+def _define(fv: flags.FlagValues) -> None:
+    flags.DEFINE_string("out", None, "output directory (results.json, plot)", flag_values=fv)
+    flags.mark_flag_as_required("out", flag_values=fv)
+    flags.DEFINE_boolean("quick", False, "reduced run (<= 10 min)", flag_values=fv)
+    flags.DEFINE_boolean("tune", False, "tune knobs on the tune split", flag_values=fv)
+    flags.DEFINE_string("cache", None, "keep/reuse the pretrained LM here", flag_values=fv)
+    flags.DEFINE_multi_string("set", [], "NAME=VALUE: change one Protocol field (repeatable)",
+                              flag_values=fv)
+
+
+COMMAND = CommandLine.script("experiments/latent_steps.py",
+                             " ".join(__doc__.split("\n\n")[0].split()), _define)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Command-line entry point; bad flags end with one `PROG: error: ...` line (exit 2)."""
+    return COMMAND.main(_run, argv)
+
+
+def _run(args: SimpleNamespace) -> int:
     p = parse_overrides(QUICK if args.quick else FULL, args.set)
     os.makedirs(args.out, exist_ok=True)
     log_file = open(os.path.join(args.out, "log.txt"), "a")

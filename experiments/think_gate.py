@@ -44,7 +44,6 @@ Writes OUT/results.json, OUT/results.md, OUT/log.txt and (matplotlib) OUT/think_
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import functools
 import hashlib
@@ -54,13 +53,15 @@ import pickle
 import statistics
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
+from types import SimpleNamespace
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from absl import flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -77,6 +78,7 @@ from experiments.latent_steps import (  # noqa: E402
 )
 from experiments.think_gate_text import TextSetup  # noqa: E402
 from quietstar_jax import model  # noqa: E402
+from quietstar_jax.cli_common import CommandLine, UsageError  # noqa: E402
 from quietstar_jax.model import ModelConfig, Params  # noqa: E402
 from quietstar_jax.thought import (  # noqa: E402
     ThoughtConfig,
@@ -690,30 +692,46 @@ def parse_value(field: dataclasses.Field, text: str) -> Any:
     return type(cur)(text)
 
 
-def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--out", required=True)
-    ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--cache", default=None,
-                    help="directory for the pretrained LM (latent_steps' --cache files)")
-    ap.add_argument("--no-cost", action="store_true", help="skip the step-cost timing")
-    ap.add_argument("--no-text", action="store_true",
-                    help="skip the SmolLM2-135M text half (think_gate_text.py)")
-    ap.add_argument("--set", action="append", default=[], metavar="NAME=VALUE")
-    a = ap.parse_args(argv)
+def _define(fv: flags.FlagValues) -> None:
+    flags.DEFINE_string("out", None, "output directory (results.json, results.md, log.txt, "
+                        "plot)", flag_values=fv)
+    flags.mark_flag_as_required("out", flag_values=fv)
+    flags.DEFINE_boolean("quick", False, "reduced run (<= 10 min)", flag_values=fv)
+    flags.DEFINE_string("cache", None, "directory for the pretrained LM (latent_steps' "
+                        "--cache files)", flag_values=fv)
+    flags.DEFINE_boolean("no-cost", False, "skip the step-cost timing", flag_values=fv)
+    flags.DEFINE_boolean("no-text", False, "skip the SmolLM2-135M text half "
+                         "(think_gate_text.py)", flag_values=fv)
+    flags.DEFINE_multi_string("set", [], "NAME=VALUE: change one Setup field, or text_NAME "
+                              "one of the text half's TextSetup (repeatable)", flag_values=fv)
+
+
+COMMAND = CommandLine.script("experiments/think_gate.py",
+                             " ".join(__doc__.split("\n\n")[0].split()), _define)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Command-line entry point; bad flags end with one `PROG: error: ...` line (exit 2)."""
+    return COMMAND.main(_run, argv)
+
+
+def _run(a: SimpleNamespace) -> None:
     s = QUICK if a.quick else FULL
     fields = {f.name: f for f in dataclasses.fields(Setup)}
     text = TEXT_QUICK if a.quick else TEXT_FULL
     text_fields = {f"text_{f.name}": f for f in dataclasses.fields(TextSetup)}
     for kv in a.set:
         name, _, val = kv.partition("=")
-        if name in text_fields:
-            f = text_fields[name]
-            text = dataclasses.replace(text, **{f.name: parse_value(f, val)})
-            continue
-        if name not in fields:
-            ap.error(f"--set {name}: no such field (the text half's are text_<name>)")
-        s = dataclasses.replace(s, **{name: parse_value(fields[name], val)})
+        if name not in fields and name not in text_fields:
+            raise UsageError(f"--set {name}: no such field (the text half's are text_<name>)")
+        try:
+            if name in text_fields:
+                f = text_fields[name]
+                text = dataclasses.replace(text, **{f.name: parse_value(f, val)})
+            else:
+                s = dataclasses.replace(s, **{name: parse_value(fields[name], val)})
+        except ValueError as e:
+            raise UsageError(f"--set {kv}: {e}") from None
     os.makedirs(a.out, exist_ok=True)
     logf = open(os.path.join(a.out, "log.txt"), "w")
 
@@ -727,4 +745,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -1,4 +1,5 @@
-"""Shared pieces of the evaluation and generation command lines.
+"""Shared pieces of the command lines: evaluation and generation (and `CommandLine` for
+the benchmark and experiment scripts too).
 
 `load_cli_model` opens a Hugging Face directory (`config.json` + safetensors +
 tokenizer, via `hf.load_pretrained`) or a training checkpoint: a workdir of
@@ -40,31 +41,50 @@ class CommandLine:
     `absl.flags.FlagValues`, so commands never share (or collide in) absl's global
     registry and can be called from code any number of times.
 
-    `module` is what `python -m` runs, `installed` the script name (`[project.scripts]`).
+    `module` is what `python -m` runs, `installed` the script name (`[project.scripts]`);
+    `prog`, when given, is the name instead (`CommandLine.script`: `python PATH`).
     `define(flag_values)` declares the flags (`flags.DEFINE_*(..., flag_values=...)`);
-    `positional` names the arguments before or between them (e.g. `("model",)`).
+    `positional` names the arguments before or between them (e.g. `("model",)`), and
+    `variadic` a last one that takes one or more values, as a list (e.g. `"files"`).
     `parse(argv)` returns the values as attributes, dashes in flag names read as
     underscores (`--max-new-tokens` -> `.max_new_tokens`); bad flags raise `UsageError`.
+    `main(run, argv)` runs `run(args)` and reports a UsageError as one line (exit 2).
     """
 
     def __init__(self, module: str, installed: str, summary: str,
                  define: Callable[[flags.FlagValues], None],
-                 positional: Sequence[str] = ()) -> None:
+                 positional: Sequence[str] = (), *, prog: str | None = None,
+                 variadic: str | None = None) -> None:
         self.module, self.installed, self.summary = module, installed, summary
         self._define, self.positional = define, tuple(positional)
+        self._prog, self.variadic = prog, variadic
+
+    @classmethod
+    def script(cls, path: str, summary: str, define: Callable[[flags.FlagValues], None],
+               positional: Sequence[str] = (), *, variadic: str | None = None
+               ) -> CommandLine:
+        """The command line of a script run as `python PATH` (from the repository root),
+        not a module: usage and error lines name it so."""
+        return cls(path, "", summary, define, positional, prog=f"python {path}",
+                   variadic=variadic)
 
     @property
     def prog(self) -> str:
-        return command_name(self.module, self.installed)
+        return self._prog or command_name(self.module, self.installed)
 
     def flag_values(self) -> flags.FlagValues:
         fv = flags.FlagValues()
         self._define(fv)
         return fv
 
+    def _arguments(self) -> str:
+        names = [p.upper() for p in self.positional]
+        if self.variadic:
+            names.append(f"{self.variadic.upper()}...")
+        return " ".join(names)
+
     def usage(self) -> str:
-        args = " ".join(p.upper() for p in self.positional)
-        return f"usage: {self.prog} {args} [--flag=value ...]".replace("  ", " ")
+        return f"usage: {self.prog} {self._arguments()} [--flag=value ...]".replace("  ", " ")
 
     def help(self) -> str:
         return (f"{self.usage()}\n\n{self.summary}\n\nflags:\n"
@@ -80,11 +100,58 @@ class CommandLine:
             rest = fv([self.prog, *argv])[1:]
         except flags.Error as e:
             raise UsageError(" ".join(str(e).split())) from None
-        if len(rest) != len(self.positional):
-            want = " ".join(p.upper() for p in self.positional) or "no arguments"
+        n = len(self.positional)
+        extra = len(rest) - n  # 0 without `variadic`, at least 1 with it
+        if extra < 0 or (extra > 0) != bool(self.variadic):
+            want = self._arguments() or "no arguments"
             raise UsageError(f"expected {want}, got {rest or 'none'} ({self.usage()})")
         values = {name.replace("-", "_"): fv[name].value for name in fv}
-        return SimpleNamespace(**values, **dict(zip(self.positional, rest, strict=True)))
+        if self.variadic:
+            values[self.variadic] = rest[n:]
+        return SimpleNamespace(**values, **dict(zip(self.positional, rest[:n], strict=True)))
+
+    def main(self, run: Callable[[SimpleNamespace], int | None],
+             argv: Sequence[str] | None) -> int:
+        """`run(parsed argv)`'s exit status (None: 0). A UsageError, from the flags or
+        raised by `run` for a value it cannot use, ends with one `PROG: error: ...` line
+        on stderr and exit status 2; any other error keeps its traceback."""
+        try:
+            return run(self.parse(argv)) or 0
+        except UsageError as e:
+            print(f"{self.prog}: error: {e}", file=sys.stderr)
+            return 2
+
+
+class _IntegerListParser(flags.ListParser):
+    """Comma-separated integers (`1,4,2`), `length` of them when given."""
+
+    def __init__(self, length: int | None = None) -> None:
+        super().__init__()
+        self.length = length
+        self.syntactic_help = (f"{length} comma-separated integers" if length is not None
+                               else "a comma-separated list of integers")
+
+    def parse(self, argument: Any) -> list[int]:
+        items = super().parse(argument)
+        try:
+            values = [int(x) for x in items]
+        except (TypeError, ValueError):
+            raise ValueError(f"{argument!r} is not a comma-separated list of integers"
+                             ) from None
+        if self.length is not None and len(values) != self.length:
+            raise ValueError(f"{argument!r}: expected {self.length} comma-separated integers")
+        return values
+
+
+def define_integer_list(name: str, default: Sequence[int] | None, help: str,
+                        flag_values: flags.FlagValues, *, length: int | None = None) -> None:
+    """An absl flag of comma-separated integers (`--mesh=1,4,2`), read as a list of ints;
+    with `length`, exactly that many."""
+    # Listed in --help under the calling module, as absl names it (a script: its path).
+    caller = sys._getframe(1).f_globals.get("__name__", "")
+    flags.DEFINE(_IntegerListParser(length), name, None if default is None else list(default),
+                 help, flag_values, flags.CsvListSerializer(","),
+                 module_name=sys.argv[0] if caller == "__main__" else caller)
 
 
 class UsageError(ValueError):

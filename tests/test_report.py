@@ -63,7 +63,7 @@ def test_an_altered_figure_fails_the_check_and_write_restores_it(tmp_path, capsy
     marked = f"<!-- fig:smollm2_peak_no_torch -->{good}<!-- /fig -->"
     assert marked in original
     docs[0].write_text(original.replace(marked, marked.replace(good, "9.99"), 1))
-    args = ["--docs", *map(str, docs)]
+    args = ["--docs=" + ",".join(map(str, docs))]
     assert report.main(["--check", *args]) == 1
     out = capsys.readouterr().out
     assert "figure smollm2_peak_no_torch reads '9.99', its JSON says" in out
