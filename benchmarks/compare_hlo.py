@@ -114,14 +114,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Command-line entry point: 0 same program, 1 different, 2 bad flags (one line)."""
     # Imported here, not at the top: a side's child process (`--child`) runs this file
     # with that tree's package, which may predate the working tree's command lines.
-    from quietstar_jax.cli_common import CommandLine
+    from quietstar_jax.command_line import CommandLine
 
     summary = " ".join(__doc__.split("\n\n")[0].split())
     return CommandLine.script("benchmarks/compare_hlo.py", summary, _define).main(_run, argv)
 
 
 def _run(args: SimpleNamespace) -> int:
-    from quietstar_jax.cli_common import UsageError
+    from quietstar_jax.command_line import UsageError
 
     if args.step == "sparse" and not args.think_k:
         raise UsageError("--step sparse needs --think-k")

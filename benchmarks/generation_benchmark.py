@@ -48,7 +48,7 @@ import jax
 import numpy as np
 from absl import flags
 
-from quietstar_jax.cli_common import CommandLine, UsageError
+from quietstar_jax.command_line import CommandLine, UsageError
 from quietstar_jax.generation import cached as G
 from quietstar_jax.generation import reference as R
 from quietstar_jax.model import ModelConfig

@@ -35,7 +35,7 @@ from typing import Any
 import harness as H
 from absl import flags
 
-from quietstar_jax.cli_common import CommandLine, define_integer_list
+from quietstar_jax.command_line import CommandLine, define_integer_list
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 

@@ -27,7 +27,7 @@ from types import SimpleNamespace
 
 from absl import flags
 
-from quietstar_jax.cli_common import CommandLine, define_integer_list
+from quietstar_jax.command_line import CommandLine, define_integer_list
 
 PRESETS = {
     # ~21M parameters: big enough that parameters dominate the arguments.

@@ -21,7 +21,7 @@ from types import SimpleNamespace
 
 from absl import flags
 
-from quietstar_jax.cli_common import CommandLine, UsageError
+from quietstar_jax.command_line import CommandLine, UsageError
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 

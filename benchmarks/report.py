@@ -13,7 +13,7 @@ markers render as nothing), so that
 
 A figure with no JSON behind it (the authors' PyTorch timings of issue 7, the figures of
 the older hand-written runs quoted in prose, ranges over several runs) carries no marker.
-Its command line is the package's (`cli_common.CommandLine`, absl flags): run it with the
+Its command line is the package's (`command_line.CommandLine`, absl flags): run it with the
 project installed or on `PYTHONPATH`.
 """
 
@@ -30,7 +30,7 @@ from typing import Any
 
 from absl import flags
 
-from quietstar_jax.cli_common import CommandLine
+from quietstar_jax.command_line import CommandLine
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"

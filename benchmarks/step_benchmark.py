@@ -432,7 +432,7 @@ def report(results: dict[str, Any], out: str) -> None:
 def _define(fv: flags.FlagValues) -> None:
     # Imported here, not at the top: compare_hlo.py imports this module with the package
     # of another tree, which may predate the working tree's command lines.
-    from quietstar_jax.cli_common import define_integer_list
+    from quietstar_jax.command_line import define_integer_list
 
     flags.DEFINE_enum("preset", "cpu-small", sorted(PRESETS), "the configuration the other "
                       "flags change", flag_values=fv)
@@ -488,7 +488,7 @@ def config_of(args: SimpleNamespace) -> dict[str, Any]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Command-line entry point: 0 done, 1 the main config failed, 2 bad flags (one line)."""
-    from quietstar_jax.cli_common import CommandLine  # not at the top: see _define
+    from quietstar_jax.command_line import CommandLine  # not at the top: see _define
 
     summary = " ".join(__doc__.split("\n\n")[0].split())
     argv = list(sys.argv[1:] if argv is None else argv)

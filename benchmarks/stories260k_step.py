@@ -24,7 +24,7 @@ from absl import flags
 
 import quietstar_jax as qs
 from quietstar_jax import sharding
-from quietstar_jax.cli_common import CommandLine
+from quietstar_jax.command_line import CommandLine
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 

@@ -24,7 +24,7 @@ from typing import Any
 
 from absl import flags
 
-from quietstar_jax.cli_common import CommandLine
+from quietstar_jax.command_line import CommandLine
 
 GB = 1e9
 KEYS = ("argument_bytes", "output_bytes", "alias_bytes", "temp_bytes", "peak_bytes")

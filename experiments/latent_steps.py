@@ -51,7 +51,7 @@ from experiments.latent_corpus import (  # noqa: E402
     problems_of,
 )
 from quietstar_jax import model  # noqa: E402
-from quietstar_jax.cli_common import CommandLine, UsageError  # noqa: E402
+from quietstar_jax.command_line import CommandLine, UsageError  # noqa: E402
 from quietstar_jax.model import ModelConfig, Params  # noqa: E402
 from quietstar_jax.thought import ThoughtConfig, init_thought_params, mixed_hidden, rollout  # noqa: E402
 from quietstar_jax.thought.loss import masked_mean, quietstar_loss, token_nll  # noqa: E402

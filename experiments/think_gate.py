@@ -78,7 +78,7 @@ from experiments.latent_steps import (  # noqa: E402
 )
 from experiments.think_gate_text import TextSetup  # noqa: E402
 from quietstar_jax import model  # noqa: E402
-from quietstar_jax.cli_common import CommandLine, UsageError  # noqa: E402
+from quietstar_jax.command_line import CommandLine, UsageError  # noqa: E402
 from quietstar_jax.model import ModelConfig, Params  # noqa: E402
 from quietstar_jax.thought import (  # noqa: E402
     ThoughtConfig,

@@ -1,4 +1,4 @@
-"""cli_common.CommandLine for the benchmark and experiment scripts: the script name in
+"""command_line.CommandLine for the benchmark and experiment scripts: the script name in
 usage and error lines, a positional argument of one or more values, comma-separated
 integer lists, and one `PROG: error: ...` line with exit status 2 for bad input."""
 
@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from absl import flags
 
-from quietstar_jax.cli_common import CommandLine, UsageError, define_integer_list
+from quietstar_jax.command_line import CommandLine, UsageError, define_integer_list
 
 ROOT = Path(__file__).resolve().parents[1]
 

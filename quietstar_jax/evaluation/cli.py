@@ -26,13 +26,12 @@ from typing import Any
 from absl import flags
 
 from quietstar_jax.cli_common import (
-    CommandLine,
     format_table,
     inference_thought_config,
     load_cli_model,
-    run_cli,
     write_json,
 )
+from quietstar_jax.command_line import CommandLine, run_cli
 from quietstar_jax.evaluation.tasks import (
     TASKS,
     _check_chunk_len,

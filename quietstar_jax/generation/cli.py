@@ -30,14 +30,13 @@ import jax
 from absl import flags
 
 from quietstar_jax.cli_common import (
-    CommandLine,
     inference_thought_config,
     load_cli_model,
     printable,
-    run_cli,
     show_tokens,
     write_json,
 )
+from quietstar_jax.command_line import CommandLine, run_cli
 from quietstar_jax.generation.cached import generate_text, thought_tokens_fed
 from quietstar_jax.protocols import Tokenizer
 
