@@ -257,8 +257,9 @@ def make_plain_step(cfg: ModelConfig, optimizer: optax.GradientTransformation
     """Jitted plain-LM update (next-token NLL of every non-padding target)."""
 
     def loss_fn(params: Params, ids: jax.Array, mask: jax.Array) -> jax.Array:
-        h, _ = model.forward(params, cfg, ids, mask)
-        logits = model.logits_from_hidden(params, cfg, h[:, :-1]).astype(jnp.float32)
+        lm = model.from_params(params, cfg)
+        h, _ = lm.forward(ids, mask)
+        logits = lm.logits(h[:, :-1]).astype(jnp.float32)
         tgt = ids[:, 1:]
         ok = mask[:, 1:].astype(bool) & (tgt != TOK.pad_token_id)
         return masked_mean(token_nll(logits, tgt), ok)
@@ -414,9 +415,10 @@ def make_next_logits_fn(cfg: ModelConfig) -> Callable[..., jax.Array]:
     """Jitted: the plain LM's logits `[rows, vocab]` at position `pos` `[rows]`."""
 
     def fn(params: Params, ids: jax.Array, mask: jax.Array, pos: jax.Array) -> jax.Array:
-        h, _ = model.forward(params, cfg, ids, mask)
+        lm = model.from_params(params, cfg)
+        h, _ = lm.forward(ids, mask)
         hp = jnp.take_along_axis(h, pos[:, None, None], axis=1)[:, 0]
-        return model.logits_from_hidden(params, cfg, hp).astype(jnp.float32)
+        return lm.logits(hp).astype(jnp.float32)
 
     return jax.jit(fn)
 

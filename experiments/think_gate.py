@@ -17,7 +17,7 @@ problems it has memorised every answer). On held-out ("eval") skipped documents 
 trained model thinks at a fraction r of each document's positions, the positions chosen
 four ways:
 
-  gated    the gate's highest logits (`thought.gate_logit` on the base pass)
+  gated    the gate's highest logits (the think gate, `thought.ThinkGate`, on the base pass)
   random   uniformly random positions (reported as the exact expectation over draws:
            a position thinks with probability k / n)
   entropy  the highest entropy of the base prediction (`sparse.logit_stats`)
@@ -81,12 +81,13 @@ from quietstar_jax import model  # noqa: E402
 from quietstar_jax.command_line import CommandLine, UsageError  # noqa: E402
 from quietstar_jax.model import ModelConfig, Params  # noqa: E402
 from quietstar_jax.thought import (  # noqa: E402
+    GatedQuietStarLM,
     ThoughtConfig,
-    gate_logit,
     init_gate_params,
     init_thought_params,
-    mixed_hidden,
-    rollout,
+    merge_lm,
+    mix_step,
+    run_rollout,
 )
 from quietstar_jax.thought.loss import masked_mean, token_nll  # noqa: E402
 from quietstar_jax.thought.sparse import logit_stats  # noqa: E402
@@ -214,8 +215,9 @@ def thought_config(s: Setup, think_k: int | None) -> ThoughtConfig:
 
 def plain_step(cfg: ModelConfig, opt: optax.GradientTransformation) -> Callable:
     def loss_fn(params: Params, ids: jax.Array, mask: jax.Array) -> jax.Array:
-        h, _ = model.forward(params, cfg, ids, mask)
-        logits = model.logits_from_hidden(params, cfg, h[:, :-1]).astype(jnp.float32)
+        lm = model.from_params(params, cfg)
+        h, _ = lm.forward(ids, mask)
+        logits = lm.logits(h[:, :-1]).astype(jnp.float32)
         tgt = ids[:, 1:]
         ok = mask[:, 1:].astype(bool) & (tgt != TOK.pad_token_id)
         return masked_mean(token_nll(logits, tgt), ok)
@@ -318,19 +320,20 @@ def make_position_fn(cfg: ModelConfig, tc: ThoughtConfig) -> Callable[..., dict]
     s = tc.n_ahead - 1
 
     def fn(params: Params, ids: jax.Array, mask: jax.Array, key: jax.Array) -> dict:
-        ro = rollout(params, cfg, tc, ids, mask, key)
-        mixed, w = mixed_hidden(params, tc, ro.base_hidden, ro.step_hidden[s - 1], s)
+        lm = merge_lm(params, cfg)  # the module, merged once
+        ro = run_rollout(lm, tc, ids, mask, key)
+        mixed, w = mix_step(lm.thought, tc, ro.base_hidden, ro.step_hidden[s - 1], s)
         tgt = jnp.roll(ids, -1, axis=1)
 
         def score(h: jax.Array) -> tuple[jax.Array, jax.Array]:
-            logits = model.logits_from_hidden(params, cfg, h).astype(jnp.float32)
+            logits = lm.logits(h).astype(jnp.float32)
             return token_nll(logits, tgt), jnp.argmax(logits, -1) == tgt
 
         nb, hb = score(ro.base_hidden)
         nt, ht = score(mixed)
-        stats = logit_stats(params, cfg, ro.base_hidden)
-        gate = (gate_logit(params["think_gate"], ro.base_hidden, stats)
-                if "think_gate" in params else jnp.zeros(ids.shape, jnp.float32))
+        stats = logit_stats(lm, ro.base_hidden)
+        gate = (lm.think_gate(ro.base_hidden, stats) if isinstance(lm, GatedQuietStarLM)
+                else jnp.zeros(ids.shape, jnp.float32))
         return {"nll_base": nb, "hit_base": hb, "nll_think": nt, "hit_think": ht,
                 "entropy": stats[..., 0], "gate": gate, "weight": w}
 

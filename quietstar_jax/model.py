@@ -1,12 +1,17 @@
-"""The Llama-family causal decoder (Llama, Mistral, Qwen2) as Flax NNX modules, with
-pure functions of a params pytree at every boundary.
+"""The Llama-family causal decoder (Llama, Mistral, Qwen2) as Flax NNX modules, and
+the pure functions of a params pytree that merge them.
 
 The modules (`CausalLM` > `DecoderLayer` = `Attention` + `MLP`, `RMSNorm`) declare
 every parameter once: shape, initialiser and logical axis names together. Their
 attribute names are the keys of the params pytree, a plain dict of arrays
 (`init_params`, `to_params`), with the layers stacked on a leading `layers` axis so
-they can be scanned. The functions (`forward`, `decoder`, `lm_logits`, ...) take that
-pytree, merge the module (`from_params`) and call it.
+they can be scanned. A public entry point that takes that pytree merges the module
+once (`from_params`: split at the jit boundary, merged inside it) and calls its
+methods (`lm.forward`, `lm.decoder`, `lm.position_decoder`, `lm.embed_tokens`,
+`lm.logits`, `lm.vocab_table`); the scan over the stacked layers merges one layer's
+`DecoderLayer` from its slice in its body (`layer`). The functions `forward`,
+`decoder`, `lm_logits`, `embed_tokens` and `logits_from_hidden` are those calls as
+pure one-liners for notebooks and tests; no code of the package calls them.
 
 Attention is written for Quiet-STaR's needs: besides ordinary causal
 self-attention, a forward can attend to
@@ -19,8 +24,8 @@ self-attention, a forward can attend to
   tokens), with a mask `[batch, q, slots]`; the query's own new key is always
   appended to it.
 
-Both blocks enter one softmax. `position_decoder` is that forward for the queries of
-one position (its row's context, its own slots); `thought.map_thoughts` maps a
+Both blocks enter one softmax. `CausalLM.position_decoder` is that forward for the
+queries of one position (its row's context, its own slots); `thought.map_thoughts` maps a
 position's thought over positions and rows with `jax.vmap`. This module knows nothing
 of thoughts or losses.
 """
@@ -31,7 +36,7 @@ import dataclasses
 import functools
 import math
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, Literal, NamedTuple, get_args
+from typing import Any, Literal, NamedTuple, TypeVar, get_args
 
 import jax
 import jax.numpy as jnp
@@ -42,6 +47,7 @@ from quietstar_jax.axes import constrain
 from quietstar_jax.vocab import VocabMajor
 
 Params = dict[str, Any]
+M = TypeVar("M", bound=nnx.Module)
 
 ModelType = Literal["llama", "mistral", "qwen2"]
 MODEL_TYPES: tuple[ModelType, ...] = get_args(ModelType)
@@ -586,9 +592,9 @@ class CausalLM(nnx.Module):
     """The Llama-family causal LM: embedding, the stacked decoder layers, final norm and
     output head (the embedding, transposed, when tied).
 
-    `model(input_ids, attention_mask)` gives the same float32 logits as `lm_logits`; the
-    methods are the module forms of the functions of the same names below, which merge
-    a module from a params pytree and call it.
+    `model(input_ids, attention_mask)` gives the same float32 logits as `lm_logits`.
+    Code that takes a params pytree merges this module once (`from_params`) and calls
+    its methods; the functions of the same names below are those calls as one-liners.
     """
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
@@ -610,8 +616,18 @@ class CausalLM(nnx.Module):
         """The `[hidden, vocab]` output projection (the embedding table when tied)."""
         return self.embed[...].T if self.cfg.tie_word_embeddings else self.lm_head[...]
 
+    def vocab_table(self) -> jax.Array | VocabMajor:
+        """The output projection as `quietstar_jax.vocab`'s ops take it: `lm_head` `[hidden,
+        vocab]`, or the tied embedding table `[vocab, hidden]` as it is stored."""
+        return VocabMajor(self.embed[...]) if self.cfg.tie_word_embeddings else self.lm_head[...]
+
     def logits(self, h: jax.Array) -> jax.Array:
-        """`[..., hidden]` -> float32 logits `[..., vocab]` (see `logits_from_hidden`)."""
+        """`[..., hidden]` -> float32 logits `[..., vocab]`.
+
+        Checkpointed: the backward pass keeps `h` and the (sharded) output matrix, not the
+        gathered compute-dtype copy of the matrix, which Quiet-STaR would otherwise hold
+        once per logits call (up to n_ahead + n_ahead_talk of them).
+        """
         return _logits(self.output_matrix(), h, self.cfg)
 
     def decoder(
@@ -624,8 +640,29 @@ class CausalLM(nnx.Module):
         own: tuple[Sequence[KV], jax.Array] | None = None,
         trace: bool = False,
     ) -> tuple[jax.Array, KV] | tuple[jax.Array, KV, LayerTrace]:
-        """All layers (scanned over the stacked layer params) and the final norm; see
-        the function `decoder`."""
+        """Run all layers (scanned over the stacked layer params) and the final norm.
+
+        h: input embeddings `[batch, t, hidden]`; positions `[batch, t]` int.
+        self_mask: `[batch, t, t]` for plain causal self-attention (ctx and own None), or
+          a `FusedCausal` for the platform's fused causal kernel.
+        ctx: (KV `[layers, batch, ctx, kv_heads, head_dim]`, mask `[batch, t, ctx]`):
+          cached keys/values every query of a row may see (e.g. the base sequence).
+        own: (a sequence of `slots` KVs `[layers, batch, t, kv_heads, head_dim]`, mask
+          `[batch, t, slots + 1]`): keys private to each query position (its earlier
+          thought tokens); the last mask column is the query's own new key. With ctx
+          given and own None, each query sees the context and itself. A block of `group`
+          steps per position runs as one call: h `[batch, group * p, hidden]`
+          (group-major), the slots `[layers, batch, p, kv_heads, head_dim]`, mask
+          `[batch, p, group, slots + group]` (the block's own new keys are the last
+          `group` columns).
+        Returns (final hidden `[batch, t, hidden]` after the final norm, the new tokens'
+        KV `[layers, batch, t, kv_heads, head_dim]`), and with `trace` also a
+        `LayerTrace` (every layer's input and the last layer's output: what
+        `replay_layers` needs).
+
+        The scan body merges one layer's `DecoderLayer` from its slice of the stacked
+        params (`layer`): a `lax.scan` body takes arrays.
+        """
         cfg = self.cfg
         h = constrain(h.astype(cfg.compute_dtype), HIDDEN_AXES)
         ctx_mask = ctx[1] if ctx is not None else None
@@ -671,7 +708,14 @@ class CausalLM(nnx.Module):
         positions: jax.Array | None = None,
         trace: bool = False,
     ) -> tuple[jax.Array, KV] | tuple[jax.Array, KV, LayerTrace]:
-        """Causal forward over `input_ids` `[batch, seq]`; see the function `forward`."""
+        """Causal forward over `input_ids` `[batch, seq]`.
+
+        Returns (final hidden `[batch, seq, hidden]`, KV `[layers, batch, seq, kv_heads,
+        head_dim]`), and with `trace` a `LayerTrace`. Padded keys (attention_mask 0) are
+        masked. With `cfg.attention == "cudnn"` the batch must be right-padded (real
+        tokens first, as the trainer's data pipeline and the evaluation batches are);
+        left-padded prompts need `attention="xla"`, which generation selects itself.
+        """
         if attention_mask is None:
             attention_mask = jnp.ones(input_ids.shape, jnp.int32)
         if positions is None:
@@ -684,6 +728,42 @@ class CausalLM(nnx.Module):
         """Float32 logits `[batch, seq, vocab]` of the plain LM (no thoughts)."""
         h, _ = self.forward(input_ids, attention_mask)
         return self.logits(h)
+
+    def position_decoder(
+        self,
+        h: jax.Array,
+        positions: jax.Array,
+        ctx: tuple[KV, jax.Array],
+        own: Sequence[KV],
+        own_mask: jax.Array,
+        trace: bool = False,
+    ) -> tuple[jax.Array, KV] | tuple[jax.Array, KV, LayerTrace]:
+        """All layers and the final norm for the queries of ONE position, held as a
+        batch of one (a row of one position), so that it is `decoder` itself.
+
+        A thought belongs to one position: its queries (one thought step, or a block of
+        steps causal among themselves) read the base keys/values of that position's row
+        and the position's own earlier keys. `thought.thought_of_position` runs this for
+        each step of a position's thought, and `thought.map_thoughts` maps that over
+        positions and rows with `jax.vmap` (the rollout, and generation's `think_at` at
+        chosen positions).
+
+        h: `[1, t, hidden]`, the position's t queries (one thought step, or a block of t
+          steps that see each other causally through `own_mask`); positions `[1, t]` int.
+        ctx: (KV `[layers, 1, ctx, kv_heads, head_dim]`, mask `[1, t, ctx]`): the base
+          keys and values of the position's row, and which of them each query sees.
+        own: a sequence of `slots` KVs `[layers, 1, 1, kv_heads, head_dim]`, the keys of
+          the position's earlier steps; own_mask `[1, 1, slots + 1]` (t = 1) or
+          `[1, 1, t, slots + t]`: which of them and of the t new keys each query sees.
+        Returns (hidden `[1, t, hidden]`, the queries' KV `[layers, 1, t, kv_heads,
+        head_dim]`), and with `trace` a `LayerTrace` (`[layers, 1, t, hidden]`,
+        `[1, t, hidden]`).
+
+        The unit axes are part of the function's shapes, and added and removed outside
+        `thought.map_thoughts`'s vmap: a reshape inside would make the vmap move the
+        mapped axes to the front (a transposed copy of every key/value array it touches).
+        """
+        return self.decoder(h, positions, ctx=ctx, own=(own, own_mask), trace=trace)
 
 
 def _remat(fn: Any, cfg: ModelConfig) -> Any:
@@ -783,6 +863,13 @@ def from_params(params: Params, cfg: ModelConfig, cls: type[nnx.Module] | None =
     return nnx.merge(bp.graphdef, sub)
 
 
+def stop_gradient(module: M) -> M:
+    """`module` with `jax.lax.stop_gradient` of its arrays (`nnx.split`, then `nnx.merge`
+    of the stopped state): no gradient flows into its params through what it computes."""
+    graphdef, state = nnx.split(module)
+    return nnx.merge(graphdef, jax.lax.stop_gradient(state))
+
+
 def param_shapes(cfg: ModelConfig, cls: type[nnx.Module] | None = None) -> Params:
     """Shape of every param, a pytree shaped like `init_params` (tuples as leaves)."""
     bp = _blueprint(CausalLM if cls is None else cls, cfg)
@@ -810,8 +897,14 @@ def init_params(cfg: ModelConfig, rng: jax.Array) -> Params:
 
 # --------------------------------------------------------------------------- functions
 #
-# The pure functions of a params pytree: each merges the module (`from_params`) and
-# calls it, so the math is the modules' and the traced program is the same.
+# The pure functions of a params pytree, for notebooks and tests: each merges the module
+# (`from_params`) and calls one method. The package's entry points merge once and call
+# the methods; of these only `layer` runs inside them (a `lax.scan` body's merge of one
+# layer from its slice of the stacked params).
+
+# Logical axes of the mapped thoughts' hidden states, pinned outside the vmapped
+# function `thought.map_thoughts` (inside it the mapped dimensions are left unconstrained).
+STEP_HIDDEN_AXES = ("batch", "seq", "steps", "act_embed")
 
 
 def layer(
@@ -828,17 +921,6 @@ def layer(
     return from_params(lp, cfg, DecoderLayer)(h, rope_tabs, self_mask, ctx, own)
 
 
-def vocab_table(params: Params, cfg: ModelConfig) -> jax.Array | VocabMajor:
-    """The output projection as `quietstar_jax.vocab`'s ops take it: `lm_head` `[hidden,
-    vocab]`, or the tied embedding table `[vocab, hidden]` as it is stored."""
-    return VocabMajor(params["embed"]) if cfg.tie_word_embeddings else params["lm_head"]
-
-
-def output_matrix(params: Params, cfg: ModelConfig) -> jax.Array:
-    """The `[hidden, vocab]` output projection (the embedding table when tied)."""
-    return from_params(params, cfg).output_matrix()
-
-
 def decoder(
     params: Params,
     cfg: ModelConfig,
@@ -850,40 +932,20 @@ def decoder(
     own: tuple[Sequence[KV], jax.Array] | None = None,
     trace: bool = False,
 ) -> tuple[jax.Array, KV] | tuple[jax.Array, KV, LayerTrace]:
-    """Run all layers and the final norm.
-
-    h: input embeddings `[batch, t, hidden]`; positions `[batch, t]` int.
-    self_mask: `[batch, t, t]` for plain causal self-attention (ctx and own None), or
-      a `FusedCausal` for the platform's fused causal kernel.
-    ctx: (KV `[layers, batch, ctx, kv_heads, head_dim]`, mask `[batch, t, ctx]`): cached
-      keys/values every query of a row may see (e.g. the base sequence).
-    own: (a sequence of `slots` KVs `[layers, batch, t, kv_heads, head_dim]`, mask
-      `[batch, t, slots + 1]`): keys private to each query position (its earlier thought
-      tokens); the last mask column is the query's own new key. With ctx given and own
-      None, each query sees the context and itself. A block of `group` steps per
-      position runs as one call: h `[batch, group * p, hidden]` (group-major), the slots
-      `[layers, batch, p, kv_heads, head_dim]`, mask `[batch, p, group, slots + group]`
-      (the block's own new keys are the last `group` columns).
-    Returns (final hidden `[batch, t, hidden]` after the final norm, the new tokens'
-    KV `[layers, batch, t, kv_heads, head_dim]`), and with `trace` also a `LayerTrace`
-    (every layer's input and the last layer's output: what `replay_layers` needs).
-    """
+    """`CausalLM.decoder` of `params`: all layers and the final norm, embeddings `[batch,
+    t, hidden]` -> (hidden `[batch, t, hidden]`, KV `[layers, batch, t, kv_heads,
+    head_dim]`[, LayerTrace])."""
     return from_params(params, cfg).decoder(h, positions, self_mask=self_mask, ctx=ctx, own=own,
-                                               trace=trace)
+                                            trace=trace)
 
 
 def embed_tokens(params: Params, cfg: ModelConfig, ids: jax.Array) -> jax.Array:
-    """Token embeddings by table lookup: ids `[...]` -> `[..., hidden]` in compute dtype."""
+    """`CausalLM.embed_tokens` of `params`: ids `[...]` -> `[..., hidden]` in compute dtype."""
     return from_params(params, cfg).embed_tokens(ids)
 
 
 def logits_from_hidden(params: Params, cfg: ModelConfig, h: jax.Array) -> jax.Array:
-    """`[..., hidden]` -> float32 logits `[..., vocab]`.
-
-    Checkpointed: the backward pass keeps `h` and the (sharded) output matrix, not the
-    gathered compute-dtype copy of the matrix, which Quiet-STaR would otherwise hold
-    once per logits call (up to n_ahead + n_ahead_talk of them).
-    """
+    """`CausalLM.logits` of `params`: `[..., hidden]` -> float32 logits `[..., vocab]`."""
     return from_params(params, cfg).logits(h)
 
 
@@ -895,23 +957,17 @@ def forward(
     positions: jax.Array | None = None,
     trace: bool = False,
 ) -> tuple[jax.Array, KV] | tuple[jax.Array, KV, LayerTrace]:
-    """Causal forward over `input_ids` `[batch, seq]`.
-
-    Returns (final hidden `[batch, seq, hidden]`, KV `[layers, batch, seq, kv_heads, head_dim]`).
-    Padded keys (attention_mask 0) are masked. With `cfg.attention == "cudnn"` the
-    batch must be right-padded (real tokens first, as the trainer's data pipeline and
-    the evaluation batches are); left-padded prompts need `attention="xla"`, which
-    generation selects itself.
-    """
-    return from_params(params, cfg).forward(input_ids, attention_mask, positions,
-                                             trace=trace)
+    """`CausalLM.forward` of `params`: the causal forward over `input_ids` `[batch, seq]`
+    -> (hidden `[batch, seq, hidden]`, KV `[layers, batch, seq, kv_heads, head_dim]`[,
+    LayerTrace])."""
+    return from_params(params, cfg).forward(input_ids, attention_mask, positions, trace=trace)
 
 
 def self_attention_mask(
     cfg: ModelConfig, positions: jax.Array, attention_mask: jax.Array
 ) -> jax.Array | FusedCausal:
-    """The causal self-attention mask `forward` uses for `[batch, seq]` positions and
-    attention mask: `causal_mask`, or a `FusedCausal` with `cfg.attention == "cudnn"`."""
+    """The causal self-attention mask `CausalLM.forward` uses for `[batch, seq]` positions
+    and attention mask: `causal_mask`, or a `FusedCausal` with `cfg.attention == "cudnn"`."""
     valid = attention_mask.astype(bool)
     if cfg.attention == "cudnn":
         return FusedCausal(jnp.sum(valid, axis=-1).astype(jnp.int32))
@@ -924,50 +980,6 @@ def lm_logits(
     input_ids: jax.Array,
     attention_mask: jax.Array | None = None,
 ) -> jax.Array:
-    """Float32 logits `[batch, seq, vocab]` of the plain LM (no thoughts)."""
+    """Float32 logits `[batch, seq, vocab]` of the plain LM (no thoughts): the call of
+    `CausalLM` merged from `params`."""
     return from_params(params, cfg)(input_ids, attention_mask)
-
-
-# --------------------------------------------------------------------------- one position's queries
-#
-# A thought belongs to one position: its queries (one thought step, or a block of steps
-# causal among themselves) read the base keys/values of that position's row and the
-# position's own earlier keys. `position_decoder` is that computation for one position;
-# `thought.thought_of_position` runs it for each step of a position's thought, and
-# `thought.map_thoughts` maps that over positions and rows with `jax.vmap` (the
-# rollout, and generation's `think_at` at chosen positions).
-
-# Logical axes of the mapped thoughts' hidden states, pinned outside the vmapped
-# function (inside it the mapped dimensions are left unconstrained).
-STEP_HIDDEN_AXES = ("batch", "seq", "steps", "act_embed")
-
-
-def position_decoder(
-    params: Params,
-    cfg: ModelConfig,
-    h: jax.Array,
-    positions: jax.Array,
-    ctx: tuple[KV, jax.Array],
-    own: Sequence[KV],
-    own_mask: jax.Array,
-    trace: bool = False,
-) -> tuple[jax.Array, KV] | tuple[jax.Array, KV, LayerTrace]:
-    """All layers and the final norm for the queries of ONE position, held as a batch
-    of one (a row of one position), so that it is `decoder` itself.
-
-    h: `[1, t, hidden]`, the position's t queries (one thought step, or a block of t
-      steps that see each other causally through `own_mask`); positions `[1, t]` int.
-    ctx: (KV `[layers, 1, ctx, kv_heads, head_dim]`, mask `[1, t, ctx]`): the base keys
-      and values of the position's row, and which of them each query sees.
-    own: a sequence of `slots` KVs `[layers, 1, 1, kv_heads, head_dim]`, the keys of the
-      position's earlier steps; own_mask `[1, 1, slots + 1]` (t = 1) or
-      `[1, 1, t, slots + t]`: which of them and of the t new keys each query sees.
-    Returns (hidden `[1, t, hidden]`, the queries' KV `[layers, 1, t, kv_heads,
-    head_dim]`), and with `trace` a `LayerTrace` (`[layers, 1, t, hidden]`,
-    `[1, t, hidden]`).
-
-    The unit axes are part of the function's shapes, and added and removed outside
-    `thought.map_thoughts`'s vmap: a reshape inside would make the vmap move the
-    mapped axes to the front (a transposed copy of every key/value array it touches).
-    """
-    return decoder(params, cfg, h, positions, ctx=ctx, own=(own, own_mask), trace=trace)

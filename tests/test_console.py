@@ -11,7 +11,8 @@ from quietstar_jax.console import show_logs
 
 PACKAGE = Path(__file__).resolve().parents[1] / "quietstar_jax"
 # the command lines, which decide what the console shows
-CLI_MODULES = {"cli_common.py", "command_line.py", "generation/cli.py", "evaluation/cli.py", "train/cli.py"}
+CLI_MODULES = {"cli_common.py", "command_line.py", "generation/cli.py", "evaluation/cli.py",
+               "train/cli.py"}
 
 
 def test_show_logs_info_to_stdout_warnings_to_stderr(capsys):

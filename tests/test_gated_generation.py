@@ -16,6 +16,7 @@ from quietstar_jax.thought import (
     gate_logit,
     init_gate_params,
     init_thought_params,
+    merge_lm,
 )
 
 VOCAB, START, END, PAD = 67, 65, 66, 0
@@ -350,8 +351,6 @@ def test_only_the_firing_rows_think_and_draw_their_whole_batch_thoughts():
     logits, thoughts and mixing weights equal the whole batch's `think_at` (every row
     thinking, with the same key) at those rows; the other rows keep the base logits
     and no thought."""
-    import functools
-
     from quietstar_jax.generation import cached
 
     cfg, params = tiny()
@@ -362,11 +361,12 @@ def test_only_the_firing_rows_think_and_draw_their_whole_batch_thoughts():
     valid, h_last, pos_last = mask.astype(bool), h[:, -1], pos[:, -1]
     key = jax.random.key(9)
     base = model.logits_from_hidden(params, cfg, h_last)
-    gate = np.asarray(cached.gate_logits_of(params, cfg, h_last))
-    mixed, thought, w = cached.think_at(params, cfg, TC, kv, valid[:, None, :], pos,
+    lm = merge_lm(params, cfg)
+    gate = np.asarray(cached.gate_logits_of(lm, h_last))
+    mixed, thought, w = cached.think_at(lm, TC, kv, valid[:, None, :], pos,
                                         h_last[:, None, :], pos_last[:, None], key)
     want_logits = np.asarray(model.logits_from_hidden(params, cfg, mixed[:, 0]))
-    step = jax.jit(functools.partial(cached._gated_thought, params, cfg, TC))
+    step = jax.jit(lambda *a: cached._gated_thought(merge_lm(params, cfg), TC, *a))
     ranked = np.sort(gate)[::-1]
     for n_fire in (0, 1, 3, 4):
         thr = ranked[n_fire - 1] - 1e-4 if n_fire else ranked[0] + 1.0

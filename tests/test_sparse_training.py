@@ -13,6 +13,7 @@ from quietstar_jax.thought import (
     ThoughtConfig,
     init_gate_params,
     init_thought_params,
+    merge_lm,
     mixing_weight,
     thought_embedding,
 )
@@ -134,7 +135,8 @@ def test_gathered_thoughts_equal_the_dense_rollouts_at_those_positions():
 
     pos = jnp.asarray([[1, 4, 8], [0, 2, 5]])
     tc = TC.replace(think_k=3)
-    f = jax.jit(sparse_objective, static_argnums=(1, 2))
+    f = jax.jit(lambda p, c, t, *a: sparse_objective(merge_lm(p, c), t, *a),
+                static_argnums=(1, 2))
     _, _, sp = f(params, cfg, tc, ids, mask, key, None, pos)
     idx = np.asarray(sp["positions"])
     np.testing.assert_array_equal(idx, np.repeat(np.asarray(pos), TC.n_passes, 0))

@@ -14,7 +14,7 @@ import pytest
 
 from experiments import think_gate as tg
 from quietstar_jax import model
-from quietstar_jax.thought import mixed_hidden, mixing_weight, rollout
+from quietstar_jax.thought import merge_lm, mixed_hidden, mixing_weight, rollout
 from quietstar_jax.thought.loss import token_nll
 from quietstar_jax.thought.sparse import sparse_thoughts, take
 
@@ -144,7 +144,7 @@ def test_gated_positions_match_sparse_thoughts(live):
     positions = model.default_positions(m)
     h0, kv0 = model.forward(params, cfg, ids, m, positions)[:2]
     key = jax.random.fold_in(jax.random.key(s.seed), 1_000_000)
-    th = sparse_thoughts(params, cfg, tc, ids, m, positions, kv0, idx, key)
+    th = sparse_thoughts(merge_lm(params, cfg), tc, ids, m, positions, kv0, idx, key)
     hs = th.step_hidden[tc.n_ahead - 2]
     b = take(h0, idx)
     # the head's weight plus the setup's offset (docs/ALGORITHM.md, section 13)

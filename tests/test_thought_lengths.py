@@ -14,7 +14,7 @@ from conftest import assert_grads_close
 from test_sparse_training import PAD, SEQ, TC, batch, naive_gain, program_flops, tiny
 
 from quietstar_jax import model
-from quietstar_jax.thought import ThoughtConfig, gate_logit, init_gate_params
+from quietstar_jax.thought import ThoughtConfig, gate_logit, init_gate_params, merge_lm
 from quietstar_jax.thought.loss import quietstar_loss, quietstar_objective, sparse_objective
 from quietstar_jax.thought.sparse import choose_length, length_keys, logit_stats
 
@@ -77,7 +77,8 @@ def two_length_run():
     tc = probe.replace(gate_cost=base_cost, gate_token_cost=per_token, use_baseline=False)
     loss, metrics, details = f(params, cfg, tc, ids, mask, key)
     plain = {k: v for k, v in params.items() if k != "think_gate"}
-    sep = jax.jit(sparse_objective, static_argnums=(1, 2))
+    sep = jax.jit(lambda p, c, t, *a: sparse_objective(merge_lm(p, c), t, *a),
+                  static_argnums=(1, 2))
     separate = []
     for li, length in enumerate(LENGTHS):
         pos = details["groups"][li]["positions"][:: tc.n_passes]
@@ -129,7 +130,8 @@ def test_each_group_takes_the_top_positions_of_its_gate_column():
     cfg, params, ids, tc, _, _, details, _ = two_length_run()
     h = model.forward(params, cfg, ids, jnp.ones_like(ids), model.default_positions(
         jnp.ones_like(ids)))[0]
-    logits = np.asarray(gate_logit(params["think_gate"], h, logit_stats(params, cfg, h)))
+    stats = logit_stats(model.from_params(params, cfg), h)
+    logits = np.asarray(gate_logit(params["think_gate"], h, stats))
     assert logits.shape == ids.shape + (2,)
     n_reward = SEQ - 1 - TC.n_ahead_talk
     for li, g in enumerate(details["groups"]):

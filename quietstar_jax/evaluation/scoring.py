@@ -8,7 +8,9 @@ no thought). Perplexity needs every position: one `thought.rollout` (all positio
 think in parallel). Direct answering needs only the few answer positions: one causal
 forward, then thoughts only there (`generation.cached.think_at`, the same computation as the
 rollout's at those positions). Prompts are right-padded into batches bucketed by
-length, one compiled program per bucket shape.
+length, one compiled program per bucket shape. The jitted functions (`answer_logits`,
+`token_nlls`) are pure functions of the params: each merges the module once
+(`thought.merge_lm`) and the helpers below take that module `lm`.
 """
 
 from __future__ import annotations
@@ -22,8 +24,8 @@ import numpy as np
 
 from quietstar_jax import model
 from quietstar_jax.generation.cached import think_at
-from quietstar_jax.model import ModelConfig, Params
-from quietstar_jax.thought import ThoughtConfig, mixed_hidden, rollout
+from quietstar_jax.model import CausalLM, ModelConfig, Params
+from quietstar_jax.thought import QuietStarLM, ThoughtConfig, merge_lm, mix_step, run_rollout
 from quietstar_jax.thought.loss import hidden_nll
 from quietstar_jax.thought.schedule import ThoughtSchedule
 
@@ -34,8 +36,7 @@ def eval_thought_config(tc: ThoughtConfig) -> ThoughtConfig:
 
 
 def thinking_hidden(
-    params: Params,
-    cfg: ModelConfig,
+    lm: QuietStarLM,
     tc: ThoughtConfig,
     ids: jax.Array,
     mask: jax.Array,
@@ -46,20 +47,20 @@ def thinking_hidden(
     ids, mask: `[B, L]`. Returns `[B, L, hidden]`, `[B, L, hidden]`, `[B, L]`; position i
     predicts ids[i + 1] from both hiddens."""
     sch = ThoughtSchedule.of(tc, talk=False)  # the thought, up to its end token
-    ro = rollout(params, cfg, tc, ids, mask, rng, num_steps=sch.num_steps)
-    mixed, w = mixed_hidden(params, tc, ro.base_hidden, ro.step_hidden[-1], sch.end_step)
+    ro = run_rollout(lm, tc, ids, mask, rng, num_steps=sch.num_steps)
+    mixed, w = mix_step(lm.thought, tc, ro.base_hidden, ro.step_hidden[-1], sch.end_step)
     return ro.base_hidden, mixed, w
 
 
-def _subset_logits(params: Params, cfg: ModelConfig, h: jax.Array, ids: jax.Array) -> jax.Array:
+def _subset_logits(lm: CausalLM, h: jax.Array, ids: jax.Array) -> jax.Array:
     """Logits of the token ids `[K]` only: `[..., hidden]` -> float32 `[..., K]`."""
-    w = jnp.take(model.output_matrix(params, cfg), ids, axis=1).astype(cfg.compute_dtype)
-    return model.dense(h.astype(cfg.compute_dtype), w, preferred_element_type=jnp.float32)
+    dt = lm.cfg.compute_dtype
+    w = jnp.take(lm.output_matrix(), ids, axis=1).astype(dt)
+    return model.dense(h.astype(dt), w, preferred_element_type=jnp.float32)
 
 
 def thinking_at_positions(
-    params: Params,
-    cfg: ModelConfig,
+    lm: QuietStarLM,
     tc: ThoughtConfig,
     ids: jax.Array,
     mask: jax.Array,
@@ -76,12 +77,12 @@ def thinking_at_positions(
     Returns (base hidden `[B, Q, hidden]`, mixed hidden `[B, Q, hidden]`, w `[B, Q]`).
     """
     positions = model.default_positions(mask)
-    h0, kv0 = model.forward(params, cfg, ids, mask, positions)
+    h0, kv0 = lm.forward(ids, mask, positions)
     hq = jnp.take_along_axis(h0, q_index[:, :, None], axis=1)
     q_pos = jnp.take_along_axis(positions, q_index, axis=1)
     causal = jnp.arange(ids.shape[1])[None, None, :] <= q_index[:, :, None]
     ctx_ok = causal & mask.astype(bool)[:, None, :] & q_ok[:, :, None]
-    mixed, _, w = think_at(params, cfg, tc, kv0, ctx_ok, positions, hq, q_pos, rng)
+    mixed, _, w = think_at(lm, tc, kv0, ctx_ok, positions, hq, q_pos, rng)
     return hq, mixed, w
 
 
@@ -100,13 +101,13 @@ def answer_logits(
 ) -> tuple[jax.Array, jax.Array | None]:
     """Logits of the valid answer tokens `[K]` at the positions q_index `[B, Q]`:
     (base `[B, Q, K]`, thinking `[B, Q, K]` or None when tc is None)."""
+    lm = merge_lm(params, cfg)
     if tc is None:
-        h, _ = model.forward(params, cfg, ids, mask)
+        h, _ = lm.forward(ids, mask)
         hq = jnp.take_along_axis(h, q_index[:, :, None], axis=1)
-        return _subset_logits(params, cfg, hq, valid_ids), None
-    base, mixed, _ = thinking_at_positions(params, cfg, tc, ids, mask, rng, q_index, q_ok)
-    return (_subset_logits(params, cfg, base, valid_ids),
-            _subset_logits(params, cfg, mixed, valid_ids))
+        return _subset_logits(lm, hq, valid_ids), None
+    base, mixed, _ = thinking_at_positions(lm, tc, ids, mask, rng, q_index, q_ok)
+    return _subset_logits(lm, base, valid_ids), _subset_logits(lm, mixed, valid_ids)
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "tc"))
@@ -122,13 +123,12 @@ def token_nlls(
     """Per-token NLL of ids[:, 1:] (nats): (base `[B, L - 1]`, thinking `[B, L - 1]` or
     None when tc is None)."""
     targets = ids[:, 1:]
+    lm = merge_lm(params, cfg)
     if tc is None:
-        h, _ = model.forward(params, cfg, ids, mask)
-        return hidden_nll(params, cfg, h[:, :-1], targets), None
-    base, mixed, _ = thinking_hidden(params, cfg, tc, ids, mask, rng)
-    nb = hidden_nll(params, cfg, base[:, :-1], targets)
-    nt = hidden_nll(params, cfg, mixed[:, :-1], targets)
-    return nb, nt
+        h, _ = lm.forward(ids, mask)
+        return hidden_nll(lm, h[:, :-1], targets), None
+    base, mixed, _ = thinking_hidden(lm, tc, ids, mask, rng)
+    return hidden_nll(lm, base[:, :-1], targets), hidden_nll(lm, mixed[:, :-1], targets)
 
 
 def length_batches(

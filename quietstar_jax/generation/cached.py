@@ -7,7 +7,7 @@ from the mixed logits with the two thought ids masked out, appends it and discar
 the thought. A thought never changes any real token's keys/values, so the real
 tokens live in a key/value cache:
 
-* prefill: one causal `model.forward` over the left-padded prompts `[B, P]`, whose
+* prefill: one causal `lm.forward` over the left-padded prompts `[B, P]`, whose
   KV fill slots `0..P-1` of a fixed buffer `[layers, B, P + N, kv_heads, head_dim]`
   (with a validity mask `[B, P + N]` and the position id of every slot);
 * per new token t: `think_at`, the thought of the last position (`n_ahead - 1`
@@ -21,6 +21,10 @@ tokens live in a key/value cache:
 implements: for every new token it runs the whole parallel rollout
 (`thought.rollout`, every position thinks) over the whole current sequence and reads
 the last position's mixed logits.
+
+`generate` is a pure function of the params: its jitted loop (`_generate_cached`) merges
+the module once (`thought.merge_lm`) and everything inside (`think_at`, `_append_token`,
+the gate) takes that module `lm`.
 
 Random keys (`generation.sampling`): the key of new token t is `fold_in(rng, t)`;
 thought token s of row b (the token fed on thought step s, 2 <= s <= n_ahead - 2) is
@@ -46,16 +50,18 @@ from quietstar_jax.generation.sampling import (
     _token_key,
     sample_token,
 )
-from quietstar_jax.model import KV, ModelConfig, Params
+from quietstar_jax.model import KV, CausalLM, ModelConfig, Params
 from quietstar_jax.protocols import Tokenizer
 from quietstar_jax.thought import (
+    GatedQuietStarLM,
     PositionInputs,
+    QuietStarLM,
     RowContext,
     ThoughtConfig,
-    gate_logit,
     gate_outputs,
     map_thoughts,
-    mixed_hidden,
+    merge_lm,
+    mix_step,
 )
 from quietstar_jax.thought import pad_id as thought_pad_id
 from quietstar_jax.thought.schedule import ThoughtSchedule, window_visible
@@ -207,8 +213,7 @@ def _finish(
 
 
 def think_at(
-    params: Params,
-    cfg: ModelConfig,
+    lm: QuietStarLM,
     tc: ThoughtConfig,
     ctx_kv: KV,
     ctx_ok: jax.Array,
@@ -218,7 +223,8 @@ def think_at(
     key: jax.Array | None,
     rows: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """Think at Q chosen positions per row and return their mixed hidden states.
+    """Think at Q chosen positions per row (with the merged module `lm`) and return their
+    mixed hidden states.
 
     ctx_kv: base KV `[layers, B, C, kv_heads, head_dim]` the thoughts may attend to
     (the real tokens); ctx_ok `[B, Q, C]` bool: which of them each query position sees
@@ -244,17 +250,15 @@ def think_at(
     x = PositionInputs(pos=q_pos, at=None, index=index,
                        ctx_ok=ctx_ok, own_ok=jnp.any(ctx_ok, axis=-1), given=None)
     # A dummy query (ctx_ok all False) sees nothing, not even its own keys.
-    out = map_thoughts(params, cfg, tc, sch, RowContext(ctx_kv, ctx_pos, None), x, key)
+    out = map_thoughts(lm, tc, sch, RowContext(ctx_kv, ctx_pos, None), x, key)
     sampled = [out.fed[s - 1] for s in sch.sampled_steps]
     toks = jnp.stack(sampled, -1) if sampled else jnp.zeros((b, q, 0), jnp.int32)
-    mixed, w = mixed_hidden(params, tc, h_base, out.step_hidden[sch.end_step - 1],
-                            sch.end_step)
+    mixed, w = mix_step(lm.thought, tc, h_base, out.step_hidden[sch.end_step - 1], sch.end_step)
     return mixed, toks, w
 
 
 def _append_token(
-    params: Params,
-    cfg: ModelConfig,
+    lm: CausalLM,
     cache: KV,
     cache_valid: jax.Array,
     cache_pos: jax.Array,
@@ -264,9 +268,9 @@ def _append_token(
 ) -> tuple[jax.Array, KV, jax.Array, jax.Array]:
     """Run real token `tok` `[B]` at position `pos` `[B]` against the cache and write its
     KV into `slot`. Returns (its hidden `[B, hidden]`, cache, cache_valid, cache_pos)."""
-    ctx_mask = cache_valid & window_visible(pos[:, None], cache_pos, cfg.sliding_window)
-    emb = model.embed_tokens(params, cfg, tok[:, None])
-    h, kv = model.decoder(params, cfg, emb, pos[:, None], ctx=(cache, ctx_mask[:, None, :]))
+    ctx_mask = cache_valid & window_visible(pos[:, None], cache_pos, lm.cfg.sliding_window)
+    emb = lm.embed_tokens(tok[:, None])
+    h, kv = lm.decoder(emb, pos[:, None], ctx=(cache, ctx_mask[:, None, :]))
     zero = jnp.zeros((), jnp.int32)
     start = (zero, zero, slot, zero, zero)
     cache = KV(
@@ -285,18 +289,18 @@ GATE_RATE_PROMPT_SLOTS = 64  # the last prompt slots whose gate logits start tho
 GATE_RATE_MIN_SCALE = 1e-3  # floor of the running standard deviation (a constant gate)
 
 
-def gate_logits_of(params: Params, cfg: ModelConfig, h: jax.Array) -> jax.Array:
+def gate_logits_of(lm: GatedQuietStarLM, h: jax.Array) -> jax.Array:
     """The think gate's deciding logit `[...]` (float32) at base hidden states `h`
-    `[..., hidden]`: `thought.gate_logit` of `params["think_gate"]` on `h` and its base
-    logits' statistics (`sparse.stats_from_logits`); for a gate of several lengths the
-    largest of its outputs (the one `sparse.choose_length` compares to the threshold)."""
-    return _gate_logits_per_length(params, h, model.logits_from_hidden(params, cfg, h)).max(-1)
+    `[..., hidden]`: `lm.think_gate` on `h` and its base logits' statistics
+    (`sparse.stats_from_logits`); for a gate of several lengths the largest of its
+    outputs (the one `sparse.choose_length` compares to the threshold)."""
+    return _gate_logits_per_length(lm, h, lm.logits(h)).max(-1)
 
 
-def _gate_logits_per_length(params: Params, h: jax.Array, base: jax.Array) -> jax.Array:
+def _gate_logits_per_length(lm: GatedQuietStarLM, h: jax.Array, base: jax.Array) -> jax.Array:
     """The think gate's logits `[..., lengths]` (one per thought length, also for a
     one-output gate) at hidden `h` `[..., hidden]` whose base logits are `base`."""
-    logits = gate_logit(params["think_gate"], h, stats_from_logits(base))
+    logits = lm.think_gate(h, stats_from_logits(base))
     return logits.reshape(*h.shape[:-1], -1)
 
 
@@ -369,13 +373,15 @@ def _generate_cached(
     holds the fraction of thinking live rows at gate_value (`RateControl`).
     Returns (tokens, thoughts `[B, N, width]`, sampled tokens of each thought `[B, N]`
     (0: none), mixing weights, fired `[B, N]`, thresholds `[N]`); width is the longest
-    length of `tc.lengths` with a gate, else `tc.num_sampled`."""
+    length of `tc.lengths` with a gate, else `tc.num_sampled`. Merges the module of
+    `params` once (`merge_lm`)."""
+    lm = merge_lm(params, cfg)
     b, p = ids.shape
     n = max_new_tokens
     gated = think and gate_mode is not None
     n_thought = (max(tc.lengths) if gated else tc.num_sampled) if think else 0
     positions = model.default_positions(mask)
-    h, kv = model.forward(params, cfg, ids, mask, positions)
+    h, kv = lm.forward(ids, mask, positions)
     pad_kv = [(0, 0), (0, 0), (0, n), (0, 0), (0, 0)]
     cache = KV(jnp.pad(kv.k, pad_kv), jnp.pad(kv.v, pad_kv))
     cache_valid = jnp.concatenate([mask.astype(bool), jnp.zeros((b, n), bool)], axis=1)
@@ -389,7 +395,7 @@ def _generate_cached(
     done = jnp.zeros((b,), bool)
     if gated and gate_mode == "rate":
         w = min(p, GATE_RATE_PROMPT_SLOTS)
-        ctl = RateControl.start(gate_logits_of(params, cfg, h[:, p - w:]),
+        ctl = RateControl.start(gate_logits_of(lm, h[:, p - w:]),
                                 mask[:, p - w:].astype(bool))
     else:  # a fixed threshold: the control's mean, never updated
         zero = jnp.zeros((), jnp.float32)
@@ -406,7 +412,7 @@ def _generate_cached(
         if gated:
             thr = ctl.threshold(gate_value) if gate_mode == "rate" else ctl.mean
             logits, thought, n_sampled, w, fire, gate = _gated_thought(
-                params, cfg, tc, cache, valid, cpos, h_last, pos_last, key, thr)
+                lm, tc, cache, valid, cpos, h_last, pos_last, key, thr)
             out_thought = out_thought.at[:, t].set(thought)
             out_len = out_len.at[:, t].set(n_sampled)
             out_w = out_w.at[:, t].set(w)
@@ -415,20 +421,19 @@ def _generate_cached(
             if gate_mode == "rate":
                 ctl = ctl.update(gate, fire, ~done, gate_value, gate_step)
         elif think:
-            mixed, thought, w = think_at(params, cfg, tc, cache, valid[:, None, :], cpos,
+            mixed, thought, w = think_at(lm, tc, cache, valid[:, None, :], cpos,
                                          h_last[:, None, :], pos_last[:, None], key)
-            logits = model.logits_from_hidden(params, cfg, mixed[:, 0])
+            logits = lm.logits(mixed[:, 0])
             out_thought = out_thought.at[:, t].set(thought[:, 0])
             out_w = out_w.at[:, t].set(w[:, 0])
         else:
-            logits = model.logits_from_hidden(params, cfg, h_last)
+            logits = lm.logits(h_last)
         tok = sample_token(jax.random.fold_in(key, 0), _mask_real_logits(logits, tc), sc)
         out_tok = out_tok.at[:, t].set(tok)
         if eos_id is not None:
             done = done | (tok == eos_id)
         pos_new = pos_last + 1
-        h_new, cache, valid, cpos = _append_token(
-            params, cfg, cache, valid, cpos, tok, pos_new, p + t)
+        h_new, cache, valid, cpos = _append_token(lm, cache, valid, cpos, tok, pos_new, p + t)
         return (t + 1, cache, valid, cpos, h_new, pos_new, out_tok, out_thought, out_len,
                 out_w, out_fire, ctl, out_thr, done)
 
@@ -449,8 +454,18 @@ def thinking_row_buckets(batch: int) -> tuple[int, ...]:
     return (*sizes, batch)
 
 
-def _gated_thought(params, cfg, tc, cache, valid, cpos, h_last, pos_last, key, threshold):
-    """One step of gated thinking: the think gate (`params["think_gate"]`) on the last
+def _gated_thought(
+    lm: GatedQuietStarLM,
+    tc: ThoughtConfig,
+    cache: KV,
+    valid: jax.Array,
+    cpos: jax.Array,
+    h_last: jax.Array,
+    pos_last: jax.Array,
+    key: jax.Array,
+    threshold: jax.Array,
+) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array, jax.Array, jax.Array]:
+    """One step of gated thinking: the think gate (`lm.think_gate`) on the last
     hidden `[B, hidden]` and its base logits' statistics gives one logit per thought
     length of `tc.lengths` (a one-output gate: the one length). A row fires when its
     highest logit exceeds `threshold` and thinks (`think_at`) with the length of that
@@ -465,8 +480,8 @@ def _gated_thought(params, cfg, tc, cache, valid, cpos, h_last, pos_last, key, t
     b = h_last.shape[0]
     lengths = tc.lengths
     width = max(lengths)
-    base = model.logits_from_hidden(params, cfg, h_last)
-    gates = _gate_logits_per_length(params, h_last, base)  # [B, lengths]
+    base = lm.logits(h_last)
+    gates = _gate_logits_per_length(lm, h_last, base)  # [B, lengths]
     gate = jnp.max(gates, axis=-1)
     chosen = choose_length(gates, threshold)  # 0: no thought, else 1 + length index
     fire = chosen > 0
@@ -474,8 +489,8 @@ def _gated_thought(params, cfg, tc, cache, valid, cpos, h_last, pos_last, key, t
     w, n_sampled = jnp.zeros((b,), jnp.float32), jnp.zeros((b,), jnp.int32)
     for li, length in enumerate(lengths):
         rows_l = chosen == li + 1
-        lg, th, wl = _think_firing_rows(params, cfg, tc.of_length(length), cache, valid,
-                                        cpos, h_last, pos_last, key, rows_l, base)
+        lg, th, wl = _think_firing_rows(lm, tc.of_length(length), cache, valid, cpos, h_last,
+                                        pos_last, key, rows_l, base)
         logits = jnp.where(rows_l[:, None], lg, logits)
         thought = jnp.where(rows_l[:, None], jnp.pad(th, ((0, 0), (0, width - length))),
                             thought)
@@ -484,8 +499,18 @@ def _gated_thought(params, cfg, tc, cache, valid, cpos, h_last, pos_last, key, t
     return logits, thought, n_sampled, w, fire, gate
 
 
-def _think_firing_rows(params, cfg, tc, cache, valid, cpos, h_last, pos_last, key, fire,
-                       base):
+def _think_firing_rows(
+    lm: QuietStarLM,
+    tc: ThoughtConfig,
+    cache: KV,
+    valid: jax.Array,
+    cpos: jax.Array,
+    h_last: jax.Array,
+    pos_last: jax.Array,
+    key: jax.Array,
+    fire: jax.Array,
+    base: jax.Array,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
     """The thoughts (one length, `tc`) of the rows where `fire` `[B]`: gathered into the
     smallest bucket of `thinking_row_buckets(B)` that holds them. Returns (logits
     `[B, vocab]`, thought tokens `[B, tc.num_sampled]`, mixing weight `[B]`), the base
@@ -501,10 +526,10 @@ def _think_firing_rows(params, cfg, tc, cache, valid, cpos, h_last, pos_last, ke
                 return base, no_thought, jnp.zeros((b,), jnp.float32)
             rows = firing_first[:m]
             kv = KV(cache.k[:, rows], cache.v[:, rows])
-            mixed, thought, w = think_at(params, cfg, tc, kv, valid[rows][:, None, :],
-                                         cpos[rows], h_last[rows][:, None, :],
-                                         pos_last[rows][:, None], key, rows)
-            logits = model.logits_from_hidden(params, cfg, mixed[:, 0])
+            mixed, thought, w = think_at(lm, tc, kv, valid[rows][:, None, :], cpos[rows],
+                                         h_last[rows][:, None, :], pos_last[rows][:, None], key,
+                                         rows)
+            logits = lm.logits(mixed[:, 0])
             return (base.at[rows].set(logits), no_thought.at[rows].set(thought[:, 0]),
                     jnp.zeros((b,), jnp.float32).at[rows].set(w[:, 0]))
         return run

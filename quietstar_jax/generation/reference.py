@@ -10,12 +10,10 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Sequence
-from typing import Any
 
 import jax
 import jax.numpy as jnp
 
-from quietstar_jax import model
 from quietstar_jax.generation.cached import Generation, _finish, prepare_request, think_stats
 from quietstar_jax.generation.sampling import (
     SamplingConfig,
@@ -23,36 +21,39 @@ from quietstar_jax.generation.sampling import (
     _token_key,
     sample_token,
 )
-from quietstar_jax.model import ModelConfig, Params
+from quietstar_jax.model import CausalLM, ModelConfig, Params
 from quietstar_jax.thought import (
+    QuietStarLM,
+    Rollout,
     ThoughtConfig,
     draw_thought,
-    mixed_hidden,
+    merge_lm,
+    mix_step,
     position_key,
-    rollout,
+    run_rollout,
 )
 from quietstar_jax.thought.schedule import ThoughtSchedule
 from quietstar_jax.vocab import fits_one_chunk
 
 
 def _last_mixed_logits(
-    params: Params, cfg: ModelConfig, tc: ThoughtConfig, ro: Any, last: jax.Array
+    lm: QuietStarLM, tc: ThoughtConfig, ro: Rollout, last: jax.Array
 ) -> tuple[jax.Array, jax.Array]:
     """Mixed logits `[B, vocab]` and weight `[B]` at index `last` after the end step."""
     base = jax.lax.dynamic_index_in_dim(ro.base_hidden, last, axis=1, keepdims=True)
     end = jax.lax.dynamic_index_in_dim(ro.step_hidden[-1], last, axis=1, keepdims=True)
-    mixed, w = mixed_hidden(params, tc, base, end, ThoughtSchedule.of(tc).end_step)
-    return model.logits_from_hidden(params, cfg, mixed[:, 0]), w[:, 0]
+    mixed, w = mix_step(lm.thought, tc, base, end, ThoughtSchedule.of(tc).end_step)
+    return lm.logits(mixed[:, 0]), w[:, 0]
 
 
 def _draw_last(
-    params: Params, cfg: ModelConfig, tc: ThoughtConfig, h: jax.Array, key: jax.Array, s: int
+    lm: CausalLM, tc: ThoughtConfig, h: jax.Array, key: jax.Array, s: int
 ) -> jax.Array:
     """Thought token s of each row's last position from its hidden `[B, hidden]` ->
     `[B]`: the draw of `generate.think_at` (one position's draw, `draw_thought`, mapped
     over the B rows, with key `position_key(key, s, b)`)."""
-    one_chunk = fits_one_chunk(h.shape[0], cfg.vocab_size)
-    one = lambda hb, b: draw_thought(params, cfg, tc, hb[None], position_key(key, s, b),  # noqa: E731
+    one_chunk = fits_one_chunk(h.shape[0], lm.cfg.vocab_size)
+    one = lambda hb, b: draw_thought(lm, tc, hb[None], position_key(key, s, b),  # noqa: E731
                                      one_chunk).tok[0]
     return jax.vmap(one)(h, jnp.arange(h.shape[0]))
 
@@ -72,6 +73,9 @@ def _generate_recompute(
     think: bool,
     exact_rng: bool,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(new tokens `[B, N]`, thoughts `[B, N, n_ahead - 3]`, mixing weights `[B, N]`) of
+    `generate_recompute`; merges the module of `params` once (`merge_lm`)."""
+    lm = merge_lm(params, cfg)
     b, p = ids.shape
     n = max_new_tokens
     n_thought = tc.num_sampled if think else 0
@@ -86,14 +90,14 @@ def _generate_recompute(
         key = _token_key(rng, t)
         last = p + t - 1  # index of the newest real token; later slots are masked out
         if not think:
-            h, _ = model.forward(params, cfg, buf, bmask)
+            h, _ = lm.forward(buf, bmask)
             hl = jax.lax.dynamic_index_in_dim(h, last, axis=1, keepdims=False)
-            logits = model.logits_from_hidden(params, cfg, hl)
+            logits = lm.logits(hl)
         elif not exact_rng:
             # The authors' way: one rollout in which every position thinks.
-            ro = rollout(params, cfg, tc, buf, bmask, jax.random.fold_in(key, 1),
-                         num_steps=sch.num_steps)
-            logits, w = _last_mixed_logits(params, cfg, tc, ro, last)
+            ro = run_rollout(lm, tc, buf, bmask, jax.random.fold_in(key, 1),
+                             num_steps=sch.num_steps)
+            logits, w = _last_mixed_logits(lm, tc, ro, last)
             thought = jax.lax.dynamic_index_in_dim(ro.thought_tokens, last, axis=2,
                                                    keepdims=False).T
             out_thought = out_thought.at[:, t].set(thought)
@@ -103,14 +107,14 @@ def _generate_recompute(
             # [B, vocab] logits with the cached generator's key: one rollout per step.
             fed = jnp.zeros((tc.num_sampled,) + buf.shape, jnp.int32)
             for s in sch.sampled_steps:  # drawn from the output of step s - 1
-                ro = rollout(params, cfg, tc, buf, bmask, None, fed, num_steps=s - 1)
+                ro = run_rollout(lm, tc, buf, bmask, None, fed, num_steps=s - 1)
                 h = jax.lax.dynamic_index_in_dim(ro.step_hidden[-1], last, axis=1,
                                                  keepdims=False)
-                tok = _draw_last(params, cfg, tc, h, key, s)
+                tok = _draw_last(lm, tc, h, key, s)
                 fed = jax.lax.dynamic_update_slice(
                     fed, tok[None, :, None], (sch.sampled_index(s), 0, last))
-            ro = rollout(params, cfg, tc, buf, bmask, None, fed, num_steps=sch.num_steps)
-            logits, w = _last_mixed_logits(params, cfg, tc, ro, last)
+            ro = run_rollout(lm, tc, buf, bmask, None, fed, num_steps=sch.num_steps)
+            logits, w = _last_mixed_logits(lm, tc, ro, last)
             thought = jax.lax.dynamic_index_in_dim(fed, last, axis=2, keepdims=False).T
             out_thought = out_thought.at[:, t].set(thought)
             out_w = out_w.at[:, t].set(w)

@@ -3,6 +3,10 @@
 See docs/ALGORITHM.md, sections 7-9 (talk steps and the NLL; rewards, the baseline and
 REINFORCE; the total loss). Rows are the batch repeated `n_passes` times
 consecutively; a label equal to `pad_id` (or masked out) is ignored everywhere.
+
+`quietstar_loss`, `quietstar_details` and `quietstar_objective` are pure functions of
+the params: `quietstar_objective` merges the module once (`thought.merge_lm`) and the
+objectives below it (`dense_objective`, `sparse_objective`) take that module `lm`.
 """
 
 from __future__ import annotations
@@ -15,15 +19,15 @@ import numpy as np
 import optax
 
 from quietstar_jax import model, vocab
-from quietstar_jax.model import ModelConfig, Params
+from quietstar_jax.model import CausalLM, ModelConfig, Params
 from quietstar_jax.thought import (
+    GatedQuietStarLM,
+    QuietStarLM,
     Rollout,
     ThoughtConfig,
-    blend_with_thought,
-    gate_logit,
-    gate_outputs,
-    mixed_hidden,
-    rollout,
+    merge_lm,
+    mix_step,
+    run_rollout,
     shift_left,
 )
 from quietstar_jax.thought.sparse import (
@@ -44,11 +48,11 @@ def token_nll(logits: jax.Array, targets: jax.Array) -> jax.Array:
     return optax.losses.softmax_cross_entropy_with_integer_labels(logits, targets)
 
 
-def hidden_nll(params: Params, cfg: ModelConfig, h: jax.Array, targets: jax.Array) -> jax.Array:
-    """Per-token cross-entropy of the LM head on hidden `h` `[..., hidden]` against
+def hidden_nll(lm: CausalLM, h: jax.Array, targets: jax.Array) -> jax.Array:
+    """Per-token cross-entropy of `lm`'s head on hidden `h` `[..., hidden]` against
     `targets` `[...]` -> float32 `[...]`, fused (vocab.nll_from_hidden: no logits kept)."""
-    return vocab.nll_from_hidden(h, model.vocab_table(params, cfg), targets,
-                           chunk_size=cfg.vocab_chunk, dtype=cfg.dtype)
+    return vocab.nll_from_hidden(h, lm.vocab_table(), targets, chunk_size=lm.cfg.vocab_chunk,
+                                 dtype=lm.cfg.dtype)
 
 
 def masked_mean(x: jax.Array, mask: jax.Array) -> jax.Array:
@@ -189,7 +193,8 @@ def quietstar_objective(
     `quietstar_details`, from one computation (differentiate with has_aux). With
     `tc.think_k` set, only that many positions per row think (`sparse.sparse_objective`:
     its details and metrics add the gathered positions and the think gate's; with
-    `tc.think_lengths`, one group of positions per thought length)."""
+    `tc.think_lengths`, one group of positions per thought length). Merges the module
+    once (`merge_lm`); `dense_objective` / `sparse_objective` run on it."""
     validate_inputs(cfg, tc, input_ids, attention_mask, thought_tokens)
     if attention_mask is None:
         attention_mask = jnp.ones_like(input_ids)
@@ -197,13 +202,28 @@ def quietstar_objective(
         if tc.sampling == "sample" and thought_tokens is None and max(tc.lengths) > 0:
             raise ValueError("quietstar_loss needs an rng to sample thoughts (sampling='sample')")
         rng = jax.random.key(0)
+    lm = merge_lm(params, cfg)
     if tc.think_k is not None:  # sparse thoughts: only think_k positions per row think
-        return sparse_objective(params, cfg, tc, input_ids, attention_mask, rng, thought_tokens)
+        return sparse_objective(lm, tc, input_ids, attention_mask, rng, thought_tokens)
+    return dense_objective(lm, tc, input_ids, attention_mask, rng, thought_tokens)
+
+
+def dense_objective(
+    lm: QuietStarLM,
+    tc: ThoughtConfig,
+    input_ids: jax.Array,
+    attention_mask: jax.Array,
+    rng: jax.Array,
+    thought_tokens: jax.Array | None = None,
+) -> tuple[jax.Array, dict[str, jax.Array], dict[str, Any]]:
+    """(loss, metrics, details) of the think-everywhere objective (the authors') on the
+    merged module `lm`; `quietstar_objective` calls it (inputs checked, `rng` set).
+    input_ids, attention_mask: `[batch, seq]`; thought_tokens `[n_ahead - 3, rows, seq]`."""
     x = jnp.repeat(input_ids, tc.n_passes, axis=0)
     mask = jnp.repeat(attention_mask, tc.n_passes, axis=0)
     rows, seq = x.shape
     pad = tc.pad_token_id
-    ro: Rollout = rollout(params, cfg, tc, x, mask, rng, thought_tokens)
+    ro: Rollout = run_rollout(lm, tc, x, mask, rng, thought_tokens)
 
     def targets(k: int) -> tuple[jax.Array, jax.Array]:
         """Targets x[i + k] and whether each counts (not padding, not past the end)."""
@@ -215,11 +235,11 @@ def quietstar_objective(
     # the mixed hidden predicts x[i + k + 1]. All NLLs in one vocabulary pass.
     sch = tc.schedule
     with jax.named_scope("mixing_head"):
-        mixes = [mixed_hidden(params, tc, ro.base_hidden, ro.step_hidden[s - 1], s)
+        mixes = [mix_step(lm.thought, tc, ro.base_hidden, ro.step_hidden[s - 1], s)
                  for s in sch.scored_steps]
     tgt = [targets(sch.target_shift(s)) for s in sch.scored_steps]
     with jax.named_scope("nll"):
-        nll = hidden_nll(params, cfg, jnp.stack([ro.base_hidden] + [m for m, _ in mixes]),
+        nll = hidden_nll(lm, jnp.stack([ro.base_hidden] + [m for m, _ in mixes]),
                          jnp.stack([tgt[0][0]] + [t for t, _ in tgt]))
     t1, ok1 = tgt[0]
     base_tok = jnp.where(ok1, nll[0], 0.0)
@@ -311,8 +331,7 @@ def quietstar_details(
 
 
 def sparse_objective(
-    params: Params,
-    cfg: ModelConfig,
+    lm: QuietStarLM,
     tc: ThoughtConfig,
     input_ids: jax.Array,
     attention_mask: jax.Array,
@@ -320,7 +339,8 @@ def sparse_objective(
     thought_tokens: jax.Array | None = None,
     positions_override: jax.Array | None = None,
 ) -> tuple[jax.Array, dict[str, jax.Array], dict[str, Any]]:
-    """(loss, metrics, details) of sparse thoughts (`quietstar_jax.thought.sparse`);
+    """(loss, metrics, details) of sparse thoughts (`quietstar_jax.thought.sparse`) on the
+    merged module `lm` (a `GatedQuietStarLM` trains its think gate too);
     `quietstar_objective` calls it when `tc.think_k` is set (inputs already checked;
     `rng` set).
 
@@ -365,16 +385,16 @@ def sparse_objective(
     positions = model.default_positions(mask)
     # With full rematerialisation the base pass and the thoughts run without gradient
     # and the backward pass replays them together (`sparse_thoughts`' base_trace).
-    replay = cfg.remat == "full" and schs[0].num_steps > 0
+    replay = lm.cfg.remat == "full" and schs[0].num_steps > 0
     with jax.named_scope("base_pass"):
-        base = model.forward(jax.lax.stop_gradient(params) if replay else params, cfg, x, mask,
-                             positions, trace=replay)
+        base = (model.stop_gradient(lm) if replay else lm).forward(x, mask, positions,
+                                                                   trace=replay)
     h0, kv0 = base[:2]
 
-    has_gate = "think_gate" in params
+    has_gate = isinstance(lm, GatedQuietStarLM)
     gate_cols = jnp.zeros((rows, seq, n_len), jnp.float32)  # [rows, seq, n_lengths]
     if has_gate:
-        n_out = gate_outputs(params["think_gate"])
+        n_out = lm.think_gate.outputs
         if n_out != n_len:
             raise ValueError(
                 f"params['think_gate'] scores {n_out} thought length(s) but the config "
@@ -382,8 +402,8 @@ def sparse_objective(
                 f"gate with init_gate_params(cfg, rng, n_lengths={n_len})")
         with jax.named_scope("think_gate"):
             hb = jax.lax.stop_gradient(h0[::n_passes])  # the passes' base passes are equal
-            stats = logit_stats(params, cfg, hb)
-            gate_b = gate_logit(params["think_gate"], hb, stats)  # [batch, seq(, n_lengths)]
+            stats = logit_stats(lm, hb)
+            gate_b = lm.think_gate(hb, stats)  # [batch, seq(, n_lengths)]
             if n_len == 1:
                 gate_b = gate_b[..., None]
             gate_cols = jnp.repeat(gate_b, n_passes, axis=0)
@@ -407,8 +427,8 @@ def sparse_objective(
         idx = jnp.repeat(idx_b, n_passes, axis=0)  # the same positions for every pass
         toks = None if thought_tokens is None else thought_tokens[: tc_l.num_sampled]
         idxs.append(idx)
-        ths.append(sparse_thoughts(params, cfg, tc_l, x, mask, positions, kv0, idx, k_thought,
-                                   toks, base_trace=base[2] if replay else None))
+        ths.append(sparse_thoughts(lm, tc_l, x, mask, positions, kv0, idx, k_thought, toks,
+                                   base_trace=base[2] if replay else None))
     if ths[0].base_hidden is not None:
         # One group's replayed base feeds the base NLL and every mixing head; the other
         # groups' replays carry their thoughts' gradient into the base pass (through its
@@ -429,12 +449,12 @@ def sparse_objective(
             for s in sch.scored_steps:
                 b = take(shift_left(h0, sch.base_shift(s)), idx)
                 hs = th.step_hidden[s - 1]
-                mixes.append(blend_with_thought(params, tc, b, hs))
+                mixes.append(lm.thought.blend(b, hs, tc.mixing_weight_offset))
             mixes_of.append(mixes)
     tgt_of = [[(take(t, idx), take(ok, idx)) for t, ok in tgt] for idx in idxs]
     with jax.named_scope("nll"):
-        nll_b = hidden_nll(params, cfg, h0, tgt[0][0])
-        nll_t = hidden_nll(params, cfg, jnp.stack([m for ms in mixes_of for m, _ in ms]),
+        nll_b = hidden_nll(lm, h0, tgt[0][0])
+        nll_t = hidden_nll(lm, jnp.stack([m for ms in mixes_of for m, _ in ms]),
                            jnp.stack([t for tg in tgt_of for t, _ in tg]))
     ok1 = tgt[0][1]
     base_tok = jnp.where(ok1, nll_b, 0.0)

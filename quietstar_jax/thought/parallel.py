@@ -1,6 +1,10 @@
 """The parallel rollout of Quiet-STaR's thoughts: one position's thought
 (`thought_of_position`), mapped over positions and rows with `jax.vmap` (`map_thoughts`),
-the rollout of a batch (`rollout`) and the mixed prediction (`mixed_hidden`)."""
+the rollout of a batch (`rollout`) and the mixed prediction (`mixed_hidden`).
+
+`rollout` and `mixed_hidden` are pure functions of the params; `rollout` merges the
+module once (`params.merge_lm`) and runs `run_rollout` on it, and everything below takes
+that module `lm` (a `QuietStarLM`; `lm.cfg` its ModelConfig) and calls its methods."""
 
 from __future__ import annotations
 
@@ -13,9 +17,9 @@ import jax.numpy as jnp
 
 from quietstar_jax import model, vocab
 from quietstar_jax.axes import constrain
-from quietstar_jax.model import KV, ModelConfig, Params, window_visible
+from quietstar_jax.model import KV, CausalLM, ModelConfig, Params, window_visible
 from quietstar_jax.thought.config import ThoughtConfig
-from quietstar_jax.thought.params import mixing_weight, thought_embedding
+from quietstar_jax.thought.params import QuietStarLM, ThoughtParams, merge_lm, thought_module
 from quietstar_jax.thought.replay import JointGeometry, replay_layers
 from quietstar_jax.thought.schedule import END, SAMPLED, START, ThoughtSchedule
 
@@ -30,14 +34,14 @@ def mask_thought_logits(logits: jax.Array, tc: ThoughtConfig) -> jax.Array:
     return logits
 
 
-def given_token_logp(
-    params: Params, cfg: ModelConfig, tc: ThoughtConfig, h: jax.Array, tok: jax.Array
-) -> jax.Array:
+def given_token_logp(lm: CausalLM, tc: ThoughtConfig, h: jax.Array, tok: jax.Array
+                     ) -> jax.Array:
     """REINFORCE log-prob of thought token `tok` `[...]` drawn from the plain LM logits
     of hidden `h` `[..., hidden]`: `log softmax(r / reinforce_temperature)[tok]` with the
     thought ids masked, float32 `[...]` (fused: no `[..., vocab]` logits kept)."""
+    cfg = lm.cfg
     return vocab.logp_from_hidden(
-        h, model.vocab_table(params, cfg), tok, temperature=tc.reinforce_temperature,
+        h, lm.vocab_table(), tok, temperature=tc.reinforce_temperature,
         masked_ids=tc.sampled_masked_ids, chunk_size=cfg.vocab_chunk, dtype=cfg.dtype)
 
 
@@ -74,8 +78,7 @@ def position_key(rng: jax.Array | None, s: Any, index: Any) -> jax.Array | None:
 
 
 def draw_thought(
-    params: Params,
-    cfg: ModelConfig,
+    lm: CausalLM,
     tc: ThoughtConfig,
     h: jax.Array,
     key: jax.Array | None,
@@ -88,8 +91,8 @@ def draw_thought(
     (`vocab.draw`: a chunked vocabulary pass, no logits kept, mapped). `one_chunk`: walk
     the vocabulary in one step, which the caller decides for all the positions it maps
     (`vocab.fits_one_chunk`)."""
-    greedy = tc.sampling == "greedy"
-    return vocab.draw(h, model.vocab_table(params, cfg), None if greedy else key,
+    greedy, cfg = tc.sampling == "greedy", lm.cfg
+    return vocab.draw(h, lm.vocab_table(), None if greedy else key,
                       sample_temperature=tc.thought_temperature, greedy=greedy,
                       logp_temperature=tc.reinforce_temperature,
                       masked_ids=tc.sampled_masked_ids, chunk_size=cfg.vocab_chunk,
@@ -97,18 +100,18 @@ def draw_thought(
 
 
 def step_embedding(
-    params: Params, cfg: ModelConfig, tc: ThoughtConfig, sch: ThoughtSchedule, s: int,
-    tok: jax.Array,
+    lm: QuietStarLM, tc: ThoughtConfig, sch: ThoughtSchedule, s: int, tok: jax.Array
 ) -> jax.Array:
     """The input embedding of step `s` fed token(s) `tok` `[...]` -> `[..., hidden]` in
     compute dtype: the learned start/end embedding, else the token's table row."""
     kind = sch.kind(s)
     if kind in (START, END):
-        emb = thought_embedding(params, tc, "start_emb" if kind == START else "end_emb")
+        emb = lm.thought.embedding("start_emb" if kind == START else "end_emb",
+                                   tc.embedding_scale)
         emb = jnp.broadcast_to(emb, tok.shape + emb.shape)
     else:
-        emb = model.embed_tokens(params, cfg, tok)
-    return emb.astype(cfg.compute_dtype)
+        emb = lm.embed_tokens(tok)
+    return emb.astype(lm.cfg.compute_dtype)
 
 
 class RowContext(NamedTuple):
@@ -149,8 +152,7 @@ class PositionThought(NamedTuple):
 
 
 def thought_of_position(
-    params: Params,
-    cfg: ModelConfig,
+    lm: QuietStarLM,
     tc: ThoughtConfig,
     sch: ThoughtSchedule,
     row: RowContext,
@@ -166,13 +168,13 @@ def thought_of_position(
     batch axis, `[layers, 1, C, kv_heads, head_dim]`; mask: `x.ctx_ok` and the sliding
     window at its step's position id) and its own earlier keys.
 
-    The steps before the last sampled token run one `model.position_decoder` call each
+    The steps before the last sampled token run one `lm.position_decoder` call each
     (a drawn token needs the step before it); the rest (`sch.block_steps`) have known
     inputs and run as one call of `t = len(block)` queries, causal among themselves.
     `thought.map_thoughts` maps it over positions and rows with `jax.vmap`; `one_chunk`
     (the draws' vocabulary walk, `draw_thought`) is decided there for all of them.
     """
-    window = cfg.sliding_window
+    window = lm.cfg.sliding_window
     fed: list[jax.Array] = []
     draws: list[vocab.Draw] = []
     hidden: list[jax.Array] = []
@@ -188,8 +190,7 @@ def thought_of_position(
             if x.given is not None:
                 return x.given[sch.sampled_index(s)].astype(jnp.int32).reshape(1, 1)
             with jax.named_scope("sampling"):
-                d = draw_thought(params, cfg, tc, prev_h, position_key(rng, s, x.index),
-                                 one_chunk)
+                d = draw_thought(lm, tc, prev_h, position_key(rng, s, x.index), one_chunk)
             draws.append(d)
             return d.tok
         j = x.at + sch.talk_shift(s)  # teacher forcing: x[i + shift], pad past the end
@@ -203,13 +204,12 @@ def thought_of_position(
         return x.ctx_ok & window_visible(x.pos + sch.position_offset(s), row.pos, window)
 
     def run(steps: tuple[int, ...], toks: list[jax.Array], own: list[KV], own_mask: jax.Array):
-        emb = jnp.concatenate([step_embedding(params, cfg, tc, sch, s, t)
+        emb = jnp.concatenate([step_embedding(lm, tc, sch, s, t)
                                for s, t in zip(steps, toks, strict=True)], axis=1)
         offsets = jnp.asarray([sch.position_offset(s) for s in steps])
         pos = (x.pos + offsets)[None]  # [1, t]
         cm = jnp.stack([ctx_mask(s) for s in steps])[None]  # [1, t, C]
-        out = model.position_decoder(params, cfg, emb, pos, (row.kv, cm), own, own_mask,
-                                     trace=trace)
+        out = lm.position_decoder(emb, pos, (row.kv, cm), own, own_mask, trace=trace)
         hidden.append(out[0])
         if trace:
             traces.append(out[2])
@@ -253,8 +253,7 @@ class MappedThoughts(NamedTuple):
 
 
 def map_thoughts(
-    params: Params,
-    cfg: ModelConfig,
+    lm: QuietStarLM,
     tc: ThoughtConfig,
     sch: ThoughtSchedule,
     row: RowContext,
@@ -277,9 +276,8 @@ def map_thoughts(
     front (a transposed copy of every key/value array on every step).
     """
     rows, n_pos = x.pos.shape
-    one_chunk = vocab.fits_one_chunk(rows * n_pos, cfg.vocab_size)
-    one = functools.partial(thought_of_position, params, cfg, tc, sch, one_chunk=one_chunk,
-                            trace=trace)
+    one_chunk = vocab.fits_one_chunk(rows * n_pos, lm.cfg.vocab_size)
+    one = functools.partial(thought_of_position, lm, tc, sch, one_chunk=one_chunk, trace=trace)
     n_calls = len(sch.sequential_steps) + (1 if sch.block_steps else 0)
     tr_axes = tuple(model.LayerTrace(1, 0) for _ in range(n_calls)) if trace else ()
     out_axes = PositionThought(0, 0, 0, tr_axes)
@@ -306,8 +304,7 @@ def map_thoughts(
 
 
 def reinforce_logps(
-    params: Params,
-    cfg: ModelConfig,
+    lm: CausalLM,
     tc: ThoughtConfig,
     sch: ThoughtSchedule,
     step_hidden: Sequence[jax.Array],
@@ -319,8 +316,8 @@ def reinforce_logps(
     steps in one call and all given ones in another, so one backward vocabulary pass (and
     one output-matrix gradient) each. `draws`: the stacked `vocab.Draw` of the sampled
     steps, or None when the tokens were given. Pause thoughts have no policy."""
-    drawn = () if draws is None else sch.sampled_steps
-    w_grad = model.vocab_table(params, cfg)
+    drawn, cfg = () if draws is None else sch.sampled_steps, lm.cfg
+    w_grad = lm.vocab_table()
     logp: list[jax.Array] = []
     if drawn:
         hs = jnp.stack([step_hidden[s - 2] for s in drawn])
@@ -333,13 +330,12 @@ def reinforce_logps(
         hs = jnp.stack([step_hidden[s - 2] for s in given])
         toks = jnp.stack([fed[s - 1] for s in given])
         with jax.named_scope("reinforce_logp"):
-            logp.extend(given_token_logp(params, cfg, tc, hs, toks))
+            logp.extend(given_token_logp(lm, tc, hs, toks))
     return logp
 
 
 def replayed_hidden(
-    params: Params,
-    cfg: ModelConfig,
+    lm: QuietStarLM,
     tc: ThoughtConfig,
     sch: ThoughtSchedule,
     input_ids: jax.Array,
@@ -350,7 +346,7 @@ def replayed_hidden(
     x: PositionInputs,
 ) -> tuple[jax.Array, list[jax.Array]]:
     """The differentiable outputs of a base pass and its thoughts that ran without
-    gradient, traced (`model.forward(..., trace=True)`, `map_thoughts(..., trace=True)`):
+    gradient, traced (`lm.forward(..., trace=True)`, `map_thoughts(..., trace=True)`):
     the traced values, with the backward pass that replays every layer once over the
     base sequence and all steps of the P thinking positions together
     (`replay_layers`). The dense rollout passes every position (P = seq), the
@@ -361,6 +357,7 @@ def replayed_hidden(
     `[rows, seq, hidden]` and per step `[rows, P, hidden]`, after the final norm.
     """
     rows, n_pos = x.pos.shape
+    cfg = lm.cfg
     window, n = cfg.sliding_window, sch.num_steps
 
     def ctx_mask_at(s: int) -> jax.Array:  # [rows, P, seq]
@@ -378,14 +375,13 @@ def replayed_hidden(
         own_mask=(x.own_ok[:, :, None, None]
                   & sch.own_block_mask(sch.steps, sch.steps, window)[None, None]),
     )
-    emb_steps = jnp.stack([step_embedding(params, cfg, tc, sch, s, mapped.fed[s - 1])
+    emb_steps = jnp.stack([step_embedding(lm, tc, sch, s, mapped.fed[s - 1])
                            for s in sch.steps], 1)
     with jax.named_scope("replayed_backward"):
         out_b, out_s = replay_layers(
-            cfg, params["layers"],
-            model.embed_tokens(params, cfg, input_ids).astype(cfg.compute_dtype),
+            cfg, model.to_params(lm.layers), lm.embed_tokens(input_ids).astype(cfg.compute_dtype),
             emb_steps.reshape(rows, n * n_pos, -1), base_trace, mapped.traces, geo)
-    norm = lambda h: model.rms_norm(h, params["final_norm"], cfg.rms_norm_eps)  # noqa: E731
+    norm = lm.final_norm
     return norm(out_b), list(jnp.moveaxis(norm(out_s).reshape(rows, n, n_pos, -1), 1, 0))
 
 
@@ -422,23 +418,42 @@ def rollout(
 
     Inside the function a step whose token is sampled needs the previous step's output,
     so the steps up to the one before the last sampled token run one after another (one
-    `model.position_decoder` call each); the remaining steps (the last sampled token,
+    `lm.position_decoder` call each); the remaining steps (the last sampled token,
     end, talk; all steps when `thought_tokens` are given) have known inputs and run as
     one call of the position's `block` queries, causal among themselves. Under the vmap
     each draw is one chunked vocabulary pass over all positions.
+
+    A pure function of the params: merges the module once (`merge_lm`) and runs
+    `run_rollout` on it.
     """
+    return run_rollout(merge_lm(params, cfg), tc, input_ids, attention_mask, rng,
+                       thought_tokens, num_steps=num_steps)
+
+
+def run_rollout(
+    lm: QuietStarLM,
+    tc: ThoughtConfig,
+    input_ids: jax.Array,
+    attention_mask: jax.Array,
+    rng: jax.Array | None,
+    thought_tokens: jax.Array | None = None,
+    *,
+    num_steps: int | None = None,
+) -> Rollout:
+    """`rollout` of a merged module `lm`: input_ids, attention_mask `[rows, seq]`;
+    thought_tokens `[n_ahead - 3, rows, seq]` or None (drawn with `rng`)."""
     rows, seq = input_ids.shape
     if tc.sampling == "pause" and thought_tokens is None:
         thought_tokens = jnp.full((tc.num_sampled, rows, seq), tc.pause_token_id, jnp.int32)
     sch = ThoughtSchedule.of(tc, num_steps, given=thought_tokens is not None)
     # With full rematerialisation the steps run without gradient and the backward pass
     # replays all of them together, layer by layer (`replay_layers`).
-    replay = cfg.remat == "full" and sch.num_steps > 0
-    run_params = jax.lax.stop_gradient(params) if replay else params
+    replay = lm.cfg.remat == "full" and sch.num_steps > 0
+    run_lm = model.stop_gradient(lm) if replay else lm
     valid = attention_mask.astype(bool)
     positions = model.default_positions(attention_mask)
     with jax.named_scope("base_pass"):
-        base = model.forward(run_params, cfg, input_ids, attention_mask, positions, trace=replay)
+        base = run_lm.forward(input_ids, attention_mask, positions, trace=replay)
     h0, kv0 = base[:2]
 
     idx = jnp.arange(seq)
@@ -454,16 +469,16 @@ def rollout(
             own_ok=valid,
             given=None if thought_tokens is None else jnp.moveaxis(thought_tokens, 0, -1))
         # (named scopes inside: thought_steps, sampling, thought_block)
-        mapped = map_thoughts(run_params, cfg, tc, sch, RowContext(kv0, positions, input_ids),
-                              x, rng, trace=replay)
+        mapped = map_thoughts(run_lm, tc, sch, RowContext(kv0, positions, input_ids), x, rng,
+                              trace=replay)
         step_hidden, fed, draws = mapped.step_hidden, list(mapped.fed), mapped.draws
     else:
         step_hidden, fed, draws = [], [], None
     if replay:  # the differentiable outputs: the traced ones, with the replayed backward
-        h0, step_hidden = replayed_hidden(params, cfg, tc, sch, input_ids, attention_mask,
-                                          positions, base[2], mapped, x)
+        h0, step_hidden = replayed_hidden(lm, tc, sch, input_ids, attention_mask, positions,
+                                          base[2], mapped, x)
 
-    thought_logp = reinforce_logps(params, cfg, tc, sch, step_hidden, fed, draws)
+    thought_logp = reinforce_logps(lm, tc, sch, step_hidden, fed, draws)
 
     empty = jnp.zeros((0, rows, seq), jnp.int32)
     thought_toks = [fed[s - 1] for s in sch.sampled_steps]
@@ -494,18 +509,14 @@ def mixed_hidden(
     base_hidden, step_hidden: `[rows, seq, hidden]`. With k = max(0, step - (n_ahead - 1)),
     b = h0[i + k]; w = mixing_head([b, h_s]); returns ((1 - w) b + w h_s `[rows, seq,
     hidden]`, w `[rows, seq]` float32). Positions with i + k past the end get b = 0.
+    A pure function of the params (`params["thought"]`); the package calls `mix_step`.
     """
+    return mix_step(thought_module(params), tc, base_hidden, step_hidden, step)
+
+
+def mix_step(thought: ThoughtParams, tc: ThoughtConfig, base_hidden: jax.Array,
+             step_hidden: jax.Array, step: int) -> tuple[jax.Array, jax.Array]:
+    """`mixed_hidden` with the merged thought params `thought` (`lm.thought`): base_hidden,
+    step_hidden `[rows, seq, hidden]` -> (mixed `[rows, seq, hidden]`, w `[rows, seq]`)."""
     b = shift_left(base_hidden, ThoughtSchedule.of(tc).base_shift(step))
-    return blend_with_thought(params, tc, b, step_hidden)
-
-
-def blend_with_thought(params: Params, tc: ThoughtConfig, base: jax.Array,
-                       thought: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """The mixing head's blend of a base hidden and a post-thought hidden that predict the
-    same target: `[..., hidden]` x2 -> ((1 - w) base + w thought `[..., hidden]`, w `[...]`
-    float32), w = mixing_head([base, thought]) + `tc.mixing_weight_offset`."""
-    w = mixing_weight(params["thought"]["mix"], base, thought)
-    if tc.mixing_weight_offset:
-        w = w + jnp.float32(tc.mixing_weight_offset)
-    wd = w[..., None].astype(thought.dtype)
-    return (1 - wd) * base + wd * thought, w
+    return thought.blend(b, step_hidden, tc.mixing_weight_offset)

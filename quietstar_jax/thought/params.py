@@ -1,7 +1,12 @@
-"""The thought params as Flax NNX modules and pure functions of their params: the
-start/end-of-thought embeddings and the mixing head (`ThoughtParams`, `params["thought"]`),
-the think gate (`ThinkGate`, `params["think_gate"]`), and `QuietStarLM`, the decoder with
-its thought params (the whole params pytree the trainer takes)."""
+"""The thought params as Flax NNX modules: the start/end-of-thought embeddings and the
+mixing head (`ThoughtParams`, `params["thought"]`), the think gate (`ThinkGate`,
+`params["think_gate"]`), `QuietStarLM`, the decoder with its thought params (the whole
+params pytree the trainer takes), and `GatedQuietStarLM`, that with the think gate.
+
+`merge_lm` merges the module a params pytree holds, once per public entry point; the
+code below it calls the modules' methods (`lm.thought.embedding`, `lm.thought.blend`,
+`lm.think_gate`). `mixing_weight`, `gate_logit` and `thought_embedding` are pure
+functions of the params for notebooks and tests."""
 
 from __future__ import annotations
 
@@ -72,6 +77,23 @@ class ThoughtParams(nnx.Module):
         self.end_emb = model.declare(rngs, copied, (cfg.hidden_size,), ("embed",), dt)
         self.mix = MixingHead(cfg, rngs=rngs)
 
+    def embedding(self, which: str, scale: float) -> jax.Array:
+        """The used start (`which="start_emb"`) or end (`"end_emb"`) embedding `[hidden]`,
+        float32: the stored one times `scale` (`ThoughtConfig.embedding_scale`)."""
+        return getattr(self, which)[...].astype(jnp.float32) * scale
+
+    def blend(self, base: jax.Array, thought: jax.Array, offset: float = 0.0
+              ) -> tuple[jax.Array, jax.Array]:
+        """The mixing head's blend of a base hidden and a post-thought hidden that predict
+        the same target: `[..., hidden]` x2 -> ((1 - w) base + w thought `[..., hidden]`,
+        w `[...]` float32), w = mix([base, thought]) + `offset`
+        (`ThoughtConfig.mixing_weight_offset`)."""
+        w = self.mix(base, thought)
+        if offset:
+            w = w + jnp.float32(offset)
+        wd = w[..., None].astype(thought.dtype)
+        return (1 - wd) * base + wd * thought, w
+
 
 GATE_HIDDEN = 64  # width of the think gate's hidden layer
 GATE_STATS = 2  # the base logits' statistics the gate reads: entropy, top-1 probability
@@ -110,6 +132,11 @@ class ThinkGate(nnx.Module):
         out = x @ f32(self.w1) + f32(self.b1)
         return out[..., 0] if out.shape[-1] == 1 else out
 
+    @property
+    def outputs(self) -> int:
+        """How many thought lengths the gate scores (its outputs)."""
+        return int(self.b1[...].shape[-1])
+
 
 def gate_param_shapes(cfg: ModelConfig, n_lengths: int = 1) -> Params:
     """Shapes of the think gate's params (`params["think_gate"]`) with `n_lengths` outputs."""
@@ -146,7 +173,8 @@ def gate_outputs(gate: Params) -> int:
 def gate_logit(gate: Params, h: jax.Array, stats: jax.Array) -> jax.Array:
     """The think gate (`ThinkGate`) of params `gate`: hidden `[..., hidden]`, stats
     `[..., GATE_STATS]` -> logit `[...]` float32 for a gate with one output (one thought
-    length), `[..., n_lengths]` for one with several."""
+    length), `[..., n_lengths]` for one with several. (Merged here: the package calls
+    `lm.think_gate` of a merged `GatedQuietStarLM`.)"""
     return model.from_params(gate, _PROBE, ThinkGate)(h, stats)
 
 
@@ -160,6 +188,29 @@ class QuietStarLM(model.CausalLM):
         super().__init__(cfg, rngs=rngs)
         row = self.embed[...][init_token_id].astype(jnp.float32) / embedding_scale
         self.thought = ThoughtParams(cfg, rngs=rngs, init_embedding=row)
+
+
+class GatedQuietStarLM(QuietStarLM):
+    """A QuietStarLM with its think gate (`think_gate`, `ThinkGate`): the params of
+    sparse thoughts trained with a gate loss. Merged from params of a gate of any
+    number of outputs (`init_gate_params(cfg, rng, n_lengths)`)."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, init_token_id: int = 0,
+                 embedding_scale: float = 100.0, n_lengths: int = 1):
+        super().__init__(cfg, rngs=rngs, init_token_id=init_token_id,
+                         embedding_scale=embedding_scale)
+        self.think_gate = ThinkGate(cfg, rngs=rngs, n_lengths=n_lengths)
+
+
+def merge_lm(params: Params, cfg: ModelConfig) -> model.CausalLM:
+    """The module a params pytree holds, merged once (`model.from_params`): a
+    `GatedQuietStarLM` when it has `thought` and `think_gate`, a `QuietStarLM` with
+    `thought` only, else a `model.CausalLM`. The public entry points that take params
+    call this once and pass the module down."""
+    if "thought" not in params:
+        return model.from_params(params, cfg)
+    return model.from_params(params, cfg,
+                             GatedQuietStarLM if "think_gate" in params else QuietStarLM)
 
 
 # Any config gives the same logical axes and the same mixing-head graph.
@@ -210,6 +261,13 @@ def mixing_weight(mix: Params, base_h: jax.Array, thought_h: jax.Array) -> jax.A
     return model.from_params(mix, _PROBE, MixingHead)(base_h, thought_h)
 
 
+def thought_module(params: Params) -> ThoughtParams:
+    """The `ThoughtParams` of `params["thought"]`, merged alone (for the pure functions
+    of the thought params that take no ModelConfig)."""
+    return model.from_params(params["thought"], _PROBE, ThoughtParams)
+
+
 def thought_embedding(params: Params, tc: ThoughtConfig, which: str) -> jax.Array:
-    """The used (scaled) start or end embedding `[hidden]`, float32."""
-    return params["thought"][which].astype(jnp.float32) * tc.embedding_scale
+    """The used (scaled) start or end embedding `[hidden]`, float32
+    (`ThoughtParams.embedding`)."""
+    return thought_module(params).embedding(which, tc.embedding_scale)

@@ -13,11 +13,12 @@ import jax
 import jax.numpy as jnp
 
 from quietstar_jax.model import (
+    DecoderLayer,
     FusedCausal,
     LayerTrace,
     ModelConfig,
     Params,
-    layer,
+    from_params,
     rope_tables,
 )
 from quietstar_jax.vocab import zeros_after
@@ -48,12 +49,15 @@ def joint_layer(
     The base queries attend causally among themselves; every step query attends to the
     base keys of this layer (`geo.ctx_mask`) and to its position's steps
     (`geo.own_mask`). Returns the two outputs, shaped like the inputs.
+
+    `lp` is one layer's params (the backward scan's slice): the `DecoderLayer` is merged
+    from it once, here, and called for both.
     """
     rope_b = rope_tables(geo.base_positions, cfg.dim_per_head, cfg.rope_theta)
     rope_s = rope_tables(geo.step_positions, cfg.dim_per_head, cfg.rope_theta)
-    out_b, k, v = layer(lp, cfg, h_base, rope_b, geo.base_mask, None, None)
-    out_s, _, _ = layer(lp, cfg, h_steps, rope_s, None, (k, v, geo.ctx_mask),
-                         ((), (), geo.own_mask))
+    lyr = from_params(lp, cfg, DecoderLayer)
+    out_b, k, v = lyr(h_base, rope_b, geo.base_mask, None, None)
+    out_s, _, _ = lyr(h_steps, rope_s, None, (k, v, geo.ctx_mask), ((), (), geo.own_mask))
     return out_b, out_s
 
 

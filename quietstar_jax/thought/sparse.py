@@ -34,9 +34,9 @@ import jax
 import jax.numpy as jnp
 
 from quietstar_jax import model
-from quietstar_jax.model import ModelConfig, Params
 from quietstar_jax.thought import (
     PositionInputs,
+    QuietStarLM,
     RowContext,
     ThoughtConfig,
     map_thoughts,
@@ -63,7 +63,7 @@ def length_keys(rng: jax.Array, group: int) -> tuple[jax.Array, jax.Array]:
 
 def choose_length(logits: jax.Array, threshold: float = 0.0) -> jax.Array:
     """The thought length a multi-length think gate chooses at use time: logits `[...,
-    n_lengths]` (`thought.gate_logit`, column l: a thought of `think_lengths[l]` sampled
+    n_lengths]` (`lm.think_gate`, column l: a thought of `think_lengths[l]` sampled
     tokens pays its cost) -> int32 `[...]`, an index into `(none, *think_lengths)`.
 
     Rule: 0 (no thought) when every column is at or below `threshold`; else 1 + the
@@ -77,13 +77,14 @@ def choose_length(logits: jax.Array, threshold: float = 0.0) -> jax.Array:
     return jnp.where(jnp.max(logits, axis=-1) > threshold, best + 1, 0).astype(jnp.int32)
 
 
-def logit_stats(params: Params, cfg: ModelConfig, h: jax.Array) -> jax.Array:
-    """Entropy and top-1 probability of the plain LM's softmax at hidden `h` `[...,
+def logit_stats(lm: model.CausalLM, h: jax.Array) -> jax.Array:
+    """Entropy and top-1 probability of the plain LM `lm`'s softmax at hidden `h` `[...,
     hidden]` -> float32 `[..., 2]`, no gradient; one walk over the vocabulary a chunk
     of `cfg.vocab_chunk` columns at a time (online max / sum / weighted sum), so no
     `[..., vocab]` logits exist."""
+    cfg = lm.cfg
     h = jax.lax.stop_gradient(h)
-    w = jax.lax.stop_gradient(model.output_matrix(params, cfg))  # [H, V]
+    w = jax.lax.stop_gradient(lm.output_matrix())  # [H, V]
     hid, v = w.shape
     c = max(1, min(cfg.vocab_chunk, v))
     n_chunks = -(-v // c)
@@ -180,8 +181,7 @@ def take(a: jax.Array, idx: jax.Array) -> jax.Array:
 
 
 def sparse_thoughts(
-    params: Params,
-    cfg: ModelConfig,
+    lm: QuietStarLM,
     tc: ThoughtConfig,
     input_ids: jax.Array,
     attention_mask: jax.Array,
@@ -197,7 +197,7 @@ def sparse_thoughts(
     its row's base keys/values `kv0` and drawing its tokens with the key the dense
     rollout gives position (row, i): `position_key(rng, s, row * seq + i)`.
     thought_tokens: optional full-size `[T, rows, seq]`; the gathered ones are fed.
-    base_trace: the trace of a base pass run without gradient (`model.forward(...,
+    base_trace: the trace of a base pass run without gradient (`lm.forward(...,
     trace=True)`): the thoughts then run without gradient too, and the backward pass
     replays each layer once over the base sequence and all gathered steps together
     (`thought.replayed_hidden`, as the dense rollout does with remat "full"): one
@@ -216,17 +216,16 @@ def sparse_thoughts(
         ctx_ok=(ar[None, None, :] <= idx[:, :, None]) & valid[:, None, :],
         own_ok=take(valid, idx), given=given)
     replay = base_trace is not None and sch.num_steps > 0
-    run_params = jax.lax.stop_gradient(params) if replay else params
+    run_lm = model.stop_gradient(lm) if replay else lm
     with jax.named_scope("sparse_thoughts"):
-        mapped = map_thoughts(run_params, cfg, tc, sch, RowContext(kv0, positions, input_ids),
-                              x, rng, trace=replay)
+        mapped = map_thoughts(run_lm, tc, sch, RowContext(kv0, positions, input_ids), x, rng,
+                              trace=replay)
     step_hidden, fed, draws = mapped.step_hidden, mapped.fed, mapped.draws
     base_hidden = None
     if replay:
-        base_hidden, step_hidden = replayed_hidden(params, cfg, tc, sch, input_ids,
-                                                   attention_mask, positions, base_trace,
-                                                   mapped, x)
-    logp = reinforce_logps(params, cfg, tc, sch, step_hidden, fed, draws)
+        base_hidden, step_hidden = replayed_hidden(lm, tc, sch, input_ids, attention_mask,
+                                                   positions, base_trace, mapped, x)
+    logp = reinforce_logps(lm, tc, sch, step_hidden, fed, draws)
     empty = jnp.zeros((0,) + idx.shape, jnp.int32)
     toks = [fed[s - 1] for s in sch.sampled_steps]
     return SparseThoughts(

@@ -187,17 +187,18 @@ def quietstar_loss_fn(model_cfg: ModelConfig, thought_cfg: ThoughtConfig) -> Los
 
 
 def next_token_loss_fn(model_cfg: ModelConfig, thought_cfg: ThoughtConfig) -> LossFn:
-    """The plain baseline: mean next-token NLL of `model.forward` on the rows the
+    """The plain baseline: mean next-token NLL of `CausalLM.forward` on the rows the
     Quiet-STaR loss sees (each sequence repeated `n_passes` times), with its rule for
     ignored labels (padding, the pad id); no thoughts. metrics: `loss`, `nll_base`."""
     def loss_fn(params: Params, micro: Batch, key: jax.Array) -> tuple[jax.Array, dict]:
         del key
         x = jnp.repeat(micro["input_ids"], thought_cfg.n_passes, axis=0)
         m = jnp.repeat(micro["attention_mask"], thought_cfg.n_passes, axis=0)
-        h, _ = model.forward(params, model_cfg, x, m)
+        lm = model.from_params(params, model_cfg)  # the plain LM, merged once
+        h, _ = lm.forward(x, m)
         t = shift_left(x, 1)
         ok = shift_left(m.astype(bool), 1) & (t != thought_cfg.pad_token_id)
-        nll = hidden_nll(params, model_cfg, h, jnp.where(ok, t, 0))
+        nll = hidden_nll(lm, h, jnp.where(ok, t, 0))
         loss = masked_mean(jnp.where(ok, nll, 0.0), ok)
         return loss, {"loss": loss, "nll_base": loss}
 
@@ -206,7 +207,7 @@ def next_token_loss_fn(model_cfg: ModelConfig, thought_cfg: ThoughtConfig) -> Lo
 
 def materialised_next_token_loss_fn(model_cfg: ModelConfig, thought_cfg: ThoughtConfig
                                     ) -> LossFn:
-    """`next_token_loss_fn`'s loss with the logits materialised (`model.lm_logits`,
+    """`next_token_loss_fn`'s loss with the logits materialised (`CausalLM`'s call,
     `[rows, seq, vocab]` float32, then log-softmax) instead of the chunked vocabulary
     walk: the plain step a user without thoughts would run, and on small batches the
     fastest (the benchmarks' "fast plain" baseline)."""
@@ -214,7 +215,7 @@ def materialised_next_token_loss_fn(model_cfg: ModelConfig, thought_cfg: Thought
         del key
         x = jnp.repeat(micro["input_ids"], thought_cfg.n_passes, axis=0)
         m = jnp.repeat(micro["attention_mask"], thought_cfg.n_passes, axis=0)
-        logits = model.lm_logits(params, model_cfg, x, m)
+        logits = model.from_params(params, model_cfg)(x, m)
         t = shift_left(x, 1)
         ok = shift_left(m.astype(bool), 1) & (t != thought_cfg.pad_token_id)
         picked = jnp.take_along_axis(logits, jnp.where(ok, t, 0)[..., None], axis=-1)[..., 0]
