@@ -254,6 +254,7 @@ def _independent_scores(params, cfg, tc, tok, texts, valid, skip_first):
     return np.array(base), np.array(think), np.array(first_ok)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("task", ["gsm8k", "csqa"])
 def test_direct_answer_matches_independent_computation(stories, task):
     """Batched, bucketed, thinking-only-at-answer-positions scores equal per-example
@@ -289,6 +290,7 @@ def test_direct_answer_matches_independent_computation(stories, task):
     np.testing.assert_array_equal(res["per_example"]["base_first"], first)
 
 
+@pytest.mark.slow
 def test_perplexity_base_matches_known_loss(stories):
     """stories260K on TinyStories text: 40 chunks of 256 predicted tokens (the first
     token of each 257-token chunk is context only), paragraphs joined by one newline.
@@ -318,6 +320,7 @@ def test_perplexity_base_matches_known_loss(stories):
     assert res["thinking"]["nll"] != pytest.approx(res["base"]["nll"], abs=1e-3)
 
 
+@pytest.mark.slow
 def test_cot_end_to_end_small(stories):
     from quietstar_jax import hf
 
@@ -335,6 +338,7 @@ def test_cot_end_to_end_small(stories):
         assert "\nTherefore, the answer (arabic numerals) is" in q0["solutions"][0]
 
 
+@pytest.mark.slow
 def test_cli_writes_json_and_rejects_bad_tasks(tmp_path, capsys):
     model = str(shared_path("data", "stories260K-hf"))
     data = shared_path("data")

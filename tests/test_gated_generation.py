@@ -86,6 +86,7 @@ def test_think_stats_counts_only_live_tokens():
     np.testing.assert_allclose(per_token, fed / lengths.sum(), rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_reported_think_rate_equals_the_count_and_the_recomputed_gate():
     """Threshold gating with an eos that ends row 0 early: the reported think rate is
     the count of thoughts over live tokens; the thought mask is where an uncached
@@ -147,6 +148,7 @@ def test_running_threshold_follows_its_recomputed_update():
     assert 0 < np.asarray(g.thought_mask).mean() < 1
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("rate", [0.1, 0.4])
 @pytest.mark.parametrize("gate_scale", [1.0, 30.0])
 def test_gate_rate_holds_the_target_over_a_long_generation(rate, gate_scale):
@@ -196,6 +198,7 @@ def with_two_length_gate(params, bias=(0.0, 0.0)):
     return dict(params, think_gate=gate)
 
 
+@pytest.mark.slow
 def test_a_gate_of_two_lengths_thinks_with_the_length_of_its_highest_logit():
     """A two-output gate: a token gets a thought where its highest recomputed gate logit
     exceeds the threshold, of the length of that logit, and the thought tokens fill
@@ -307,6 +310,7 @@ def test_generate_cli_prints_the_think_rate(tmp_path, capsys):
     assert "At most one of (gate-threshold, gate-rate)" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_evaluation_cli_prints_the_cot_think_rate(tmp_path, capsys):
     """`python -m quietstar_jax.evaluation --tasks cot` with a gate: the thinking run's
     think rate and thought tokens per token are written and printed; a gate that never
@@ -345,6 +349,7 @@ def test_thinking_row_buckets():
     assert thinking_row_buckets(8) == (0, 1, 2, 4, 8)
 
 
+@pytest.mark.slow
 def test_only_the_firing_rows_think_and_draw_their_whole_batch_thoughts():
     """A gated step at batch 4 with 0, 1, 3 and 4 rows firing (3: a bucket of 4 with one
     row that did not fire gathered beside them): the firing rows'

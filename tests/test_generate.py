@@ -212,6 +212,7 @@ def test_stories260k_base_greedy_matches_llama2c(stories):
     assert np.asarray(gen.tokens)[0].tolist() == want[1:]
 
 
+@pytest.mark.slow
 def test_stories260k_cached_equals_recompute(stories):
     """64 new tokens with thoughts (n_ahead 6), greedy and sampled, on stories260K with
     a random mixing head (the loaded one starts at w = 0, where thoughts change nothing)."""

@@ -115,6 +115,7 @@ def test_train_refuses_a_non_empty_export_dir_before_training(tmp_path):
     assert not (tmp_path / "w" / "checkpoints").exists()
 
 
+@pytest.mark.slow
 def test_train_export_with_overwrite_keeps_the_users_files(tmp_path):
     """With `export_hf_overwrite=True` the export lands beside the user's file, which
     stays, and the directory loads."""
@@ -131,6 +132,7 @@ def test_train_export_with_overwrite_keeps_the_users_files(tmp_path):
     assert "thought" in params and cfg.num_layers == 1
 
 
+@pytest.mark.slow
 def test_export_dir_filled_during_training_is_refused_and_the_run_kept(tmp_path):
     """The directory was checked before training; one created meanwhile is refused at
     export time too (ExportError, one line naming it and the saved step), and kept."""
@@ -198,6 +200,7 @@ def test_save_pretrained_never_deletes_files_it_did_not_write(tmp_path):
 # ------------------------------------------------------------------ tokenizer size
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("command", ["generation", "train"])
 def test_tokenizer_larger_than_the_embedding_is_one_line(command, stories_dir, tmp_path):
     """stories260K's 512-token tokenizer with a model of 500 embedding rows: the ids
@@ -402,6 +405,7 @@ def test_prompts_file_not_utf8_names_file_and_line(stories_dir, tmp_path):
 # ------------------------------------------------------------------ labels and docs
 
 
+@pytest.mark.slow
 def test_base_results_are_labelled_base_not_n_ahead_1(stories_dir, tmp_path):
     out = _generate(str(stories_dir), "--prompt", "Once", "--max-new-tokens", "2",
                     "--mode", "base", "--greedy", "--out", str(tmp_path / "g.json"),

@@ -81,6 +81,7 @@ def tiny_model():
     return cfg, params
 
 
+@pytest.mark.slow
 def test_pause_thoughts_are_the_fixed_token_and_have_no_policy_loss():
     cfg, params = tiny_model()
     details = jax.jit(quietstar_details, static_argnums=(1, 2))

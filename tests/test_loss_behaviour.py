@@ -62,6 +62,7 @@ def test_zero_mixing_head_gives_base_logits_at_every_talk_step():
         np.testing.assert_allclose(zk[:, : seq - k], z0[:, k:], atol=1e-6)
 
 
+@pytest.mark.slow
 def test_zero_mixing_head_gives_zero_reward_and_no_policy_gradient(objective):
     cfg, params = tiny(zero_head=True)
     ids, mask = batch()
@@ -235,6 +236,7 @@ def test_non_finite_loss_names_step_and_component():
     check_finite({"loss": 1.0, "nll_base": 1.0}, 0)
 
 
+@pytest.mark.slow
 def test_reinforce_off_leaves_only_the_nll_gradient():
     """policy_loss_beta = 0 (the experiment's REINFORCE-off arm): the gradient is the
     NLL term's alone, though the policy loss itself has a non-zero gradient."""

@@ -107,6 +107,7 @@ def _damage(step_dir: Path, kind: str) -> None:
         raise AssertionError(kind)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["truncated array file", "_METADATA deleted",
                                   "item directory deleted"])
 def test_damaged_newest_checkpoint_falls_back_and_is_kept(finished, kind, tmp_path, caplog):
@@ -233,6 +234,7 @@ def timed_run(tmp_path_factory):
     return summary, calls, end, out.getvalue()
 
 
+@pytest.mark.slow
 def test_step_times_sum_to_the_loops_wall_time(timed_run):
     """From the second step on (the first may still warm up), the logged step times add
     up to the wall time between asking for step 2's batch and the end of the run:
@@ -275,6 +277,7 @@ def test_pad_equal_to_eos_is_said(timed_run):
 # ------------------------------------------------------------------ special tokens
 
 
+@pytest.mark.slow
 def test_mask_special_tokens_keeps_them_out_of_training_thoughts(tmp_path):
     import jax
 

@@ -164,6 +164,7 @@ def _thought_ids(path: Path) -> set[int]:
     return {t for item in items for row in item["thought_ids"] for t in row}
 
 
+@pytest.mark.slow
 def test_mask_special_thought_tokens(stories, stories_dir, tmp_path, capsys):
     """Near-uniform thoughts (temperature 1000) over 514 ids draw eos/bos/unk often
     enough to see (3 x 48 x 9 draws: ~7.5 expected, none with probability ~5e-4); with
@@ -231,6 +232,7 @@ def test_a_distinct_pad_token_is_used_everywhere(stories_dir, tmp_path):
 # ------------------------------------------------------------------ README
 
 
+@pytest.mark.slow
 def test_readme_notebook_snippet_runs_jitted(stories_dir, monkeypatch):
     readme = (REPO_ROOT / "README.md").read_text()
     section = readme.split("## In a notebook", 1)[1]

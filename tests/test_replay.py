@@ -35,9 +35,18 @@ def _setup(extra):
     return cfg, params, jnp.asarray(ids), jnp.asarray(mask)
 
 
-@pytest.mark.parametrize("case", sorted(CASES))
-@pytest.mark.parametrize("tc", [TC, TC.replace(sampling="greedy", n_ahead=4, n_ahead_talk=4)],
-                         ids=["sampled", "greedy_short"])
+GREEDY_SHORT = TC.replace(sampling="greedy", n_ahead=4, n_ahead_talk=4)
+
+
+# one case in the default run, the other three in the slow tier
+@pytest.mark.parametrize("case,tc", [
+    pytest.param("qwen2_bias_tied", TC, id="sampled-qwen2_bias_tied"),
+    pytest.param("mistral_window", TC, id="sampled-mistral_window", marks=pytest.mark.slow),
+    pytest.param("mistral_window", GREEDY_SHORT, id="greedy_short-mistral_window",
+                 marks=pytest.mark.slow),
+    pytest.param("qwen2_bias_tied", GREEDY_SHORT, id="greedy_short-qwen2_bias_tied",
+                 marks=pytest.mark.slow),
+])
 def test_replayed_gradients_equal_plain_autodiff(case, tc):
     cfg, params, ids, mask = _setup(CASES[case])
     grad = jax.jit(jax.value_and_grad(quietstar_loss, has_aux=True), static_argnums=(1, 2))

@@ -35,14 +35,36 @@ def mesh_runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
+@pytest.fixture(scope="module")
+def mesh_222_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One device and the (2, 2, 2) mesh only (every axis split): the default run's check."""
+    out = tmp_path_factory.mktemp("mesh_222_run")
+    runs = [{"name": "single", "mesh": [1, 1, 1], "devices": 1, "steps": STEPS},
+            {"name": "m222", "mesh": list(MESHES["m222"]), "steps": STEPS}]
+    run_worker({"devices": 8, "out": str(out), "runs": runs})
+    return out
+
+
 # --------------------------------------------------------------------------- equivalence
+
+
+def test_data_fsdp_and_tensor_mesh_matches_one_device(mesh_222_run: Path) -> None:
+    """The default run's mesh check: (2, 2, 2) splits every axis at once; the slow tier
+    runs the four meshes (`test_mesh_matches_one_device`)."""
+    check_mesh_matches_one_device(mesh_222_run, "m222")
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", list(MESHES))
 def test_mesh_matches_one_device(mesh_runs: Path, name: str) -> None:
-    base_meta, base = load_run(mesh_runs, "single")
-    meta, arrs = load_run(mesh_runs, name)
+    check_mesh_matches_one_device(mesh_runs, name)
+
+
+def check_mesh_matches_one_device(runs: Path, name: str) -> None:
+    """Run `name` of `runs` (a worker's output) against its one-device run: the loss trace
+    and the final parameters within RTOL, the same initialisation, the same updates."""
+    base_meta, base = load_run(runs, "single")
+    meta, arrs = load_run(runs, name)
     assert tuple(meta["mesh"].values()) == MESHES[name]
     assert len(meta["trace"]) == len(base_meta["trace"]) == STEPS
     loss_diff = 0.0

@@ -55,8 +55,10 @@ def loss_and_grads(params, cfg, tc, ids, mask, key):
     return loss, metrics, grads
 
 
-@pytest.mark.parametrize("gate,variant", [(False, None), (True, None), (False, "pause"),
-                                          (True, "remat_full"), (False, "offset")])
+@pytest.mark.parametrize("gate,variant", [
+    (False, None),  # the default run; the variants in the slow tier
+    *(pytest.param(g, v, marks=pytest.mark.slow)
+      for g, v in [(True, None), (False, "pause"), (True, "remat_full"), (False, "offset")])])
 def test_all_positions_gathered_equals_dense_loss_and_gradients(gate, variant):
     """think_k = seq: every position thinks (the gate cannot leave any out), so the
     sparse objective is the dense one: loss, metrics and every gradient (1e-5); also
@@ -97,6 +99,7 @@ def test_all_positions_gathered_equals_dense_loss_and_gradients(gate, variant):
     assert_grads_close(g_s, g_d, leaf_scale=variant in ("remat_full", "offset"))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("window,given", [(None, False), (4, False), (None, True)])
 def test_replayed_backward_of_gathered_thoughts_equals_plain_autodiff(window, given):
     """remat "full": the sparse step runs its base pass and gathered thoughts without
@@ -189,6 +192,7 @@ def naive_gain(params, cfg, tc, ids_row, i, thought):
     return gain
 
 
+@pytest.mark.slow
 def test_gate_labels_equal_independently_computed_gains():
     cfg, params = tiny(gate=True)
     ids, _ = batch()
@@ -219,6 +223,7 @@ def test_gate_labels_equal_independently_computed_gains():
     assert float(met["gate_loss"]) > 0.0
 
 
+@pytest.mark.slow
 def test_default_config_takes_the_dense_path_unchanged(monkeypatch):
     """think_k None (the default): the authors' think-everywhere objective, the sparse
     code never runs, and the loss is the same bits with the option named explicitly."""
@@ -289,6 +294,7 @@ def program_flops(params, cfg, tc, ids, mask):
     return float(cost["flops"])
 
 
+@pytest.mark.slow
 def test_sparse_cost_falls_with_k():
     """No thought work hidden behind masks: the traced program's FLOPs of the loss and its
     gradients with k = 2 of 32 positions are well below think-everywhere."""
@@ -325,6 +331,7 @@ def test_trainer_config_maps_and_checks_the_sparse_options():
         validate_config(c)
 
 
+@pytest.mark.slow
 def test_train_step_updates_the_gate_and_decays_its_weights_only():
     from quietstar_jax.train.step import decay_mask, init_state, make_optimizer, make_train_step
 
@@ -343,6 +350,7 @@ def test_train_step_updates_the_gate_and_decays_its_weights_only():
     assert moved["w1"] > 0.0 and moved["b1"] > 0.0
 
 
+@pytest.mark.slow
 def test_sparse_run_with_a_gate_resumes_bit_identically(tmp_path):
     """Preempted after step 2 and resumed: the same metrics (gate loss, think rate,
     rewards: the same positions and thoughts) and the same final state, gate included."""
@@ -383,6 +391,7 @@ def test_sparse_run_with_a_gate_resumes_bit_identically(tmp_path):
         assert np.array_equal(np.asarray(a), np.asarray(b))
 
 
+@pytest.mark.slow
 def test_gated_generation_thinks_only_where_the_gate_fires():
     """A threshold below every gate logit is think-everywhere generation, one above
     every logit is the base LM's (same tokens, same keys); in between, thoughts only

@@ -38,6 +38,7 @@ def live():
     return params, tg.evaluate_model(TINY, params)
 
 
+@pytest.mark.slow
 def test_results_json(tmp_path):
     from experiments.think_gate_text import TextSetup
 

@@ -35,6 +35,7 @@ def grads_of(params, cfg, tc, ids, mask, key, toks=None):
     return loss, metrics, grads
 
 
+@pytest.mark.slow
 def test_one_length_is_todays_sparse_objective_bit_for_bit():
     """think_lengths = (L,) is the one-length objective with n_ahead = L + 3 (whatever
     n_ahead says): same loss, metrics and gradients, bit for bit, gate included."""
@@ -87,6 +88,7 @@ def two_length_run():
     return cfg, params, ids, tc, loss, metrics, details, separate
 
 
+@pytest.mark.slow
 def test_each_length_group_is_a_one_length_run_at_its_positions():
     """Group l's thoughts, step hidden states, gains, talk NLLs and policy loss are those
     of a separate one-length run of length l at the same positions with the group's key;
@@ -165,6 +167,7 @@ def test_gate_labels_per_length_are_gain_above_that_lengths_cost():
     assert labels_seen == {True, False}
 
 
+@pytest.mark.slow
 def test_replayed_backward_with_two_lengths_equals_plain_autodiff():
     """remat "full": each length group replays the base pass with its thoughts; only
     group 0's replayed base feeds the base NLL. Loss, metrics and every gradient equal
@@ -185,6 +188,7 @@ def test_replayed_backward_with_two_lengths_equals_plain_autodiff():
     assert float(jnp.max(jnp.abs(g_p["think_gate"]["w1"][:, 1]))) > 0  # column 1 trains
 
 
+@pytest.mark.slow
 def test_program_cost_grows_with_the_lengths():
     """No length's work hidden: the loss and gradients of lengths (2, 6) cost more FLOPs
     than (2,) alone and than (6,) alone."""
@@ -290,6 +294,7 @@ def test_trainer_config_maps_the_lengths_and_makes_a_gate_per_length():
         validate_config(c)
 
 
+@pytest.mark.slow
 def test_train_step_with_two_lengths_trains_both_gate_outputs():
     from quietstar_jax.train.step import init_state, make_optimizer, make_train_step
 
@@ -306,6 +311,7 @@ def test_train_step_with_two_lengths_trains_both_gate_outputs():
     assert (moved > 0).all()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["given", "pause"])
 def test_fed_and_pause_thoughts_of_each_length(mode):
     """Given thought tokens `[max length, rows, seq]`: a length-L group is fed their first

@@ -66,6 +66,7 @@ def records(summary):
     return [{k: v for k, v in r.items() if k not in UNTIMED} for r in summary["history"]]
 
 
+@pytest.mark.slow
 def test_curriculum_changes_n_ahead_at_the_scheduled_steps(straight):
     points = parse_thought_schedule(SCHEDULE)
     want = [max(n for first, n in points if first <= s) for s in range(6)]

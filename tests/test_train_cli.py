@@ -151,6 +151,7 @@ def test_default_config_end_to_end_small(tmp_path):
     assert "step 12:" in out.stdout or "step 12:" in out.stderr
 
 
+@pytest.mark.slow
 def test_stories260k_config_trains_the_real_model(tmp_path):
     if not (SHARED_DATA / "stories260K-hf").is_dir():
         pytest.skip(f"shared data not found at {SHARED_DATA}")

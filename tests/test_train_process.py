@@ -149,6 +149,7 @@ def finished(cache, tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess
     return work, out
 
 
+@pytest.mark.slow
 def test_step_lines_go_to_stdout_and_say_what_they_average(finished):
     """`python train.py > log` keeps every progress line (the bar stays on stderr)."""
     _, out = finished
@@ -182,6 +183,7 @@ def test_finished_workdir_says_so_and_writes_nothing(finished, cache, tmp_path):
     assert {p: p.stat().st_mtime_ns for p in wd.rglob("*")} == before  # no new tb file
 
 
+@pytest.mark.slow
 def test_damaged_newest_checkpoint_is_one_warning_line(finished, cache, tmp_path):
     """Every array file of step 6 cut short: tensorstore's late callbacks used to print
     dozens of "Event loop is closed" tracebacks around the warning."""
@@ -205,6 +207,7 @@ def test_damaged_newest_checkpoint_is_one_warning_line(finished, cache, tmp_path
 # ------------------------------------------------------------------ the workdir lock
 
 
+@pytest.mark.slow
 def test_second_trainer_refuses_and_a_stale_lock_is_taken_over(cache, tmp_path):
     wd = tmp_path / "run"
     first = Trainer(wd, "--config.num_steps=100000", "--config.checkpoint_every=50",
@@ -249,6 +252,7 @@ def test_ctrl_c_while_compiling_stops_at_once(tmp_path):
     assert not any(ln.startswith(("compiled", "step ")) for ln in run.out), run.out
 
 
+@pytest.mark.slow
 def test_ctrl_c_mid_run_saves_and_resumes_exactly(cache, tmp_path):
     args = ("--config.num_steps=40", "--config.checkpoint_every=1000")
     straight = train(tmp_path / "straight", *args, cache=cache)
@@ -319,6 +323,7 @@ def test_read_only_workdir_is_one_line(tmp_path):
 # ------------------------------------------------------------------ disk full
 
 
+@pytest.mark.slow
 def test_disk_full_while_checkpointing_is_one_line(cache, tmp_path):
     """Orbax's write of step 4 fails with ENOSPC (tests/_disk_full.py): one line naming
     the directory, the step and the last intact step, exit 1; step 2 resumes."""
@@ -333,6 +338,7 @@ def test_disk_full_while_checkpointing_is_one_line(cache, tmp_path):
     assert "resuming from step 2" in resumed.stdout
 
 
+@pytest.mark.slow
 def test_disk_full_on_a_real_small_tmpfs(cache, tmp_path):
     if not _can_mount():
         pytest.skip("cannot mount a tmpfs here (needs user namespaces)")
@@ -393,6 +399,7 @@ def test_disk_full_is_recognised_in_tensorstore_text_and_errno_chains():
     assert not is_disk_full(OSError(errno.EIO, "Input/output error"))
 
 
+@pytest.mark.slow
 def test_stop_while_a_later_curriculum_step_compiles_saves_at_once(tmp_path, monkeypatch):
     """Ctrl-C while the n_ahead 5 step of a curriculum compiles (mid-run): the compile
     is not waited for; the state after step 3 is saved and the run stops there."""

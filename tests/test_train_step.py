@@ -183,6 +183,7 @@ def test_nan_params_are_reported_with_step_and_component(adamw_step):
         check_finite(jax.device_get(metrics), 7)
 
 
+@pytest.mark.slow
 def test_two_micro_batches_of_two_equal_one_batch_of_four():
     """Accumulating 2 micro-batches of 2 sequences gives the update of one batch of 4.
 
@@ -222,6 +223,7 @@ def test_two_micro_batches_of_two_equal_one_batch_of_four():
                                                                   batch)
 
 
+@pytest.mark.slow
 def test_gradient_sum_in_the_params_dtype_rounds_as_the_float32_sum_for_two_micro_batches():
     """bfloat16 params, 2 micro-batches: summing the gradients in bfloat16
     (`grad_accum_dtype="params"`, half the memory) gives the float32 sum's new params
@@ -268,6 +270,7 @@ def test_bfloat16_compute_keeps_float32_master_weights():
     check_finite(jax.device_get(metrics), 1)
 
 
+@pytest.mark.slow
 def test_plain_loss_hook_is_the_base_nll_of_the_same_rows():
     """`loss_fn=next_token_loss_fn` (the benchmarks' plain baseline) runs the same update
     machinery on the next-token NLL: its loss is the Quiet-STaR loss's `nll_base` of the
