@@ -98,9 +98,6 @@ KNOWN_MODELS: dict[str, dict[str, Any]] = {
                             tie_word_embeddings=False, bos_token_id=1, eos_token_id=2),
 }
 THOUGHT_TOKENS = 2  # the tokenizer grows by the start and end thought tokens
-SHAPE_FIELDS = ("hidden_size", "intermediate_size", "num_layers", "num_heads",
-                "num_kv_heads", "max_position_embeddings", "tie_word_embeddings",
-                "rms_norm_eps", "rope_theta", "model_type", "initializer_range")
 GB = 1e9
 
 class ToolError(RuntimeError):
@@ -227,6 +224,7 @@ def model_config(config: Any, argv: list[str]) -> tuple[Any, str]:
     """The ModelConfig `train.py` would build for `config` (without loading weights),
     and where its shapes came from."""
     from quietstar_jax import hf
+    from quietstar_jax.train.config import model_architecture_fields
     from quietstar_jax.train.model_setup import inline_model_config
     from quietstar_jax.train.tokenizer import ByteTokenizer
 
@@ -248,7 +246,8 @@ def model_config(config: Any, argv: list[str]) -> tuple[Any, str]:
                                scan_layers=m.scan_layers, remat=m.remat,
                                attention=m.attention, vocab_chunk=m.vocab_chunk)
     cfg = cfg.replace(vocab_size=cfg.vocab_size + THOUGHT_TOKENS)
-    given = {f: m[f] for f in _explicit_model_fields(argv) if f in SHAPE_FIELDS}
+    shape_fields = model_architecture_fields()
+    given = {f: m[f] for f in _explicit_model_fields(argv) if f in shape_fields}
     if given:
         cfg = cfg.replace(**given)
         source += " with " + ", ".join(f"{k}={v}" for k, v in sorted(given.items()))
@@ -286,7 +285,13 @@ def compile_step(config: Any, argv: list[str], topology: str, *, num_slices: int
     import jax.numpy as jnp
 
     from quietstar_jax import sharding
-    from quietstar_jax.train.config import ConfigError, thought_config, validate_config
+    from quietstar_jax.train.config import (
+        ConfigError,
+        base_config,
+        model_architecture_fields,
+        thought_config,
+        validate_config,
+    )
     from quietstar_jax.train.step import (
         abstract_state,
         make_train_step,
@@ -295,8 +300,13 @@ def compile_step(config: Any, argv: list[str], topology: str, *, num_slices: int
     )
 
     topo = parse_topology(topology)
+    checked = config.copy_and_resolve_references()
+    if checked.model.hf_path:  # shape overrides of a checkpoint are this tool's own
+        defaults = base_config().model
+        for name in model_architecture_fields():
+            checked.model[name] = defaults[name]
     try:
-        validate_config(config)
+        validate_config(checked)
     except ConfigError as e:
         raise ToolError(f"config: {e}") from e
     cfg, source = model_config(config, argv)

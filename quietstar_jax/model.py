@@ -64,6 +64,12 @@ HIDDEN_AXES = ("batch", "seq", "act_embed")
 KV_AXES = ("batch", "seq", "kv_heads", "head_dim")
 
 
+
+# ModelConfig fields that say how to run a model, not what it is: a loaded checkpoint
+# takes them from the caller (the trainer's config.model), its architecture from its
+# config.json.
+RUNTIME_FIELDS = ("dtype", "param_dtype", "scan_layers", "remat", "attention", "vocab_chunk")
+
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
     """Architecture and numerics of a Llama-family decoder.

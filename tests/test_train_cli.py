@@ -77,6 +77,35 @@ def test_config_checks_name_the_field():
         validate_config(c)
 
 
+def test_model_config_is_the_dataclass_fields():
+    """config.model holds every ModelConfig field but the tokenizer's (and where the model
+    comes from), so the two cannot drift; an inline model is that dataclass; ModelConfig's
+    own checks and a checkpoint's architecture set by hand are named errors."""
+    import dataclasses
+
+    from quietstar_jax.model import ModelConfig
+    from quietstar_jax.train.model_setup import inline_model_config
+    from quietstar_jax.train.tokenizer import ByteTokenizer
+
+    c = base_config()
+    want = {f.name for f in dataclasses.fields(ModelConfig)} - {
+        "vocab_size", "bos_token_id", "eos_token_id"}
+    assert set(c.model.keys()) == want | {"hf_path", "tokenizer"}
+    c.model.sliding_window, c.model.attention_bias = 8, True
+    cfg = inline_model_config(c.model, 300)
+    assert (cfg.sliding_window, cfg.attention_bias, cfg.hidden_size) == (8, True, 64)
+    assert (cfg.vocab_size, cfg.eos_token_id) == (300, ByteTokenizer.eos_token_id)
+    c = base_config()
+    c.model.num_kv_heads = 3
+    with pytest.raises(ConfigError, match="config.model: .*num_kv_heads"):
+        validate_config(c)
+    c = base_config()
+    c.model.hf_path, c.model.num_layers = "checkpoints/x", 3
+    with pytest.raises(ConfigError, match="config.model.num_layers=3 describes an inline "
+                                          "model"):
+        validate_config(c)
+
+
 # ------------------------------------------------------------------ bad input
 
 

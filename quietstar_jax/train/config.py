@@ -14,6 +14,7 @@ from typing import Any
 
 from ml_collections import ConfigDict, config_dict
 
+from quietstar_jax.model import RUNTIME_FIELDS, ModelConfig
 from quietstar_jax.thought import ThoughtConfig
 
 DATA_SOURCES = ("generated", "files", "tfds", "hf")
@@ -39,37 +40,51 @@ def _thought_defaults() -> ConfigDict:
     return c
 
 
+# ModelConfig fields that come from the tokenizer (an inline model's byte tokenizer).
+TOKENIZER_MODEL_FIELDS = ("vocab_size", "bos_token_id", "eos_token_id")
+# The inline demo model: its shape (ModelConfig has no default for it) and where it
+# differs from ModelConfig's defaults. Every other field is the dataclass's default.
+_INLINE_MODEL = dict(hidden_size=64, intermediate_size=172, num_layers=2, num_heads=4,
+                     num_kv_heads=2, rms_norm_eps=1e-5, max_position_embeddings=512,
+                     tie_word_embeddings=True)
+
+
+def _model_defaults() -> ConfigDict:
+    """config.model: where the model comes from (`hf_path`, `tokenizer`), then every
+    ModelConfig field but the tokenizer's, read off the dataclass (defaults, the inline
+    demo model's shape; None-default fields as int placeholders)."""
+    c = ConfigDict()
+    c.hf_path = config_dict.placeholder(str)  # set: load this checkpoint
+    c.tokenizer = "byte"  # tokenizer of an inline model (only "byte")
+    for f in dataclasses.fields(ModelConfig):
+        if f.name in TOKENIZER_MODEL_FIELDS:
+            continue
+        value = _INLINE_MODEL.get(f.name, f.default)
+        setattr(c, f.name, config_dict.placeholder(int) if value is None else value)
+    return c
+
+
+def model_architecture_fields() -> tuple[str, ...]:
+    """The fields of config.model that describe an inline model's architecture (what a
+    checkpoint's config.json says instead): all ModelConfig fields but the tokenizer's
+    and RUNTIME_FIELDS."""
+    return tuple(f.name for f in dataclasses.fields(ModelConfig)
+                 if f.name not in TOKENIZER_MODEL_FIELDS and f.name not in RUNTIME_FIELDS)
+
+
 def base_config() -> ConfigDict:
     """Every field the trainer reads, with defaults (the demo of `configs/default.py`
     changes only a few of them)."""
     c = ConfigDict()
     c.seed = 0  # params init, thought sampling (folded with the step), data order
 
-    # Model: a Hugging Face checkpoint directory, or a fresh Llama described inline.
-    c.model = ConfigDict()
-    c.model.hf_path = config_dict.placeholder(str)  # set: load this checkpoint
-    c.model.tokenizer = "byte"  # tokenizer of an inline model (only "byte")
-    c.model.model_type = "llama"
-    c.model.hidden_size = 64
-    c.model.intermediate_size = 172
-    c.model.num_layers = 2
-    c.model.num_heads = 4
-    c.model.num_kv_heads = 2
-    c.model.rms_norm_eps = 1e-5
-    c.model.rope_theta = 10000.0
-    c.model.max_position_embeddings = 512
-    c.model.tie_word_embeddings = True
-    c.model.initializer_range = 0.02
-    # Numerics (also applied to a loaded checkpoint): bfloat16 compute with float32
-    # master weights is dtype="bfloat16", param_dtype="float32".
-    c.model.dtype = "float32"
-    c.model.param_dtype = "float32"
-    c.model.scan_layers = True
-    c.model.remat = "none"
-    # Plain causal pass: "xla" (portable) or "cudnn" (GPU flash kernel; see BENCHMARKS.md).
-    c.model.attention = "xla"
-    # Vocabulary columns per step of the fused output projections (memory vs speed).
-    c.model.vocab_chunk = 8192
+    # Model: a Hugging Face checkpoint directory, or a fresh Llama described inline by
+    # ModelConfig's fields. The runtime fields (model.RUNTIME_FIELDS) apply to a loaded
+    # checkpoint too: bfloat16 compute with float32 master weights is dtype="bfloat16",
+    # param_dtype="float32"; attention "xla" (portable) or "cudnn" (GPU flash kernel,
+    # BENCHMARKS.md); vocab_chunk: vocabulary columns per step of the fused output
+    # projections (memory vs speed).
+    c.model = _model_defaults()
 
     c.thought = _thought_defaults()
     # True: thoughts never draw the tokenizer's special tokens (eos, bos, pad, ...),
@@ -232,6 +247,17 @@ def validate_config(config: ConfigDict) -> None:
         _check(c.model.tokenizer == "byte",
                f"config.model.tokenizer={c.model.tokenizer!r}: an inline model (no "
                "config.model.hf_path) supports only the 'byte' tokenizer")
+        try:
+            ModelConfig(vocab_size=256, **model_fields(c.model))  # its own checks
+        except ValueError as e:
+            raise ConfigError(f"config.model: {e}") from None
+    else:
+        defaults = base_config().model
+        for name in model_architecture_fields():
+            _check(c.model[name] == defaults[name],
+                   f"config.model.{name}={c.model[name]!r} describes an inline model; the "
+                   f"checkpoint at config.model.hf_path={c.model.hf_path!r} has its own "
+                   "(config.json): unset it")
     probe_ids = {"start_token_id": 0, "end_token_id": 1, "pad_token_id": 0}
     try:
         thought_config(c, probe_ids)
@@ -363,3 +389,10 @@ def n_ahead_at(schedule: tuple[tuple[int, int], ...], step: int, default: int) -
         if first <= step:
             n = n_ahead
     return n
+
+
+def model_fields(model: ConfigDict) -> dict[str, Any]:
+    """The ModelConfig fields `config.model` sets: all but the tokenizer's
+    (TOKENIZER_MODEL_FIELDS), for `model_setup.inline_model_config`."""
+    return {f.name: model[f.name] for f in dataclasses.fields(ModelConfig)
+            if f.name not in TOKENIZER_MODEL_FIELDS}

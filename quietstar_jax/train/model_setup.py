@@ -15,9 +15,9 @@ import jax
 from jax.sharding import Mesh
 
 from quietstar_jax import sharding
-from quietstar_jax.model import ModelConfig, Params, init_params
+from quietstar_jax.model import RUNTIME_FIELDS, ModelConfig, Params, init_params
 from quietstar_jax.thought import init_gate_params, init_thought_params
-from quietstar_jax.train.config import thought_init_text
+from quietstar_jax.train.config import model_fields, thought_init_text
 from quietstar_jax.train.tokenizer import ByteTokenizer, HFTokenizer, TextTokenizer
 
 
@@ -30,29 +30,10 @@ class LoadedModel:
 
 
 def inline_model_config(model: Any, vocab_size: int) -> ModelConfig:
-    """ModelConfig of `config.model` without `hf_path`."""
-    return ModelConfig(
-        vocab_size=vocab_size,
-        hidden_size=model.hidden_size,
-        intermediate_size=model.intermediate_size,
-        num_layers=model.num_layers,
-        num_heads=model.num_heads,
-        num_kv_heads=model.num_kv_heads,
-        rms_norm_eps=model.rms_norm_eps,
-        rope_theta=model.rope_theta,
-        max_position_embeddings=model.max_position_embeddings,
-        tie_word_embeddings=model.tie_word_embeddings,
-        model_type=model.model_type,
-        dtype=model.dtype,
-        param_dtype=model.param_dtype,
-        scan_layers=model.scan_layers,
-        remat=model.remat,
-        attention=model.attention,
-        vocab_chunk=model.vocab_chunk,
-        initializer_range=model.initializer_range,
-        bos_token_id=ByteTokenizer.bos_token_id,
-        eos_token_id=ByteTokenizer.eos_token_id,
-    )
+    """ModelConfig of `config.model` without `hf_path`: its fields (`model_fields`, read
+    off the dataclass), the vocabulary size and the byte tokenizer's bos/eos ids."""
+    return ModelConfig(vocab_size=vocab_size, bos_token_id=ByteTokenizer.bos_token_id,
+                       eos_token_id=ByteTokenizer.eos_token_id, **model_fields(model))
 
 
 def build_inline_model(model: Any, thought: Any, mesh: Mesh, seed: int) -> LoadedModel:
@@ -104,11 +85,9 @@ def load_hf_model(model: Any, thought: Any, mesh: Mesh, seed: int) -> LoadedMode
         raise FileNotFoundError(f"config.model.hf_path={path!r} does not exist or is not a "
                                 "directory")
     cfg, params, hf_tok = hf.load_pretrained(
-        path, dtype=model.dtype, param_dtype=model.param_dtype,
-        sharding=sharding.sharding_by_path(mesh), rng=jax.random.key(seed),
-        scan_layers=model.scan_layers, remat=model.remat, attention=model.attention,
-        vocab_chunk=model.vocab_chunk, init_token=thought_init_text(thought),
-        embedding_scale=thought.embedding_scale)
+        path, sharding=sharding.sharding_by_path(mesh), rng=jax.random.key(seed),
+        init_token=thought_init_text(thought), embedding_scale=thought.embedding_scale,
+        **{name: model[name] for name in RUNTIME_FIELDS})
     if hf_tok is None:
         raise FileNotFoundError(f"config.model.hf_path={path!r} has no tokenizer files; the "
                                 "trainer needs the checkpoint's tokenizer")
