@@ -27,7 +27,6 @@ import os
 import re
 import subprocess
 import sys
-import tempfile
 from collections.abc import Sequence
 from types import SimpleNamespace
 from typing import Any
@@ -70,8 +69,12 @@ def canonical_hash(hlo_text: str) -> str:
 
 
 def child(preset: str, step: str, think_k: int | None) -> dict[str, Any]:
-    """Build and compile one step with the code on sys.path (run inside a subprocess)."""
-    sys.path.insert(0, HERE)
+    """Build and compile one step with the side's code (run inside a subprocess whose
+    working directory is that tree's benchmarks/, `run_side`)."""
+    # This file's directory (the working tree's benchmarks/) is first on sys.path; the
+    # side's own step_benchmark and harness must win, or an older base would be built by
+    # the working tree's benchmark code.
+    sys.path.insert(0, os.getcwd())
     import step_benchmark as SB
 
     c = dict(SB.PRESETS[preset], think_k=think_k)
@@ -133,31 +136,27 @@ def _run(args: SimpleNamespace) -> int:
         raise UsageError(f"--base {args.base}: not a git revision of {ROOT}")
     base_rev = rev.stdout.strip()
     differ = False
-    with tempfile.TemporaryDirectory(prefix="compare_hlo_") as tmp:
-        base_tree = os.path.join(tmp, "base")
-        subprocess.run(["git", "-C", ROOT, "worktree", "add", "--detach", "-q", base_tree,
-                        base_rev], check=True)
-        try:
-            for preset in args.preset:
-                sides = {f"base {base_rev}": run_side(base_tree, preset, args.step, args.think_k),
-                         "working tree": run_side(ROOT, preset, args.step, args.think_k)}
-                for name, r in sides.items():
-                    print(f"{preset:10s} {args.step:6s} {name:16s} hlo {r['hlo_sha1']} "
-                          f"canonical {r.get('hlo_canonical', '-')} "
-                          f"({r['instructions']} instructions)  XLA GFLOP "
-                          f"{r['xla_flops'] / 1e9:.2f}  temporaries {r['temp_bytes'] / 1e9:.3f} GB"
-                          f"  compile {r['compile_s']} s")
-                a, b = sides.values()
-                same = a["hlo_sha1"] == b["hlo_sha1"]
-                renamed = not same and a.get("hlo_canonical") == b.get("hlo_canonical")
-                differ |= not (same or renamed)
-                verdict = ("same program" if same else
-                           "same program up to instruction names" if renamed else
-                           "DIFFERENT programs")
-                print(f"{preset:10s} {args.step:6s} -> {verdict}")
-        finally:
-            subprocess.run(["git", "-C", ROOT, "worktree", "remove", "--force", base_tree],
-                           check=False)
+    sys.path.insert(0, HERE)
+    import harness as H
+
+    with H.revision_tree(base_rev) as base_tree:
+        for preset in args.preset:
+            sides = {f"base {base_rev}": run_side(base_tree, preset, args.step, args.think_k),
+                     "working tree": run_side(ROOT, preset, args.step, args.think_k)}
+            for name, r in sides.items():
+                print(f"{preset:10s} {args.step:6s} {name:16s} hlo {r['hlo_sha1']} "
+                      f"canonical {r.get('hlo_canonical', '-')} "
+                      f"({r['instructions']} instructions)  XLA GFLOP "
+                      f"{r['xla_flops'] / 1e9:.2f}  temporaries {r['temp_bytes'] / 1e9:.3f} GB"
+                      f"  compile {r['compile_s']} s")
+            a, b = sides.values()
+            same = a["hlo_sha1"] == b["hlo_sha1"]
+            renamed = not same and a.get("hlo_canonical") == b.get("hlo_canonical")
+            differ |= not (same or renamed)
+            verdict = ("same program" if same else
+                       "same program up to instruction names" if renamed else
+                       "DIFFERENT programs")
+            print(f"{preset:10s} {args.step:6s} -> {verdict}")
     return 1 if differ else 0
 
 

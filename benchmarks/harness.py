@@ -12,21 +12,43 @@ come from the trainer's builder (`train.config.thought_config`).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
 import os
 import platform
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
+
+
+# --------------------------------------------------------------------------- source trees
+
+
+@contextlib.contextmanager
+def revision_tree(rev: str) -> Iterator[str]:
+    """A detached git worktree of revision `rev` of this repository, removed on exit.
+
+    Made beside the repository (a hidden directory in its parent), so that its
+    `../shared` is the repository's: the presets' data paths are relative to the tree."""
+    tree = tempfile.mkdtemp(prefix=".rev_tree_", dir=os.path.dirname(ROOT))
+    subprocess.run(["git", "-C", ROOT, "worktree", "add", "--detach", "-q", tree, rev],
+                   check=True)
+    try:
+        yield tree
+    finally:
+        subprocess.run(["git", "-C", ROOT, "worktree", "remove", "--force", tree], check=False)
+        shutil.rmtree(tree, ignore_errors=True)
 
 
 # --------------------------------------------------------------------------- trainer pieces
