@@ -168,8 +168,9 @@ def marginal(
 
 
 def _define(fv: flags.FlagValues) -> None:
-    def f(define: Any, name: str, default: Any, help: str) -> None:
-        define(name, default, help, flag_values=fv)
+    from quietstar_jax.command_line import flag_definer
+
+    f = flag_definer(fv)
 
     f(flags.DEFINE_string, "model", None, "a Hugging Face model directory (default "
       "stories260K when present, else a tiny random Llama)")

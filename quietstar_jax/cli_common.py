@@ -119,6 +119,32 @@ def inference_thought_config(
     return tc.replace(**kw)
 
 
+def define_thinking_flags(define: Any, flag_values: Any, scope: str = "") -> None:
+    """The flags generate and evaluate share (`define`: a `command_line.flag_definer` of
+    `flag_values`):
+    the thought length, how thoughts are drawn, the special-token mask, the seed, the
+    think gate (`--gate-threshold` or `--gate-rate`, at most one) and the compute dtype.
+    `scope` prefixes the gate flags' help (e.g. "cot: ")."""
+    from absl import flags
+
+    define(flags.DEFINE_integer, "n-ahead", None, "thought length n_ahead (start + n_ahead "
+           "- 3 sampled tokens + end); default: the checkpoint's, else 12")
+    define(flags.DEFINE_enum, "thought-sampling", "sample", "how thought tokens are drawn",
+           enum_values=["sample", "greedy"])
+    define(flags.DEFINE_boolean, "mask-special-thought-tokens", False,
+           "thoughts never draw the tokenizer's special tokens (eos, bos, pad, ...); off "
+           "by default, as the authors")
+    define(flags.DEFINE_integer, "seed", 0, "random seed")
+    define(flags.DEFINE_float, "gate-threshold", None, f"{scope}think only where the think "
+           "gate's logit exceeds this (a checkpoint trained with a gate)")
+    define(flags.DEFINE_float, "gate-rate", None, f"{scope}think before this share of the "
+           "tokens, by a running threshold on the think gate's logit (in [0, 1])")
+    flags.mark_flags_as_mutual_exclusive(["gate-threshold", "gate-rate"],
+                                         flag_values=flag_values)
+    define(flags.DEFINE_enum, "dtype", "float32", "compute dtype",
+           enum_values=["float32", "bfloat16", "float16"])
+
+
 def printable(text: str) -> str:
     """`text` on one line: backslashes, newlines, tabs and other non-printable
     characters escaped as in a Python string literal."""

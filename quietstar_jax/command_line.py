@@ -146,6 +146,20 @@ def define_integer_list(name: str, default: Sequence[int] | None, help: str,
                  module_name=sys.argv[0] if caller == "__main__" else caller)
 
 
+def flag_definer(flag_values: flags.FlagValues) -> Callable[..., None]:
+    """`define(flags.DEFINE_x, name, default, help, **kw)`: declares a flag in
+    `flag_values` (an enum's choices as `enum_values=[...]`), listed in `--help` under
+    the module that asked for the definer (a script: its path)."""
+    caller = sys._getframe(1).f_globals.get("__name__", "")
+    module = sys.argv[0] if caller == "__main__" else caller
+
+    def define(kind: Any, name: str, default: Any, help: str, **kw: Any) -> None:
+        choices = (kw.pop("enum_values"),) if "enum_values" in kw else ()
+        kind(name, default, *choices, help, flag_values=flag_values, module_name=module, **kw)
+
+    return define
+
+
 class UsageError(ValueError):
     """A command-line flag or argument that cannot be used (exit status 2)."""
 

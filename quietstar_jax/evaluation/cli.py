@@ -26,12 +26,13 @@ from typing import Any
 from absl import flags
 
 from quietstar_jax.cli_common import (
+    define_thinking_flags,
     format_table,
     inference_thought_config,
     load_cli_model,
     write_json,
 )
-from quietstar_jax.command_line import CommandLine, run_cli
+from quietstar_jax.command_line import CommandLine, flag_definer, run_cli
 from quietstar_jax.evaluation.tasks import (
     TASKS,
     _check_chunk_len,
@@ -44,9 +45,8 @@ from quietstar_jax.evaluation.tasks import (
 
 
 def _define(fv: flags.FlagValues) -> None:
-    def f(define: Any, name: str, default: Any, help: str, **kw: Any) -> None:
-        choices = (kw.pop("enum_values"),) if "enum_values" in kw else ()
-        define(name, default, *choices, help, flag_values=fv, **kw)
+    f = flag_definer(fv)
+    define_thinking_flags(f, fv, scope="cot: ")
 
     f(flags.DEFINE_string, "tasks", "gsm8k,csqa",
       f"comma-separated subset of {','.join(TASKS)}")
@@ -55,14 +55,7 @@ def _define(fv: flags.FlagValues) -> None:
     f(flags.DEFINE_string, "csqa", "hf",
       "CommonsenseQA validation jsonl, folder, hf[:name] or tfds:name")
     f(flags.DEFINE_string, "text", None, "held-out text file for perplexity")
-    f(flags.DEFINE_integer, "n-ahead", None, "thought length: n_ahead (start + n_ahead-3 "
-      "tokens + end); default: the checkpoint's, else 12")
-    f(flags.DEFINE_enum, "thought-sampling", "sample", "how thought tokens are drawn",
-      enum_values=["sample", "greedy"])
     f(flags.DEFINE_boolean, "no-thinking", False, "evaluate the base model only")
-    f(flags.DEFINE_boolean, "mask-special-thought-tokens", False,
-      "thoughts never draw the tokenizer's special tokens (eos, bos, pad, ...); off by "
-      "default, as the authors")
     f(flags.DEFINE_integer, "limit", None, "first N examples (gsm8k, csqa)")
     f(flags.DEFINE_integer, "batch-tokens", 8192, "tokens per scoring batch")
     f(flags.DEFINE_integer, "max-length", None, "keep the last N tokens of longer prompts")
@@ -75,14 +68,6 @@ def _define(fv: flags.FlagValues) -> None:
     f(flags.DEFINE_float, "cot-temperature", 0.9, "cot: sampling temperature")
     f(flags.DEFINE_integer, "cot-solution-tokens", 384, "cot: new tokens per solution")
     f(flags.DEFINE_integer, "cot-batch-size", 64, "cot: solutions generated together")
-    f(flags.DEFINE_integer, "seed", 0, "random seed")
-    f(flags.DEFINE_float, "gate-threshold", None,
-      "cot: think only where the think gate's logit exceeds this")
-    f(flags.DEFINE_float, "gate-rate", None, "cot: think before this share of the tokens "
-      "(running threshold on the think gate's logit)")
-    flags.mark_flags_as_mutual_exclusive(["gate-threshold", "gate-rate"], flag_values=fv)
-    f(flags.DEFINE_enum, "dtype", "float32", "compute dtype",
-      enum_values=["float32", "bfloat16", "float16"])
     f(flags.DEFINE_string, "out", "eval_results.json", "JSON output path")
 
 

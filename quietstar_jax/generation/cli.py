@@ -30,29 +30,25 @@ import jax
 from absl import flags
 
 from quietstar_jax.cli_common import (
+    define_thinking_flags,
     inference_thought_config,
     load_cli_model,
     printable,
     show_tokens,
     write_json,
 )
-from quietstar_jax.command_line import CommandLine, run_cli
+from quietstar_jax.command_line import CommandLine, flag_definer, run_cli
 from quietstar_jax.generation.cached import generate_text, thought_tokens_fed
 from quietstar_jax.protocols import Tokenizer
 
 
 def _define(fv: flags.FlagValues) -> None:
-    def f(define: Any, name: str, default: Any, help: str, **kw: Any) -> None:
-        choices = (kw.pop("enum_values"),) if "enum_values" in kw else ()
-        define(name, default, *choices, help, flag_values=fv, **kw)
+    f = flag_definer(fv)
+    define_thinking_flags(f, fv)
 
     f(flags.DEFINE_multi_string, "prompt", [], "a prompt (repeatable)")
     f(flags.DEFINE_string, "prompts-file", None, "a file with one prompt per line")
     f(flags.DEFINE_integer, "max-new-tokens", 64, "new tokens per prompt")
-    f(flags.DEFINE_integer, "n-ahead", None,
-      "thought length n_ahead (default: the checkpoint's, else 12)")
-    f(flags.DEFINE_enum, "thought-sampling", "sample", "how thought tokens are drawn",
-      enum_values=["sample", "greedy"])
     f(flags.DEFINE_float, "thought-temperature", None, "temperature of the thought tokens")
     f(flags.DEFINE_boolean, "greedy", False, "greedy real tokens")
     f(flags.DEFINE_float, "temperature", 1.0, "temperature of the real tokens")
@@ -64,17 +60,6 @@ def _define(fv: flags.FlagValues) -> None:
       "print every new token with the thought before it")
     f(flags.DEFINE_boolean, "ignore-eos", False,
       "do not stop at the end-of-sequence token: always --max-new-tokens")
-    f(flags.DEFINE_boolean, "mask-special-thought-tokens", False,
-      "thoughts never draw the tokenizer's special tokens (eos, bos, pad, ...); off by "
-      "default, as the authors")
-    f(flags.DEFINE_integer, "seed", 0, "random seed")
-    f(flags.DEFINE_float, "gate-threshold", None, "think only where the think gate's logit "
-      "exceeds this (needs a checkpoint trained with a gate)")
-    f(flags.DEFINE_float, "gate-rate", None, "think before this share of the tokens, by a "
-      "running threshold on the think gate's logit (in [0, 1])")
-    flags.mark_flags_as_mutual_exclusive(["gate-threshold", "gate-rate"], flag_values=fv)
-    f(flags.DEFINE_enum, "dtype", "float32", "compute dtype",
-      enum_values=["float32", "bfloat16", "float16"])
     f(flags.DEFINE_string, "out", "generations.json", "JSON output path")
 
 
