@@ -223,30 +223,6 @@ def test_two_micro_batches_of_two_equal_one_batch_of_four():
                                                                   batch)
 
 
-def test_accumulation_traces_the_loss_once():
-    """grad_accum = 3: the loss function is traced once (in the scan body), not a second
-    time to learn its metrics' shapes; the metrics are the micro-batches' mean."""
-    calls = []
-
-    def loss_fn(params, batch, key):
-        calls.append(1)  # runs at trace time only
-        del key
-        x = batch["input_ids"].astype(jnp.float32)
-        loss = jnp.mean(x) * jnp.sum(params["final_norm"])
-        return loss, {"loss": loss, "first": x[0, 0]}
-
-    params = tiny_params(1)
-    opt = optax.sgd(0.0)
-    batch = {"input_ids": jnp.arange(6 * 4, dtype=jnp.int32).reshape(6, 4),
-             "attention_mask": jnp.ones((6, 4), jnp.int32)}
-    step = make_train_step(CFG, TC, opt, grad_accum=3, donate=False, loss_fn=loss_fn)
-    _, metrics = step(init_state(params, opt), batch)
-    assert len(calls) == 1
-    # micro-batch m holds rows m, m + 3 (split_micro_batches); its first entry x[m, 0]
-    firsts = [float(batch["input_ids"][m, 0]) for m in range(3)]
-    assert float(metrics["first"]) == pytest.approx(np.mean(firsts))
-
-
 @pytest.mark.slow
 def test_gradient_sum_in_the_params_dtype_rounds_as_the_float32_sum_for_two_micro_batches():
     """bfloat16 params, 2 micro-batches: summing the gradients in bfloat16

@@ -6,12 +6,6 @@ gradients are averaged, clipped by global norm, and AdamW (warm-up then linear
 decay, decoupled weight decay) updates the float32 master weights. The thought
 sampling key of micro-batch `m` on update `step` is
 `fold_in(fold_in(key(seed), step), m)`: a resumed run samples the same thoughts.
-
-The micro-batches are accumulated inside the one jitted step, by a `lax.scan` whose body
-traces the loss once (as MaxText does), not by `optax.MultiSteps`, which accumulates
-across calls of the optimizer: one jitted call, one host round trip and one step of the
-step counter per micro-batch, with the data order, logging and checkpoints counting
-micro-steps.
 """
 
 from __future__ import annotations
@@ -301,7 +295,10 @@ def make_train_step(
             (_, metrics), grads = grad_fn(state.params, batch, jax.random.fold_in(key, 0))
         else:
             micro = split_micro_batches(batch, grad_accum, mesh)
-
+            first = jax.tree.map(lambda x: x[0], micro)
+            metric_shapes = jax.eval_shape(lambda p, mb: loss_fn(p, mb, key)[1],
+                                           state.params, first)
+            m_zero = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), metric_shapes)
             def acc_dtype(p: jax.Array) -> Any:
                 return jnp.float32 if grad_accum_dtype == "float32" else p.dtype
 
@@ -313,20 +310,19 @@ def make_train_step(
             g_zero = in_param_layout(jax.tree.map(
                 lambda p: jnp.zeros(p.shape, acc_dtype(p)), state.params))
 
-            # The loss is traced once, in the scan body: the micro-batches' metrics are
-            # the scan's stacked outputs (small), so no zeros of their shapes are needed
-            # (which would take a second trace of the loss, by eval_shape).
-            def body(g_sum, xs):
+            def body(carry, xs):
+                g_sum, m_sum = carry
                 i, mb = xs
                 (_, m), g = grad_fn(state.params, mb, jax.random.fold_in(key, i))
                 g_sum = in_param_layout(
                     jax.tree.map(lambda a, x: a + x.astype(a.dtype), g_sum, g))
-                return g_sum, m
+                return (g_sum, jax.tree.map(jnp.add, m_sum, m)), None
 
-            g_sum, m_all = jax.lax.scan(body, g_zero, (jnp.arange(grad_accum), micro))
+            (g_sum, m_sum), _ = jax.lax.scan(
+                body, (g_zero, m_zero), (jnp.arange(grad_accum), micro))
             grads = jax.tree.map(lambda g, p: (g / grad_accum).astype(p.dtype), g_sum,
                                  state.params)
-            metrics = jax.tree.map(lambda m: jnp.mean(m, axis=0), m_all)
+            metrics = jax.tree.map(lambda m: m / grad_accum, m_sum)
         with jax.named_scope("optimizer"):
             grad_norm = optax.tree.norm(grads)
             updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
