@@ -6,6 +6,17 @@ gradients are averaged, clipped by global norm, and AdamW (warm-up then linear
 decay, decoupled weight decay) updates the float32 master weights. The thought
 sampling key of micro-batch `m` on update `step` is
 `fold_in(fold_in(key(seed), step), m)`: a resumed run samples the same thoughts.
+
+The micro-batches are accumulated inside the one jitted step, by a `lax.scan` (as
+MaxText does), not by `optax.MultiSteps`, which accumulates across calls of the
+optimizer: one jitted call, one host round trip and one step of the step counter per
+micro-batch, with the data order, logging and checkpoints counting micro-steps. The
+scan carries the metrics' sums, whose zeros take one more trace of the loss
+(`jax.eval_shape`, trace time only). Returning the micro-batches' metrics as the scan's
+stacked outputs instead traces the loss once, but the TPU compiler's memory analysis of
+that program reports no temporaries at all (the tiny step of tests/test_tpu_compile.py:
+0 bytes against 10.2 MB), which would make `benchmarks/tpu_compile.py`'s per-chip
+budget wrong; so the sums stay.
 """
 
 from __future__ import annotations
