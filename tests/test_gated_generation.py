@@ -276,6 +276,7 @@ def _gated_workdir(tmp_path, gate: bool):
     return wd
 
 
+@pytest.mark.slow
 def test_generate_cli_prints_the_think_rate(tmp_path, capsys):
     """`python -m quietstar_jax.generation` with --gate-rate: the printed and written
     think rate is the share of new tokens marked as thought-preceded, and thought tokens

@@ -128,6 +128,7 @@ def test_damaged_newest_checkpoint_falls_back_and_is_kept(finished, kind, tmp_pa
     assert f"moved it to {kept}" in err  # in the same line
 
 
+@pytest.mark.slow
 def test_no_intact_checkpoint_is_one_line_naming_the_directory(finished, tmp_path):
     config, work, _ = finished
     wd = tmp_path / "run"
@@ -249,6 +250,7 @@ def test_step_times_sum_to_the_loops_wall_time(timed_run):
         assert r["tokens_per_s"] == pytest.approx(r["tokens"] / r["step_time_s"])
 
 
+@pytest.mark.slow
 def test_compile_is_announced_with_its_time_and_not_charged_to_a_step(timed_run):
     summary, _, _, out = timed_run
     lines = out.splitlines()

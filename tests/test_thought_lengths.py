@@ -126,6 +126,7 @@ def test_each_length_group_is_a_one_length_run_at_its_positions():
                                rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_each_group_takes_the_top_positions_of_its_gate_column():
     """think_explore 0: group l thinks at the k positions (among those that can carry a
     reward) with the largest logits of the gate's column l, the gate computed here."""
@@ -144,6 +145,7 @@ def test_each_group_takes_the_top_positions_of_its_gate_column():
     assert not np.array_equal(details["groups"][0]["positions"], details["groups"][1]["positions"])
 
 
+@pytest.mark.slow
 def test_gate_labels_per_length_are_gain_above_that_lengths_cost():
     """Group l's labels are gain > gate_cost + gate_token_cost * L, the gain computed the
     slow way (one plain causal pass over the row, the thought and its talk)."""

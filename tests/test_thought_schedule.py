@@ -76,6 +76,7 @@ def test_curriculum_changes_n_ahead_at_the_scheduled_steps(straight):
     assert [len(r["policy_loss_per_token"]) for r in hist] == [n - 3 for n in want]
 
 
+@pytest.mark.slow
 def test_resume_mid_schedule_is_bit_identical(straight, cache_dir, tmp_path):
     def preempt_at_3(step):
         if step == 3:  # between the schedule points 2 and 4

@@ -160,6 +160,7 @@ def test_step_lines_go_to_stdout_and_say_what_they_average(finished):
     assert not re.search(r"^step \d", out.stderr, re.M), out.stderr[-2000:]
 
 
+@pytest.mark.slow
 def test_done_line_labels_its_single_update_values(finished):
     work, out = finished
     done = [ln for ln in out.stdout.splitlines() if ln.startswith("done: ")]
@@ -233,6 +234,7 @@ def test_second_trainer_refuses_and_a_stale_lock_is_taken_over(cache, tmp_path):
 # ------------------------------------------------------------------ Ctrl-C
 
 
+@pytest.mark.slow
 def test_ctrl_c_while_compiling_stops_at_once(tmp_path):
     """No compilation cache: the compile is real (seconds, even for the tiny model)."""
     wd = tmp_path / "run"
