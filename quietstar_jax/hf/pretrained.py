@@ -120,11 +120,10 @@ def load_model(path: PathLike, **overrides: Any) -> tuple[Any, Any | None]:
     attention_mask)` gives the logits of `lm_logits`. `model.cfg` is its ModelConfig;
     `quietstar_jax.model.to_params(model)` is the params pytree of `load_pretrained`.
     """
-    from quietstar_jax.model import CausalLM, from_params
-    from quietstar_jax.thought import QuietStarLM
+    from quietstar_jax.thought import merge_lm
 
     cfg, params, tokenizer = load_pretrained(path, **overrides)
-    return from_params(params, cfg, QuietStarLM if "thought" in params else CausalLM), tokenizer
+    return merge_lm(params, cfg), tokenizer
 
 
 # --------------------------------------------------------------------------- saving
